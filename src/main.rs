@@ -1,0 +1,3 @@
+//! pacsgate command line: subcommands and logging setup.
+#![forbid(unsafe_code)]
+fn main() {}
