@@ -1,3 +1,190 @@
-//! pacsgate command line: subcommands and logging setup.
+//! pacsgate command line: subcommands and logging setup; the only place for anyhow.
 #![forbid(unsafe_code)]
-fn main() {}
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use pacsgate::config::Config;
+use pacsgate::server::{Gateway, State};
+
+const DEFAULT_CONFIG: &str = "config/pacsgate.toml";
+
+#[derive(Parser)]
+#[command(name = "pacsgate", version, about = "An authenticating DICOM gateway in front of a legacy PACS")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    ///
+    /// Example: pacsgate run --config /etc/pacsgate/pacsgate.toml
+    Run {
+        /// Configuration file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Check a configuration: syntax, keys, certificates, users, JWT keys, upstream reachability.
+    ///
+    /// Exits non-zero naming the first problem found. Example: pacsgate check --config pacsgate.toml
+    Check {
+        /// Configuration file.
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Read a password on standard input and print its argon2id hash for a [[user]] password_hash.
+    ///
+    /// Example: printf '%s' 'correct horse' | pacsgate hash-password
+    HashPassword,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => {
+            init_logging();
+            run(&config)
+        }
+        Command::Check { config } => check(&config),
+        Command::HashPassword => hash_password(),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    for key in key_files(&config) {
+        if let Some(warning) = pacsgate::tls::key_permission_warning(&key) {
+            tracing::warn!("{warning}");
+        }
+    }
+    let state = State::new(config)?;
+    runtime()?.block_on(async move {
+        let gateway = Gateway::new(state);
+        let listener = gateway.bind().await?;
+        let cfg = &gateway.current().config;
+        tracing::info!(
+            listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            ae_title = %cfg.gateway.ae_title,
+            upstreams = cfg.upstreams.len(),
+            users = cfg.users.len(),
+            "pacsgate listening (DICOM TLS)"
+        );
+        tokio::select! {
+            _ = gateway.serve(listener) => {}
+            _ = shutdown_signal() => tracing::info!("shutting down"),
+        }
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn key_files(config: &Config) -> Vec<PathBuf> {
+    vec![config.tls.private_key.clone()]
+}
+
+fn check(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    println!("ok: {} parses and validates", path.display());
+    pacsgate::tls::server_config(&config.tls)?;
+    println!(
+        "ok: TLS certificate {} and key {} load{}",
+        config.tls.certificate.display(),
+        config.tls.private_key.display(),
+        match &config.tls.client_ca {
+            Some(ca) => format!(", client CA {}", ca.display()),
+            None => String::new(),
+        }
+    );
+    for key in key_files(&config) {
+        if let Some(warning) = pacsgate::tls::key_permission_warning(&key) {
+            println!("warning: {warning}");
+        }
+    }
+    if let Some(jwt) = &config.jwt {
+        pacsgate::auth::jwt::JwtVerifier::load(jwt)?;
+        println!("ok: JWT keys load (issuer {:?}, audience {:?})", jwt.issuer, jwt.audience);
+    }
+    let with_password = config.users.values().filter(|u| u.password_hash.is_some()).count();
+    println!(
+        "ok: {} users ({with_password} with a password), {} roles",
+        config.users.len(),
+        config.roles.len()
+    );
+    let mut unreachable = Vec::new();
+    let rt = runtime()?;
+    for upstream in &config.upstreams {
+        let within = config.timeouts.upstream_connect;
+        let reached = rt.block_on(async {
+            tokio::time::timeout(within, tokio::net::TcpStream::connect(&upstream.address)).await
+        });
+        match reached {
+            Ok(Ok(_)) => println!(
+                "ok: upstream {} -> {} ({}) accepts connections",
+                upstream.called_ae, upstream.address, upstream.ae_title
+            ),
+            Ok(Err(e)) => unreachable.push(format!("upstream {} at {}: {e}", upstream.called_ae, upstream.address)),
+            Err(_) => unreachable.push(format!(
+                "upstream {} at {}: no answer within {:?}",
+                upstream.called_ae,
+                upstream.address,
+                Duration::from(within)
+            )),
+        }
+    }
+    if !unreachable.is_empty() {
+        bail!("unreachable: {}", unreachable.join("; "));
+    }
+    println!("configuration is ready");
+    Ok(())
+}
+
+fn hash_password() -> anyhow::Result<()> {
+    let mut input = String::new();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .context("cannot read the password from standard input")?;
+    let password = input.strip_suffix('\n').unwrap_or(&input);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        bail!("empty password on standard input");
+    }
+    let hash = pacsgate::auth::password::hash_password(password).map_err(anyhow::Error::msg)?;
+    println!("{hash}");
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! JSON Web Tokens (User Identity type 5): pinned algorithms, issuer, audience, expiry, key from PEM or JWKS.
+
+use std::path::Path;
+
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+
+use crate::config::{Jwt, JwtKeySource};
+
+/// Why the JWT settings could not be loaded (at start or reload).
+#[derive(Debug, thiserror::Error)]
+pub enum JwtSetupError {
+    #[error("cannot read JWT key file {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("JWT key file {path}: {message}")]
+    Key {
+        path: std::path::PathBuf,
+        message: String,
+    },
+}
+
+/// Why a presented token was not accepted. Never carries the token itself.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("JWT is not accepted: {0}")]
+    Invalid(String),
+    #[error("JWT has no usable subject")]
+    NoSubject,
+}
+
+/// A verified token's subject and roles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenClaims {
+    pub subject: String,
+    pub roles: Vec<String>,
+}
+
+struct VerifyingKey {
+    kid: Option<String>,
+    key: DecodingKey,
+    algorithms: Vec<Algorithm>,
+}
+
+/// Verifies tokens against the configured keys and claims.
+pub struct JwtVerifier {
+    keys: Vec<VerifyingKey>,
+    issuer: String,
+    audience: String,
+    roles_claim: String,
+    leeway: u64,
+}
+
+impl std::fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("keys", &self.keys.len())
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish()
+    }
+}
+
+fn family_algorithms(family: jsonwebtoken::AlgorithmFamily) -> Vec<Algorithm> {
+    family.algorithms().to_vec()
+}
+
+impl JwtVerifier {
+    pub fn load(cfg: &Jwt) -> Result<JwtVerifier, JwtSetupError> {
+        let pin = |found: Vec<Algorithm>| -> Vec<Algorithm> {
+            match &cfg.algorithms {
+                Some(allowed) => found.into_iter().filter(|a| allowed.contains(a)).collect(),
+                None => found,
+            }
+        };
+        let keys = match &cfg.key {
+            JwtKeySource::PublicKey(path) => {
+                let pem = read(path)?;
+                let key = pem_key(&pem).ok_or_else(|| JwtSetupError::Key {
+                    path: path.clone(),
+                    message: "not an RSA, EC or Ed25519 public key in PEM form".into(),
+                })?;
+                let algorithms = pin(family_algorithms(key.family()));
+                vec![VerifyingKey {
+                    kid: None,
+                    key,
+                    algorithms,
+                }]
+            }
+            JwtKeySource::Jwks(path) => {
+                let text = read(path)?;
+                let set: JwkSet =
+                    serde_json::from_slice(&text).map_err(|e| JwtSetupError::Key {
+                        path: path.clone(),
+                        message: format!("not a JWKS document: {e}"),
+                    })?;
+                let mut keys = Vec::new();
+                for jwk in &set.keys {
+                    if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
+                        continue; // shared secrets are never accepted
+                    }
+                    let Ok(key) = DecodingKey::from_jwk(jwk) else {
+                        continue;
+                    };
+                    let found = match jwk.common.key_algorithm.and_then(|a| a.to_string().parse().ok()) {
+                        Some(alg) => vec![alg],
+                        None => family_algorithms(key.family()),
+                    };
+                    keys.push(VerifyingKey {
+                        kid: jwk.common.key_id.clone(),
+                        key,
+                        algorithms: pin(found),
+                    });
+                }
+                if keys.is_empty() {
+                    return Err(JwtSetupError::Key {
+                        path: path.clone(),
+                        message: "holds no usable public key".into(),
+                    });
+                }
+                keys
+            }
+        };
+        if keys.iter().all(|k| k.algorithms.is_empty()) {
+            return Err(JwtSetupError::Key {
+                path: match &cfg.key {
+                    JwtKeySource::PublicKey(p) | JwtKeySource::Jwks(p) => p.clone(),
+                },
+                message: "no key fits the algorithms allowed in auth.jwt.algorithms".into(),
+            });
+        }
+        Ok(JwtVerifier {
+            keys,
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+            roles_claim: cfg.roles_claim.clone(),
+            leeway: cfg.leeway,
+        })
+    }
+
+    /// Verify a compact JWS: signature, `alg` among the key's pinned algorithms, `iss`, `aud`, `exp`, `nbf`.
+    pub fn verify(&self, token: &str) -> Result<TokenClaims, TokenError> {
+        let header = decode_header(token).map_err(|e| TokenError::Invalid(e.to_string()))?;
+        let candidates = self.keys.iter().filter(|k| match (&header.kid, &k.kid) {
+            (Some(want), Some(have)) => want == have,
+            _ => true,
+        });
+        let mut last = TokenError::Invalid("no key matches the token's kid".into());
+        for k in candidates {
+            if !k.algorithms.contains(&header.alg) {
+                last = TokenError::Invalid(format!("algorithm {:?} is not allowed", header.alg));
+                continue;
+            }
+            let mut v = Validation::new(header.alg);
+            v.algorithms = k.algorithms.clone();
+            v.set_issuer(&[&self.issuer]);
+            v.set_audience(&[&self.audience]);
+            v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+            v.validate_nbf = true;
+            v.leeway = self.leeway;
+            match decode::<serde_json::Map<String, serde_json::Value>>(token, &k.key, &v) {
+                Ok(data) => return self.claims(&data.claims),
+                Err(e) => last = TokenError::Invalid(e.to_string()),
+            }
+        }
+        Err(last)
+    }
+
+    fn claims(
+        &self,
+        claims: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<TokenClaims, TokenError> {
+        let subject = claims
+            .get("sub")
+            .and_then(|s| s.as_str())
+            .filter(|s| !s.is_empty() && s.len() <= 256)
+            .ok_or(TokenError::NoSubject)?
+            .to_string();
+        // The roles claim may be a dotted path (e.g. "realm_access.roles"), a list or a space-separated string.
+        let mut value = None;
+        let mut current: Option<&serde_json::Map<String, serde_json::Value>> = Some(claims);
+        for part in self.roles_claim.split('.') {
+            value = current.and_then(|m| m.get(part));
+            current = value.and_then(|v| v.as_object());
+        }
+        let roles = match value {
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+            Some(serde_json::Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
+            _ => Vec::new(),
+        };
+        Ok(TokenClaims { subject, roles })
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, JwtSetupError> {
+    std::fs::read(path).map_err(|source| JwtSetupError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn pem_key(pem: &[u8]) -> Option<DecodingKey> {
+    DecodingKey::from_ec_pem(pem)
+        .or_else(|_| DecodingKey::from_rsa_pem(pem))
+        .or_else(|_| DecodingKey::from_ed_pem(pem))
+        .ok()
+}

@@ -1,0 +1,645 @@
+//! Configuration: the TOML file format, and the one `validate` step that turns it into the runtime config.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// What went wrong with a configuration file, naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("configuration file {path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+// File format (what the admin writes)
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    gateway: FileGateway,
+    tls: FileTls,
+    #[serde(default)]
+    timeouts: FileTimeouts,
+    #[serde(default)]
+    upstream: Vec<FileUpstream>,
+    #[serde(default)]
+    auth: FileAuth,
+    #[serde(default)]
+    user: Vec<FileUser>,
+    #[serde(default)]
+    role: Vec<FileRole>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileGateway {
+    listen: String,
+    #[serde(default = "default_ae_title")]
+    ae_title: String,
+    #[serde(default = "default_max_pdu_length")]
+    max_pdu_length: u32,
+    #[serde(default = "default_max_association_request_length")]
+    max_association_request_length: u32,
+}
+
+fn default_ae_title() -> String {
+    "PACSGATE".to_string()
+}
+fn default_max_pdu_length() -> u32 {
+    DEFAULT_MAX_PDU_LENGTH
+}
+fn default_max_association_request_length() -> u32 {
+    DEFAULT_MAX_ASSOCIATION_REQUEST_LENGTH
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    certificate: PathBuf,
+    private_key: PathBuf,
+    client_ca: Option<PathBuf>,
+    #[serde(default)]
+    require_client_certificate: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTimeouts {
+    #[serde(default = "d10")]
+    tls_handshake: f64,
+    #[serde(default = "d10")]
+    association_request: f64,
+    #[serde(default = "d5")]
+    upstream_connect: f64,
+    #[serde(default = "d30")]
+    upstream_response: f64,
+    #[serde(default = "d300")]
+    idle: f64,
+}
+
+impl Default for FileTimeouts {
+    fn default() -> Self {
+        FileTimeouts {
+            tls_handshake: d10(),
+            association_request: d10(),
+            upstream_connect: d5(),
+            upstream_response: d30(),
+            idle: d300(),
+        }
+    }
+}
+fn d5() -> f64 {
+    5.0
+}
+fn d10() -> f64 {
+    10.0
+}
+fn d30() -> f64 {
+    30.0
+}
+fn d300() -> f64 {
+    300.0
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpstream {
+    called_ae: String,
+    address: String,
+    ae_title: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuth {
+    jwt: Option<FileJwt>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileJwt {
+    issuer: String,
+    audience: String,
+    public_key: Option<PathBuf>,
+    jwks: Option<PathBuf>,
+    algorithms: Option<Vec<String>>,
+    #[serde(default = "default_roles_claim")]
+    roles_claim: String,
+    #[serde(default = "default_leeway")]
+    leeway: u64,
+}
+
+fn default_roles_claim() -> String {
+    "roles".to_string()
+}
+fn default_leeway() -> u64 {
+    30
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUser {
+    name: String,
+    password_hash: Option<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRole {
+    name: String,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    move_destinations: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runtime config (what the gateway uses)
+// ---------------------------------------------------------------------------------------------
+
+/// The largest P-DATA-TF PDU the gateway accepts or lets either peer send: 256 KiB by default.
+pub const DEFAULT_MAX_PDU_LENGTH: u32 = 256 * 1024;
+/// The largest A-ASSOCIATE-RQ an anonymous peer may send (covers 128 presentation contexts and a JWT).
+pub const DEFAULT_MAX_ASSOCIATION_REQUEST_LENGTH: u32 = 64 * 1024;
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub gateway: Gateway,
+    pub tls: Tls,
+    pub timeouts: Timeouts,
+    pub upstreams: Vec<Upstream>,
+    pub jwt: Option<Jwt>,
+    pub users: HashMap<String, User>,
+    pub roles: HashMap<String, Role>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    pub listen: SocketAddr,
+    pub ae_title: String,
+    pub max_pdu_length: u32,
+    pub max_association_request_length: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+    pub require_client_certificate: bool,
+}
+
+/// Every wait on the network, named after its phase.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub tls_handshake: Duration,
+    pub association_request: Duration,
+    pub upstream_connect: Duration,
+    pub upstream_response: Duration,
+    pub idle: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub called_ae: String,
+    pub address: String,
+    pub ae_title: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum JwtKeySource {
+    PublicKey(PathBuf),
+    Jwks(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Jwt {
+    pub issuer: String,
+    pub audience: String,
+    pub key: JwtKeySource,
+    pub algorithms: Option<Vec<jsonwebtoken::Algorithm>>,
+    pub roles_claim: String,
+    pub leeway: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    pub password_hash: Option<String>,
+    pub roles: Vec<String>,
+}
+
+/// A DIMSE operation a role may be allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Operation {
+    Echo,
+    Find,
+    Get,
+    Move,
+    Store,
+}
+
+impl Operation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Echo => "echo",
+            Operation::Find => "find",
+            Operation::Get => "get",
+            Operation::Move => "move",
+            Operation::Store => "store",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Operation> {
+        Some(match s {
+            "echo" => Operation::Echo,
+            "find" => Operation::Find,
+            "get" => Operation::Get,
+            "move" => Operation::Move,
+            "store" => Operation::Store,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Role {
+    pub name: String,
+    pub allow: BTreeSet<Operation>,
+    pub move_destinations: Vec<String>,
+}
+
+/// The largest AE title the standard allows.
+const AE_TITLE_MAX: usize = 16;
+
+impl Config {
+    /// Read and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parse and validate configuration text; `path` names the file in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        validate(file, path)
+    }
+
+    /// The upstream a called AE title maps to.
+    pub fn upstream_for(&self, called_ae: &str) -> Option<&Upstream> {
+        self.upstreams.iter().find(|u| u.called_ae == called_ae)
+    }
+}
+
+fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
+    let invalid = |key: &str, message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        message,
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    let resolve = |p: &Path| -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+
+    let listen: SocketAddr = file.gateway.listen.parse().map_err(|e| {
+        invalid(
+            "gateway.listen",
+            format!("{:?} is not an address:port ({e})", file.gateway.listen),
+        )
+    })?;
+    check_ae_title(&file.gateway.ae_title).map_err(|m| invalid("gateway.ae_title", m))?;
+    let max_pdu_length = file.gateway.max_pdu_length;
+    if !(4096..=16 * 1024 * 1024).contains(&max_pdu_length) {
+        return Err(invalid(
+            "gateway.max_pdu_length",
+            format!("{max_pdu_length} is outside 4096..=16777216"),
+        ));
+    }
+    let max_rq = file.gateway.max_association_request_length;
+    if !(1024..=1024 * 1024).contains(&max_rq) {
+        return Err(invalid(
+            "gateway.max_association_request_length",
+            format!("{max_rq} is outside 1024..=1048576"),
+        ));
+    }
+
+    let t = &file.timeouts;
+    let secs = |key: &str, v: f64| -> Result<Duration, ConfigError> {
+        if v.is_finite() && v > 0.0 && v <= 86_400.0 {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(invalid(
+                key,
+                format!("{v} must be a number of seconds above 0 and at most 86400"),
+            ))
+        }
+    };
+    let timeouts = Timeouts {
+        tls_handshake: secs("timeouts.tls_handshake", t.tls_handshake)?,
+        association_request: secs("timeouts.association_request", t.association_request)?,
+        upstream_connect: secs("timeouts.upstream_connect", t.upstream_connect)?,
+        upstream_response: secs("timeouts.upstream_response", t.upstream_response)?,
+        idle: secs("timeouts.idle", t.idle)?,
+    };
+
+    let tls = Tls {
+        certificate: resolve(&file.tls.certificate),
+        private_key: resolve(&file.tls.private_key),
+        client_ca: file.tls.client_ca.as_deref().map(resolve),
+        require_client_certificate: file.tls.require_client_certificate,
+    };
+    if tls.require_client_certificate && tls.client_ca.is_none() {
+        return Err(invalid(
+            "tls.require_client_certificate",
+            "is true but tls.client_ca is not set: there is nothing to verify client certificates against".into(),
+        ));
+    }
+
+    if file.upstream.is_empty() {
+        return Err(invalid(
+            "upstream",
+            "no [[upstream]] is configured: every association would be rejected".into(),
+        ));
+    }
+    let mut upstreams = Vec::new();
+    for (i, u) in file.upstream.into_iter().enumerate() {
+        let key = |k: &str| format!("upstream[{i}].{k}");
+        check_ae_title(&u.called_ae).map_err(|m| invalid(&key("called_ae"), m))?;
+        check_ae_title(&u.ae_title).map_err(|m| invalid(&key("ae_title"), m))?;
+        if u.address.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+            return Err(invalid(
+                &key("address"),
+                format!("{:?} is not host:port", u.address),
+            ));
+        }
+        if upstreams.iter().any(|o: &Upstream| o.called_ae == u.called_ae) {
+            return Err(invalid(
+                &key("called_ae"),
+                format!("{:?} is mapped twice", u.called_ae),
+            ));
+        }
+        upstreams.push(Upstream {
+            called_ae: u.called_ae,
+            address: u.address,
+            ae_title: u.ae_title,
+        });
+    }
+
+    let mut roles = HashMap::new();
+    for (i, r) in file.role.into_iter().enumerate() {
+        let mut allow = BTreeSet::new();
+        for op in &r.allow {
+            let op = Operation::parse(op).ok_or_else(|| {
+                invalid(
+                    &format!("role[{i}].allow"),
+                    format!("unknown operation {op:?}; expected echo, find, get, move or store"),
+                )
+            })?;
+            allow.insert(op);
+        }
+        if roles.contains_key(&r.name) {
+            return Err(invalid(
+                &format!("role[{i}].name"),
+                format!("role {:?} is defined twice", r.name),
+            ));
+        }
+        roles.insert(
+            r.name.clone(),
+            Role {
+                name: r.name,
+                allow,
+                move_destinations: r.move_destinations,
+            },
+        );
+    }
+
+    let mut users = HashMap::new();
+    for (i, u) in file.user.into_iter().enumerate() {
+        if u.name.is_empty() {
+            return Err(invalid(&format!("user[{i}].name"), "is empty".into()));
+        }
+        if let Some(hash) = &u.password_hash {
+            crate::auth::password::check_hash_format(hash).map_err(|m| {
+                invalid(
+                    &format!("user[{i}].password_hash"),
+                    format!("user {:?}: {m}", u.name),
+                )
+            })?;
+        }
+        for role in &u.roles {
+            if !roles.contains_key(role) {
+                return Err(invalid(
+                    &format!("user[{i}].roles"),
+                    format!("user {:?} names role {role:?}, which no [[role]] defines", u.name),
+                ));
+            }
+        }
+        if users.contains_key(&u.name) {
+            return Err(invalid(
+                &format!("user[{i}].name"),
+                format!("user {:?} is defined twice", u.name),
+            ));
+        }
+        users.insert(
+            u.name.clone(),
+            User {
+                name: u.name,
+                password_hash: u.password_hash,
+                roles: u.roles,
+            },
+        );
+    }
+
+    let jwt = match file.auth.jwt {
+        None => None,
+        Some(j) => {
+            let key = match (j.public_key, j.jwks) {
+                (Some(p), None) => JwtKeySource::PublicKey(resolve(&p)),
+                (None, Some(p)) => JwtKeySource::Jwks(resolve(&p)),
+                _ => {
+                    return Err(invalid(
+                        "auth.jwt",
+                        "set exactly one of public_key or jwks".into(),
+                    ));
+                }
+            };
+            let algorithms = match j.algorithms {
+                None => None,
+                Some(list) => {
+                    let mut out = Vec::new();
+                    for a in list {
+                        let alg: jsonwebtoken::Algorithm = a.parse().map_err(|_| {
+                            invalid(
+                                "auth.jwt.algorithms",
+                                format!("unknown algorithm {a:?} (e.g. RS256, ES256, EdDSA)"),
+                            )
+                        })?;
+                        if matches!(
+                            alg,
+                            jsonwebtoken::Algorithm::HS256
+                                | jsonwebtoken::Algorithm::HS384
+                                | jsonwebtoken::Algorithm::HS512
+                        ) {
+                            return Err(invalid(
+                                "auth.jwt.algorithms",
+                                format!("{a} is a shared-secret algorithm; use a public-key one"),
+                            ));
+                        }
+                        out.push(alg);
+                    }
+                    if out.is_empty() {
+                        return Err(invalid("auth.jwt.algorithms", "is empty".into()));
+                    }
+                    Some(out)
+                }
+            };
+            if j.issuer.is_empty() {
+                return Err(invalid("auth.jwt.issuer", "is empty".into()));
+            }
+            if j.audience.is_empty() {
+                return Err(invalid("auth.jwt.audience", "is empty".into()));
+            }
+            Some(Jwt {
+                issuer: j.issuer,
+                audience: j.audience,
+                key,
+                algorithms,
+                roles_claim: j.roles_claim,
+                leeway: j.leeway,
+            })
+        }
+    };
+
+    Ok(Config {
+        path: path.to_path_buf(),
+        gateway: Gateway {
+            listen,
+            ae_title: file.gateway.ae_title,
+            max_pdu_length,
+            max_association_request_length: max_rq,
+        },
+        tls,
+        timeouts,
+        upstreams,
+        jwt,
+        users,
+        roles,
+    })
+}
+
+/// An AE title: 1 to 16 characters of the ISO 646 basic set, no backslash or control characters.
+fn check_ae_title(ae: &str) -> Result<(), String> {
+    if ae.trim().is_empty() || ae.len() > AE_TITLE_MAX {
+        return Err(format!("{ae:?} must be 1 to {AE_TITLE_MAX} characters"));
+    }
+    if ae != ae.trim() {
+        return Err(format!("{ae:?} has leading or trailing spaces"));
+    }
+    if !ae.chars().all(|c| c.is_ascii_graphic() && c != '\\' || c == ' ') {
+        return Err(format!("{ae:?} has characters an AE title cannot hold"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[gateway]
+listen = "127.0.0.1:2762"
+[tls]
+certificate = "server.crt"
+private_key = "server.key"
+[[upstream]]
+called_ae = "ARCHIVE"
+address = "127.0.0.1:4242"
+ae_title = "ORTHANC"
+[[role]]
+name = "reader"
+allow = ["echo", "find"]
+[[user]]
+name = "alice"
+roles = ["reader"]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/pacsgate/pacsgate.toml"))
+    }
+
+    #[test]
+    fn minimal_config_validates_and_resolves_paths() {
+        let c = parse(MINIMAL).expect("valid");
+        assert_eq!(c.tls.certificate, Path::new("/etc/pacsgate/server.crt"));
+        assert_eq!(c.upstream_for("ARCHIVE").map(|u| u.ae_title.as_str()), Some("ORTHANC"));
+        assert!(c.upstream_for("OTHER").is_none());
+        assert_eq!(c.timeouts.idle, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = MINIMAL.replace("ae_title = \"ORTHANC\"", "ae_title = \"ORTHANC\"\naetitle = \"X\"");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("aetitle"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            (MINIMAL.replace("127.0.0.1:2762", "nowhere"), "gateway.listen"),
+            (MINIMAL.replace("\"ORTHANC\"", "\"WAY_TOO_LONG_AE_TITLE\""), "upstream[0].ae_title"),
+            (MINIMAL.replace("\"find\"]", "\"fnd\"]"), "role[0].allow"),
+            (MINIMAL.replace("roles = [\"reader\"]", "roles = [\"admin\"]"), "user[0].roles"),
+            (format!("{MINIMAL}\n[timeouts]\nidle = -1\n"), "timeouts.idle"),
+            (
+                MINIMAL.replace("[[upstream]]", "[auth.jwt]\nissuer = \"i\"\naudience = \"a\"\n[[upstream]]"),
+                "auth.jwt",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "expected {key} in {err}");
+        }
+    }
+
+    #[test]
+    fn a_bad_password_hash_is_refused_at_load() {
+        let text = MINIMAL.replace(
+            "name = \"alice\"",
+            "name = \"alice\"\npassword_hash = \"plaintext\"",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("user[0].password_hash"), "{err}");
+    }
+}

@@ -1,0 +1,379 @@
+//! The two-way relay of an established association: whole PDUs each way, P-DATA checked and offered
+//! to an inspector, release and abort passed through, an idle timeout, and an A-ABORT when a leg fails.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+
+use crate::pdu::{self, PduError, read_pdu};
+
+/// Which side of the gateway a PDU came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Archive,
+}
+
+impl Side {
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Archive => "archive",
+        }
+    }
+}
+
+/// What to do with a P-DATA-TF PDU.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Pass it on unchanged.
+    Forward,
+    /// Swallow it (e.g. the data set of a refused request).
+    Drop,
+    /// Swallow it and send these PDUs back to the side it came from (e.g. a refusal status).
+    Answer(Vec<u8>),
+}
+
+/// The seam where DIMSE policy looks at traffic. Called once per P-DATA-TF PDU, whole and well-formed.
+pub trait Inspector: Send {
+    fn inspect(&mut self, from: Side, pdata: &[u8]) -> Verdict;
+}
+
+/// Forwards everything.
+pub struct PassThrough;
+
+impl Inspector for PassThrough {
+    fn inspect(&mut self, _from: Side, _pdata: &[u8]) -> Verdict {
+        Verdict::Forward
+    }
+}
+
+/// How the relay ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// A-RELEASE-RQ / -RP exchanged.
+    Released,
+    /// One side sent A-ABORT, which was passed on.
+    Aborted(Side),
+    /// One side closed its connection without release or abort; the other got an A-ABORT.
+    Closed(Side),
+    /// Reading from or writing to a side failed, or it broke the protocol; the other got an A-ABORT.
+    Failed(Side, String),
+    /// Neither side sent anything for the idle timeout; both got an A-ABORT.
+    IdleTimeout,
+}
+
+impl RelayEnd {
+    pub fn reason(&self) -> String {
+        match self {
+            RelayEnd::Released => "released".into(),
+            RelayEnd::Aborted(s) => format!("aborted by {}", s.name()),
+            RelayEnd::Closed(s) => format!("{} closed the connection without release", s.name()),
+            RelayEnd::Failed(s, m) => format!("{}: {m}", s.name()),
+            RelayEnd::IdleTimeout => "idle timeout".into(),
+        }
+    }
+}
+
+/// Bytes relayed each way.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RelayStats {
+    pub from_client: u64,
+    pub from_archive: u64,
+}
+
+/// Limits of one relayed association.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayLimits {
+    /// Largest PDU body the client may send (what the archive accepts, clamped by the gateway).
+    pub from_client: u32,
+    /// Largest PDU body the archive may send (what the client accepts, clamped by the gateway).
+    pub from_archive: u32,
+    pub idle: Duration,
+}
+
+/// A PDU buffer no larger than this is kept between PDUs; a larger one is given back while idle.
+const KEEP_BUFFER: usize = 64 * 1024;
+
+/// Check that the PDV items of a P-DATA-TF PDU tile its body exactly (PS3.8 9.3.5.1).
+pub fn check_pdv_items(pdu: &[u8]) -> Result<(), String> {
+    let mut rest = pdu.get(pdu::PDU_HEADER_LENGTH..).unwrap_or_default();
+    if rest.is_empty() {
+        return Err("P-DATA-TF without PDV items".into());
+    }
+    while !rest.is_empty() {
+        let Some(len) = rest.get(..4) else {
+            return Err("truncated PDV item header".into());
+        };
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if len < 2 {
+            return Err(format!("PDV item length {len} is too short"));
+        }
+        if len > rest.len() - 4 {
+            return Err(format!("PDV item length {len} overruns its PDU"));
+        }
+        rest = &rest[4 + len..];
+    }
+    Ok(())
+}
+
+struct Shared<I> {
+    inspector: Mutex<I>,
+    started: Instant,
+    last_activity_ms: AtomicU64,
+}
+
+impl<I> Shared<I> {
+    fn touch(&self) {
+        self.last_activity_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    fn idle_for(&self) -> Duration {
+        let now = self.started.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_activity_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// Relay an established association until it is released, aborted, fails or idles out.
+pub async fn relay<C, A, I>(
+    client: C,
+    archive: A,
+    limits: RelayLimits,
+    inspector: I,
+) -> (RelayEnd, RelayStats)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Unpin,
+    I: Inspector,
+{
+    let (mut client_rd, client_wr) = tokio::io::split(client);
+    let (mut archive_rd, archive_wr) = tokio::io::split(archive);
+    let client_wr = tokio::sync::Mutex::new(client_wr);
+    let archive_wr = tokio::sync::Mutex::new(archive_wr);
+    let shared = Shared {
+        inspector: Mutex::new(inspector),
+        started: Instant::now(),
+        last_activity_ms: AtomicU64::new(0),
+    };
+    let mut stats = RelayStats::default();
+    let (mut from_client, mut from_archive) = (0u64, 0u64);
+
+    let end = {
+        let up = direction(
+            Side::Client,
+            &mut client_rd,
+            &archive_wr,
+            &client_wr,
+            limits.from_client,
+            &shared,
+            &mut from_client,
+        );
+        let down = direction(
+            Side::Archive,
+            &mut archive_rd,
+            &client_wr,
+            &archive_wr,
+            limits.from_archive,
+            &shared,
+            &mut from_archive,
+        );
+        let watchdog = async {
+            loop {
+                let idle = shared.idle_for();
+                if idle >= limits.idle {
+                    return RelayEnd::IdleTimeout;
+                }
+                tokio::time::sleep(limits.idle - idle).await;
+            }
+        };
+        tokio::select! {
+            end = up => end,
+            end = down => end,
+            end = watchdog => end,
+        }
+    };
+    stats.from_client = from_client;
+    stats.from_archive = from_archive;
+
+    // Tell the side(s) still there that the association is over, then close both legs.
+    let abort = pdu::abort(0);
+    let (abort_client, abort_archive) = match &end {
+        RelayEnd::Released | RelayEnd::Aborted(_) => (false, false),
+        RelayEnd::Closed(Side::Client) | RelayEnd::Failed(Side::Client, _) => (false, true),
+        RelayEnd::Closed(Side::Archive) | RelayEnd::Failed(Side::Archive, _) => (true, false),
+        RelayEnd::IdleTimeout => (true, true),
+    };
+    let bound = Duration::from_secs(2);
+    let mut cw = client_wr.into_inner();
+    let mut aw = archive_wr.into_inner();
+    if abort_client {
+        let _ = tokio::time::timeout(bound, cw.write_all(&abort)).await;
+    }
+    if abort_archive {
+        let _ = tokio::time::timeout(bound, aw.write_all(&abort)).await;
+    }
+    let _ = tokio::time::timeout(bound, cw.shutdown()).await;
+    let _ = tokio::time::timeout(bound, aw.shutdown()).await;
+    (end, stats)
+}
+
+/// Relay PDUs read from one side to the other until the association ends in this direction.
+async fn direction<R, W, B, I>(
+    side: Side,
+    reader: &mut ReadHalf<R>,
+    to: &tokio::sync::Mutex<WriteHalf<W>>,
+    back: &tokio::sync::Mutex<WriteHalf<B>>,
+    limit: u32,
+    shared: &Shared<I>,
+    bytes: &mut u64,
+) -> RelayEnd
+where
+    R: AsyncRead,
+    W: AsyncWrite,
+    B: AsyncWrite,
+    I: Inspector,
+{
+    let other = match side {
+        Side::Client => Side::Archive,
+        Side::Archive => Side::Client,
+    };
+    let mut buf = Vec::new();
+    loop {
+        if buf.capacity() > KEEP_BUFFER {
+            buf = Vec::new();
+        }
+        let pdu_type = match read_pdu(reader, &mut buf, limit).await {
+            Ok(t) => t,
+            Err(PduError::Closed) => return RelayEnd::Closed(side),
+            Err(e) => return RelayEnd::Failed(side, e.to_string()),
+        };
+        shared.touch();
+        *bytes += buf.len() as u64;
+        let verdict = match pdu_type {
+            pdu::P_DATA_TF => {
+                if let Err(e) = check_pdv_items(&buf) {
+                    return RelayEnd::Failed(side, e);
+                }
+                match shared.inspector.lock() {
+                    Ok(mut inspector) => inspector.inspect(side, &buf),
+                    Err(_) => return RelayEnd::Failed(side, "inspector poisoned".into()),
+                }
+            }
+            pdu::A_RELEASE_RQ | pdu::A_RELEASE_RP | pdu::A_ABORT => Verdict::Forward,
+            other_type => {
+                return RelayEnd::Failed(
+                    side,
+                    format!("unexpected PDU type {other_type:#04x} during the association"),
+                );
+            }
+        };
+        let written = match &verdict {
+            Verdict::Forward => write_flush(&mut *to.lock().await, &buf).await.map_err(|e| (other, e)),
+            Verdict::Drop => Ok(()),
+            Verdict::Answer(answer) => {
+                write_flush(&mut *back.lock().await, answer).await.map_err(|e| (side, e))
+            }
+        };
+        if let Err((failed, e)) = written {
+            return RelayEnd::Failed(failed, e.to_string());
+        }
+        match pdu_type {
+            pdu::A_RELEASE_RP => return RelayEnd::Released,
+            pdu::A_ABORT => return RelayEnd::Aborted(side),
+            _ => {}
+        }
+    }
+}
+
+async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pdv_items_must_tile_the_pdu() {
+        let good = [4, 0, 0, 0, 0, 8, 0, 0, 0, 2, 1, 3, 0, 0];
+        assert!(check_pdv_items(&good[..12]).is_ok());
+        let overrun = [4, 0, 0, 0, 0, 6, 0, 0, 0, 9, 1, 3];
+        assert!(check_pdv_items(&overrun).is_err());
+        let short = [4, 0, 0, 0, 0, 6, 0, 0, 0, 1, 1, 3];
+        assert!(check_pdv_items(&short).is_err());
+        assert!(check_pdv_items(&[4, 0, 0, 0, 0, 0]).is_err());
+    }
+
+    #[tokio::test]
+    async fn release_is_relayed_and_ends_the_association() {
+        let (client, mut client_peer) = tokio::io::duplex(1 << 16);
+        let (archive, mut archive_peer) = tokio::io::duplex(1 << 16);
+        let limits = RelayLimits {
+            from_client: 16384,
+            from_archive: 16384,
+            idle: Duration::from_secs(5),
+        };
+        let task = tokio::spawn(relay(client, archive, limits, PassThrough));
+        use tokio::io::AsyncReadExt;
+        let pdata = [4u8, 0, 0, 0, 0, 8, 0, 0, 0, 4, 1, 3, 0xaa, 0xbb];
+        client_peer.write_all(&pdata).await.expect("write");
+        let mut got = [0u8; 14];
+        archive_peer.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, pdata);
+        client_peer.write_all(&[5, 0, 0, 0, 0, 4, 0, 0, 0, 0]).await.expect("rq");
+        let mut rq = [0u8; 10];
+        archive_peer.read_exact(&mut rq).await.expect("read rq");
+        assert_eq!(rq[0], pdu::A_RELEASE_RQ);
+        archive_peer.write_all(&pdu::RELEASE_RP).await.expect("rp");
+        let mut rp = [0u8; 10];
+        client_peer.read_exact(&mut rp).await.expect("read rp");
+        assert_eq!(rp, pdu::RELEASE_RP);
+        let (end, stats) = task.await.expect("join");
+        assert_eq!(end, RelayEnd::Released);
+        assert_eq!(stats.from_client, 24);
+        assert_eq!(stats.from_archive, 10);
+    }
+
+    #[tokio::test]
+    async fn a_vanished_archive_gets_the_client_an_abort() {
+        let (client, mut client_peer) = tokio::io::duplex(1 << 16);
+        let (archive, archive_peer) = tokio::io::duplex(1 << 16);
+        let limits = RelayLimits {
+            from_client: 16384,
+            from_archive: 16384,
+            idle: Duration::from_secs(5),
+        };
+        let task = tokio::spawn(relay(client, archive, limits, PassThrough));
+        drop(archive_peer);
+        use tokio::io::AsyncReadExt;
+        let mut got = [0u8; 10];
+        client_peer.read_exact(&mut got).await.expect("abort");
+        assert_eq!(got[0], pdu::A_ABORT);
+        let (end, _) = task.await.expect("join");
+        assert_eq!(end, RelayEnd::Closed(Side::Archive));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_associations_are_aborted_on_both_sides() {
+        let (client, mut client_peer) = tokio::io::duplex(1 << 16);
+        let (archive, mut archive_peer) = tokio::io::duplex(1 << 16);
+        let limits = RelayLimits {
+            from_client: 16384,
+            from_archive: 16384,
+            idle: Duration::from_secs(30),
+        };
+        let (end, _) = relay(client, archive, limits, PassThrough).await;
+        assert_eq!(end, RelayEnd::IdleTimeout);
+        use tokio::io::AsyncReadExt;
+        let mut got = [0u8; 10];
+        client_peer.read_exact(&mut got).await.expect("client abort");
+        assert_eq!(got[0], pdu::A_ABORT);
+        archive_peer.read_exact(&mut got).await.expect("archive abort");
+        assert_eq!(got[0], pdu::A_ABORT);
+    }
+}

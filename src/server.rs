@@ -1,0 +1,356 @@
+//! The accept loop and one association's way through the gateway: TLS, A-ASSOCIATE-RQ, called AE,
+//! authentication, upstream connect, the archive's answer, then the relay. One log line per association.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::association::{self, DICOM_APPLICATION_CONTEXT, UpstreamAnswer};
+use crate::auth::{self, Authenticator, Principal};
+use crate::config::{Config, Upstream};
+use crate::pdu::{self, PduError, Rejection, read_pdu};
+use crate::relay::{self, PassThrough, RelayLimits};
+use crate::tls;
+
+/// Errors that stop the gateway from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Jwt(#[from] auth::jwt::JwtSetupError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Everything a new association is judged by; replaced whole on reload, never changed in place.
+pub struct State {
+    pub config: Config,
+    pub acceptor: TlsAcceptor,
+    pub authenticator: Authenticator,
+}
+
+impl State {
+    pub fn new(config: Config) -> Result<State, ServerError> {
+        let acceptor = TlsAcceptor::from(tls::server_config(&config.tls)?);
+        let authenticator = Authenticator::new(&config)?;
+        Ok(State {
+            config,
+            acceptor,
+            authenticator,
+        })
+    }
+}
+
+/// The running gateway's shared state.
+#[derive(Clone)]
+pub struct Gateway {
+    state: Arc<RwLock<Arc<State>>>,
+}
+
+impl Gateway {
+    pub fn new(state: State) -> Gateway {
+        Gateway {
+            state: Arc::new(RwLock::new(Arc::new(state))),
+        }
+    }
+
+    /// The state new associations start with.
+    pub fn current(&self) -> Arc<State> {
+        match self.state.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Bind the listener named in the configuration.
+    pub async fn bind(&self) -> Result<TcpListener, ServerError> {
+        let address = self.current().config.gateway.listen;
+        TcpListener::bind(address)
+            .await
+            .map_err(|source| ServerError::Listen { address, source })
+    }
+
+    /// Accept associations until the task is dropped.
+    pub async fn serve(&self, listener: TcpListener) {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(10);
+                    let state = self.current();
+                    tokio::spawn(async move {
+                        handle(state, stream, peer).await;
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(reason = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+/// What is known about one association, for its log line.
+#[derive(Default)]
+struct Outcome {
+    user: Option<String>,
+    method: Option<&'static str>,
+    calling_ae: String,
+    called_ae: String,
+    bytes_from_client: u64,
+    bytes_from_archive: u64,
+}
+
+/// An association that ended before the relay, with the reason for the log.
+struct Stop {
+    outcome: &'static str,
+    reason: String,
+}
+
+impl Stop {
+    fn new(outcome: &'static str, reason: impl Into<String>) -> Stop {
+        Stop {
+            outcome,
+            reason: reason.into(),
+        }
+    }
+}
+
+async fn handle(state: Arc<State>, stream: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let mut outcome = Outcome::default();
+    let result = associate(&state, stream, peer, &mut outcome, started).await;
+    let (result_name, reason) = match result {
+        Ok(end) => (
+            match end {
+                relay::RelayEnd::Released => "released",
+                _ => "aborted",
+            },
+            end.reason(),
+        ),
+        Err(stop) => (stop.outcome, stop.reason),
+    };
+    tracing::info!(
+        peer = %peer,
+        user = outcome.user.as_deref().unwrap_or("-"),
+        method = outcome.method.unwrap_or("-"),
+        calling_ae = %outcome.calling_ae,
+        called_ae = %outcome.called_ae,
+        outcome = result_name,
+        reason = %reason,
+        duration_ms = started.elapsed().as_millis() as u64,
+        bytes_from_client = outcome.bytes_from_client,
+        bytes_from_archive = outcome.bytes_from_archive,
+        "association"
+    );
+}
+
+async fn associate(
+    state: &State,
+    stream: TcpStream,
+    peer: SocketAddr,
+    outcome: &mut Outcome,
+    started: Instant,
+) -> Result<relay::RelayEnd, Stop> {
+    let cfg = &state.config;
+    let t = cfg.timeouts;
+    let _ = stream.set_nodelay(true);
+
+    // Phase: TLS handshake.
+    let mut client = match tokio::time::timeout(t.tls_handshake, state.acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(Stop::new("tls_failed", format!("TLS handshake: {e}"))),
+        Err(_) => return Err(Stop::new("tls_failed", "TLS handshake timed out")),
+    };
+    let certificate_names = client
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|leaf| auth::certificate::names(leaf))
+        .unwrap_or_default();
+
+    // Phase: association request (the ARTIM timer runs from accept).
+    let artim = t.association_request.saturating_sub(started.elapsed());
+    let mut buf = Vec::new();
+    let limit = cfg.gateway.max_association_request_length;
+    let pdu_type = match tokio::time::timeout(artim, read_pdu(&mut client, &mut buf, limit)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(PduError::Closed)) => return Err(Stop::new("closed", "closed before A-ASSOCIATE-RQ")),
+        Ok(Err(e)) => {
+            send(&mut client, &pdu::abort(2)).await;
+            return Err(Stop::new("protocol_error", format!("association request: {e}")));
+        }
+        Err(_) => {
+            send(&mut client, &pdu::abort(0)).await;
+            return Err(Stop::new("timeout", "association request timed out (ARTIM)"));
+        }
+    };
+    if pdu_type != pdu::A_ASSOCIATE_RQ {
+        send(&mut client, &pdu::abort(1)).await;
+        return Err(Stop::new(
+            "protocol_error",
+            format!("PDU type {pdu_type:#04x} before A-ASSOCIATE-RQ"),
+        ));
+    }
+    let rq = match association::parse_request(&buf) {
+        Ok(rq) => rq,
+        Err(e) => {
+            send(&mut client, &pdu::abort(2)).await;
+            return Err(Stop::new("protocol_error", e.to_string()));
+        }
+    };
+    outcome.calling_ae = rq.calling_ae_title.clone();
+    outcome.called_ae = rq.called_ae_title.clone();
+    if rq.protocol_version & 1 == 0 {
+        return Err(reject(&mut client, Rejection::ProtocolVersion, "protocol version 1 not offered").await);
+    }
+    if rq.application_context_name.trim_end_matches('\0') != DICOM_APPLICATION_CONTEXT {
+        return Err(reject(&mut client, Rejection::ApplicationContext, "not the DICOM application context").await);
+    }
+
+    // Phase: called AE -> upstream.
+    let Some(upstream) = cfg.upstream_for(&rq.called_ae_title) else {
+        let reason = format!("called AE {:?} maps to no upstream", rq.called_ae_title);
+        return Err(reject(&mut client, Rejection::CalledAeNotRecognized, reason).await);
+    };
+
+    // Phase: authentication.
+    let identity = association::user_identity(&rq);
+    let principal: Principal = match state
+        .authenticator
+        .authenticate(identity, &certificate_names, true)
+        .await
+    {
+        Ok(p) => p,
+        Err(failure) => {
+            outcome.user = failure.user;
+            outcome.method = failure.method.map(|m| m.name());
+            let reason = failure.error.to_string();
+            return Err(reject(&mut client, Rejection::NotAuthenticated, reason).await);
+        }
+    };
+    outcome.user = Some(principal.user.clone());
+    outcome.method = Some(principal.method.name());
+    let wants_response = identity.is_some_and(|i| i.positive_response_requested())
+        && principal.method != auth::Method::Certificate;
+
+    // Phase: upstream connect and the archive's answer.
+    let mut archive = match connect_upstream(upstream, t.upstream_connect).await {
+        Ok(a) => a,
+        Err(reason) => return Err(reject(&mut client, Rejection::UpstreamUnavailable, reason).await),
+    };
+    let request = match association::rewrite_request(&rq, &upstream.ae_title, cfg.gateway.max_pdu_length) {
+        Ok(r) => r,
+        Err(e) => return Err(reject(&mut client, Rejection::NotAuthenticated, e.to_string()).await),
+    };
+    let answer = tokio::time::timeout(t.upstream_response, async {
+        archive.write_all(&request).await?;
+        read_pdu(&mut archive, &mut buf, 1024 * 1024)
+            .await
+            .map_err(std::io::Error::other)
+    })
+    .await;
+    let answer = match answer {
+        Ok(Ok(_)) => association::parse_answer(&buf),
+        Ok(Err(e)) => {
+            let reason = format!("archive {} failed during association: {e}", upstream.address);
+            return Err(reject(&mut client, Rejection::UpstreamUnavailable, reason).await);
+        }
+        Err(_) => {
+            let reason = format!("archive {} did not answer the association in time", upstream.address);
+            return Err(reject(&mut client, Rejection::UpstreamUnavailable, reason).await);
+        }
+    };
+    let ac = match answer {
+        Ok(UpstreamAnswer::Accepted(ac)) => ac,
+        Ok(UpstreamAnswer::Refused { pdu_type, bytes }) => {
+            send(&mut client, &bytes).await;
+            let what = if pdu_type == pdu::A_ASSOCIATE_RJ {
+                format!(
+                    "archive rejected the association ({}/{}/{})",
+                    bytes.get(7).copied().unwrap_or(0),
+                    bytes.get(8).copied().unwrap_or(0),
+                    bytes.get(9).copied().unwrap_or(0)
+                )
+            } else {
+                "archive aborted the association request".to_string()
+            };
+            return Err(Stop::new("rejected_by_archive", what));
+        }
+        Err(e) => {
+            let reason = format!("archive {}: {e}", upstream.address);
+            return Err(reject(&mut client, Rejection::UpstreamUnavailable, reason).await);
+        }
+    };
+    let (accept, archive_max) = match association::rewrite_accept(
+        &ac,
+        &rq.called_ae_title,
+        wants_response,
+        cfg.gateway.max_pdu_length,
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            send(&mut archive, &pdu::abort(0)).await;
+            return Err(reject(&mut client, Rejection::UpstreamUnavailable, e.to_string()).await);
+        }
+    };
+    if let Err(e) = write_flush(&mut client, &accept).await {
+        send(&mut archive, &pdu::abort(0)).await;
+        return Err(Stop::new("aborted", format!("client: {e}")));
+    }
+    tracing::debug!(peer = %peer, user = %principal.user, "association accepted");
+
+    // Phase: relay.
+    let limits = RelayLimits {
+        from_client: archive_max,
+        from_archive: association::client_max_pdu(&rq, cfg.gateway.max_pdu_length),
+        idle: t.idle,
+    };
+    let (end, stats) = relay::relay(client, archive, limits, PassThrough).await;
+    outcome.bytes_from_client = stats.from_client;
+    outcome.bytes_from_archive = stats.from_archive;
+    Ok(end)
+}
+
+async fn connect_upstream(upstream: &Upstream, within: Duration) -> Result<TcpStream, String> {
+    match tokio::time::timeout(within, TcpStream::connect(&upstream.address)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(format!("archive {} unreachable: {e}", upstream.address)),
+        Err(_) => Err(format!("archive {} connect timed out", upstream.address)),
+    }
+}
+
+async fn reject<S: AsyncWrite + Unpin>(client: &mut S, rejection: Rejection, reason: impl Into<String>) -> Stop {
+    send(client, &rejection.pdu()).await;
+    let (r, s, why) = rejection.codes();
+    Stop::new("rejected", format!("{} ({r}/{s}/{why})", reason.into()))
+}
+
+/// Best effort: a bounded write and close, for answers to peers we are about to drop.
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        write_flush(stream, bytes).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+async fn write_flush<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}

@@ -1,0 +1,130 @@
+//! Starts the pacsgate binary under test with a given TOML config, and runs its other subcommands.
+
+use super::{Spawned, is_listening, run_bounded};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Output};
+use std::time::{Duration, Instant};
+
+/// Path of the binary Cargo built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_pacsgate");
+
+/// A running `pacsgate run --config <tempdir>/pacsgate.toml`; killed (SIGKILL) on drop.
+pub struct Gateway {
+    port: u16,
+    config_path: PathBuf,
+    proc: Spawned,
+    dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Writes `config_toml` to a temp dir as pacsgate.toml, starts the gateway with
+    /// RUST_LOG=info,pacsgate=debug (or the caller's RUST_LOG) and output to a log file, and waits (≤ 20 s)
+    /// until the gateway process listens on `port` (checked in /proc, so no probe connection
+    /// reaches the gateway). Panics with the log if it exits first or never listens.
+    pub fn start(port: u16, config_toml: &str) -> Gateway {
+        let dir = tempfile::Builder::new()
+            .prefix("pacsgate-gw-")
+            .tempdir()
+            .expect("create gateway temp dir");
+        let config_path = dir.path().join("pacsgate.toml");
+        std::fs::write(&config_path, config_toml).expect("write pacsgate.toml");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .current_dir(dir.path())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,pacsgate=debug".into()),
+            )
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG_STYLE");
+        let proc = Spawned::spawn(cmd, &dir.path().join("pacsgate.log"));
+        let mut gw = Gateway {
+            port,
+            config_path,
+            proc,
+            dir,
+        };
+        gw.wait_listening(port);
+        gw
+    }
+
+    /// Waits (≤ 20 s) until the gateway listens on `port` too (e.g. its TLS port); panics
+    /// with the log otherwise.
+    pub fn wait_listening(&mut self, port: u16) {
+        if let Err(e) = self
+            .proc
+            .wait_until(Duration::from_secs(20), &format!("listening on {port}"), |p| {
+                is_listening(p.pid(), port)
+            })
+        {
+            panic!("{e}");
+        }
+    }
+
+    /// The port passed to [`Gateway::start`].
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// The gateway's log (stdout and stderr) so far.
+    pub fn log(&self) -> String {
+        self.proc.log()
+    }
+
+    /// The config file it was started with (rewrite it, then [`Gateway::signal`] "HUP").
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The gateway's temp dir (its working directory; removed on drop).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Polls the log until it contains `needle`; false after `timeout`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a signal by name ("TERM", "INT", "HUP") to the gateway process.
+    pub fn signal(&self, signal: &str) {
+        self.proc.signal(signal);
+    }
+
+    /// The exit status if the gateway has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.proc.exited()
+    }
+
+    /// SIGTERM, then wait up to `timeout` for the exit status (None: still running; drop kills it).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if let Some(status) = self.proc.exited() {
+            return Some(status);
+        }
+        self.proc.signal("TERM");
+        self.proc.wait_exit(timeout)
+    }
+
+    /// Runs `pacsgate ARGS...` (e.g. `check --config F`, `hash-password`) with optional stdin,
+    /// killed after 60 s. Check `status`, `stdout`, `stderr` yourself (see [`super::output_text`]).
+    pub fn run_command(args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).env("NO_COLOR", "1");
+        run_bounded(&mut cmd, stdin.map(str::as_bytes), Duration::from_secs(60))
+    }
+}
