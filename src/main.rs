@@ -1,7 +1,7 @@
 //! pacsgate command line: subcommands and logging setup; the only place for anyhow.
 #![forbid(unsafe_code)]
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -44,15 +44,23 @@ enum Command {
     HashPassword,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::Run { config } => {
             init_logging();
             run(&config)
         }
         Command::Check { config } => check(&config),
         Command::HashPassword => hash_password(),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line naming the problem; the chain of causes joined with ": ".
+            eprintln!("pacsgate: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
@@ -62,6 +70,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 

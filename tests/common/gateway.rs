@@ -53,12 +53,11 @@ impl Gateway {
     /// Waits (≤ 20 s) until the gateway listens on `port` too (e.g. its TLS port); panics
     /// with the log otherwise.
     pub fn wait_listening(&mut self, port: u16) {
-        if let Err(e) = self
-            .proc
-            .wait_until(Duration::from_secs(20), &format!("listening on {port}"), |p| {
-                is_listening(p.pid(), port)
-            })
-        {
+        if let Err(e) = self.proc.wait_until(
+            Duration::from_secs(20),
+            &format!("listening on {port}"),
+            |p| is_listening(p.pid(), port),
+        ) {
             panic!("{e}");
         }
     }

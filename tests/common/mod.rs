@@ -18,8 +18,8 @@ pub mod pki;
 pub use gateway::Gateway;
 pub use orthanc::Orthanc;
 pub use peers::{
-    Instance, PyArchive, assert_success, dataset_bytes, dcmtk, dcmtk_with_timeout,
-    make_instances, make_instances_with_uids, make_large_instance, output_text, pyscu,
+    Instance, PyArchive, assert_success, dataset_bytes, dcmtk, dcmtk_with_timeout, make_instances,
+    make_instances_with_uids, make_large_instance, output_text, pyscu,
 };
 pub use pki::{Pki, jwt_alg_none, mint_jwt, now};
 
@@ -57,7 +57,10 @@ pub fn python() -> &'static Path {
             return PathBuf::from(p);
         }
         let out = Command::new("python3")
-            .args(["-c", "import sys, pydicom, pynetdicom; print(sys.executable)"])
+            .args([
+                "-c",
+                "import sys, pydicom, pynetdicom; print(sys.executable)",
+            ])
             .output()
             .expect("run python3 (needed for the pydicom / pynetdicom peers)");
         assert!(

@@ -67,9 +67,8 @@ fn write_file(path: &Path, contents: &str, private: bool) {
 
 /// Leaf certificate parameters: CN = `cn`, the given SANs, one EKU, valid 1975..4096.
 fn leaf_params(cn: &str, sans: &[&str], eku: ExtendedKeyUsagePurpose) -> CertificateParams {
-    let mut params =
-        CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .expect("certificate SANs");
+    let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .expect("certificate SANs");
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, cn);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -167,7 +166,12 @@ impl Pki {
 
     /// Like [`Pki::client`] but signed by the untrusted second CA.
     pub fn other_ca_client(&self, name: &str) -> (PathBuf, PathBuf) {
-        self.issue(&self.other_ca, &format!("other-ca-client-{name}"), name, false)
+        self.issue(
+            &self.other_ca,
+            &format!("other-ca-client-{name}"),
+            name,
+            false,
+        )
     }
 
     /// Like [`Pki::client`] but expired (valid 2000-01-01 .. 2001-01-01).
@@ -229,8 +233,7 @@ pub fn jwt_alg_none(claims: &Value) -> String {
 
 /// Base64url without padding (RFC 7515 section 2).
 pub fn base64url(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
         let b = [

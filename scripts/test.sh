@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs pacsgate's whole test suite against real peers. Installs what is missing first:
+# Debian's dcmtk and orthanc, and pynetdicom + pydicom from PyPI. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "scripts/test.sh: need root (or sudo) to install: $*" >&2; exit 1; fi
+}
+
+missing=()
+[ -x /usr/bin/storescu ] || missing+=(dcmtk)
+[ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+command -v python3 >/dev/null || missing+=(python3 python3-pip)
+command -v openssl >/dev/null || missing+=(openssl)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "scripts/test.sh: installing Debian packages: ${missing[*]}"
+  as_root apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! python3 -c 'import pynetdicom, pydicom' 2>/dev/null; then
+  echo "scripts/test.sh: installing pynetdicom and pydicom from PyPI"
+  pkgs=("pynetdicom>=3,<4" "pydicom>=3,<4")
+  python3 -m pip install -q "${pkgs[@]}" 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages "${pkgs[@]}"
+fi
+
+echo "scripts/test.sh: peers: $(/usr/bin/storescu --version | head -n1 | tr -d '$'); $(/usr/sbin/Orthanc --version | head -n1);" \
+  "pynetdicom $(python3 -c 'import pynetdicom; print(pynetdicom.__version__)')"
+cargo test "$@"
