@@ -105,7 +105,10 @@ pub fn rewrite_request(
 pub enum UpstreamAnswer {
     Accepted(AssociationAC),
     /// A-ASSOCIATE-RJ or A-ABORT, relayed as the archive sent it.
-    Refused { pdu_type: u8, bytes: Vec<u8> },
+    Refused {
+        pdu_type: u8,
+        bytes: Vec<u8>,
+    },
 }
 
 /// Classify the archive's answer to the association request.
@@ -118,10 +121,12 @@ pub fn parse_answer(bytes: &[u8]) -> Result<UpstreamAnswer, AssociationError> {
                 got: other.short_description().to_string(),
             }),
         },
-        Some(&t @ (crate::pdu::A_ASSOCIATE_RJ | crate::pdu::A_ABORT)) => Ok(UpstreamAnswer::Refused {
-            pdu_type: t,
-            bytes: bytes.to_vec(),
-        }),
+        Some(&t @ (crate::pdu::A_ASSOCIATE_RJ | crate::pdu::A_ABORT)) => {
+            Ok(UpstreamAnswer::Refused {
+                pdu_type: t,
+                bytes: bytes.to_vec(),
+            })
+        }
         other => Err(AssociationError::Unexpected {
             expected: "A-ASSOCIATE-AC or -RJ",
             got: format!("PDU type {other:?}"),
@@ -148,7 +153,10 @@ pub fn rewrite_accept(
         ac.user_variables
             .push(UserVariableItem::Unknown(USER_IDENTITY_AC_ITEM, vec![0, 0]));
     }
-    Ok((encode(&Pdu::AssociationAC(ac), "A-ASSOCIATE-AC")?, archive_max))
+    Ok((
+        encode(&Pdu::AssociationAC(ac), "A-ASSOCIATE-AC")?,
+        archive_max,
+    ))
 }
 
 /// The maximum PDU length the client said it accepts, clamped to the gateway's limit.
@@ -188,7 +196,12 @@ mod tests {
 
     #[test]
     fn the_rewritten_request_drops_identity_and_renames_the_called_ae() {
-        let id = UserIdentity::new(true, UserIdentityType::UsernamePassword, b"alice".to_vec(), b"pw".to_vec());
+        let id = UserIdentity::new(
+            true,
+            UserIdentityType::UsernamePassword,
+            b"alice".to_vec(),
+            b"pw".to_vec(),
+        );
         let rq = request(Some(id), 0);
         let bytes = encode(&Pdu::AssociationRQ(rq.clone()), "rq").expect("encode");
         let parsed = parse_request(&bytes).expect("parse");
@@ -226,10 +239,11 @@ mod tests {
             panic!("not an accept");
         };
         assert_eq!(back.called_ae_title, "ARCHIVE");
-        assert!(back
-            .user_variables
-            .iter()
-            .any(|v| matches!(v, UserVariableItem::Unknown(0x59, b) if b == &[0, 0])));
+        assert!(
+            back.user_variables
+                .iter()
+                .any(|v| matches!(v, UserVariableItem::Unknown(0x59, b) if b == &[0, 0]))
+        );
     }
 
     #[test]

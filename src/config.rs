@@ -397,13 +397,19 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         let key = |k: &str| format!("upstream[{i}].{k}");
         check_ae_title(&u.called_ae).map_err(|m| invalid(&key("called_ae"), m))?;
         check_ae_title(&u.ae_title).map_err(|m| invalid(&key("ae_title"), m))?;
-        if u.address.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+        if u.address
+            .rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
             return Err(invalid(
                 &key("address"),
                 format!("{:?} is not host:port", u.address),
             ));
         }
-        if upstreams.iter().any(|o: &Upstream| o.called_ae == u.called_ae) {
+        if upstreams
+            .iter()
+            .any(|o: &Upstream| o.called_ae == u.called_ae)
+        {
             return Err(invalid(
                 &key("called_ae"),
                 format!("{:?} is mapped twice", u.called_ae),
@@ -461,7 +467,10 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             if !roles.contains_key(role) {
                 return Err(invalid(
                     &format!("user[{i}].roles"),
-                    format!("user {:?} names role {role:?}, which no [[role]] defines", u.name),
+                    format!(
+                        "user {:?} names role {role:?}, which no [[role]] defines",
+                        u.name
+                    ),
                 ));
             }
         }
@@ -566,7 +575,10 @@ fn check_ae_title(ae: &str) -> Result<(), String> {
     if ae != ae.trim() {
         return Err(format!("{ae:?} has leading or trailing spaces"));
     }
-    if !ae.chars().all(|c| c.is_ascii_graphic() && c != '\\' || c == ' ') {
+    if !ae
+        .chars()
+        .all(|c| c.is_ascii_graphic() && c != '\\' || c == ' ')
+    {
         return Err(format!("{ae:?} has characters an AE title cannot hold"));
     }
     Ok(())
@@ -602,14 +614,20 @@ roles = ["reader"]
     fn minimal_config_validates_and_resolves_paths() {
         let c = parse(MINIMAL).expect("valid");
         assert_eq!(c.tls.certificate, Path::new("/etc/pacsgate/server.crt"));
-        assert_eq!(c.upstream_for("ARCHIVE").map(|u| u.ae_title.as_str()), Some("ORTHANC"));
+        assert_eq!(
+            c.upstream_for("ARCHIVE").map(|u| u.ae_title.as_str()),
+            Some("ORTHANC")
+        );
         assert!(c.upstream_for("OTHER").is_none());
         assert_eq!(c.timeouts.idle, Duration::from_secs(300));
     }
 
     #[test]
     fn unknown_key_is_named() {
-        let text = MINIMAL.replace("ae_title = \"ORTHANC\"", "ae_title = \"ORTHANC\"\naetitle = \"X\"");
+        let text = MINIMAL.replace(
+            "ae_title = \"ORTHANC\"",
+            "ae_title = \"ORTHANC\"\naetitle = \"X\"",
+        );
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("aetitle"), "{err}");
     }
@@ -617,13 +635,28 @@ roles = ["reader"]
     #[test]
     fn bad_values_name_their_key() {
         let cases = [
-            (MINIMAL.replace("127.0.0.1:2762", "nowhere"), "gateway.listen"),
-            (MINIMAL.replace("\"ORTHANC\"", "\"WAY_TOO_LONG_AE_TITLE\""), "upstream[0].ae_title"),
-            (MINIMAL.replace("\"find\"]", "\"fnd\"]"), "role[0].allow"),
-            (MINIMAL.replace("roles = [\"reader\"]", "roles = [\"admin\"]"), "user[0].roles"),
-            (format!("{MINIMAL}\n[timeouts]\nidle = -1\n"), "timeouts.idle"),
             (
-                MINIMAL.replace("[[upstream]]", "[auth.jwt]\nissuer = \"i\"\naudience = \"a\"\n[[upstream]]"),
+                MINIMAL.replace("127.0.0.1:2762", "nowhere"),
+                "gateway.listen",
+            ),
+            (
+                MINIMAL.replace("\"ORTHANC\"", "\"WAY_TOO_LONG_AE_TITLE\""),
+                "upstream[0].ae_title",
+            ),
+            (MINIMAL.replace("\"find\"]", "\"fnd\"]"), "role[0].allow"),
+            (
+                MINIMAL.replace("roles = [\"reader\"]", "roles = [\"admin\"]"),
+                "user[0].roles",
+            ),
+            (
+                format!("{MINIMAL}\n[timeouts]\nidle = -1\n"),
+                "timeouts.idle",
+            ),
+            (
+                MINIMAL.replace(
+                    "[[upstream]]",
+                    "[auth.jwt]\nissuer = \"i\"\naudience = \"a\"\n[[upstream]]",
+                ),
                 "auth.jwt",
             ),
         ];

@@ -14,6 +14,7 @@
 pub mod association;
 pub mod auth;
 pub mod config;
+pub mod devcerts;
 pub mod pdu;
 pub mod relay;
 pub mod server;

@@ -21,7 +21,11 @@ pub enum PduError {
     #[error("connection closed")]
     Closed,
     #[error("PDU type {pdu_type:#04x} declares {length} bytes, over the limit of {limit}")]
-    TooLarge { pdu_type: u8, length: u32, limit: u32 },
+    TooLarge {
+        pdu_type: u8,
+        length: u32,
+        limit: u32,
+    },
     #[error("unknown PDU type {0:#04x}")]
     UnknownType(u8),
     #[error("{0}")]
@@ -125,7 +129,10 @@ mod tests {
         let bytes = [A_RELEASE_RQ, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0xff];
         let mut buf = Vec::new();
         let mut r = &bytes[..];
-        assert_eq!(read_pdu(&mut r, &mut buf, 1024).await.expect("pdu"), A_RELEASE_RQ);
+        assert_eq!(
+            read_pdu(&mut r, &mut buf, 1024).await.expect("pdu"),
+            A_RELEASE_RQ
+        );
         assert_eq!(buf.len(), 10);
         assert_eq!(r, &[0xff]);
     }
@@ -134,8 +141,19 @@ mod tests {
     async fn a_huge_length_is_refused_before_allocating() {
         let bytes = [P_DATA_TF, 0, 0xff, 0xff, 0xff, 0xff];
         let mut buf = Vec::new();
-        let err = read_pdu(&mut &bytes[..], &mut buf, 65536).await.unwrap_err();
-        assert!(matches!(err, PduError::TooLarge { length: 0xffff_ffff, .. }), "{err}");
+        let err = read_pdu(&mut &bytes[..], &mut buf, 65536)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PduError::TooLarge {
+                    length: 0xffff_ffff,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(buf.capacity() < 1024);
     }
 
@@ -152,12 +170,18 @@ mod tests {
             read_pdu(&mut &unknown[..], &mut buf, 1024).await,
             Err(PduError::UnknownType(9))
         ));
-        assert!(matches!(read_pdu(&mut &[][..], &mut buf, 1024).await, Err(PduError::Closed)));
+        assert!(matches!(
+            read_pdu(&mut &[][..], &mut buf, 1024).await,
+            Err(PduError::Closed)
+        ));
     }
 
     #[test]
     fn rejection_codes_follow_the_notes() {
-        assert_eq!(Rejection::NotAuthenticated.pdu(), [3, 0, 0, 0, 0, 4, 0, 1, 2, 1]);
+        assert_eq!(
+            Rejection::NotAuthenticated.pdu(),
+            [3, 0, 0, 0, 0, 4, 0, 1, 2, 1]
+        );
         assert_eq!(Rejection::CalledAeNotRecognized.codes(), (1, 1, 7));
         assert_eq!(Rejection::LocalLimitExceeded.codes(), (2, 3, 2));
     }

@@ -272,11 +272,13 @@ where
             }
         };
         let written = match &verdict {
-            Verdict::Forward => write_flush(&mut *to.lock().await, &buf).await.map_err(|e| (other, e)),
+            Verdict::Forward => write_flush(&mut *to.lock().await, &buf)
+                .await
+                .map_err(|e| (other, e)),
             Verdict::Drop => Ok(()),
-            Verdict::Answer(answer) => {
-                write_flush(&mut *back.lock().await, answer).await.map_err(|e| (side, e))
-            }
+            Verdict::Answer(answer) => write_flush(&mut *back.lock().await, answer)
+                .await
+                .map_err(|e| (side, e)),
         };
         if let Err((failed, e)) = written {
             return RelayEnd::Failed(failed, e.to_string());
@@ -325,7 +327,10 @@ mod tests {
         let mut got = [0u8; 14];
         archive_peer.read_exact(&mut got).await.expect("read");
         assert_eq!(got, pdata);
-        client_peer.write_all(&[5, 0, 0, 0, 0, 4, 0, 0, 0, 0]).await.expect("rq");
+        client_peer
+            .write_all(&[5, 0, 0, 0, 0, 4, 0, 0, 0, 0])
+            .await
+            .expect("rq");
         let mut rq = [0u8; 10];
         archive_peer.read_exact(&mut rq).await.expect("read rq");
         assert_eq!(rq[0], pdu::A_RELEASE_RQ);
@@ -371,9 +376,15 @@ mod tests {
         assert_eq!(end, RelayEnd::IdleTimeout);
         use tokio::io::AsyncReadExt;
         let mut got = [0u8; 10];
-        client_peer.read_exact(&mut got).await.expect("client abort");
+        client_peer
+            .read_exact(&mut got)
+            .await
+            .expect("client abort");
         assert_eq!(got[0], pdu::A_ABORT);
-        archive_peer.read_exact(&mut got).await.expect("archive abort");
+        archive_peer
+            .read_exact(&mut got)
+            .await
+            .expect("archive abort");
         assert_eq!(got[0], pdu::A_ABORT);
     }
 }

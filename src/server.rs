@@ -168,11 +168,12 @@ async fn associate(
     let _ = stream.set_nodelay(true);
 
     // Phase: TLS handshake.
-    let mut client = match tokio::time::timeout(t.tls_handshake, state.acceptor.accept(stream)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(Stop::new("tls_failed", format!("TLS handshake: {e}"))),
-        Err(_) => return Err(Stop::new("tls_failed", "TLS handshake timed out")),
-    };
+    let mut client =
+        match tokio::time::timeout(t.tls_handshake, state.acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(Stop::new("tls_failed", format!("TLS handshake: {e}"))),
+            Err(_) => return Err(Stop::new("tls_failed", "TLS handshake timed out")),
+        };
     let certificate_names = client
         .get_ref()
         .1
@@ -187,14 +188,22 @@ async fn associate(
     let limit = cfg.gateway.max_association_request_length;
     let pdu_type = match tokio::time::timeout(artim, read_pdu(&mut client, &mut buf, limit)).await {
         Ok(Ok(t)) => t,
-        Ok(Err(PduError::Closed)) => return Err(Stop::new("closed", "closed before A-ASSOCIATE-RQ")),
+        Ok(Err(PduError::Closed)) => {
+            return Err(Stop::new("closed", "closed before A-ASSOCIATE-RQ"));
+        }
         Ok(Err(e)) => {
             send(&mut client, &pdu::abort(2)).await;
-            return Err(Stop::new("protocol_error", format!("association request: {e}")));
+            return Err(Stop::new(
+                "protocol_error",
+                format!("association request: {e}"),
+            ));
         }
         Err(_) => {
             send(&mut client, &pdu::abort(0)).await;
-            return Err(Stop::new("timeout", "association request timed out (ARTIM)"));
+            return Err(Stop::new(
+                "timeout",
+                "association request timed out (ARTIM)",
+            ));
         }
     };
     if pdu_type != pdu::A_ASSOCIATE_RQ {
@@ -214,10 +223,20 @@ async fn associate(
     outcome.calling_ae = rq.calling_ae_title.clone();
     outcome.called_ae = rq.called_ae_title.clone();
     if rq.protocol_version & 1 == 0 {
-        return Err(reject(&mut client, Rejection::ProtocolVersion, "protocol version 1 not offered").await);
+        return Err(reject(
+            &mut client,
+            Rejection::ProtocolVersion,
+            "protocol version 1 not offered",
+        )
+        .await);
     }
     if rq.application_context_name.trim_end_matches('\0') != DICOM_APPLICATION_CONTEXT {
-        return Err(reject(&mut client, Rejection::ApplicationContext, "not the DICOM application context").await);
+        return Err(reject(
+            &mut client,
+            Rejection::ApplicationContext,
+            "not the DICOM application context",
+        )
+        .await);
     }
 
     // Phase: called AE -> upstream.
@@ -249,12 +268,17 @@ async fn associate(
     // Phase: upstream connect and the archive's answer.
     let mut archive = match connect_upstream(upstream, t.upstream_connect).await {
         Ok(a) => a,
-        Err(reason) => return Err(reject(&mut client, Rejection::UpstreamUnavailable, reason).await),
+        Err(reason) => {
+            return Err(reject(&mut client, Rejection::UpstreamUnavailable, reason).await);
+        }
     };
-    let request = match association::rewrite_request(&rq, &upstream.ae_title, cfg.gateway.max_pdu_length) {
-        Ok(r) => r,
-        Err(e) => return Err(reject(&mut client, Rejection::NotAuthenticated, e.to_string()).await),
-    };
+    let request =
+        match association::rewrite_request(&rq, &upstream.ae_title, cfg.gateway.max_pdu_length) {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(reject(&mut client, Rejection::NotAuthenticated, e.to_string()).await);
+            }
+        };
     let answer = tokio::time::timeout(t.upstream_response, async {
         archive.write_all(&request).await?;
         read_pdu(&mut archive, &mut buf, 1024 * 1024)
@@ -265,11 +289,17 @@ async fn associate(
     let answer = match answer {
         Ok(Ok(_)) => association::parse_answer(&buf),
         Ok(Err(e)) => {
-            let reason = format!("archive {} failed during association: {e}", upstream.address);
+            let reason = format!(
+                "archive {} failed during association: {e}",
+                upstream.address
+            );
             return Err(reject(&mut client, Rejection::UpstreamUnavailable, reason).await);
         }
         Err(_) => {
-            let reason = format!("archive {} did not answer the association in time", upstream.address);
+            let reason = format!(
+                "archive {} did not answer the association in time",
+                upstream.address
+            );
             return Err(reject(&mut client, Rejection::UpstreamUnavailable, reason).await);
         }
     };
@@ -335,7 +365,11 @@ async fn connect_upstream(upstream: &Upstream, within: Duration) -> Result<TcpSt
     }
 }
 
-async fn reject<S: AsyncWrite + Unpin>(client: &mut S, rejection: Rejection, reason: impl Into<String>) -> Stop {
+async fn reject<S: AsyncWrite + Unpin>(
+    client: &mut S,
+    rejection: Rejection,
+    reason: impl Into<String>,
+) -> Stop {
     send(client, &rejection.pdu()).await;
     let (r, s, why) = rejection.codes();
     Stop::new("rejected", format!("{} ({r}/{s}/{why})", reason.into()))

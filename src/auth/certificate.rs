@@ -32,11 +32,17 @@ mod tests {
 
     #[test]
     fn common_name_and_san_are_read() {
-        let mut params = rcgen::CertificateParams::new(vec!["alice.example".to_string()]).expect("params");
-        params.distinguished_name.push(rcgen::DnType::CommonName, "alice");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["alice.example".to_string()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "alice");
         let key = rcgen::KeyPair::generate().expect("key");
         let cert = params.self_signed(&key).expect("cert");
-        assert_eq!(names(cert.der()), vec!["alice".to_string(), "alice.example".to_string()]);
+        assert_eq!(
+            names(cert.der()),
+            vec!["alice".to_string(), "alice.example".to_string()]
+        );
         assert!(names(b"not a certificate").is_empty());
     }
 }

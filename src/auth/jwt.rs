@@ -104,7 +104,11 @@ impl JwtVerifier {
                     let Ok(key) = DecodingKey::from_jwk(jwk) else {
                         continue;
                     };
-                    let found = match jwk.common.key_algorithm.and_then(|a| a.to_string().parse().ok()) {
+                    let found = match jwk
+                        .common
+                        .key_algorithm
+                        .and_then(|a| a.to_string().parse().ok())
+                    {
                         Some(alg) => vec![alg],
                         None => family_algorithms(key.family()),
                     };
@@ -190,7 +194,9 @@ impl JwtVerifier {
                 .iter()
                 .filter_map(|v| v.as_str().map(str::to_string))
                 .collect(),
-            Some(serde_json::Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
+            Some(serde_json::Value::String(s)) => {
+                s.split_whitespace().map(str::to_string).collect()
+            }
             _ => Vec::new(),
         };
         Ok(TokenClaims { subject, roles })
@@ -209,4 +215,106 @@ fn pem_key(pem: &[u8]) -> Option<DecodingKey> {
         .or_else(|_| DecodingKey::from_rsa_pem(pem))
         .or_else(|_| DecodingKey::from_ed_pem(pem))
         .ok()
+}
+
+type KeyLoader = fn(&[u8]) -> jsonwebtoken::errors::Result<jsonwebtoken::EncodingKey>;
+
+/// Why a development token could not be minted.
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error("cannot read signing key {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "signing key {path} is not an EC (P-256/P-384), RSA or Ed25519 private key in PEM form"
+    )]
+    Key { path: std::path::PathBuf },
+}
+
+/// Sign `claims` with a PEM private key, picking the algorithm from the key type
+/// (ES256 / ES384, RS256, EdDSA). For `pacsgate token` and the demo; identity providers mint real ones.
+pub fn mint(key_path: &Path, claims: &serde_json::Value) -> Result<String, MintError> {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let pem = std::fs::read(key_path).map_err(|source| MintError::Read {
+        path: key_path.to_path_buf(),
+        source,
+    })?;
+    let attempts: [(Algorithm, KeyLoader); 4] = [
+        (Algorithm::ES256, EncodingKey::from_ec_pem),
+        (Algorithm::ES384, EncodingKey::from_ec_pem),
+        (Algorithm::RS256, EncodingKey::from_rsa_pem),
+        (Algorithm::EdDSA, EncodingKey::from_ed_pem),
+    ];
+    for (alg, load) in attempts {
+        if let Ok(key) = load(&pem)
+            && let Ok(token) = encode(&Header::new(alg), claims, &key)
+        {
+            return Ok(token);
+        }
+    }
+    Err(MintError::Key {
+        path: key_path.to_path_buf(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Jwt, JwtKeySource};
+
+    fn setup() -> (tempfile::TempDir, std::path::PathBuf, JwtVerifier) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (private, public) = crate::devcerts::jwt_keypair(dir.path()).expect("keys");
+        let cfg = Jwt {
+            issuer: "https://idp.test".into(),
+            audience: "pacsgate".into(),
+            key: JwtKeySource::PublicKey(public),
+            algorithms: None,
+            roles_claim: "realm_access.roles".into(),
+            leeway: 0,
+        };
+        let verifier = JwtVerifier::load(&cfg).expect("verifier");
+        (dir, private, verifier)
+    }
+
+    fn claims(exp_offset: i64, aud: &str) -> serde_json::Value {
+        let now = jsonwebtoken::get_current_timestamp() as i64;
+        serde_json::json!({
+            "iss": "https://idp.test", "aud": aud, "sub": "carol",
+            "exp": now + exp_offset, "nbf": now - 10,
+            "realm_access": {"roles": ["reader", "other"]}
+        })
+    }
+
+    #[test]
+    fn a_minted_token_verifies_with_nested_roles() {
+        let (_dir, key, verifier) = setup();
+        let token = mint(&key, &claims(600, "pacsgate")).expect("mint");
+        let got = verifier.verify(&token).expect("verify");
+        assert_eq!(got.subject, "carol");
+        assert_eq!(got.roles, vec!["reader".to_string(), "other".to_string()]);
+    }
+
+    #[test]
+    fn expired_foreign_audience_and_unsigned_tokens_fail() {
+        let (_dir, key, verifier) = setup();
+        assert!(
+            verifier
+                .verify(&mint(&key, &claims(-60, "pacsgate")).expect("mint"))
+                .is_err()
+        );
+        assert!(
+            verifier
+                .verify(&mint(&key, &claims(600, "someone-else")).expect("mint"))
+                .is_err()
+        );
+        let token = mint(&key, &claims(600, "pacsgate")).expect("mint");
+        let mut parts = token.split('.');
+        let (_, payload) = (parts.next(), parts.next().expect("payload"));
+        let none = format!("{}.{payload}.", "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0");
+        assert!(verifier.verify(&none).is_err());
+        assert!(verifier.verify("not a token").is_err());
+    }
 }

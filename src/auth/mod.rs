@@ -121,7 +121,11 @@ impl Authenticator {
                     .map_err(|_| fail(Some(Method::Password), None, AuthError::BadEncoding))?;
                 let user = user.trim_end_matches(['\0', ' ']).to_string();
                 if !over_tls {
-                    return Err(fail(Some(Method::Password), Some(&user), AuthError::PasswordWithoutTls));
+                    return Err(fail(
+                        Some(Method::Password),
+                        Some(&user),
+                        AuthError::PasswordWithoutTls,
+                    ));
                 }
                 self.check_password(&user, id.secondary_field())
                     .await
@@ -157,11 +161,15 @@ impl Authenticator {
                         .map_err(|e| fail(Some(Method::Certificate), Some(&user.name), e));
                 }
                 let error = match other {
-                    Some((UserIdentityType::Username, _)) => AuthError::NotACredential("1 (username only)"),
+                    Some((UserIdentityType::Username, _)) => {
+                        AuthError::NotACredential("1 (username only)")
+                    }
                     Some((UserIdentityType::KerberosServiceTicket, _)) => {
                         AuthError::NotACredential("3 (Kerberos)")
                     }
-                    Some((UserIdentityType::SamlAssertion, _)) => AuthError::NotACredential("4 (SAML)"),
+                    Some((UserIdentityType::SamlAssertion, _)) => {
+                        AuthError::NotACredential("4 (SAML)")
+                    }
                     Some(_) => AuthError::NotACredential("unknown"),
                     None => AuthError::NoCredential,
                 };
@@ -192,8 +200,16 @@ impl Authenticator {
     }
 
     /// Keep only the roles the configuration defines; a user left with none is refused (fail closed).
-    fn principal(&self, user: &str, method: Method, roles: Vec<String>) -> Result<Principal, AuthError> {
-        let roles: Vec<String> = roles.into_iter().filter(|r| self.roles.contains_key(r)).collect();
+    fn principal(
+        &self,
+        user: &str,
+        method: Method,
+        roles: Vec<String>,
+    ) -> Result<Principal, AuthError> {
+        let roles: Vec<String> = roles
+            .into_iter()
+            .filter(|r| self.roles.contains_key(r))
+            .collect();
         if roles.is_empty() {
             return Err(AuthError::NoRole);
         }

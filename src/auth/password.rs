@@ -1,7 +1,9 @@
 //! Username + passcode (User Identity type 2) checked against argon2id PHC hashes.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
 use argon2::Argon2;
+use argon2::password_hash::{
+    PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng,
+};
 
 /// Hash a password as an argon2id PHC string with the crate's recommended parameters.
 pub fn hash_password(password: &str) -> Result<String, String> {
@@ -48,6 +50,9 @@ mod tests {
     #[test]
     fn other_algorithms_are_refused() {
         assert!(check_hash_format("plain").is_err());
-        assert!(check_hash_format("$argon2i$v=19$m=16,t=2,p=1$c2FsdHNhbHQ$L6g4Dk2CwcNoL2hPDSOWbg").is_err());
+        assert!(
+            check_hash_format("$argon2i$v=19$m=16,t=2,p=1$c2FsdHNhbHQ$L6g4Dk2CwcNoL2hPDSOWbg")
+                .is_err()
+        );
     }
 }
