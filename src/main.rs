@@ -239,9 +239,7 @@ fn check(path: &Path) -> anyhow::Result<()> {
             )),
             Err(_) => unreachable.push(format!(
                 "upstream {} at {}: no answer within {:?}",
-                upstream.called_ae,
-                upstream.address,
-                within
+                upstream.called_ae, upstream.address, within
             )),
         }
     }

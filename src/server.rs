@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
@@ -365,7 +365,7 @@ async fn connect_upstream(upstream: &Upstream, within: Duration) -> Result<TcpSt
     }
 }
 
-async fn reject<S: AsyncWrite + Unpin>(
+async fn reject<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut S,
     rejection: Rejection,
     reason: impl Into<String>,
@@ -376,9 +376,22 @@ async fn reject<S: AsyncWrite + Unpin>(
 }
 
 /// Best effort: a bounded write and close, for answers to peers we are about to drop.
-async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+/// After an A-ASSOCIATE-RJ or A-ABORT the requestor closes the connection (PS3.8 state Sta13);
+/// closing first can reset the connection before the peer has read the answer.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Best effort: send a last PDU, wait (bounded) for the peer to close, then close.
+async fn send<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
         write_flush(stream, bytes).await?;
+        let mut sink = [0u8; 512];
+        let mut left = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left -= n.min(left),
+            }
+        }
         stream.shutdown().await
     })
     .await;

@@ -9,10 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("pacsgate-harness-")
-        .tempdir()
-        .expect("create temp dir")
+    common::tempdir("harness")
 }
 
 #[test]
@@ -272,6 +269,10 @@ fn pki_certificates_and_tokens() {
         !verify(&pki.expired_client("old").0),
         "expired cert must not verify"
     );
+    assert!(
+        verify(&pki.rsa_server().0),
+        "RSA server cert does not chain to the CA"
+    );
     let subject = Command::new("openssl")
         .args([
             "x509",
@@ -385,4 +386,42 @@ fn gateway_binary_is_built() {
         "{}",
         common::gateway::BIN
     );
+}
+
+#[test]
+fn orthanc_moves_to_pyarchive_and_serves_c_get() {
+    let data = tmp();
+    let made = make_instances_with_uids(data.path(), &[("PATM", "MOVE^ME", 2)]);
+    let archive = PyArchive::start("MOVEDEST");
+    let orthanc = Orthanc::start("MOVESRC", &[("MOVEDEST", "127.0.0.1", archive.port)]);
+    for inst in &made {
+        orthanc.upload(&std::fs::read(&inst.path).expect("read instance"));
+    }
+    let port = orthanc.dicom_port.to_string();
+    let study = format!("StudyInstanceUID={}", made[0].study_uid);
+
+    let report = pyscu(&[
+        "move", "--port", &port, "--aec", "MOVESRC", "--dest", "MOVEDEST", "-k", &study,
+    ]);
+    assert_eq!(
+        report["statuses"].as_array().and_then(|s| s.last()),
+        Some(&json!(0)),
+        "{report}"
+    );
+    let mut moved = archive.stored_sop_uids();
+    moved.sort();
+    let mut expected: Vec<String> = made.iter().map(|i| i.sop_uid.clone()).collect();
+    expected.sort();
+    assert_eq!(moved, expected, "Orthanc log:\n{}", orthanc.log());
+    assert_eq!(archive.associations()[0]["calling_aet"], "MOVESRC");
+
+    let report = pyscu(&["get", "--port", &port, "--aec", "MOVESRC", "-k", &study]);
+    let mut got: Vec<String> = report["received"]
+        .as_array()
+        .expect("received list")
+        .iter()
+        .map(|v| v.as_str().expect("uid").to_string())
+        .collect();
+    got.sort();
+    assert_eq!(got, expected, "{report}");
 }

@@ -22,10 +22,7 @@ impl Gateway {
     /// until the gateway process listens on `port` (checked in /proc, so no probe connection
     /// reaches the gateway). Panics with the log if it exits first or never listens.
     pub fn start(port: u16, config_toml: &str) -> Gateway {
-        let dir = tempfile::Builder::new()
-            .prefix("pacsgate-gw-")
-            .tempdir()
-            .expect("create gateway temp dir");
+        let dir = super::tempdir("gateway");
         let config_path = dir.path().join("pacsgate.toml");
         std::fs::write(&config_path, config_toml).expect("write pacsgate.toml");
         let mut cmd = Command::new(BIN);
@@ -125,5 +122,18 @@ impl Gateway {
         let mut cmd = Command::new(BIN);
         cmd.args(args).env("NO_COLOR", "1");
         run_bounded(&mut cmd, stdin.map(str::as_bytes), Duration::from_secs(60))
+    }
+}
+
+impl Drop for Gateway {
+    /// A failing test shows the gateway's whole log (cargo prints a failed test's output).
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- pacsgate log ({}) -----\n{}\n----- end of pacsgate log -----",
+                self.proc.log_path().display(),
+                self.log()
+            );
+        }
     }
 }

@@ -42,6 +42,27 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A temp dir named `pacsgate-<what>-XXXX`, removed on drop unless `PACSGATE_KEEP_TMP=1`
+/// is set (then its path is printed, to read logs after a failed test).
+pub fn tempdir(what: &str) -> tempfile::TempDir {
+    let keep = std::env::var_os("PACSGATE_KEEP_TMP").is_some_and(|v| v == "1");
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("pacsgate-{what}-"))
+        .disable_cleanup(keep)
+        .tempdir()
+        .unwrap_or_else(|e| panic!("create a temp dir for {what}: {e}"));
+    if keep {
+        eprintln!("[harness] keeping {}", dir.path().display());
+    }
+    dir
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// The folder of the Python peers and data scripts (tests/peers).
 pub fn peers_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers")

@@ -34,10 +34,7 @@ impl Orthanc {
     }
 
     fn try_start(aet: &str, modalities: &[(&str, &str, u16)]) -> Result<Orthanc, String> {
-        let dir = tempfile::Builder::new()
-            .prefix("pacsgate-orthanc-")
-            .tempdir()
-            .expect("create Orthanc temp dir");
+        let dir = super::tempdir("orthanc");
         let storage = dir.path().join("storage");
         let dicom_port = free_port();
         let mut http_port = free_port();
@@ -215,5 +212,18 @@ impl Orthanc {
     /// The temp dir holding config, storage and log (removed on drop).
     pub fn dir(&self) -> PathBuf {
         self.dir.path().to_path_buf()
+    }
+}
+
+impl Drop for Orthanc {
+    /// A failing test shows the end of Orthanc's log.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- Orthanc {} log, last 40 lines -----\n{}",
+                self.aet,
+                super::tail(&self.log(), 40)
+            );
+        }
     }
 }

@@ -172,10 +172,7 @@ impl PyArchive {
     pub fn start_with(aet: &str, extra: &[&str]) -> PyArchive {
         let mut last_err = String::new();
         for _ in 0..3 {
-            let dir = tempfile::Builder::new()
-                .prefix("pacsgate-pyarchive-")
-                .tempdir()
-                .expect("create archive temp dir");
+            let dir = super::tempdir("pyarchive");
             let port = free_port();
             let record = dir.path().join("record.jsonl");
             std::fs::write(&record, "").expect("create record file");
@@ -246,5 +243,19 @@ impl PyArchive {
 
     pub fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+}
+
+impl Drop for PyArchive {
+    /// A failing test shows the archive's records and the end of its log.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- archive.py {} records -----\n{}\n----- log, last 40 lines -----\n{}",
+                self.aet,
+                std::fs::read_to_string(&self.record).unwrap_or_default(),
+                super::tail(&self.log(), 40)
+            );
+        }
     }
 }

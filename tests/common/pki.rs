@@ -80,10 +80,7 @@ fn leaf_params(cn: &str, sans: &[&str], eku: ExtendedKeyUsagePurpose) -> Certifi
 impl Pki {
     /// Generates the CA, the server pair, a second CA and two JWT key pairs (ECDSA P-256; ~10 ms).
     pub fn generate() -> Pki {
-        let dir = tempfile::Builder::new()
-            .prefix("pacsgate-pki-")
-            .tempdir()
-            .expect("create PKI temp dir");
+        let dir = super::tempdir("pki");
         let d = dir.path();
         let (ca_pem, ca) = new_ca("pacsgate test CA");
         let (other_ca_pem, other_ca) = new_ca("untrusted test CA");

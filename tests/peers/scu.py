@@ -199,7 +199,17 @@ def main():
     def on_open(event):
         out["connected"] = True
 
-    handlers = [(evt.EVT_CONN_OPEN, on_open)]
+    # The A-ASSOCIATE-RJ as it came off the wire. pynetdicom 3.0.4 sometimes logs an incoming RJ
+    # and then reports the association as aborted (a race in its own state machine); the PDU
+    # itself is what the gateway sent, so the report takes the codes from here.
+    wire_rj = {}
+
+    def on_pdu_recv(event):
+        pdu = event.pdu
+        if type(pdu).__name__ == "A_ASSOCIATE_RJ":
+            wire_rj.update(result=pdu.result, source=pdu.source, reason=pdu.reason_diagnostic)
+
+    handlers = [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_PDU_RECV, on_pdu_recv)]
     ext_neg = identity(args)
     files = []
     if args.cmd == "echo":
@@ -244,6 +254,8 @@ def main():
             "source": acceptor.result_source,
             "reason": acceptor.diagnostic,
         }
+    elif wire_rj:
+        out["rejection"] = dict(wire_rj)
     if assoc.is_established:
         out["associated"] = True
         ui = assoc.acceptor.user_identity
