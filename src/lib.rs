@@ -14,7 +14,9 @@
 pub mod association;
 pub mod auth;
 pub mod config;
+pub mod demo;
 pub mod devcerts;
+pub mod dimse;
 pub mod pdu;
 pub mod relay;
 pub mod server;

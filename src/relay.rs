@@ -99,28 +99,6 @@ pub struct RelayLimits {
 /// A PDU buffer no larger than this is kept between PDUs; a larger one is given back while idle.
 const KEEP_BUFFER: usize = 64 * 1024;
 
-/// Check that the PDV items of a P-DATA-TF PDU tile its body exactly (PS3.8 9.3.5.1).
-pub fn check_pdv_items(pdu: &[u8]) -> Result<(), String> {
-    let mut rest = pdu.get(pdu::PDU_HEADER_LENGTH..).unwrap_or_default();
-    if rest.is_empty() {
-        return Err("P-DATA-TF without PDV items".into());
-    }
-    while !rest.is_empty() {
-        let Some(len) = rest.get(..4) else {
-            return Err("truncated PDV item header".into());
-        };
-        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-        if len < 2 {
-            return Err(format!("PDV item length {len} is too short"));
-        }
-        if len > rest.len() - 4 {
-            return Err(format!("PDV item length {len} overruns its PDU"));
-        }
-        rest = &rest[4 + len..];
-    }
-    Ok(())
-}
-
 struct Shared<I> {
     inspector: Mutex<I>,
     started: Instant,
@@ -255,7 +233,7 @@ where
         *bytes += buf.len() as u64;
         let verdict = match pdu_type {
             pdu::P_DATA_TF => {
-                if let Err(e) = check_pdv_items(&buf) {
+                if let Err(e) = crate::dimse::check_pdv_items(&buf) {
                     return RelayEnd::Failed(side, e);
                 }
                 match shared.inspector.lock() {
@@ -299,17 +277,6 @@ async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io:
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pdv_items_must_tile_the_pdu() {
-        let good = [4, 0, 0, 0, 0, 8, 0, 0, 0, 2, 1, 3, 0, 0];
-        assert!(check_pdv_items(&good[..12]).is_ok());
-        let overrun = [4, 0, 0, 0, 0, 6, 0, 0, 0, 9, 1, 3];
-        assert!(check_pdv_items(&overrun).is_err());
-        let short = [4, 0, 0, 0, 0, 6, 0, 0, 0, 1, 1, 3];
-        assert!(check_pdv_items(&short).is_err());
-        assert!(check_pdv_items(&[4, 0, 0, 0, 0, 0]).is_err());
-    }
 
     #[tokio::test]
     async fn release_is_relayed_and_ends_the_association() {

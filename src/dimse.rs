@@ -1,0 +1,489 @@
+//! DIMSE messages inside P-DATA-TF: PDV items, command sets (Implicit VR Little Endian, group 0000),
+//! identifiers, and the responses and cancels the gateway writes itself (PS3.7 section 9, annex E).
+
+use dicom_core::dictionary::DataDictionary;
+use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
+use dicom_dictionary_std::tags;
+use dicom_encoding::TransferSyntax;
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::entries::{
+    EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
+};
+
+use crate::pdu::{P_DATA_TF, PDU_HEADER_LENGTH};
+
+/// Command fields (PS3.7 E.1).
+pub mod command_field {
+    pub const C_STORE_RQ: u16 = 0x0001;
+    pub const C_GET_RQ: u16 = 0x0010;
+    pub const C_FIND_RQ: u16 = 0x0020;
+    pub const C_MOVE_RQ: u16 = 0x0021;
+    pub const C_ECHO_RQ: u16 = 0x0030;
+    pub const C_CANCEL_RQ: u16 = 0x0FFF;
+    pub const RESPONSE: u16 = 0x8000;
+}
+
+/// Statuses the gateway answers with itself (PS3.7 annex C).
+pub mod status {
+    pub const SUCCESS: u16 = 0x0000;
+    pub const REFUSED_NOT_AUTHORIZED: u16 = 0x0124;
+    pub const OUT_OF_RESOURCES: u16 = 0xA700;
+    pub const OUT_OF_RESOURCES_MATCHES: u16 = 0xA701;
+    pub const MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
+    pub const IDENTIFIER_DOES_NOT_MATCH: u16 = 0xA900;
+    pub const CANCEL: u16 = 0xFE00;
+    pub const PENDING: u16 = 0xFF00;
+    pub const PENDING_WARNING: u16 = 0xFF01;
+
+    pub fn is_pending(s: u16) -> bool {
+        s == PENDING || s == PENDING_WARNING
+    }
+}
+
+/// Command Data Set Type value meaning "no data set follows".
+pub const NO_DATA_SET: u16 = 0x0101;
+/// A command set larger than this is not a command set.
+pub const MAX_COMMAND_LENGTH: usize = 64 * 1024;
+
+/// What is wrong with a DIMSE message.
+#[derive(Debug, thiserror::Error)]
+pub enum DimseError {
+    #[error("malformed command set: {0}")]
+    Command(String),
+    #[error("malformed identifier: {0}")]
+    Identifier(String),
+    #[error("transfer syntax {0} is not supported for identifiers")]
+    TransferSyntax(String),
+}
+
+/// One presentation data value item of a P-DATA-TF PDU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pdv<'a> {
+    pub presentation_context_id: u8,
+    pub is_command: bool,
+    pub is_last: bool,
+    pub data: &'a [u8],
+}
+
+/// Check that the PDV items of a P-DATA-TF PDU tile its body exactly (PS3.8 9.3.5.1).
+pub fn check_pdv_items(pdu: &[u8]) -> Result<(), String> {
+    let mut rest = pdu.get(PDU_HEADER_LENGTH..).unwrap_or_default();
+    if rest.is_empty() {
+        return Err("P-DATA-TF without PDV items".into());
+    }
+    while !rest.is_empty() {
+        let Some(len) = rest.get(..4) else {
+            return Err("truncated PDV item header".into());
+        };
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if len < 2 {
+            return Err(format!("PDV item length {len} is too short"));
+        }
+        if len > rest.len() - 4 {
+            return Err(format!("PDV item length {len} overruns its PDU"));
+        }
+        rest = &rest[4 + len..];
+    }
+    Ok(())
+}
+
+/// The PDV items of a whole P-DATA-TF PDU that passed [`check_pdv_items`]; malformed tails are skipped.
+pub fn pdv_items(pdu: &[u8]) -> impl Iterator<Item = Pdv<'_>> {
+    let mut rest = pdu.get(PDU_HEADER_LENGTH..).unwrap_or_default();
+    std::iter::from_fn(move || {
+        let len = rest.get(..4)?;
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let item = rest.get(4..4 + len)?;
+        let (&pc, rest_of_item) = item.split_first()?;
+        let (&header, data) = rest_of_item.split_first()?;
+        rest = &rest[4 + len..];
+        Some(Pdv {
+            presentation_context_id: pc,
+            is_command: header & 0x01 != 0,
+            is_last: header & 0x02 != 0,
+            data,
+        })
+    })
+}
+
+/// Pack PDV items into P-DATA-TF PDUs no longer than `max_pdu_length` (body), splitting large values.
+pub struct PDataWriter {
+    out: Vec<u8>,
+    max_body: usize,
+    current_start: Option<usize>,
+}
+
+impl PDataWriter {
+    pub fn new(max_pdu_length: u32) -> PDataWriter {
+        PDataWriter {
+            out: Vec::new(),
+            max_body: (max_pdu_length as usize).max(64),
+            current_start: None,
+        }
+    }
+
+    /// Append one message fragment; it is split over several PDVs when it does not fit.
+    pub fn push(&mut self, pc: u8, is_command: bool, is_last: bool, mut data: &[u8]) {
+        loop {
+            let room = self.room();
+            if room < 7 {
+                self.finish_pdu();
+                continue;
+            }
+            let take = data.len().min(room - 6);
+            let last_piece = take == data.len();
+            self.open_pdu();
+            self.out
+                .extend_from_slice(&((take + 2) as u32).to_be_bytes());
+            self.out.push(pc);
+            self.out
+                .push(u8::from(is_command) | if is_last && last_piece { 0x02 } else { 0 });
+            self.out.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if last_piece {
+                return;
+            }
+            self.finish_pdu();
+        }
+    }
+
+    fn room(&self) -> usize {
+        match self.current_start {
+            Some(start) => self.max_body - (self.out.len() - start - PDU_HEADER_LENGTH),
+            None => self.max_body,
+        }
+    }
+
+    fn open_pdu(&mut self) {
+        if self.current_start.is_none() {
+            self.current_start = Some(self.out.len());
+            self.out.extend_from_slice(&[P_DATA_TF, 0, 0, 0, 0, 0]);
+        }
+    }
+
+    fn finish_pdu(&mut self) {
+        if let Some(start) = self.current_start.take() {
+            let len = (self.out.len() - start - PDU_HEADER_LENGTH) as u32;
+            self.out[start + 2..start + 6].copy_from_slice(&len.to_be_bytes());
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.out.is_empty()
+    }
+
+    /// The finished PDUs.
+    pub fn into_bytes(mut self) -> Vec<u8> {
+        self.finish_pdu();
+        self.out
+    }
+}
+
+/// A decoded command set: the fields a gateway needs, and the object for re-encoding.
+#[derive(Debug, Clone)]
+pub struct Command {
+    pub field: u16,
+    pub message_id: u16,
+    pub responded_to: u16,
+    pub affected_sop_class: String,
+    pub affected_sop_instance: String,
+    pub move_destination: String,
+    pub has_data_set: bool,
+    pub status: Option<u16>,
+    pub object: InMemDicomObject,
+}
+
+impl Command {
+    pub fn is_response(&self) -> bool {
+        self.field & command_field::RESPONSE != 0
+    }
+}
+
+fn text(obj: &InMemDicomObject, tag: Tag) -> String {
+    obj.get(tag)
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim_end_matches(['\0', ' ']).trim_start().to_string())
+        .unwrap_or_default()
+}
+
+fn uint16(obj: &InMemDicomObject, tag: Tag) -> Option<u16> {
+    obj.get(tag).and_then(|e| e.to_int::<u16>().ok())
+}
+
+/// Decode a complete command set (Implicit VR Little Endian, PS3.7 6.3.1).
+pub fn decode_command(bytes: &[u8]) -> Result<Command, DimseError> {
+    if bytes.len() > MAX_COMMAND_LENGTH {
+        return Err(DimseError::Command(format!("{} bytes", bytes.len())));
+    }
+    check_lengths(bytes, false, 0).map_err(DimseError::Command)?;
+    let object = InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+        .map_err(|e| DimseError::Command(e.to_string()))?;
+    let field = uint16(&object, tags::COMMAND_FIELD)
+        .ok_or_else(|| DimseError::Command("no Command Field (0000,0100)".into()))?;
+    Ok(Command {
+        field,
+        message_id: uint16(&object, tags::MESSAGE_ID).unwrap_or(0),
+        responded_to: uint16(&object, tags::MESSAGE_ID_BEING_RESPONDED_TO).unwrap_or(0),
+        affected_sop_class: text(&object, tags::AFFECTED_SOP_CLASS_UID),
+        affected_sop_instance: text(&object, tags::AFFECTED_SOP_INSTANCE_UID),
+        move_destination: text(&object, tags::MOVE_DESTINATION),
+        has_data_set: uint16(&object, tags::COMMAND_DATA_SET_TYPE)
+            .is_some_and(|t| t != NO_DATA_SET),
+        status: uint16(&object, tags::STATUS),
+        object,
+    })
+}
+
+fn encode_command(elements: Vec<DataElement<InMemDicomObject>>) -> Vec<u8> {
+    let object = InMemDicomObject::command_from_element_iter(elements);
+    let mut out = Vec::new();
+    // Writing an in-memory object of fixed, well-formed elements into a Vec does not fail.
+    let _ = object.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased());
+    out
+}
+
+fn us(tag: Tag, v: u16) -> DataElement<InMemDicomObject> {
+    DataElement::new(tag, VR::US, PrimitiveValue::from(v))
+}
+
+fn ui(tag: Tag, v: &str) -> DataElement<InMemDicomObject> {
+    DataElement::new(tag, VR::UI, PrimitiveValue::from(v))
+}
+
+/// A final response to `request` with `status`, no data set, and an error comment (PS3.7 C.4).
+pub fn refusal(request: &Command, status: u16, comment: &str) -> Vec<u8> {
+    let mut e = vec![
+        ui(tags::AFFECTED_SOP_CLASS_UID, &request.affected_sop_class),
+        us(tags::COMMAND_FIELD, request.field | command_field::RESPONSE),
+        us(tags::MESSAGE_ID_BEING_RESPONDED_TO, request.message_id),
+        us(tags::COMMAND_DATA_SET_TYPE, NO_DATA_SET),
+        us(tags::STATUS, status),
+    ];
+    if !request.affected_sop_instance.is_empty() {
+        e.push(ui(
+            tags::AFFECTED_SOP_INSTANCE_UID,
+            &request.affected_sop_instance,
+        ));
+    }
+    if !comment.is_empty() {
+        let comment: String = comment.chars().take(64).collect();
+        e.push(DataElement::new(
+            tags::ERROR_COMMENT,
+            VR::LO,
+            PrimitiveValue::from(comment),
+        ));
+    }
+    encode_command(e)
+}
+
+/// The same response with another status and an error comment (e.g. a truncated C-FIND's final response).
+pub fn with_status(response: &Command, status: u16, comment: &str) -> Vec<u8> {
+    let mut object = response.object.clone();
+    object.put(us(tags::STATUS, status));
+    object.remove_element(tags::COMMAND_GROUP_LENGTH);
+    if !comment.is_empty() {
+        let comment: String = comment.chars().take(64).collect();
+        object.put(DataElement::new(
+            tags::ERROR_COMMENT,
+            VR::LO,
+            PrimitiveValue::from(comment),
+        ));
+    }
+    encode_command(object.into_iter().collect())
+}
+
+/// C-CANCEL-RQ for the request with `message_id` (PS3.7 9.3.2.3).
+pub fn c_cancel(message_id: u16) -> Vec<u8> {
+    encode_command(vec![
+        us(tags::COMMAND_FIELD, command_field::C_CANCEL_RQ),
+        us(tags::MESSAGE_ID_BEING_RESPONDED_TO, message_id),
+        us(tags::COMMAND_DATA_SET_TYPE, NO_DATA_SET),
+    ])
+}
+
+/// Decode an identifier (C-FIND / C-MOVE / C-GET data set) in the presentation context's transfer syntax.
+pub fn decode_identifier(
+    bytes: &[u8],
+    transfer_syntax: &str,
+) -> Result<InMemDicomObject, DimseError> {
+    let ts: TransferSyntax = match transfer_syntax.trim_end_matches('\0') {
+        "1.2.840.10008.1.2" => IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+        "1.2.840.10008.1.2.1" => EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+        other => return Err(DimseError::TransferSyntax(other.to_string())),
+    };
+    check_lengths(bytes, ts.uid() != IMPLICIT_VR_LITTLE_ENDIAN.uid(), 0)
+        .map_err(DimseError::Identifier)?;
+    InMemDicomObject::read_dataset_with_ts(bytes, &ts)
+        .map_err(|e| DimseError::Identifier(e.to_string()))
+}
+
+/// The string value of an attribute of an identifier ("" when absent or empty).
+pub fn attribute(obj: &InMemDicomObject, tag: Tag) -> String {
+    text(obj, tag)
+}
+
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+const ITEM: (u16, u16) = (0xFFFE, 0xE000);
+const ITEM_END: (u16, u16) = (0xFFFE, 0xE00D);
+const SEQUENCE_END: (u16, u16) = (0xFFFE, 0xE0DD);
+
+/// Before a decoder allocates for an element, make sure every defined length fits in the bytes
+/// that are there: a hostile 4 GiB length must be an error, not an allocation. Little endian only.
+fn check_lengths(mut b: &[u8], explicit: bool, depth: u32) -> Result<(), String> {
+    if depth > 16 {
+        return Err("sequences nested too deeply".into());
+    }
+    while !b.is_empty() {
+        let tag = (
+            u16::from_le_bytes([
+                *b.first().ok_or("truncated")?,
+                *b.get(1).ok_or("truncated")?,
+            ]),
+            u16::from_le_bytes([*b.get(2).ok_or("truncated")?, *b.get(3).ok_or("truncated")?]),
+        );
+        let le32 = |s: &[u8], at: usize| -> Result<u32, String> {
+            s.get(at..at + 4)
+                .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
+                .ok_or_else(|| "truncated element header".to_string())
+        };
+        if tag == ITEM_END || tag == SEQUENCE_END {
+            b = b.get(8..).ok_or("truncated delimiter")?;
+            continue;
+        }
+        let (len, header, is_sequence) = if tag == ITEM {
+            (le32(b, 4)?, 8, true)
+        } else if explicit {
+            let vr = b.get(4..6).ok_or("truncated element header")?;
+            if matches!(
+                vr,
+                b"OB"
+                    | b"OW"
+                    | b"OF"
+                    | b"SQ"
+                    | b"UT"
+                    | b"UN"
+                    | b"UC"
+                    | b"UR"
+                    | b"OD"
+                    | b"OL"
+                    | b"OV"
+                    | b"SV"
+                    | b"UV"
+            ) {
+                (le32(b, 8)?, 12, vr == b"SQ" || vr == b"UN")
+            } else {
+                let x = b.get(6..8).ok_or("truncated element header")?;
+                (u16::from_le_bytes([x[0], x[1]]) as u32, 8, false)
+            }
+        } else {
+            let is_sq = dicom_dictionary_std::StandardDataDictionary
+                .by_tag(Tag(tag.0, tag.1))
+                .is_some_and(|e| e.vr.relaxed() == VR::SQ);
+            (le32(b, 4)?, 8, is_sq)
+        };
+        let rest = b.get(header..).ok_or("truncated element header")?;
+        if len == UNDEFINED {
+            // The decoder walks the delimiters itself; the nested elements are checked in this same pass.
+            b = rest;
+            continue;
+        }
+        let len = len as usize;
+        let value = rest.get(..len).ok_or_else(|| {
+            format!(
+                "element ({:04X},{:04X}) length {len} overruns the data",
+                tag.0, tag.1
+            )
+        })?;
+        if is_sequence {
+            check_lengths(value, explicit, depth + 1)?;
+        }
+        b = &rest[len..];
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(field: u16, id: u16, data: bool) -> Vec<u8> {
+        encode_command(vec![
+            ui(tags::AFFECTED_SOP_CLASS_UID, "1.2.840.10008.5.1.4.1.2.2.1"),
+            us(tags::COMMAND_FIELD, field),
+            us(tags::MESSAGE_ID, id),
+            us(
+                tags::COMMAND_DATA_SET_TYPE,
+                if data { 0x0000 } else { NO_DATA_SET },
+            ),
+        ])
+    }
+
+    #[test]
+    fn a_command_round_trips_with_its_group_length() {
+        let bytes = request(command_field::C_FIND_RQ, 7, true);
+        assert_eq!(&bytes[..4], &[0, 0, 0, 0], "group length first");
+        let c = decode_command(&bytes).expect("decode");
+        assert_eq!(c.field, command_field::C_FIND_RQ);
+        assert_eq!(c.message_id, 7);
+        assert!(c.has_data_set && !c.is_response());
+        let r = decode_command(&refusal(&c, status::REFUSED_NOT_AUTHORIZED, "not allowed"))
+            .expect("decode");
+        assert_eq!(r.field, 0x8020);
+        assert_eq!(r.responded_to, 7);
+        assert_eq!(r.status, Some(0x0124));
+        assert!(!r.has_data_set);
+        let again = decode_command(&with_status(&r, status::CANCEL, "cap")).expect("decode");
+        assert_eq!(again.status, Some(0xFE00));
+        let cancel = decode_command(&c_cancel(7)).expect("decode");
+        assert_eq!((cancel.field, cancel.responded_to), (0x0FFF, 7));
+    }
+
+    #[test]
+    fn hostile_lengths_are_refused_before_decoding() {
+        // (0000,0100) with a 4 GiB length.
+        let bytes = [0u8, 0, 0, 1, 0xf0, 0xff, 0xff, 0xff, 0x20, 0];
+        assert!(decode_command(&bytes).is_err());
+        assert!(decode_command(&[1, 2, 3]).is_err());
+        let explicit = [0x10u8, 0, 0x10, 0, b'P', b'N', 0xff, 0x7f, b'A'];
+        assert!(decode_identifier(&explicit, "1.2.840.10008.1.2.1").is_err());
+        assert!(decode_identifier(&[], "1.2.840.10008.1.2.2").is_err());
+    }
+
+    #[test]
+    fn pdv_items_must_tile_the_pdu() {
+        let good = [4, 0, 0, 0, 0, 8, 0, 0, 0, 2, 1, 3, 0, 0];
+        assert!(check_pdv_items(&good[..12]).is_ok());
+        let overrun = [4, 0, 0, 0, 0, 6, 0, 0, 0, 9, 1, 3];
+        assert!(check_pdv_items(&overrun).is_err());
+        let short = [4, 0, 0, 0, 0, 6, 0, 0, 0, 1, 1, 3];
+        assert!(check_pdv_items(&short).is_err());
+        assert!(check_pdv_items(&[4, 0, 0, 0, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn pdata_writer_splits_and_pdv_items_reads_back() {
+        let big = vec![7u8; 10_000];
+        let mut w = PDataWriter::new(4096);
+        w.push(3, true, true, &[1, 2, 3]);
+        w.push(3, false, true, &big);
+        let bytes = w.into_bytes();
+        let mut pdus = Vec::new();
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes([rest[2], rest[3], rest[4], rest[5]]) as usize;
+            assert!(len <= 4096);
+            check_pdv_items(&rest[..6 + len]).expect("well-formed");
+            pdus.push(&rest[..6 + len]);
+            rest = &rest[6 + len..];
+        }
+        let items: Vec<Pdv> = pdus.iter().flat_map(|p| pdv_items(p)).collect();
+        assert!(items[0].is_command && items[0].is_last && items[0].data == [1, 2, 3]);
+        let data: Vec<u8> = items[1..]
+            .iter()
+            .flat_map(|p| p.data.iter().copied())
+            .collect();
+        assert_eq!(data, big);
+        assert!(items.last().is_some_and(|p| p.is_last));
+        assert!(items[1..items.len() - 1].iter().all(|p| !p.is_last));
+    }
+}
