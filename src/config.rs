@@ -44,6 +44,10 @@ struct FileConfig {
     user: Vec<FileUser>,
     #[serde(default)]
     role: Vec<FileRole>,
+    #[serde(default)]
+    limits: FileLimits,
+    #[serde(default)]
+    device: Vec<FileDevice>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,6 +60,7 @@ struct FileGateway {
     max_pdu_length: u32,
     #[serde(default = "default_max_association_request_length")]
     max_association_request_length: u32,
+    device_listen: Option<String>,
 }
 
 fn default_ae_title() -> String {
@@ -169,6 +174,65 @@ struct FileRole {
     allow: Vec<String>,
     #[serde(default)]
     move_destinations: Vec<String>,
+    #[serde(default)]
+    unrestricted_queries: bool,
+    #[serde(default = "default_query_min_chars")]
+    query_min_chars: usize,
+    max_query_results: Option<u32>,
+}
+
+fn default_query_min_chars() -> usize {
+    2
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDevice {
+    ae_title: String,
+    addresses: Vec<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+/// `[limits]`: every limit has a default; 0 turns a rate limit off.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileLimits {
+    associations_per_minute: u32,
+    associations_burst: Option<u32>,
+    queries_per_minute: u32,
+    queries_burst: Option<u32>,
+    retrievals_per_minute: u32,
+    retrievals_burst: Option<u32>,
+    max_associations: usize,
+    max_associations_per_user: usize,
+    max_pending_connections: usize,
+    max_query_results: u32,
+    failed_logins: u32,
+    failed_logins_per_address: u32,
+    failed_login_window: u64,
+    lockout_seconds: u64,
+}
+
+impl Default for FileLimits {
+    fn default() -> Self {
+        FileLimits {
+            associations_per_minute: 120,
+            associations_burst: None,
+            queries_per_minute: 120,
+            queries_burst: None,
+            retrievals_per_minute: 60,
+            retrievals_burst: None,
+            max_associations: 500,
+            max_associations_per_user: 32,
+            max_pending_connections: 256,
+            max_query_results: 500,
+            failed_logins: 5,
+            failed_logins_per_address: 20,
+            failed_login_window: 900,
+            lockout_seconds: 900,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -191,11 +255,15 @@ pub struct Config {
     pub jwt: Option<Jwt>,
     pub users: HashMap<String, User>,
     pub roles: HashMap<String, Role>,
+    pub limits: Limits,
+    pub devices: Vec<Device>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Gateway {
     pub listen: SocketAddr,
+    /// Optional plain (non-TLS) listener that admits only `[[device]]` entries.
+    pub device_listen: Option<SocketAddr>,
     pub ae_title: String,
     pub max_pdu_length: u32,
     pub max_association_request_length: u32,
@@ -257,6 +325,8 @@ pub enum Operation {
     Get,
     Move,
     Store,
+    /// C-FIND on the Modality Worklist information model.
+    Worklist,
 }
 
 impl Operation {
@@ -267,6 +337,7 @@ impl Operation {
             Operation::Get => "get",
             Operation::Move => "move",
             Operation::Store => "store",
+            Operation::Worklist => "worklist",
         }
     }
 
@@ -277,6 +348,7 @@ impl Operation {
             "get" => Operation::Get,
             "move" => Operation::Move,
             "store" => Operation::Store,
+            "worklist" => Operation::Worklist,
             _ => return None,
         })
     }
@@ -287,6 +359,56 @@ pub struct Role {
     pub name: String,
     pub allow: BTreeSet<Operation>,
     pub move_destinations: Vec<String>,
+    /// May run C-FIND queries the anti-enumeration guard would refuse.
+    pub unrestricted_queries: bool,
+    /// Characters an identifying key needs before its first wildcard (anti-enumeration guard).
+    pub query_min_chars: usize,
+    /// Overrides `[limits] max_query_results` for holders of this role.
+    pub max_query_results: Option<u32>,
+}
+
+/// A rate: so many per minute with a burst; `per_minute == 0` means no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+/// `[limits]`, validated.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub associations: Rate,
+    pub queries: Rate,
+    pub retrievals: Rate,
+    pub max_associations: usize,
+    pub max_associations_per_user: usize,
+    pub max_pending_connections: usize,
+    pub max_query_results: u32,
+    pub failed_logins: u32,
+    pub failed_logins_per_address: u32,
+    pub failed_login_window: Duration,
+    pub lockout: Duration,
+}
+
+/// A modality that cannot authenticate, let in by calling AE title and source address together.
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub ae_title: String,
+    pub addresses: Vec<ipnet::IpNet>,
+    pub roles: Vec<String>,
+}
+
+impl Device {
+    pub fn matches(&self, calling_ae: &str, address: std::net::IpAddr) -> bool {
+        let address = match address {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(std::net::IpAddr::V4)
+                .unwrap_or(address),
+            v4 => v4,
+        };
+        self.ae_title == calling_ae && self.addresses.iter().any(|net| net.contains(&address))
+    }
 }
 
 /// The largest AE title the standard allows.
@@ -429,7 +551,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             let op = Operation::parse(op).ok_or_else(|| {
                 invalid(
                     &format!("role[{i}].allow"),
-                    format!("unknown operation {op:?}; expected echo, find, get, move or store"),
+                    format!("unknown operation {op:?}; expected echo, find, get, move, store or worklist"),
                 )
             })?;
             allow.insert(op);
@@ -440,12 +562,25 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                 format!("role {:?} is defined twice", r.name),
             ));
         }
+        for dest in &r.move_destinations {
+            check_ae_title(dest)
+                .map_err(|m| invalid(&format!("role[{i}].move_destinations"), m))?;
+        }
+        if r.max_query_results == Some(0) {
+            return Err(invalid(
+                &format!("role[{i}].max_query_results"),
+                "must be at least 1".into(),
+            ));
+        }
         roles.insert(
             r.name.clone(),
             Role {
                 name: r.name,
                 allow,
                 move_destinations: r.move_destinations,
+                unrestricted_queries: r.unrestricted_queries,
+                query_min_chars: r.query_min_chars,
+                max_query_results: r.max_query_results,
             },
         );
     }
@@ -550,10 +685,114 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         }
     };
 
+    let l = file.limits;
+    let rate = |key: &str, per_minute: u32, burst: Option<u32>| -> Result<Rate, ConfigError> {
+        let burst = burst.unwrap_or(per_minute.max(1));
+        if per_minute > 0 && burst == 0 {
+            return Err(invalid(key, "burst must be at least 1".into()));
+        }
+        Ok(Rate { per_minute, burst })
+    };
+    if l.max_query_results == 0 {
+        return Err(invalid(
+            "limits.max_query_results",
+            "must be at least 1".into(),
+        ));
+    }
+    for (key, v) in [
+        ("limits.max_associations", l.max_associations),
+        (
+            "limits.max_associations_per_user",
+            l.max_associations_per_user,
+        ),
+        ("limits.max_pending_connections", l.max_pending_connections),
+    ] {
+        if v == 0 {
+            return Err(invalid(key, "must be at least 1".into()));
+        }
+    }
+    let limits = Limits {
+        associations: rate(
+            "limits.associations_burst",
+            l.associations_per_minute,
+            l.associations_burst,
+        )?,
+        queries: rate(
+            "limits.queries_burst",
+            l.queries_per_minute,
+            l.queries_burst,
+        )?,
+        retrievals: rate(
+            "limits.retrievals_burst",
+            l.retrievals_per_minute,
+            l.retrievals_burst,
+        )?,
+        max_associations: l.max_associations,
+        max_associations_per_user: l.max_associations_per_user,
+        max_pending_connections: l.max_pending_connections,
+        max_query_results: l.max_query_results,
+        failed_logins: l.failed_logins,
+        failed_logins_per_address: l.failed_logins_per_address,
+        failed_login_window: Duration::from_secs(l.failed_login_window.max(1)),
+        lockout: Duration::from_secs(l.lockout_seconds),
+    };
+
+    let mut devices = Vec::new();
+    for (i, d) in file.device.into_iter().enumerate() {
+        check_ae_title(&d.ae_title).map_err(|m| invalid(&format!("device[{i}].ae_title"), m))?;
+        if d.addresses.is_empty() {
+            return Err(invalid(
+                &format!("device[{i}].addresses"),
+                "is empty: a device must be bound to its addresses".into(),
+            ));
+        }
+        let mut addresses = Vec::new();
+        for a in &d.addresses {
+            let net = a
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    invalid(
+                        &format!("device[{i}].addresses"),
+                        format!("{a:?} is not an address or CIDR block"),
+                    )
+                })?;
+            addresses.push(net);
+        }
+        for role in &d.roles {
+            if !roles.contains_key(role) {
+                return Err(invalid(
+                    &format!("device[{i}].roles"),
+                    format!(
+                        "device {:?} names role {role:?}, which no [[role]] defines",
+                        d.ae_title
+                    ),
+                ));
+            }
+        }
+        devices.push(Device {
+            ae_title: d.ae_title,
+            addresses,
+            roles: d.roles,
+        });
+    }
+    let device_listen = match &file.gateway.device_listen {
+        None => None,
+        Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
+            invalid(
+                "gateway.device_listen",
+                format!("{a:?} is not an address:port ({e})"),
+            )
+        })?),
+    };
+
     Ok(Config {
         path: path.to_path_buf(),
+        limits,
+        devices,
         gateway: Gateway {
             listen,
+            device_listen,
             ae_title: file.gateway.ae_title,
             max_pdu_length,
             max_association_request_length: max_rq,

@@ -151,6 +151,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let gateway = Gateway::new(state);
         let listener = gateway.bind().await?;
+        let devices = gateway.bind_devices().await?;
         let cfg = &gateway.current().config;
         tracing::info!(
             listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -159,8 +160,17 @@ fn run(path: &Path) -> anyhow::Result<()> {
             users = cfg.users.len(),
             "pacsgate listening (DICOM TLS)"
         );
+        if let Some(devices) = devices {
+            tracing::info!(
+                listen = %devices.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                devices = cfg.devices.len(),
+                "device listener (plain DICOM, [[device]] entries only)"
+            );
+            let g = gateway.clone();
+            tokio::spawn(async move { g.serve(devices, false).await });
+        }
         tokio::select! {
-            _ = gateway.serve(listener) => {}
+            _ = gateway.serve(listener, true) => {}
             _ = shutdown_signal() => tracing::info!("shutting down"),
         }
         Ok(())

@@ -27,28 +27,44 @@ impl Side {
     }
 }
 
-/// What to do with a P-DATA-TF PDU.
-#[derive(Debug)]
-pub enum Verdict {
-    /// Pass it on unchanged.
-    Forward,
-    /// Swallow it (e.g. the data set of a refused request).
-    Drop,
-    /// Swallow it and send these PDUs back to the side it came from (e.g. a refusal status).
-    Answer(Vec<u8>),
+/// Where a P-DATA-TF PDU goes on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Forward {
+    /// The PDU as it came (the fast path: no copy, no re-encoding).
+    Unchanged,
+    /// These PDUs instead (some PDVs held back, dropped or rewritten).
+    Rebuilt(Vec<u8>),
+    /// Nothing.
+    Nothing,
 }
 
-/// The seam where DIMSE policy looks at traffic. Called once per P-DATA-TF PDU, whole and well-formed.
+/// What to do with one P-DATA-TF PDU.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Actions {
+    pub forward: Forward,
+    /// PDUs for the side the PDU came from (a refusal to the client, a C-CANCEL to the archive).
+    pub back: Vec<u8>,
+}
+
+impl Actions {
+    pub const PASS: Actions = Actions {
+        forward: Forward::Unchanged,
+        back: Vec::new(),
+    };
+}
+
+/// The seam where DIMSE policy looks at traffic. Called once per P-DATA-TF PDU, whole and with
+/// well-formed PDV items. An error is a protocol violation: both sides get an A-ABORT.
 pub trait Inspector: Send {
-    fn inspect(&mut self, from: Side, pdata: &[u8]) -> Verdict;
+    fn inspect(&mut self, from: Side, pdata: &[u8]) -> Result<Actions, String>;
 }
 
 /// Forwards everything.
 pub struct PassThrough;
 
 impl Inspector for PassThrough {
-    fn inspect(&mut self, _from: Side, _pdata: &[u8]) -> Verdict {
-        Verdict::Forward
+    fn inspect(&mut self, _from: Side, _pdata: &[u8]) -> Result<Actions, String> {
+        Ok(Actions::PASS)
     }
 }
 
@@ -117,12 +133,13 @@ impl<I> Shared<I> {
 }
 
 /// Relay an established association until it is released, aborted, fails or idles out.
+/// Returns how it ended, the bytes each way, and the inspector (with what it counted).
 pub async fn relay<C, A, I>(
     client: C,
     archive: A,
     limits: RelayLimits,
     inspector: I,
-) -> (RelayEnd, RelayStats)
+) -> (RelayEnd, RelayStats, I)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     A: AsyncRead + AsyncWrite + Unpin,
@@ -196,7 +213,11 @@ where
     }
     let _ = tokio::time::timeout(bound, cw.shutdown()).await;
     let _ = tokio::time::timeout(bound, aw.shutdown()).await;
-    (end, stats)
+    let inspector = shared
+        .inspector
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
+    (end, stats, inspector)
 }
 
 /// Relay PDUs read from one side to the other until the association ends in this direction.
@@ -231,17 +252,21 @@ where
         };
         shared.touch();
         *bytes += buf.len() as u64;
-        let verdict = match pdu_type {
+        let actions = match pdu_type {
             pdu::P_DATA_TF => {
                 if let Err(e) = crate::dimse::check_pdv_items(&buf) {
                     return RelayEnd::Failed(side, e);
                 }
-                match shared.inspector.lock() {
+                let inspected = match shared.inspector.lock() {
                     Ok(mut inspector) => inspector.inspect(side, &buf),
-                    Err(_) => return RelayEnd::Failed(side, "inspector poisoned".into()),
+                    Err(_) => Err("inspector poisoned".into()),
+                };
+                match inspected {
+                    Ok(actions) => actions,
+                    Err(e) => return RelayEnd::Failed(side, e),
                 }
             }
-            pdu::A_RELEASE_RQ | pdu::A_RELEASE_RP | pdu::A_ABORT => Verdict::Forward,
+            pdu::A_RELEASE_RQ | pdu::A_RELEASE_RP | pdu::A_ABORT => Actions::PASS,
             other_type => {
                 return RelayEnd::Failed(
                     side,
@@ -249,17 +274,20 @@ where
                 );
             }
         };
-        let written = match &verdict {
-            Verdict::Forward => write_flush(&mut *to.lock().await, &buf)
-                .await
-                .map_err(|e| (other, e)),
-            Verdict::Drop => Ok(()),
-            Verdict::Answer(answer) => write_flush(&mut *back.lock().await, answer)
-                .await
-                .map_err(|e| (side, e)),
+        let forwarded = match &actions.forward {
+            Forward::Unchanged => write_flush(&mut *to.lock().await, &buf).await,
+            Forward::Rebuilt(pdus) if !pdus.is_empty() => {
+                write_flush(&mut *to.lock().await, pdus).await
+            }
+            _ => Ok(()),
         };
-        if let Err((failed, e)) = written {
-            return RelayEnd::Failed(failed, e.to_string());
+        if let Err(e) = forwarded {
+            return RelayEnd::Failed(other, e.to_string());
+        }
+        if !actions.back.is_empty()
+            && let Err(e) = write_flush(&mut *back.lock().await, &actions.back).await
+        {
+            return RelayEnd::Failed(side, e.to_string());
         }
         match pdu_type {
             pdu::A_RELEASE_RP => return RelayEnd::Released,
@@ -305,7 +333,7 @@ mod tests {
         let mut rp = [0u8; 10];
         client_peer.read_exact(&mut rp).await.expect("read rp");
         assert_eq!(rp, pdu::RELEASE_RP);
-        let (end, stats) = task.await.expect("join");
+        let (end, stats, _) = task.await.expect("join");
         assert_eq!(end, RelayEnd::Released);
         assert_eq!(stats.from_client, 24);
         assert_eq!(stats.from_archive, 10);
@@ -326,7 +354,7 @@ mod tests {
         let mut got = [0u8; 10];
         client_peer.read_exact(&mut got).await.expect("abort");
         assert_eq!(got[0], pdu::A_ABORT);
-        let (end, _) = task.await.expect("join");
+        let (end, _, _) = task.await.expect("join");
         assert_eq!(end, RelayEnd::Closed(Side::Archive));
     }
 
@@ -339,7 +367,7 @@ mod tests {
             from_archive: 16384,
             idle: Duration::from_secs(30),
         };
-        let (end, _) = relay(client, archive, limits, PassThrough).await;
+        let (end, _, _) = relay(client, archive, limits, PassThrough).await;
         assert_eq!(end, RelayEnd::IdleTimeout);
         use tokio::io::AsyncReadExt;
         let mut got = [0u8; 10];

@@ -13,8 +13,12 @@ use crate::association::{self, DICOM_APPLICATION_CONTEXT, UpstreamAnswer};
 use crate::auth::{self, Authenticator, Principal};
 use crate::config::{Config, Upstream};
 use crate::pdu::{self, PduError, Rejection, read_pdu};
-use crate::relay::{self, PassThrough, RelayLimits};
+use crate::policy::{Grants, Limiter};
+use crate::relay::{self, RelayLimits};
+use crate::session::{Party, Session};
 use crate::tls;
+use dicom_ul::pdu::{PresentationContextResultReason, UserIdentityType};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Errors that stop the gateway from starting.
 #[derive(Debug, thiserror::Error)]
@@ -35,16 +39,19 @@ pub struct State {
     pub config: Config,
     pub acceptor: TlsAcceptor,
     pub authenticator: Authenticator,
+    pub limiter: Arc<Limiter>,
 }
 
 impl State {
     pub fn new(config: Config) -> Result<State, ServerError> {
         let acceptor = TlsAcceptor::from(tls::server_config(&config.tls)?);
         let authenticator = Authenticator::new(&config)?;
+        let limiter = Arc::new(Limiter::new(&config));
         Ok(State {
             config,
             acceptor,
             authenticator,
+            limiter,
         })
     }
 }
@@ -53,12 +60,15 @@ impl State {
 #[derive(Clone)]
 pub struct Gateway {
     state: Arc<RwLock<Arc<State>>>,
+    pending: Arc<Semaphore>,
 }
 
 impl Gateway {
     pub fn new(state: State) -> Gateway {
+        let pending = Arc::new(Semaphore::new(state.config.limits.max_pending_connections));
         Gateway {
             state: Arc::new(RwLock::new(Arc::new(state))),
+            pending,
         }
     }
 
@@ -78,16 +88,34 @@ impl Gateway {
             .map_err(|source| ServerError::Listen { address, source })
     }
 
-    /// Accept associations until the task is dropped.
-    pub async fn serve(&self, listener: TcpListener) {
+    /// Bind the plain device listener, when the configuration has one.
+    pub async fn bind_devices(&self) -> Result<Option<TcpListener>, ServerError> {
+        let Some(address) = self.current().config.gateway.device_listen else {
+            return Ok(None);
+        };
+        TcpListener::bind(address)
+            .await
+            .map(Some)
+            .map_err(|source| ServerError::Listen { address, source })
+    }
+
+    /// Accept associations until the task is dropped. `tls` is false on the device listener.
+    pub async fn serve(&self, listener: TcpListener, tls: bool) {
         let mut backoff = Duration::from_millis(10);
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(10);
                     let state = self.current();
+                    // Connections that have not authenticated yet are bounded: a flood from the
+                    // internet must not starve the gateway of memory or file descriptors.
+                    let Ok(permit) = self.pending.clone().try_acquire_owned() else {
+                        tracing::warn!(peer = %peer, outcome = "dropped", reason = "too many connections awaiting authentication", "association");
+                        drop(stream);
+                        continue;
+                    };
                     tokio::spawn(async move {
-                        handle(state, stream, peer).await;
+                        handle(state, stream, peer, tls, permit).await;
                     });
                 }
                 Err(e) => {
@@ -110,6 +138,7 @@ struct Outcome {
     called_ae: String,
     bytes_from_client: u64,
     bytes_from_archive: u64,
+    counts: crate::session::Counts,
 }
 
 /// An association that ended before the relay, with the reason for the log.
@@ -127,10 +156,46 @@ impl Stop {
     }
 }
 
-async fn handle(state: Arc<State>, stream: TcpStream, peer: SocketAddr) {
+async fn handle(
+    state: Arc<State>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: bool,
+    permit: OwnedSemaphorePermit,
+) {
     let started = Instant::now();
     let mut outcome = Outcome::default();
-    let result = associate(&state, stream, peer, &mut outcome, started).await;
+    let result = if tls {
+        match handshake(&state, stream, started).await {
+            Ok((client, names)) => {
+                associate(
+                    &state,
+                    client,
+                    peer,
+                    &names,
+                    true,
+                    &mut outcome,
+                    started,
+                    permit,
+                )
+                .await
+            }
+            Err(stop) => Err(stop),
+        }
+    } else {
+        let _ = stream.set_nodelay(true);
+        associate(
+            &state,
+            stream,
+            peer,
+            &[],
+            false,
+            &mut outcome,
+            started,
+            permit,
+        )
+        .await
+    };
     let (result_name, reason) = match result {
         Ok(end) => (
             match end {
@@ -152,35 +217,57 @@ async fn handle(state: Arc<State>, stream: TcpStream, peer: SocketAddr) {
         duration_ms = started.elapsed().as_millis() as u64,
         bytes_from_client = outcome.bytes_from_client,
         bytes_from_archive = outcome.bytes_from_archive,
+        requests = outcome.counts.requests,
+        refused = outcome.counts.refused,
         "association"
     );
 }
 
-async fn associate(
+/// Phase: TLS handshake; returns the stream and the names of a verified client certificate.
+async fn handshake(
     state: &State,
     stream: TcpStream,
-    peer: SocketAddr,
-    outcome: &mut Outcome,
     started: Instant,
-) -> Result<relay::RelayEnd, Stop> {
-    let cfg = &state.config;
-    let t = cfg.timeouts;
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Vec<String>), Stop> {
     let _ = stream.set_nodelay(true);
-
-    // Phase: TLS handshake.
-    let mut client =
-        match tokio::time::timeout(t.tls_handshake, state.acceptor.accept(stream)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(Stop::new("tls_failed", format!("TLS handshake: {e}"))),
-            Err(_) => return Err(Stop::new("tls_failed", "TLS handshake timed out")),
-        };
-    let certificate_names = client
+    let within = state
+        .config
+        .timeouts
+        .tls_handshake
+        .min(state.config.timeouts.association_request);
+    let client = match tokio::time::timeout(
+        within.saturating_sub(started.elapsed()),
+        state.acceptor.accept(stream),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(Stop::new("tls_failed", format!("TLS handshake: {e}"))),
+        Err(_) => return Err(Stop::new("tls_failed", "TLS handshake timed out")),
+    };
+    let names = client
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|leaf| auth::certificate::names(leaf))
         .unwrap_or_default();
+    Ok((client, names))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
+    state: &State,
+    mut client: S,
+    peer: SocketAddr,
+    certificate_names: &[String],
+    over_tls: bool,
+    outcome: &mut Outcome,
+    started: Instant,
+    permit: OwnedSemaphorePermit,
+) -> Result<relay::RelayEnd, Stop> {
+    let cfg = &state.config;
+    let t = cfg.timeouts;
 
     // Phase: association request (the ARTIM timer runs from accept).
     let artim = t.association_request.saturating_sub(started.elapsed());
@@ -239,6 +326,22 @@ async fn associate(
         .await);
     }
 
+    // Phase: limits on the address, before any credential is looked at.
+    let address = peer.ip();
+    let limiter = &state.limiter;
+    if let Err(locked) = limiter.check_locked(None, address) {
+        return Err(reject(
+            &mut client,
+            Rejection::LocalLimitExceeded,
+            locked.to_string(),
+        )
+        .await);
+    }
+    if !limiter.rates.associations.allow(&address) {
+        let reason = "associations_per_minute exceeded for this address";
+        return Err(reject(&mut client, Rejection::LocalLimitExceeded, reason).await);
+    }
+
     // Phase: called AE -> upstream.
     let Some(upstream) = cfg.upstream_for(&rq.called_ae_title) else {
         let reason = format!("called AE {:?} maps to no upstream", rq.called_ae_title);
@@ -247,21 +350,55 @@ async fn associate(
 
     // Phase: authentication.
     let identity = association::user_identity(&rq);
+    let claimed = identity
+        .filter(|i| i.identity_type() == UserIdentityType::UsernamePassword)
+        .and_then(|i| String::from_utf8(i.primary_field()).ok());
+    if let Err(locked) = limiter.check_locked(claimed.as_deref(), address) {
+        outcome.user = claimed;
+        return Err(reject(
+            &mut client,
+            Rejection::LocalLimitExceeded,
+            locked.to_string(),
+        )
+        .await);
+    }
+    let origin = auth::Origin {
+        address,
+        calling_ae: &rq.calling_ae_title,
+        over_tls,
+    };
     let principal: Principal = match state
         .authenticator
-        .authenticate(identity, &certificate_names, true)
+        .authenticate(identity, certificate_names, origin)
         .await
     {
         Ok(p) => p,
         Err(failure) => {
+            for lock in limiter.login_failed(failure.user.as_deref(), address) {
+                tracing::warn!(
+                    peer = %peer,
+                    user = failure.user.as_deref().unwrap_or("-"),
+                    lock = ?lock,
+                    seconds = cfg.limits.lockout.as_secs(),
+                    reason = "failed logins",
+                    "lockout"
+                );
+            }
             outcome.user = failure.user;
             outcome.method = failure.method.map(|m| m.name());
             let reason = failure.error.to_string();
             return Err(reject(&mut client, Rejection::NotAuthenticated, reason).await);
         }
     };
+    limiter.login_succeeded(&principal.user, address);
     outcome.user = Some(principal.user.clone());
     outcome.method = Some(principal.method.name());
+    let _slot = match limiter.admit(&principal.user) {
+        Ok(slot) => slot,
+        Err(full) => {
+            return Err(reject(&mut client, Rejection::LocalLimitExceeded, full.to_string()).await);
+        }
+    };
     let wants_response = identity.is_some_and(|i| i.positive_response_requested())
         && principal.method != auth::Method::Certificate;
 
@@ -341,6 +478,7 @@ async fn associate(
         return Err(Stop::new("aborted", format!("client: {e}")));
     }
     tracing::debug!(peer = %peer, user = %principal.user, "association accepted");
+    drop(permit); // authenticated and established: no longer a pending connection
 
     // Phase: relay.
     let limits = RelayLimits {
@@ -348,9 +486,29 @@ async fn associate(
         from_archive: association::client_max_pdu(&rq, cfg.gateway.max_pdu_length),
         idle: t.idle,
     };
-    let (end, stats) = relay::relay(client, archive, limits, PassThrough).await;
+    let transfer_syntaxes = ac
+        .presentation_contexts
+        .iter()
+        .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+        .map(|pc| (pc.id, pc.transfer_syntax.trim_end_matches('\0').to_string()))
+        .collect();
+    let session = Session::new(
+        Party {
+            peer,
+            user: principal.user.clone(),
+            calling_ae: rq.calling_ae_title.clone(),
+            called_ae: rq.called_ae_title.clone(),
+        },
+        Grants::for_roles(cfg, &principal.roles),
+        state.limiter.clone(),
+        transfer_syntaxes,
+        limits.from_archive,
+        limits.from_client,
+    );
+    let (end, stats, session) = relay::relay(client, archive, limits, session).await;
     outcome.bytes_from_client = stats.from_client;
     outcome.bytes_from_archive = stats.from_archive;
+    outcome.counts = session.counts;
     Ok(end)
 }
 

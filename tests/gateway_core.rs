@@ -48,6 +48,7 @@ algorithms = ["ES256"]
 [[role]]
 name = "reader"
 allow = ["echo", "find", "get", "move", "store"]
+unrestricted_queries = true
 
 [[user]]
 name = "alice"

@@ -19,6 +19,8 @@ pub enum Method {
     Certificate,
     Password,
     Jwt,
+    /// A `[[device]]`: calling AE title and source address, no credential (the weak option).
+    Device,
 }
 
 impl Method {
@@ -27,6 +29,7 @@ impl Method {
             Method::Certificate => "certificate",
             Method::Password => "password",
             Method::Jwt => "jwt",
+            Method::Device => "device",
         }
     }
 }
@@ -54,6 +57,8 @@ pub enum AuthError {
     NoPasswordSet,
     #[error("username and passcode refused outside TLS")]
     PasswordWithoutTls,
+    #[error("token refused outside TLS")]
+    TokenWithoutTls,
     #[error("JWT sign-in is not configured")]
     JwtNotConfigured,
     #[error(transparent)]
@@ -64,6 +69,15 @@ pub enum AuthError {
     NoRole,
     #[error("identity field is not valid UTF-8")]
     BadEncoding,
+}
+
+/// Where an association comes from, as far as authentication cares.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub address: std::net::IpAddr,
+    pub calling_ae: &'a str,
+    /// false on the plain device listener.
+    pub over_tls: bool,
 }
 
 /// A failed attempt: the method tried and the user name claimed, if any, for the log line.
@@ -82,6 +96,7 @@ const CONCURRENT_PASSWORD_CHECKS: usize = 4;
 pub struct Authenticator {
     users: HashMap<String, User>,
     roles: HashMap<String, Role>,
+    devices: Vec<crate::config::Device>,
     jwt: Option<JwtVerifier>,
     /// Verified against when the user is unknown, so that failures cost the same either way.
     dummy_hash: String,
@@ -96,6 +111,7 @@ impl Authenticator {
         Ok(Authenticator {
             users: cfg.users.clone(),
             roles: cfg.roles.clone(),
+            devices: cfg.devices.clone(),
             jwt,
             dummy_hash,
             password_checks: Arc::new(Semaphore::new(CONCURRENT_PASSWORD_CHECKS)),
@@ -103,13 +119,15 @@ impl Authenticator {
     }
 
     /// Authenticate one association. A User Identity of type 2 or 5 must verify; otherwise a verified
-    /// client certificate naming a user is the credential. `over_tls` is false only on plain listeners.
+    /// client certificate naming a user is the credential; otherwise a `[[device]]` matching calling AE
+    /// and address. Outside TLS only devices are admitted.
     pub async fn authenticate(
         &self,
         identity: Option<&UserIdentity>,
         certificate_names: &[String],
-        over_tls: bool,
+        origin: Origin<'_>,
     ) -> Result<Principal, AuthFailure> {
+        let over_tls = origin.over_tls;
         let fail = |method, user: Option<&str>, error| AuthFailure {
             method,
             user: user.map(str::to_string),
@@ -133,6 +151,9 @@ impl Authenticator {
                     .map_err(|e| fail(Some(Method::Password), Some(&user), e))
             }
             Some((UserIdentityType::Jwt, id)) => {
+                if !over_tls {
+                    return Err(fail(Some(Method::Jwt), None, AuthError::TokenWithoutTls));
+                }
                 let Some(verifier) = &self.jwt else {
                     return Err(fail(Some(Method::Jwt), None, AuthError::JwtNotConfigured));
                 };
@@ -159,6 +180,16 @@ impl Authenticator {
                     return self
                         .principal(&user.name, Method::Certificate, user.roles.clone())
                         .map_err(|e| fail(Some(Method::Certificate), Some(&user.name), e));
+                }
+                if let Some(device) = self
+                    .devices
+                    .iter()
+                    .find(|d| d.matches(origin.calling_ae, origin.address))
+                {
+                    let name = format!("device:{}", device.ae_title);
+                    return self
+                        .principal(&name, Method::Device, device.roles.clone())
+                        .map_err(|e| fail(Some(Method::Device), Some(&name), e));
                 }
                 let error = match other {
                     Some((UserIdentityType::Username, _)) => {

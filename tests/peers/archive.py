@@ -9,6 +9,7 @@ Appends JSON lines to FILE (flushed before the peer gets an answer):
    "user_identity_type": int | null}                   when an A-ASSOCIATE-RQ arrives
   {"kind": "store", "calling_aet", "sop_instance_uid"}  for each C-STORE (answered 0x0000)
   {"kind": "find", "calling_aet", "identifier": {keyword: str}} for each C-FIND
+  {"kind": "cancel", "calling_aet", "after_matches": n} when a C-CANCEL stopped a C-FIND
 C-FIND answers one fixed match (PatientName ARCHIVE^FIXED, PatientID FIXED1) then success.
 With --tls-ca, clients must present a certificate signed by it.
 """
@@ -19,6 +20,7 @@ import logging
 import ssl
 import sys
 import threading
+import time
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
@@ -41,6 +43,10 @@ def main():
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--tls-ca")
+    parser.add_argument("--find-matches", type=int, default=1,
+                        help="matches each C-FIND returns (PatientID FIXED1, FIXED2, ...)")
+    parser.add_argument("--match-delay", type=float, default=0.0,
+                        help="seconds between pending responses (lets a C-CANCEL arrive)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
@@ -80,16 +86,24 @@ def main():
             "calling_aet": str(event.assoc.requestor.ae_title).strip(),
             "identifier": {e.keyword or str(e.tag): str(e.value) for e in query},
         })
-        match = Dataset()
-        for elem in query:
-            match.add(elem)
-        match.QueryRetrieveLevel = query.get("QueryRetrieveLevel", "STUDY")
-        match.PatientName = "ARCHIVE^FIXED"
-        match.PatientID = "FIXED1"
-        match.StudyInstanceUID = FIXED_STUDY_UID
-        if "StudyDate" in query:
-            match.StudyDate = "20240115"
-        yield 0xFF00, match
+        for n in range(args.find_matches):
+            if event.is_cancelled:
+                write({"kind": "cancel", "calling_aet": str(event.assoc.requestor.ae_title).strip(),
+                       "after_matches": n})
+                yield 0xFE00, None
+                return
+            match = Dataset()
+            for elem in query:
+                match.add(elem)
+            match.QueryRetrieveLevel = query.get("QueryRetrieveLevel", "STUDY")
+            match.PatientName = "ARCHIVE^FIXED"
+            match.PatientID = f"FIXED{n + 1}"
+            match.StudyInstanceUID = FIXED_STUDY_UID if n == 0 else f"{FIXED_STUDY_UID}.{n + 1}"
+            if "StudyDate" in query:
+                match.StudyDate = "20240115"
+            yield 0xFF00, match
+            if args.match_delay:
+                time.sleep(args.match_delay)
 
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     ae = AE(ae_title=args.aet)

@@ -77,6 +77,7 @@ def parse_args():
     common.add_argument("--aec", default="ANY-SCP")
     common.add_argument("--timeout", type=float, default=30.0)
     common.add_argument("--max-pdu", type=int, default=16382)
+    common.add_argument("--bind", default="", help="local address to connect from, e.g. 127.0.0.2")
     common.add_argument("--tls-ca")
     common.add_argument("--tls-cert")
     common.add_argument("--tls-key")
@@ -101,8 +102,15 @@ def parse_args():
                        help="Keyword=Value (Value may be empty)")
         if name == "move":
             p.add_argument("--dest", required=True, help="move destination AE title")
+        if name == "find":
+            p.add_argument("--repeat", type=int, default=1,
+                           help="send the query this many times on the one association; "
+                                "each query's final status and match count go to 'queries'")
     store = sub.add_parser("store", parents=[common])
     store.add_argument("files", nargs="+")
+    store.add_argument("--then-find", action="append", default=[], metavar="KEYWORD=VALUE",
+                       help="after the stores, a Study Root C-FIND (STUDY level) with these keys on the "
+                            "same association; its statuses go to 'find_statuses', its matches to 'matches'")
     args = parser.parse_args()
     if args.user is not None and args.password is None:
         parser.error("--user needs --password")
@@ -224,6 +232,8 @@ def main():
             if pair not in seen:
                 seen.add(pair)
                 ae.add_requested_context(pair[0], [pair[1]])
+        if args.then_find:
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     else:
         find_model, move_model, get_model = MODELS[args.model]
         if args.cmd == "find":
@@ -245,7 +255,7 @@ def main():
             handlers.append((evt.EVT_C_STORE, on_store))
 
     assoc = ae.associate(args.host, args.port, ae_title=args.aec, ext_neg=ext_neg or None,
-                         tls_args=tls_args(args), evt_handlers=handlers)
+                         bind_address=(args.bind, 0), tls_args=tls_args(args), evt_handlers=handlers)
 
     acceptor = assoc.acceptor.primitive if assoc.acceptor else None
     if assoc.is_rejected and acceptor is not None:
@@ -287,6 +297,31 @@ def run(args, assoc, files, out):
                 out["statuses"].append(None)
                 continue
             out["statuses"].append(status_of(assoc.send_c_store(path, msg_id=msg_id & 0xFFFF)))
+        if args.then_find and assoc.is_established:
+            query = Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            for key in args.then_find:
+                keyword, _, value = key.partition("=")
+                setattr(query, keyword.strip(), value)
+            out["find_statuses"] = []
+            for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+                out["find_statuses"].append(status_of(status))
+                if ident is not None and status_of(status) in (0xFF00, 0xFF01):
+                    out["matches"].append({e.keyword or str(e.tag): as_text(e) for e in ident})
+    elif args.cmd == "find" and args.repeat > 1:
+        find_model = MODELS[args.model][0]
+        out["queries"] = []
+        for _ in range(args.repeat):
+            if not assoc.is_established:
+                break
+            final, matches = None, 0
+            for status, ident in assoc.send_c_find(identifier(args), find_model):
+                s = status_of(status)
+                if s in (0xFF00, 0xFF01):
+                    matches += 1
+                else:
+                    final = s
+            out["queries"].append({"status": final, "matches": matches})
     else:
         find_model, move_model, get_model = MODELS[args.model]
         query = identifier(args)

@@ -1,0 +1,99 @@
+//! Who may do what, how fast, and how much: role grants, rate limits, lockout, occupancy, the query guard.
+
+pub mod limits;
+pub mod lockout;
+pub mod query_guard;
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::config::{Config, Operation};
+use limits::{Full, Occupancy, Rates, Slot};
+use lockout::{Locked, Lockout, NewLock};
+
+/// What one authenticated user may do: the union of their roles.
+#[derive(Debug, Clone, Default)]
+pub struct Grants {
+    pub allow: BTreeSet<Operation>,
+    pub move_destinations: HashSet<String>,
+    pub unrestricted_queries: bool,
+    /// The smallest `query_min_chars` among the roles (the most permissive).
+    pub query_min_chars: usize,
+    pub max_query_results: u32,
+}
+
+impl Grants {
+    pub fn for_roles(config: &Config, roles: &[String]) -> Grants {
+        let mut g = Grants {
+            query_min_chars: usize::MAX,
+            ..Grants::default()
+        };
+        let mut cap = None;
+        for role in roles.iter().filter_map(|r| config.roles.get(r)) {
+            g.allow.extend(role.allow.iter().copied());
+            g.move_destinations
+                .extend(role.move_destinations.iter().cloned());
+            g.unrestricted_queries |= role.unrestricted_queries;
+            g.query_min_chars = g.query_min_chars.min(role.query_min_chars);
+            let role_cap = role
+                .max_query_results
+                .unwrap_or(config.limits.max_query_results);
+            cap = Some(cap.map_or(role_cap, |c: u32| c.max(role_cap)));
+        }
+        if g.query_min_chars == usize::MAX {
+            g.query_min_chars = 2;
+        }
+        g.max_query_results = cap.unwrap_or(config.limits.max_query_results);
+        g
+    }
+
+    pub fn allows(&self, op: Operation) -> bool {
+        self.allow.contains(&op)
+    }
+}
+
+/// The limits shared by every association: rate limiters, lockout and occupancy.
+pub struct Limiter {
+    pub rates: Rates,
+    pub lockout: Mutex<Lockout>,
+    pub occupancy: Arc<Occupancy>,
+}
+
+impl Limiter {
+    pub fn new(config: &Config) -> Limiter {
+        let l = &config.limits;
+        Limiter {
+            rates: Rates::new(l, governor::clock::DefaultClock::default()),
+            lockout: Mutex::new(Lockout::new(
+                l.failed_logins,
+                l.failed_logins_per_address,
+                l.failed_login_window,
+                l.lockout,
+            )),
+            occupancy: Occupancy::new(l.max_associations, l.max_associations_per_user),
+        }
+    }
+
+    fn lockout(&self) -> std::sync::MutexGuard<'_, Lockout> {
+        self.lockout.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn check_locked(&self, user: Option<&str>, address: IpAddr) -> Result<(), Locked> {
+        self.lockout().check(user, address, Instant::now())
+    }
+
+    /// Count a failed login; returns the locks it started, for the log.
+    pub fn login_failed(&self, user: Option<&str>, address: IpAddr) -> Vec<NewLock> {
+        self.lockout().failure(user, address, Instant::now())
+    }
+
+    pub fn login_succeeded(&self, user: &str, address: IpAddr) {
+        self.lockout().success(user, address);
+    }
+
+    pub fn admit(&self, user: &str) -> Result<Slot, Full> {
+        self.occupancy.admit(user)
+    }
+}

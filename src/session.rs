@@ -1,0 +1,542 @@
+//! One association's DIMSE policy: reassemble messages from PDVs, decide on each request by the user's
+//! grants and limits, answer refusals on the same association, and cap C-FIND results.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::config::Operation;
+use crate::dimse::{self, Command, PDataWriter, Pdv, command_field as cf, status};
+use crate::policy::{Grants, Limiter, query_guard};
+use crate::relay::{Actions, Forward, Inspector, Side};
+
+/// The Modality Worklist Information Model - FIND SOP class (PS3.4 K.6.1.2).
+const WORKLIST_FIND: &str = "1.2.840.10008.5.1.4.31";
+/// An identifier larger than this is not a query.
+const MAX_IDENTIFIER: usize = 64 * 1024;
+/// Locally refused message IDs remembered, so a later C-CANCEL for them is not sent upstream.
+const REMEMBER_REFUSED: usize = 64;
+
+/// Who is on this association, for log lines.
+#[derive(Debug, Clone)]
+pub struct Party {
+    pub peer: SocketAddr,
+    pub user: String,
+    pub calling_ae: String,
+    pub called_ae: String,
+}
+
+/// What happened on the association, for its log line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counts {
+    pub requests: u32,
+    pub refused: u32,
+    pub truncated_queries: u32,
+}
+
+#[derive(Debug, Default)]
+enum DataMode {
+    /// No message in progress, or one without a data set.
+    #[default]
+    Idle,
+    /// The data set of an allowed message: pass it on.
+    Forward,
+    /// The data set of a refused or dropped message: swallow it, then send `answer` if any.
+    Drop { answer: Option<(u8, Vec<u8>)> },
+    /// An identifier the decision needs: hold command and data until the data set is complete.
+    Hold {
+        pc: u8,
+        command: Box<Command>,
+        command_bytes: Vec<u8>,
+        data: Vec<u8>,
+    },
+}
+
+/// Message reassembly for one direction.
+#[derive(Debug, Default)]
+struct Assembly {
+    command: Option<(u8, Vec<u8>)>,
+    data: DataMode,
+}
+
+/// A PDV's fate in the rebuilt PDU.
+enum Piece<'a> {
+    Pass(Pdv<'a>),
+    Emit {
+        pc: u8,
+        is_command: bool,
+        bytes: Vec<u8>,
+    },
+}
+
+/// What to do with a complete command.
+enum Decision {
+    Forward,
+    /// Forward this command set instead (e.g. a truncated C-FIND's final response).
+    Rewrite(Vec<u8>),
+    Refuse {
+        status: u16,
+        reason: String,
+    },
+    Hold,
+    Drop,
+}
+
+#[derive(Debug)]
+struct FindTrack {
+    matches: u32,
+    cap: u32,
+    capped: bool,
+    dropped: u32,
+}
+
+/// The inspector the relay calls for every P-DATA-TF PDU.
+pub struct Session {
+    party: Party,
+    grants: Grants,
+    limiter: Arc<Limiter>,
+    transfer_syntaxes: HashMap<u8, String>,
+    /// Largest PDU body the client accepts / the archive accepts.
+    client_max: u32,
+    archive_max: u32,
+    from_client: Assembly,
+    from_archive: Assembly,
+    finds: HashMap<u16, FindTrack>,
+    refused: VecDeque<u16>,
+    pub counts: Counts,
+}
+
+impl Session {
+    pub fn new(
+        party: Party,
+        grants: Grants,
+        limiter: Arc<Limiter>,
+        transfer_syntaxes: HashMap<u8, String>,
+        client_max: u32,
+        archive_max: u32,
+    ) -> Session {
+        Session {
+            party,
+            grants,
+            limiter,
+            transfer_syntaxes,
+            client_max,
+            archive_max,
+            from_client: Assembly::default(),
+            from_archive: Assembly::default(),
+            finds: HashMap::new(),
+            refused: VecDeque::new(),
+            counts: Counts::default(),
+        }
+    }
+
+    fn step<'a>(
+        &mut self,
+        from: Side,
+        pdv: Pdv<'a>,
+        pieces: &mut Vec<Piece<'a>>,
+        back: &mut PDataWriter,
+    ) -> Result<(), String> {
+        let pc = pdv.presentation_context_id;
+        let mut asm = std::mem::take(match from {
+            Side::Client => &mut self.from_client,
+            Side::Archive => &mut self.from_archive,
+        });
+        let result = self.step_in(from, pdv, pc, &mut asm, pieces, back);
+        *match from {
+            Side::Client => &mut self.from_client,
+            Side::Archive => &mut self.from_archive,
+        } = asm;
+        result
+    }
+
+    fn step_in<'a>(
+        &mut self,
+        from: Side,
+        pdv: Pdv<'a>,
+        pc: u8,
+        asm: &mut Assembly,
+        pieces: &mut Vec<Piece<'a>>,
+        back: &mut PDataWriter,
+    ) -> Result<(), String> {
+        if pdv.is_command {
+            if !matches!(asm.data, DataMode::Idle) {
+                return Err("a command began before the previous data set ended".into());
+            }
+            let single = asm.command.is_none() && pdv.is_last;
+            let bytes: Vec<u8> = if single {
+                Vec::new()
+            } else {
+                let (held_pc, held) = asm.command.get_or_insert_with(|| (pc, Vec::new()));
+                if *held_pc != pc {
+                    return Err("command fragments on different presentation contexts".into());
+                }
+                if held.len() + pdv.data.len() > dimse::MAX_COMMAND_LENGTH {
+                    return Err("command set too large".into());
+                }
+                held.extend_from_slice(pdv.data);
+                if !pdv.is_last {
+                    return Ok(());
+                }
+                asm.command.take().map(|(_, b)| b).unwrap_or_default()
+            };
+            let raw: &[u8] = if single { pdv.data } else { &bytes };
+            let command = dimse::decode_command(raw).map_err(|e| e.to_string())?;
+            let has_data = command.has_data_set;
+            match self.decide(from, pc, &command, back) {
+                Decision::Forward => {
+                    pieces.push(if single {
+                        Piece::Pass(pdv)
+                    } else {
+                        Piece::Emit {
+                            pc,
+                            is_command: true,
+                            bytes,
+                        }
+                    });
+                    asm.data = if has_data {
+                        DataMode::Forward
+                    } else {
+                        DataMode::Idle
+                    };
+                }
+                Decision::Rewrite(bytes) => {
+                    pieces.push(Piece::Emit {
+                        pc,
+                        is_command: true,
+                        bytes,
+                    });
+                    asm.data = if has_data {
+                        DataMode::Forward
+                    } else {
+                        DataMode::Idle
+                    };
+                }
+                Decision::Refuse { status, reason } => {
+                    let answer = dimse::refusal(&command, status, &format!("pacsgate: {reason}"));
+                    self.refused_now(&command, status, &reason);
+                    if has_data {
+                        asm.data = DataMode::Drop {
+                            answer: Some((pc, answer)),
+                        };
+                    } else {
+                        back.push(pc, true, true, &answer);
+                    }
+                }
+                Decision::Hold if has_data => {
+                    asm.data = DataMode::Hold {
+                        pc,
+                        command: Box::new(command),
+                        command_bytes: raw.to_vec(),
+                        data: Vec::new(),
+                    };
+                }
+                Decision::Hold => {
+                    let reason = "request has no identifier".to_string();
+                    let answer = dimse::refusal(
+                        &command,
+                        status::IDENTIFIER_DOES_NOT_MATCH,
+                        &format!("pacsgate: {reason}"),
+                    );
+                    self.refused_now(&command, status::IDENTIFIER_DOES_NOT_MATCH, &reason);
+                    back.push(pc, true, true, &answer);
+                }
+                Decision::Drop => {
+                    asm.data = if has_data {
+                        DataMode::Drop { answer: None }
+                    } else {
+                        DataMode::Idle
+                    };
+                }
+            }
+            return Ok(());
+        }
+        match &mut asm.data {
+            DataMode::Idle => return Err("data set fragment without a command".into()),
+            DataMode::Forward => {
+                pieces.push(Piece::Pass(pdv));
+                if pdv.is_last {
+                    asm.data = DataMode::Idle;
+                }
+            }
+            DataMode::Drop { answer } => {
+                if pdv.is_last {
+                    if let Some((pc, a)) = answer.take() {
+                        back.push(pc, true, true, &a);
+                    }
+                    asm.data = DataMode::Idle;
+                }
+            }
+            DataMode::Hold { data, .. } => {
+                if data.len() + pdv.data.len() > MAX_IDENTIFIER {
+                    return Err("identifier too large".into());
+                }
+                data.extend_from_slice(pdv.data);
+                if pdv.is_last
+                    && let DataMode::Hold {
+                        pc,
+                        command,
+                        command_bytes,
+                        data,
+                    } = std::mem::take(&mut asm.data)
+                {
+                    match self.decide_identifier(pc, &command, &data) {
+                        Decision::Forward => {
+                            pieces.push(Piece::Emit {
+                                pc,
+                                is_command: true,
+                                bytes: command_bytes,
+                            });
+                            pieces.push(Piece::Emit {
+                                pc,
+                                is_command: false,
+                                bytes: data,
+                            });
+                        }
+                        Decision::Refuse { status, reason } => {
+                            let answer =
+                                dimse::refusal(&command, status, &format!("pacsgate: {reason}"));
+                            self.refused_now(&command, status, &reason);
+                            back.push(pc, true, true, &answer);
+                        }
+                        Decision::Rewrite(_) | Decision::Hold | Decision::Drop => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn refuse(&self, status: u16, reason: impl Into<String>) -> Decision {
+        Decision::Refuse {
+            status,
+            reason: reason.into(),
+        }
+    }
+
+    /// Decide on a complete command set.
+    fn decide(&mut self, from: Side, pc: u8, c: &Command, back: &mut PDataWriter) -> Decision {
+        match from {
+            Side::Archive => self.decide_archive(pc, c, back),
+            Side::Client if c.is_response() => Decision::Forward, // e.g. C-STORE-RSP to a C-GET sub-operation
+            Side::Client => {
+                self.counts.requests += 1;
+                let user = &self.party.user;
+                let op = match c.field {
+                    cf::C_ECHO_RQ => Operation::Echo,
+                    cf::C_STORE_RQ => Operation::Store,
+                    cf::C_FIND_RQ if c.affected_sop_class == WORKLIST_FIND => Operation::Worklist,
+                    cf::C_FIND_RQ => Operation::Find,
+                    cf::C_MOVE_RQ => Operation::Move,
+                    cf::C_GET_RQ => Operation::Get,
+                    cf::C_CANCEL_RQ => {
+                        self.counts.requests -= 1;
+                        return if self.refused.contains(&c.responded_to) {
+                            Decision::Drop
+                        } else {
+                            Decision::Forward
+                        };
+                    }
+                    other => {
+                        return self.refuse(
+                            status::REFUSED_NOT_AUTHORIZED,
+                            format!("operation {other:#06x} is not supported through the gateway"),
+                        );
+                    }
+                };
+                if !self.grants.allows(op) {
+                    return self.refuse(
+                        status::REFUSED_NOT_AUTHORIZED,
+                        format!("{} is not allowed for this user", op.name()),
+                    );
+                }
+                match op {
+                    Operation::Find | Operation::Worklist => {
+                        if !self.limiter.rates.queries.allow(user) {
+                            return self
+                                .refuse(status::OUT_OF_RESOURCES, "query rate limit reached");
+                        }
+                        Decision::Hold
+                    }
+                    Operation::Move => {
+                        if !self.grants.move_destinations.contains(&c.move_destination) {
+                            return self.refuse(
+                                status::MOVE_DESTINATION_UNKNOWN,
+                                format!(
+                                    "move destination {:?} is not allowed for this user",
+                                    c.move_destination
+                                ),
+                            );
+                        }
+                        if !self.limiter.rates.retrievals.allow(user) {
+                            return self.refuse(
+                                status::OUT_OF_RESOURCES_MATCHES,
+                                "retrieval rate limit reached",
+                            );
+                        }
+                        Decision::Hold
+                    }
+                    Operation::Get => {
+                        if !self.limiter.rates.retrievals.allow(user) {
+                            return self.refuse(
+                                status::OUT_OF_RESOURCES_MATCHES,
+                                "retrieval rate limit reached",
+                            );
+                        }
+                        Decision::Hold
+                    }
+                    Operation::Echo | Operation::Store => Decision::Forward,
+                }
+            }
+        }
+    }
+
+    /// Decide on a held request once its identifier is complete.
+    fn decide_identifier(&mut self, pc: u8, c: &Command, data: &[u8]) -> Decision {
+        let ts = self
+            .transfer_syntaxes
+            .get(&pc)
+            .map(String::as_str)
+            .unwrap_or("");
+        let identifier = match dimse::decode_identifier(data, ts) {
+            Ok(i) => i,
+            Err(e) => return self.refuse(status::IDENTIFIER_DOES_NOT_MATCH, e.to_string()),
+        };
+        if c.field == cf::C_FIND_RQ {
+            let worklist = c.affected_sop_class == WORKLIST_FIND;
+            if !worklist && !self.grants.unrestricted_queries {
+                match query_guard::check(&identifier, self.grants.query_min_chars) {
+                    Ok(key) => {
+                        tracing::debug!(user = %self.party.user, key, "C-FIND allowed by key")
+                    }
+                    Err(reason) => return self.refuse(status::OUT_OF_RESOURCES, reason),
+                }
+            }
+            self.finds.insert(
+                c.message_id,
+                FindTrack {
+                    matches: 0,
+                    cap: self.grants.max_query_results,
+                    capped: false,
+                    dropped: 0,
+                },
+            );
+        }
+        Decision::Forward
+    }
+
+    /// Responses from the archive: count C-FIND matches and enforce the result cap.
+    fn decide_archive(&mut self, pc: u8, c: &Command, back: &mut PDataWriter) -> Decision {
+        if c.field != (cf::C_FIND_RQ | cf::RESPONSE) {
+            return Decision::Forward;
+        }
+        let id = c.responded_to;
+        let Some(track) = self.finds.get_mut(&id) else {
+            return Decision::Forward;
+        };
+        let st = c.status.unwrap_or(status::SUCCESS);
+        if status::is_pending(st) {
+            track.matches += 1;
+            if track.capped {
+                track.dropped += 1;
+                return Decision::Drop;
+            }
+            if track.matches >= track.cap {
+                track.capped = true;
+                back.push(pc, true, true, &dimse::c_cancel(id));
+            }
+            return Decision::Forward;
+        }
+        // The final response.
+        let Some(track) = self.finds.remove(&id) else {
+            return Decision::Forward;
+        };
+        if track.capped && (track.dropped > 0 || st == status::CANCEL) {
+            self.counts.truncated_queries += 1;
+            tracing::info!(
+                peer = %self.party.peer,
+                user = %self.party.user,
+                calling_ae = %self.party.calling_ae,
+                called_ae = %self.party.called_ae,
+                op = "find",
+                relayed = track.cap,
+                dropped = track.dropped,
+                reason = "max_query_results reached",
+                "C-FIND truncated"
+            );
+            let comment = format!("pacsgate: result cap of {} matches reached", track.cap);
+            return Decision::Rewrite(dimse::with_status(c, status::CANCEL, &comment));
+        }
+        Decision::Forward
+    }
+
+    fn refused_now(&mut self, c: &Command, status: u16, reason: &str) {
+        self.counts.refused += 1;
+        if self.refused.len() >= REMEMBER_REFUSED {
+            self.refused.pop_front();
+        }
+        self.refused.push_back(c.message_id);
+        tracing::info!(
+            peer = %self.party.peer,
+            user = %self.party.user,
+            calling_ae = %self.party.calling_ae,
+            called_ae = %self.party.called_ae,
+            op = op_name(c.field),
+            status = format_args!("{status:#06x}"),
+            reason,
+            "refused"
+        );
+    }
+}
+
+fn op_name(field: u16) -> &'static str {
+    match field {
+        cf::C_ECHO_RQ => "echo",
+        cf::C_STORE_RQ => "store",
+        cf::C_FIND_RQ => "find",
+        cf::C_MOVE_RQ => "move",
+        cf::C_GET_RQ => "get",
+        _ => "other",
+    }
+}
+
+impl Inspector for Session {
+    fn inspect(&mut self, from: Side, pdata: &[u8]) -> Result<Actions, String> {
+        let (to_max, back_max) = match from {
+            Side::Client => (self.archive_max, self.client_max),
+            Side::Archive => (self.client_max, self.archive_max),
+        };
+        let mut pieces = Vec::new();
+        let mut back = PDataWriter::new(back_max);
+        let mut items = 0usize;
+        for pdv in dimse::pdv_items(pdata) {
+            items += 1;
+            self.step(from, pdv, &mut pieces, &mut back)?;
+        }
+        let unchanged = pieces.len() == items && pieces.iter().all(|p| matches!(p, Piece::Pass(_)));
+        let forward = if unchanged {
+            Forward::Unchanged
+        } else if pieces.is_empty() {
+            Forward::Nothing
+        } else {
+            let mut out = PDataWriter::new(to_max);
+            for piece in &pieces {
+                match piece {
+                    Piece::Pass(p) => {
+                        out.push(p.presentation_context_id, p.is_command, p.is_last, p.data)
+                    }
+                    Piece::Emit {
+                        pc,
+                        is_command,
+                        bytes,
+                    } => out.push(*pc, *is_command, true, bytes),
+                }
+            }
+            Forward::Rebuilt(out.into_bytes())
+        };
+        Ok(Actions {
+            forward,
+            back: back.into_bytes(),
+        })
+    }
+}
