@@ -540,3 +540,299 @@ impl Inspector for Session {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    use dicom_object::InMemDicomObject;
+    use dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN;
+
+    const CONFIG: &str = r#"
+[gateway]
+listen = "127.0.0.1:2762"
+[tls]
+certificate = "c"
+private_key = "k"
+[[upstream]]
+called_ae = "A"
+address = "127.0.0.1:104"
+ae_title = "A"
+[limits]
+max_query_results = 2
+[[role]]
+name = "r"
+allow = ["echo", "find"]
+"#;
+
+    fn session() -> Session {
+        let cfg = Config::parse(CONFIG, std::path::Path::new("/x.toml")).expect("config");
+        let party = Party {
+            peer: "127.0.0.1:5000".parse().expect("addr"),
+            user: "u".into(),
+            calling_ae: "C".into(),
+            called_ae: "A".into(),
+        };
+        let ts = HashMap::from([
+            (1u8, "1.2.840.10008.1.2.1".to_string()),
+            (3u8, "1.2.840.10008.1.2".to_string()),
+        ]);
+        Session::new(
+            party,
+            Grants::for_roles(&cfg, &["r".to_string()]),
+            Arc::new(Limiter::new(&cfg)),
+            ts,
+            16384,
+            16384,
+        )
+    }
+
+    fn command(elements: Vec<(dicom_core::Tag, u16)>, sop_class: &str) -> Vec<u8> {
+        let mut e: Vec<DataElement<InMemDicomObject>> = vec![DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(sop_class),
+        )];
+        e.extend(
+            elements
+                .into_iter()
+                .map(|(t, v)| DataElement::new(t, VR::US, PrimitiveValue::from(v))),
+        );
+        let obj = InMemDicomObject::command_from_element_iter(e);
+        let mut out = Vec::new();
+        obj.write_dataset_with_ts(
+            &mut out,
+            &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+        )
+        .expect("encode");
+        out
+    }
+
+    fn pdu(pc: u8, is_command: bool, is_last: bool, data: &[u8]) -> Vec<u8> {
+        let mut w = PDataWriter::new(1 << 20);
+        w.push(pc, is_command, is_last, data);
+        w.into_bytes()
+    }
+
+    fn identifier(keys: &[(dicom_core::Tag, VR, &str)]) -> Vec<u8> {
+        let obj = InMemDicomObject::from_element_iter(
+            keys.iter()
+                .map(|(t, vr, v)| DataElement::new(*t, *vr, PrimitiveValue::from(*v))),
+        );
+        let mut out = Vec::new();
+        obj.write_dataset_with_ts(&mut out, &EXPLICIT_VR_LITTLE_ENDIAN.erased())
+            .expect("encode");
+        out
+    }
+
+    fn statuses(back: &[u8]) -> Vec<u16> {
+        let mut out = Vec::new();
+        let mut rest = back;
+        while rest.len() >= 6 {
+            let len = u32::from_be_bytes([rest[2], rest[3], rest[4], rest[5]]) as usize;
+            for pdv in dimse::pdv_items(&rest[..6 + len]) {
+                if pdv.is_command {
+                    out.push(
+                        dimse::decode_command(pdv.data)
+                            .expect("cmd")
+                            .status
+                            .unwrap_or(0),
+                    );
+                }
+            }
+            rest = &rest[6 + len..];
+        }
+        out
+    }
+
+    const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+    const FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+
+    #[test]
+    fn an_allowed_echo_takes_the_fast_path() {
+        let mut s = session();
+        let echo = command(
+            vec![
+                (tags::COMMAND_FIELD, 0x0030),
+                (tags::MESSAGE_ID, 1),
+                (tags::COMMAND_DATA_SET_TYPE, 0x0101),
+            ],
+            "1.2.840.10008.1.1",
+        );
+        let a = s
+            .inspect(Side::Client, &pdu(1, true, true, &echo))
+            .expect("inspect");
+        assert_eq!(a, Actions::PASS);
+    }
+
+    #[test]
+    fn a_refused_store_swallows_its_data_and_answers_after_the_last_fragment() {
+        let mut s = session();
+        let store = command(
+            vec![
+                (tags::COMMAND_FIELD, 0x0001),
+                (tags::MESSAGE_ID, 9),
+                (tags::COMMAND_DATA_SET_TYPE, 0),
+            ],
+            CT,
+        );
+        let a = s
+            .inspect(Side::Client, &pdu(1, true, true, &store))
+            .expect("command");
+        assert_eq!((a.forward, a.back.len()), (Forward::Nothing, 0));
+        let a = s
+            .inspect(Side::Client, &pdu(1, false, false, &[0u8; 1000]))
+            .expect("data 1");
+        assert_eq!((a.forward, a.back.len()), (Forward::Nothing, 0));
+        let a = s
+            .inspect(Side::Client, &pdu(1, false, true, &[0u8; 10]))
+            .expect("data 2");
+        assert_eq!(a.forward, Forward::Nothing);
+        assert_eq!(statuses(&a.back), vec![0x0124]);
+        assert_eq!(s.counts.refused, 1);
+        // The association stays usable: the next echo passes.
+        let echo = command(
+            vec![
+                (tags::COMMAND_FIELD, 0x0030),
+                (tags::MESSAGE_ID, 10),
+                (tags::COMMAND_DATA_SET_TYPE, 0x0101),
+            ],
+            "1.2.840.10008.1.1",
+        );
+        assert_eq!(
+            s.inspect(Side::Client, &pdu(1, true, true, &echo))
+                .expect("echo"),
+            Actions::PASS
+        );
+    }
+
+    #[test]
+    fn a_find_is_held_until_its_identifier_is_complete() {
+        let mut s = session();
+        let find = command(
+            vec![
+                (tags::COMMAND_FIELD, 0x0020),
+                (tags::MESSAGE_ID, 3),
+                (tags::COMMAND_DATA_SET_TYPE, 0),
+            ],
+            FIND,
+        );
+        let id = identifier(&[
+            (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "STUDY"),
+            (tags::PATIENT_ID, VR::LO, "12345"),
+        ]);
+        let a = s
+            .inspect(Side::Client, &pdu(1, true, true, &find))
+            .expect("command");
+        assert_eq!(a.forward, Forward::Nothing, "held");
+        let (first, second) = id.split_at(10);
+        assert_eq!(
+            s.inspect(Side::Client, &pdu(1, false, false, first))
+                .expect("1")
+                .forward,
+            Forward::Nothing
+        );
+        let a = s
+            .inspect(Side::Client, &pdu(1, false, true, second))
+            .expect("2");
+        let Forward::Rebuilt(bytes) = a.forward else {
+            panic!("expected the held request")
+        };
+        let items: Vec<Pdv> = dimse::pdv_items(&bytes).collect();
+        assert_eq!(items.len(), 2);
+        assert!(items[0].is_command && items[0].data == &find[..]);
+        assert!(!items[1].is_command && items[1].is_last && items[1].data == &id[..]);
+    }
+
+    #[test]
+    fn a_wildcard_find_is_refused_a700_and_the_cap_cancels_at_the_archive() {
+        let mut s = session();
+        let find = |id: u16| {
+            command(
+                vec![
+                    (tags::COMMAND_FIELD, 0x0020),
+                    (tags::MESSAGE_ID, id),
+                    (tags::COMMAND_DATA_SET_TYPE, 0),
+                ],
+                FIND,
+            )
+        };
+        let wild = identifier(&[
+            (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "STUDY"),
+            (tags::PATIENT_NAME, VR::PN, "*"),
+        ]);
+        s.inspect(Side::Client, &pdu(1, true, true, &find(4)))
+            .expect("cmd");
+        let a = s
+            .inspect(Side::Client, &pdu(1, false, true, &wild))
+            .expect("id");
+        assert_eq!(
+            (a.forward, statuses(&a.back)),
+            (Forward::Nothing, vec![0xA700])
+        );
+
+        let named = identifier(&[
+            (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "STUDY"),
+            (tags::PATIENT_NAME, VR::PN, "DOE*"),
+        ]);
+        s.inspect(Side::Client, &pdu(1, true, true, &find(5)))
+            .expect("cmd");
+        assert!(matches!(
+            s.inspect(Side::Client, &pdu(1, false, true, &named))
+                .expect("id")
+                .forward,
+            Forward::Rebuilt(_)
+        ));
+        let rsp = |status: u16, data: bool| {
+            command(
+                vec![
+                    (tags::COMMAND_FIELD, 0x8020),
+                    (tags::MESSAGE_ID_BEING_RESPONDED_TO, 5),
+                    (tags::COMMAND_DATA_SET_TYPE, if data { 0 } else { 0x0101 }),
+                    (tags::STATUS, status),
+                ],
+                FIND,
+            )
+        };
+        let mut relayed = 0;
+        let mut cancels = 0;
+        for _ in 0..4 {
+            let a = s
+                .inspect(Side::Archive, &pdu(1, true, true, &rsp(0xFF00, true)))
+                .expect("pending");
+            let b = s
+                .inspect(Side::Archive, &pdu(1, false, true, &named))
+                .expect("match");
+            if a.forward == Forward::Unchanged && b.forward == Forward::Unchanged {
+                relayed += 1;
+            }
+            cancels += usize::from(!a.back.is_empty());
+        }
+        assert_eq!((relayed, cancels), (2, 1));
+        let a = s
+            .inspect(Side::Archive, &pdu(1, true, true, &rsp(0x0000, false)))
+            .expect("final");
+        let Forward::Rebuilt(bytes) = a.forward else {
+            panic!("final response rewritten")
+        };
+        assert_eq!(statuses(&bytes), vec![0xFE00]);
+        assert_eq!(s.counts.truncated_queries, 1);
+    }
+
+    #[test]
+    fn protocol_violations_are_errors() {
+        let mut s = session();
+        assert!(
+            s.inspect(Side::Client, &pdu(1, false, true, &[1, 2, 3]))
+                .is_err(),
+            "data without command"
+        );
+        assert!(
+            s.inspect(Side::Client, &pdu(1, true, true, &[0xff; 9]))
+                .is_err(),
+            "garbage command"
+        );
+    }
+}
