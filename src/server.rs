@@ -11,13 +11,15 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::association::{self, DICOM_APPLICATION_CONTEXT, UpstreamAnswer};
 use crate::auth::{self, Authenticator, Principal};
-use crate::config::{Config, Upstream};
+use crate::config::Config;
 use crate::pdu::{self, PduError, Rejection, read_pdu};
 use crate::policy::{Grants, Limiter};
 use crate::relay::{self, RelayLimits};
 use crate::session::{Party, Session};
 use crate::tls;
-use dicom_ul::pdu::{PresentationContextResultReason, UserIdentityType};
+use dicom_ul::pdu::{
+    AssociationAC, AssociationRQ, PresentationContextResultReason, UserIdentityType,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Errors that stop the gateway from starting.
@@ -142,13 +144,13 @@ struct Outcome {
 }
 
 /// An association that ended before the relay, with the reason for the log.
-struct Stop {
-    outcome: &'static str,
-    reason: String,
+pub(crate) struct Stop {
+    pub(crate) outcome: &'static str,
+    pub(crate) reason: String,
 }
 
 impl Stop {
-    fn new(outcome: &'static str, reason: impl Into<String>) -> Stop {
+    pub(crate) fn new(outcome: &'static str, reason: impl Into<String>) -> Stop {
         Stop {
             outcome,
             reason: reason.into(),
@@ -269,62 +271,9 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
     let cfg = &state.config;
     let t = cfg.timeouts;
 
-    // Phase: association request (the ARTIM timer runs from accept).
-    let artim = t.association_request.saturating_sub(started.elapsed());
-    let mut buf = Vec::new();
-    let limit = cfg.gateway.max_association_request_length;
-    let pdu_type = match tokio::time::timeout(artim, read_pdu(&mut client, &mut buf, limit)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(PduError::Closed)) => {
-            return Err(Stop::new("closed", "closed before A-ASSOCIATE-RQ"));
-        }
-        Ok(Err(e)) => {
-            send(&mut client, &pdu::abort(2)).await;
-            return Err(Stop::new(
-                "protocol_error",
-                format!("association request: {e}"),
-            ));
-        }
-        Err(_) => {
-            send(&mut client, &pdu::abort(0)).await;
-            return Err(Stop::new(
-                "timeout",
-                "association request timed out (ARTIM)",
-            ));
-        }
-    };
-    if pdu_type != pdu::A_ASSOCIATE_RQ {
-        send(&mut client, &pdu::abort(1)).await;
-        return Err(Stop::new(
-            "protocol_error",
-            format!("PDU type {pdu_type:#04x} before A-ASSOCIATE-RQ"),
-        ));
-    }
-    let rq = match association::parse_request(&buf) {
-        Ok(rq) => rq,
-        Err(e) => {
-            send(&mut client, &pdu::abort(2)).await;
-            return Err(Stop::new("protocol_error", e.to_string()));
-        }
-    };
+    let rq = read_request(&mut client, cfg, started).await?;
     outcome.calling_ae = rq.calling_ae_title.clone();
     outcome.called_ae = rq.called_ae_title.clone();
-    if rq.protocol_version & 1 == 0 {
-        return Err(reject(
-            &mut client,
-            Rejection::ProtocolVersion,
-            "protocol version 1 not offered",
-        )
-        .await);
-    }
-    if rq.application_context_name.trim_end_matches('\0') != DICOM_APPLICATION_CONTEXT {
-        return Err(reject(
-            &mut client,
-            Rejection::ApplicationContext,
-            "not the DICOM application context",
-        )
-        .await);
-    }
 
     // Phase: limits on the address, before any credential is looked at.
     let address = peer.ip();
@@ -403,64 +352,24 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
         && principal.method != auth::Method::Certificate;
 
     // Phase: upstream connect and the archive's answer.
-    let mut archive = match connect_upstream(upstream, t.upstream_connect).await {
-        Ok(a) => a,
-        Err(reason) => {
-            return Err(reject(&mut client, Rejection::UpstreamUnavailable, reason).await);
-        }
-    };
     let request =
         match association::rewrite_request(&rq, &upstream.ae_title, cfg.gateway.max_pdu_length) {
             Ok(r) => r,
             Err(e) => {
-                return Err(reject(&mut client, Rejection::NotAuthenticated, e.to_string()).await);
+                return Err(
+                    reject(&mut client, Rejection::UpstreamUnavailable, e.to_string()).await,
+                );
             }
         };
-    let answer = tokio::time::timeout(t.upstream_response, async {
-        archive.write_all(&request).await?;
-        read_pdu(&mut archive, &mut buf, 1024 * 1024)
-            .await
-            .map_err(std::io::Error::other)
-    })
-    .await;
-    let answer = match answer {
-        Ok(Ok(_)) => association::parse_answer(&buf),
-        Ok(Err(e)) => {
-            let reason = format!(
-                "archive {} failed during association: {e}",
-                upstream.address
-            );
-            return Err(reject(&mut client, Rejection::UpstreamUnavailable, reason).await);
-        }
-        Err(_) => {
-            let reason = format!(
-                "archive {} did not answer the association in time",
-                upstream.address
-            );
-            return Err(reject(&mut client, Rejection::UpstreamUnavailable, reason).await);
-        }
-    };
-    let ac = match answer {
-        Ok(UpstreamAnswer::Accepted(ac)) => ac,
-        Ok(UpstreamAnswer::Refused { pdu_type, bytes }) => {
-            send(&mut client, &bytes).await;
-            let what = if pdu_type == pdu::A_ASSOCIATE_RJ {
-                format!(
-                    "archive rejected the association ({}/{}/{})",
-                    bytes.get(7).copied().unwrap_or(0),
-                    bytes.get(8).copied().unwrap_or(0),
-                    bytes.get(9).copied().unwrap_or(0)
-                )
-            } else {
-                "archive aborted the association request".to_string()
-            };
-            return Err(Stop::new("rejected_by_archive", what));
-        }
-        Err(e) => {
-            let reason = format!("archive {}: {e}", upstream.address);
-            return Err(reject(&mut client, Rejection::UpstreamUnavailable, reason).await);
-        }
-    };
+    let connect = connect_tcp(&upstream.address, t.upstream_connect, "archive");
+    let (mut archive, ac) = open_upstream(
+        &mut client,
+        connect,
+        &request,
+        t.upstream_response,
+        "archive",
+    )
+    .await?;
     let (accept, archive_max) = match association::rewrite_accept(
         &ac,
         &rq.called_ae_title,
@@ -512,18 +421,154 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(end)
 }
 
-async fn connect_upstream(upstream: &Upstream, within: Duration) -> Result<TcpStream, String> {
-    match tokio::time::timeout(within, TcpStream::connect(&upstream.address)).await {
+/// Phase: the association request, within the ARTIM timer (counted from accept), bounded in size,
+/// parsed, and checked for protocol version and application context.
+pub(crate) async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut S,
+    cfg: &Config,
+    started: Instant,
+) -> Result<AssociationRQ, Stop> {
+    let artim = cfg
+        .timeouts
+        .association_request
+        .saturating_sub(started.elapsed());
+    let mut buf = Vec::new();
+    let limit = cfg.gateway.max_association_request_length;
+    let pdu_type = match tokio::time::timeout(artim, read_pdu(client, &mut buf, limit)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(PduError::Closed)) => {
+            return Err(Stop::new("closed", "closed before A-ASSOCIATE-RQ"));
+        }
+        Ok(Err(e)) => {
+            send(client, &pdu::abort(2)).await;
+            return Err(Stop::new(
+                "protocol_error",
+                format!("association request: {e}"),
+            ));
+        }
+        Err(_) => {
+            send(client, &pdu::abort(0)).await;
+            return Err(Stop::new(
+                "timeout",
+                "association request timed out (ARTIM)",
+            ));
+        }
+    };
+    if pdu_type != pdu::A_ASSOCIATE_RQ {
+        send(client, &pdu::abort(1)).await;
+        return Err(Stop::new(
+            "protocol_error",
+            format!("PDU type {pdu_type:#04x} before A-ASSOCIATE-RQ"),
+        ));
+    }
+    let rq = match association::parse_request(&buf) {
+        Ok(rq) => rq,
+        Err(e) => {
+            send(client, &pdu::abort(2)).await;
+            return Err(Stop::new("protocol_error", e.to_string()));
+        }
+    };
+    if rq.protocol_version & 1 == 0 {
+        return Err(reject(
+            client,
+            Rejection::ProtocolVersion,
+            "protocol version 1 not offered",
+        )
+        .await);
+    }
+    if rq.application_context_name.trim_end_matches('\0') != DICOM_APPLICATION_CONTEXT {
+        return Err(reject(
+            client,
+            Rejection::ApplicationContext,
+            "not the DICOM application context",
+        )
+        .await);
+    }
+    Ok(rq)
+}
+
+/// Phase: connect to the next hop, send it the (rewritten) request, and read its answer.
+/// An A-ASSOCIATE-RJ or A-ABORT from it goes back to the client as it came; a hop that cannot be
+/// reached or does not answer in time gets the client a 2/3/1 rejection.
+pub(crate) async fn open_upstream<S, U>(
+    client: &mut S,
+    connect: impl std::future::Future<Output = Result<U, String>>,
+    request: &[u8],
+    within: Duration,
+    what: &str,
+) -> Result<(U, AssociationAC), Stop>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut upstream = match connect.await {
+        Ok(u) => u,
+        Err(reason) => return Err(reject(client, Rejection::UpstreamUnavailable, reason).await),
+    };
+    let mut buf = Vec::new();
+    let answer = tokio::time::timeout(within, async {
+        write_flush(&mut upstream, request).await?;
+        read_pdu(&mut upstream, &mut buf, 1024 * 1024)
+            .await
+            .map_err(std::io::Error::other)
+    })
+    .await;
+    let answer = match answer {
+        Ok(Ok(_)) => association::parse_answer(&buf),
+        Ok(Err(e)) => {
+            let reason = format!("{what} failed during association: {e}");
+            return Err(reject(client, Rejection::UpstreamUnavailable, reason).await);
+        }
+        Err(_) => {
+            let reason = format!("{what} did not answer the association in time");
+            return Err(reject(client, Rejection::UpstreamUnavailable, reason).await);
+        }
+    };
+    match answer {
+        Ok(UpstreamAnswer::Accepted(ac)) => Ok((upstream, ac)),
+        Ok(UpstreamAnswer::Refused { pdu_type, bytes }) => {
+            send(client, &bytes).await;
+            let reason = if pdu_type == pdu::A_ASSOCIATE_RJ {
+                format!(
+                    "{what} rejected the association ({}/{}/{})",
+                    bytes.get(7).copied().unwrap_or(0),
+                    bytes.get(8).copied().unwrap_or(0),
+                    bytes.get(9).copied().unwrap_or(0)
+                )
+            } else {
+                format!("{what} aborted the association request")
+            };
+            Err(Stop::new("rejected_by_upstream", reason))
+        }
+        Err(e) => {
+            send(&mut upstream, &pdu::abort(0)).await;
+            Err(reject(
+                client,
+                Rejection::UpstreamUnavailable,
+                format!("{what}: {e}"),
+            )
+            .await)
+        }
+    }
+}
+
+/// A TCP connection to `address` within `within`, with TCP_NODELAY.
+pub(crate) async fn connect_tcp(
+    address: &str,
+    within: Duration,
+    what: &str,
+) -> Result<TcpStream, String> {
+    match tokio::time::timeout(within, TcpStream::connect(address)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             Ok(s)
         }
-        Ok(Err(e)) => Err(format!("archive {} unreachable: {e}", upstream.address)),
-        Err(_) => Err(format!("archive {} connect timed out", upstream.address)),
+        Ok(Err(e)) => Err(format!("{what} {address} unreachable: {e}")),
+        Err(_) => Err(format!("{what} {address} connect timed out")),
     }
 }
 
-async fn reject<S: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn reject<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut S,
     rejection: Rejection,
     reason: impl Into<String>,
@@ -539,7 +584,7 @@ async fn reject<S: AsyncRead + AsyncWrite + Unpin>(
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Best effort: send a last PDU, wait (bounded) for the peer to close, then close.
-async fn send<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
+pub(crate) async fn send<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
     let _ = tokio::time::timeout(CLOSE_WAIT, async {
         write_flush(stream, bytes).await?;
         let mut sink = [0u8; 512];
@@ -555,7 +600,10 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
     .await;
 }
 
-async fn write_flush<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) async fn write_flush<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: &[u8],
+) -> std::io::Result<()> {
     stream.write_all(bytes).await?;
     stream.flush().await
 }

@@ -17,6 +17,7 @@ Prints ONE JSON object on stdout:
                                   # null where a request got no response (e.g. aborted)
    "matches": [{keyword: str}],   # find: identifiers of pending responses
    "received": [sop_uid],         # get: instances received over C-GET
+   "counts": [{"remaining", "completed", "failed", "warning"}],  # move/get: sub-operation counts per response
    "user_identity_response": hex | null,  # 0x59 server response in the A-ASSOCIATE-AC ("" = empty)
    "log": [str]}                  # pynetdicom warnings/errors (connection refused, TLS errors, ...)
 Exit status 0 whenever the script ran; non-zero only on errors in the script or its arguments.
@@ -102,6 +103,8 @@ def parse_args():
                        help="Keyword=Value (Value may be empty)")
         if name == "move":
             p.add_argument("--dest", required=True, help="move destination AE title")
+        if name == "get":
+            p.add_argument("--out", help="write each received data set, as received, to OUT/<SOPInstanceUID>.raw")
         if name == "find":
             p.add_argument("--repeat", type=int, default=1,
                            help="send the query this many times on the one association; "
@@ -249,7 +252,12 @@ def main():
                 ext_neg.append(build_role(cx.abstract_syntax, scp_role=True))
 
             def on_store(event):
-                out["received"].append(str(event.request.AffectedSOPInstanceUID))
+                uid = str(event.request.AffectedSOPInstanceUID)
+                out["received"].append(uid)
+                if args.out:
+                    # The encoded data set exactly as it arrived (no file meta), for byte comparison.
+                    with open(f"{args.out}/{uid}.raw", "wb") as f:
+                        f.write(event.request.DataSet.getvalue())
                 return 0x0000
 
             handlers.append((evt.EVT_C_STORE, on_store))
@@ -333,6 +341,15 @@ def run(args, assoc, files, out):
             responses = assoc.send_c_get(query, get_model)
         for status, ident in responses:
             out["statuses"].append(status_of(status))
+            if args.cmd in ("move", "get") and status is not None:
+                counts = {}
+                for key, name in (("NumberOfRemainingSuboperations", "remaining"),
+                                  ("NumberOfCompletedSuboperations", "completed"),
+                                  ("NumberOfFailedSuboperations", "failed"),
+                                  ("NumberOfWarningSuboperations", "warning")):
+                    if key in status:
+                        counts[name] = int(status[key].value)
+                out.setdefault("counts", []).append(counts)
             if args.cmd == "find" and ident is not None and status_of(status) in (0xFF00, 0xFF01):
                 out["matches"].append({e.keyword or str(e.tag): as_text(e) for e in ident})
 
