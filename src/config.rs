@@ -48,6 +48,25 @@ struct FileConfig {
     limits: FileLimits,
     #[serde(default)]
     device: Vec<FileDevice>,
+    #[serde(default)]
+    destination: Vec<FileDestination>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDestination {
+    ae_title: String,
+    address: String,
+    tls: Option<FileDestinationTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDestinationTls {
+    ca: PathBuf,
+    certificate: Option<PathBuf>,
+    private_key: Option<PathBuf>,
+    server_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -61,6 +80,8 @@ struct FileGateway {
     #[serde(default = "default_max_association_request_length")]
     max_association_request_length: u32,
     device_listen: Option<String>,
+    return_listen: Option<String>,
+    return_allowed_addresses: Option<Vec<String>>,
 }
 
 fn default_ae_title() -> String {
@@ -257,6 +278,25 @@ pub struct Config {
     pub roles: HashMap<String, Role>,
     pub limits: Limits,
     pub devices: Vec<Device>,
+    pub destinations: Vec<Destination>,
+}
+
+/// A C-MOVE destination the gateway relays the archive's sub-operations to.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub ae_title: String,
+    pub address: String,
+    pub tls: Option<DestinationTls>,
+}
+
+/// TLS for the leg from the gateway to a destination.
+#[derive(Debug, Clone)]
+pub struct DestinationTls {
+    pub ca: PathBuf,
+    pub certificate: Option<PathBuf>,
+    pub private_key: Option<PathBuf>,
+    /// The name the destination's certificate must carry; default: the host of `address`.
+    pub server_name: String,
 }
 
 #[derive(Debug, Clone)]
@@ -264,6 +304,10 @@ pub struct Gateway {
     pub listen: SocketAddr,
     /// Optional plain (non-TLS) listener that admits only `[[device]]` entries.
     pub device_listen: Option<SocketAddr>,
+    /// Plain listener for the archive's C-MOVE sub-operation associations (the return path).
+    pub return_listen: Option<SocketAddr>,
+    /// Who may connect to `return_listen`; `None`: the upstream archives' addresses.
+    pub return_allowed_addresses: Option<Vec<ipnet::IpNet>>,
     pub ae_title: String,
     pub max_pdu_length: u32,
     pub max_association_request_length: u32,
@@ -431,6 +475,11 @@ impl Config {
             message: e.to_string().trim_end().replace('\n', " "),
         })?;
         validate(file, path)
+    }
+
+    /// The destination an AE title names.
+    pub fn destination(&self, ae_title: &str) -> Option<&Destination> {
+        self.destinations.iter().find(|d| d.ae_title == ae_title)
     }
 
     /// The upstream a called AE title maps to.
@@ -776,6 +825,97 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             roles: d.roles,
         });
     }
+    let mut destinations: Vec<Destination> = Vec::new();
+    for (i, d) in file.destination.into_iter().enumerate() {
+        let key = |k: &str| format!("destination[{i}].{k}");
+        check_ae_title(&d.ae_title).map_err(|m| invalid(&key("ae_title"), m))?;
+        let host = match d.address.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {
+                h.trim_matches(['[', ']']).to_string()
+            }
+            _ => {
+                return Err(invalid(
+                    &key("address"),
+                    format!("{:?} is not host:port", d.address),
+                ));
+            }
+        };
+        if destinations.iter().any(|o| o.ae_title == d.ae_title) {
+            return Err(invalid(
+                &key("ae_title"),
+                format!("{:?} is defined twice", d.ae_title),
+            ));
+        }
+        let tls = match d.tls {
+            None => None,
+            Some(t) => {
+                if t.certificate.is_some() != t.private_key.is_some() {
+                    return Err(invalid(
+                        &key("tls"),
+                        "certificate and private_key go together".into(),
+                    ));
+                }
+                Some(DestinationTls {
+                    ca: resolve(&t.ca),
+                    certificate: t.certificate.as_deref().map(resolve),
+                    private_key: t.private_key.as_deref().map(resolve),
+                    server_name: t.server_name.unwrap_or(host),
+                })
+            }
+        };
+        destinations.push(Destination {
+            ae_title: d.ae_title,
+            address: d.address,
+            tls,
+        });
+    }
+    for role in roles.values() {
+        for dest in &role.move_destinations {
+            if !destinations.iter().any(|d| &d.ae_title == dest) {
+                return Err(invalid(
+                    "role.move_destinations",
+                    format!(
+                        "role {:?} lists {dest:?}, which no [[destination]] defines: C-MOVE results must come back through the gateway",
+                        role.name
+                    ),
+                ));
+            }
+        }
+    }
+    let return_listen = match &file.gateway.return_listen {
+        None => None,
+        Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
+            invalid(
+                "gateway.return_listen",
+                format!("{a:?} is not an address:port ({e})"),
+            )
+        })?),
+    };
+    if !destinations.is_empty() && return_listen.is_none() {
+        return Err(invalid(
+            "gateway.return_listen",
+            "[[destination]] entries need a return_listen for the archive's sub-operations".into(),
+        ));
+    }
+    let return_allowed_addresses = match &file.gateway.return_allowed_addresses {
+        None => None,
+        Some(list) => {
+            let mut nets = Vec::new();
+            for a in list {
+                nets.push(
+                    a.parse::<ipnet::IpNet>()
+                        .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                        .map_err(|_| {
+                            invalid(
+                                "gateway.return_allowed_addresses",
+                                format!("{a:?} is not an address or CIDR block"),
+                            )
+                        })?,
+                );
+            }
+            Some(nets)
+        }
+    };
     let device_listen = match &file.gateway.device_listen {
         None => None,
         Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
@@ -790,9 +930,12 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         path: path.to_path_buf(),
         limits,
         devices,
+        destinations,
         gateway: Gateway {
             listen,
             device_listen,
+            return_listen,
+            return_allowed_addresses,
             ae_title: file.gateway.ae_title,
             max_pdu_length,
             max_association_request_length: max_rq,

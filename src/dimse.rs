@@ -317,6 +317,11 @@ pub fn decode_identifier(
         .map_err(|e| DimseError::Identifier(e.to_string()))
 }
 
+/// A US value of a command set (e.g. a sub-operation count), when present.
+pub fn count(c: &Command, tag: Tag) -> Option<u16> {
+    uint16(&c.object, tag)
+}
+
 /// The string value of an attribute of an identifier ("" when absent or empty).
 pub fn attribute(obj: &InMemDicomObject, tag: Tag) -> String {
     text(obj, tag)

@@ -17,6 +17,7 @@ pub mod config;
 pub mod demo;
 pub mod devcerts;
 pub mod dimse;
+pub mod moves;
 pub mod pdu;
 pub mod policy;
 pub mod relay;

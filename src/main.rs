@@ -87,11 +87,168 @@ enum Command {
         #[arg(long, default_value = "roles")]
         roles_claim: String,
     },
+    /// Run pacsgate in front of an embedded demo archive, on loopback, with development certificates.
+    ///
+    /// Starts an in-memory archive with a few synthetic patients and the gateway in front of it,
+    /// writes certificates, keys, a token and a pacsgate.toml into --dir (reused on the next run),
+    /// and prints exactly what to type to connect with pacsgate, DCMTK and pynetdicom.
+    /// Runs until Ctrl-C. For trying pacsgate out: the credentials are demo ones.
+    ///
+    /// Examples:
+    ///   pacsgate demo
+    ///   pacsgate demo --dir /tmp/pacsgate-demo --listen 127.0.0.1:2762
+    #[command(verbatim_doc_comment)]
+    Demo {
+        /// Folder for the demo's certificates, keys, token and pacsgate.toml.
+        #[arg(long, default_value = "pacsgate-demo")]
+        dir: PathBuf,
+        /// Where the gateway listens (loopback addresses only).
+        #[arg(long, default_value = "127.0.0.1:11112")]
+        listen: std::net::SocketAddr,
+    },
+    /// Send a C-ECHO over TLS with a user identity: check that a deployment lets you in.
+    ///
+    /// Prints the TLS and association result, the A-ASSOCIATE-RJ codes in words when rejected,
+    /// and the C-ECHO status. Exit status: 0 success, 3 rejected or aborted, 4 a failure status,
+    /// 1 anything else.
+    ///
+    /// Examples:
+    ///   PW='the password' pacsgate echo --ca ca.crt --user dr.house --password-env PW --aec PACS pacs-gw:2762
+    ///   pacsgate echo --ca ca.crt --cert me.crt --key me.key --aec PACS pacs-gw:2762
+    ///   pacsgate echo --ca ca.crt --token-file my.jwt --aec PACS pacs-gw:2762
+    ///   pacsgate echo --plain --aec ORTHANC 127.0.0.1:4242
+    #[command(verbatim_doc_comment)]
+    Echo {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Send a C-FIND over TLS with a user identity, keys given like DCMTK's findscu.
+    ///
+    /// Study Root by default (--patient-root for Patient Root); --level sets the Query/Retrieve
+    /// Level. -k Keyword=Value (or gggg,eeee=Value) sets a matching key; -k Keyword alone asks for
+    /// the attribute back. Matches are printed as they arrive, or all at once with --json.
+    /// Exit status: 0 success, 3 rejected or aborted, 4 a failure status, 1 anything else.
+    ///
+    /// Examples:
+    ///   pacsgate find --ca ca.crt --token-file my.jwt --aec PACS -k PatientID=123 -k StudyDate -k StudyInstanceUID pacs-gw:2762
+    ///   pacsgate find --ca ca.crt --cert me.crt --key me.key --aec PACS --level PATIENT --json -k 'PatientName=DOE^*' -k PatientID pacs-gw:2762
+    #[command(verbatim_doc_comment)]
+    Find {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Query/Retrieve Level: PATIENT, STUDY, SERIES or IMAGE.
+        #[arg(long, default_value = "STUDY")]
+        level: String,
+        /// Use the Patient Root information model (default: Study Root).
+        #[arg(long)]
+        patient_root: bool,
+        /// A key: Keyword=Value, gggg,eeee=Value, or a keyword alone to have it returned (repeatable).
+        #[arg(short = 'k', value_name = "TAG=VALUE")]
+        keys: Vec<String>,
+        /// Print the matches and the final status as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check whether an archive answers without credentials, the way an attacker would.
+    ///
+    /// ONLY RUN THIS AGAINST SYSTEMS YOU ARE RESPONSIBLE FOR.
+    /// Without changing anything, it checks over plain TCP and over TLS: whether an association
+    /// without credentials is accepted with a made-up calling AE title, whether C-ECHO is answered,
+    /// whether a Study Root C-FIND for PatientName=* returns matches (counted, never shown), whether
+    /// a made-up called AE title is accepted, and whether the port speaks TLS. It prints OPEN or
+    /// CLOSED with the reasons. Exit status: 0 CLOSED, 3 OPEN, 1 could not probe.
+    ///
+    /// Examples:
+    ///   pacsgate probe 10.0.0.20:104
+    ///   pacsgate probe --aec PACS --tls-ca ca.crt pacs-gw.example.org:2762
+    #[command(verbatim_doc_comment)]
+    Probe {
+        /// host:port of the archive or gateway.
+        address: String,
+        /// Calling AE title (default: a made-up one, to see whether any is accepted).
+        #[arg(long)]
+        aet: Option<String>,
+        /// Called AE title (default: ANY-SCP, and a made-up one too).
+        #[arg(long)]
+        aec: Option<String>,
+        /// Verify the server's TLS certificate against this CA (default: not verified; nothing secret is sent).
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
+        /// Seconds to wait for each step.
+        #[arg(long, default_value = "10")]
+        timeout: f64,
+    },
+}
+
+/// Where and how `echo` and `find` connect, and who they say they are.
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// host:port of the gateway (or archive).
+    address: String,
+    /// Calling AE title: who we are.
+    #[arg(long, default_value = "PACSGATE-SCU")]
+    aet: String,
+    /// Called AE title: the archive we ask for.
+    #[arg(long, default_value = "ANY-SCP")]
+    aec: String,
+    /// CA certificate (PEM) the server certificate must be signed by: turns TLS on.
+    #[arg(long, required_unless_present = "plain")]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM) to present in the TLS handshake.
+    #[arg(long, requires = "key", requires = "ca")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Name the server certificate must carry (default: the host of ADDRESS).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Plain TCP without TLS (no credentials can be sent then), e.g. to check an archive directly.
+    #[arg(long, conflicts_with_all = ["ca", "user", "token_file", "token_env"])]
+    plain: bool,
+    /// User name for a username + password identity; the password comes from --password-env,
+    /// --password-file or a prompt.
+    #[arg(long, conflicts_with_all = ["token_file", "token_env"])]
+    user: Option<String>,
+    /// Environment variable holding the password.
+    #[arg(long, requires = "user")]
+    password_env: Option<String>,
+    /// File holding the password (one line).
+    #[arg(long, requires = "user", conflicts_with = "password_env")]
+    password_file: Option<PathBuf>,
+    /// File holding a JWT to send as the identity.
+    #[arg(long, conflicts_with = "token_env")]
+    token_file: Option<PathBuf>,
+    /// Environment variable holding a JWT to send as the identity.
+    #[arg(long)]
+    token_env: Option<String>,
+    /// Seconds to wait for each step (connect, handshake, each answer).
+    #[arg(long, default_value = "30")]
+    timeout: f64,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo { dir, listen } => {
+            init_logging();
+            demo(&dir, listen)
+        }
+        Command::Echo { client } => return tool_exit(echo(&client)),
+        Command::Find {
+            client,
+            level,
+            patient_root,
+            keys,
+            json,
+        } => return tool_exit(find(&client, &level, patient_root, &keys, json)),
+        Command::Probe {
+            address,
+            aet,
+            aec,
+            tls_ca,
+            timeout,
+        } => return tool_exit(probe(address, aet, aec, tls_ca, timeout)),
         Command::Run { config } => {
             init_logging();
             run(&config)
@@ -152,6 +309,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
         let gateway = Gateway::new(state);
         let listener = gateway.bind().await?;
         let devices = gateway.bind_devices().await?;
+        let returns = gateway.bind_return().await?;
         let cfg = &gateway.current().config;
         tracing::info!(
             listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -168,6 +326,14 @@ fn run(path: &Path) -> anyhow::Result<()> {
             );
             let g = gateway.clone();
             tokio::spawn(async move { g.serve(devices, false).await });
+        }
+        if let Some(returns) = returns {
+            tracing::info!(
+                listen = %returns.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                destinations = cfg.destinations.len(),
+                "C-MOVE return listener (plain DICOM, for the archive)"
+            );
+            tokio::spawn(pacsgate::moves::serve_return(gateway.clone(), returns));
         }
         tokio::select! {
             _ = gateway.serve(listener, true) => {}
@@ -338,4 +504,183 @@ fn token(
     claims[roles_claim] = serde_json::json!(roles);
     println!("{}", pacsgate::auth::jwt::mint(key, &claims)?);
     Ok(())
+}
+
+fn demo(dir: &Path, listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mut progress = |line: &str| eprintln!("pacsgate demo: {line}");
+        let demo = pacsgate::demo::start(dir, listen, &mut progress).await?;
+        let exe = std::env::current_exe()
+            .ok()
+            .map(|exe| {
+                std::env::current_dir()
+                    .ok()
+                    .and_then(|cwd| exe.strip_prefix(cwd).ok().map(Path::to_path_buf))
+                    .unwrap_or(exe)
+            })
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "pacsgate".to_string());
+        print!("{}", pacsgate::demo::instructions(&demo, &exe));
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let mut demo = demo;
+        tokio::select! {
+            _ = demo.serve() => {}
+            _ = shutdown_signal() => eprintln!("pacsgate demo: stopped"),
+        }
+        Ok(())
+    })
+}
+
+/// Exit code of a tool: 0 on success; otherwise the error (and its meaning) on stderr.
+fn tool_exit(result: Result<(), ToolFailure>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(ToolFailure::Tool(e)) => {
+            eprintln!("pacsgate: {}", e.explain());
+            std::process::ExitCode::from(e.exit_code())
+        }
+        Err(ToolFailure::Other(e)) => {
+            eprintln!("pacsgate: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(ToolFailure::Open) => std::process::ExitCode::from(3),
+    }
+}
+
+/// How a tool ended when it did not succeed.
+enum ToolFailure {
+    Tool(pacsgate::tools::ToolError),
+    Other(anyhow::Error),
+    /// `probe` found the door open.
+    Open,
+}
+
+impl From<pacsgate::tools::ToolError> for ToolFailure {
+    fn from(e: pacsgate::tools::ToolError) -> Self {
+        ToolFailure::Tool(e)
+    }
+}
+
+impl From<anyhow::Error> for ToolFailure {
+    fn from(e: anyhow::Error) -> Self {
+        ToolFailure::Other(e)
+    }
+}
+
+fn seconds(value: f64, option: &str) -> anyhow::Result<std::time::Duration> {
+    if value.is_finite() && value > 0.0 && value <= 3600.0 {
+        Ok(std::time::Duration::from_secs_f64(value))
+    } else {
+        bail!("{option} {value}: expected seconds above 0 and at most 3600")
+    }
+}
+
+/// The target, TLS settings and identity of `echo` / `find`.
+fn client_setup(
+    args: &ClientArgs,
+) -> Result<
+    (
+        pacsgate::tools::Target,
+        Option<pacsgate::tools::client::TlsClient>,
+    ),
+    ToolFailure,
+> {
+    use pacsgate::tools::{Target, client, secret};
+    let timeout = seconds(args.timeout, "--timeout")?;
+    let identity = if let Some(user) = &args.user {
+        let password = secret::password(
+            user,
+            args.password_env.as_deref(),
+            args.password_file.as_deref(),
+        )?;
+        client::Identity::Password {
+            user: user.clone(),
+            password,
+        }
+    } else if let Some(token) =
+        secret::token(args.token_env.as_deref(), args.token_file.as_deref())?
+    {
+        client::Identity::Jwt(token)
+    } else {
+        client::Identity::None
+    };
+    let tls = match &args.ca {
+        Some(ca) => {
+            let host = match &args.server_name {
+                Some(name) => name.clone(),
+                None => args
+                    .address
+                    .rsplit_once(':')
+                    .map(|(h, _)| h.to_string())
+                    .ok_or_else(|| anyhow::anyhow!("{:?} is not host:port", args.address))?,
+            };
+            let client_cert = args.cert.as_deref().zip(args.key.as_deref());
+            Some(client::TlsClient::new(ca, client_cert, &host)?)
+        }
+        None => None,
+    };
+    let target = Target {
+        address: args.address.clone(),
+        calling_ae: args.aet.clone(),
+        called_ae: args.aec.clone(),
+        identity,
+        timeout,
+    };
+    Ok((target, tls))
+}
+
+fn echo(args: &ClientArgs) -> Result<(), ToolFailure> {
+    let (target, tls) = client_setup(args)?;
+    let mut out = std::io::stdout();
+    runtime()?.block_on(pacsgate::tools::run_echo(&target, tls.as_ref(), &mut out))?;
+    Ok(())
+}
+
+fn find(
+    args: &ClientArgs,
+    level: &str,
+    patient_root: bool,
+    keys: &[String],
+    json: bool,
+) -> Result<(), ToolFailure> {
+    let query = pacsgate::tools::query::Find::new(patient_root, level, keys)?;
+    let (target, tls) = client_setup(args)?;
+    let mut out = std::io::stdout();
+    runtime()?.block_on(pacsgate::tools::run_find(
+        &target,
+        tls.as_ref(),
+        &query,
+        json,
+        &mut out,
+    ))?;
+    Ok(())
+}
+
+fn probe(
+    address: String,
+    aet: Option<String>,
+    aec: Option<String>,
+    tls_ca: Option<PathBuf>,
+    timeout: f64,
+) -> Result<(), ToolFailure> {
+    let settings = pacsgate::tools::probe::ProbeSettings {
+        address,
+        calling_ae: aet,
+        called_ae: aec,
+        tls_ca,
+        timeout: seconds(timeout, "--timeout")?,
+    };
+    eprintln!(
+        "pacsgate probe {}: checking without changing anything (C-ECHO and C-FIND only)",
+        settings.address
+    );
+    let mut progress = |line: &str| eprintln!("probe: {line} ...");
+    let report = runtime()?.block_on(pacsgate::tools::probe::probe(&settings, &mut progress))?;
+    print!("{}", report.verdict());
+    if report.open() {
+        Err(ToolFailure::Open)
+    } else {
+        Ok(())
+    }
 }

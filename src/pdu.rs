@@ -96,6 +96,8 @@ pub enum Rejection {
     ProtocolVersion,
     /// 1/1/2: permanent, service-user, application context name not supported.
     ApplicationContext,
+    /// 1/1/1: permanent, service-user, no reason given: e.g. a return-path association nobody asked for.
+    NotExpected,
     /// 2/3/1: transient, service-provider (presentation), temporary congestion: the archive is unreachable.
     UpstreamUnavailable,
     /// 2/3/2: transient, service-provider (presentation), local limit exceeded.
@@ -109,6 +111,7 @@ impl Rejection {
             Rejection::CalledAeNotRecognized => (1, 1, 7),
             Rejection::ProtocolVersion => (1, 2, 2),
             Rejection::ApplicationContext => (1, 1, 2),
+            Rejection::NotExpected => (1, 1, 1),
             Rejection::UpstreamUnavailable => (2, 3, 1),
             Rejection::LocalLimitExceeded => (2, 3, 2),
         }

@@ -12,6 +12,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::association::{self, DICOM_APPLICATION_CONTEXT, UpstreamAnswer};
 use crate::auth::{self, Authenticator, Principal};
 use crate::config::Config;
+use crate::moves::{DestinationConnectors, MoveRegistry};
 use crate::pdu::{self, PduError, Rejection, read_pdu};
 use crate::policy::{Grants, Limiter};
 use crate::relay::{self, RelayLimits};
@@ -42,6 +43,7 @@ pub struct State {
     pub acceptor: TlsAcceptor,
     pub authenticator: Authenticator,
     pub limiter: Arc<Limiter>,
+    pub destinations: DestinationConnectors,
 }
 
 impl State {
@@ -49,11 +51,13 @@ impl State {
         let acceptor = TlsAcceptor::from(tls::server_config(&config.tls)?);
         let authenticator = Authenticator::new(&config)?;
         let limiter = Arc::new(Limiter::new(&config));
+        let destinations = DestinationConnectors::new(&config)?;
         Ok(State {
             config,
             acceptor,
             authenticator,
             limiter,
+            destinations,
         })
     }
 }
@@ -63,6 +67,8 @@ impl State {
 pub struct Gateway {
     state: Arc<RwLock<Arc<State>>>,
     pending: Arc<Semaphore>,
+    /// C-MOVEs in progress, for the return path.
+    pub moves: Arc<MoveRegistry>,
 }
 
 impl Gateway {
@@ -71,6 +77,7 @@ impl Gateway {
         Gateway {
             state: Arc::new(RwLock::new(Arc::new(state))),
             pending,
+            moves: Arc::new(MoveRegistry::default()),
         }
     }
 
@@ -87,6 +94,17 @@ impl Gateway {
         let address = self.current().config.gateway.listen;
         TcpListener::bind(address)
             .await
+            .map_err(|source| ServerError::Listen { address, source })
+    }
+
+    /// Bind the C-MOVE return-path listener, when the configuration has one.
+    pub async fn bind_return(&self) -> Result<Option<TcpListener>, ServerError> {
+        let Some(address) = self.current().config.gateway.return_listen else {
+            return Ok(None);
+        };
+        TcpListener::bind(address)
+            .await
+            .map(Some)
             .map_err(|source| ServerError::Listen { address, source })
     }
 
@@ -109,6 +127,7 @@ impl Gateway {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(10);
                     let state = self.current();
+                    let moves = self.moves.clone();
                     // Connections that have not authenticated yet are bounded: a flood from the
                     // internet must not starve the gateway of memory or file descriptors.
                     let Ok(permit) = self.pending.clone().try_acquire_owned() else {
@@ -117,7 +136,7 @@ impl Gateway {
                         continue;
                     };
                     tokio::spawn(async move {
-                        handle(state, stream, peer, tls, permit).await;
+                        handle(state, moves, stream, peer, tls, permit).await;
                     });
                 }
                 Err(e) => {
@@ -160,6 +179,7 @@ impl Stop {
 
 async fn handle(
     state: Arc<State>,
+    moves: Arc<MoveRegistry>,
     stream: TcpStream,
     peer: SocketAddr,
     tls: bool,
@@ -172,6 +192,7 @@ async fn handle(
             Ok((client, names)) => {
                 associate(
                     &state,
+                    moves,
                     client,
                     peer,
                     &names,
@@ -188,6 +209,7 @@ async fn handle(
         let _ = stream.set_nodelay(true);
         associate(
             &state,
+            moves,
             stream,
             peer,
             &[],
@@ -260,6 +282,7 @@ async fn handshake(
 #[allow(clippy::too_many_arguments)]
 async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
     state: &State,
+    moves: Arc<MoveRegistry>,
     mut client: S,
     peer: SocketAddr,
     certificate_names: &[String],
@@ -410,6 +433,7 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
         },
         Grants::for_roles(cfg, &principal.roles),
         state.limiter.clone(),
+        moves,
         transfer_syntaxes,
         limits.from_archive,
         limits.from_client,

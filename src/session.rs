@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::config::Operation;
 use crate::dimse::{self, Command, PDataWriter, Pdv, command_field as cf, status};
+use crate::moves::MoveRegistry;
 use crate::policy::{Grants, Limiter, query_guard};
 use crate::relay::{Actions, Forward, Inspector, Side};
 
@@ -82,6 +83,17 @@ enum Decision {
     Drop,
 }
 
+/// A C-MOVE or C-GET in progress, for its log lines and the return path.
+#[derive(Debug)]
+struct Retrieval {
+    op: &'static str,
+    destination: String,
+    registered: Option<u64>,
+    study: String,
+    series: String,
+    started: std::time::Instant,
+}
+
 #[derive(Debug)]
 struct FindTrack {
     matches: u32,
@@ -95,6 +107,7 @@ pub struct Session {
     party: Party,
     grants: Grants,
     limiter: Arc<Limiter>,
+    moves: Arc<MoveRegistry>,
     transfer_syntaxes: HashMap<u8, String>,
     /// Largest PDU body the client accepts / the archive accepts.
     client_max: u32,
@@ -102,6 +115,7 @@ pub struct Session {
     from_client: Assembly,
     from_archive: Assembly,
     finds: HashMap<u16, FindTrack>,
+    retrievals: HashMap<u16, Retrieval>,
     refused: VecDeque<u16>,
     pub counts: Counts,
 }
@@ -111,6 +125,7 @@ impl Session {
         party: Party,
         grants: Grants,
         limiter: Arc<Limiter>,
+        moves: Arc<MoveRegistry>,
         transfer_syntaxes: HashMap<u8, String>,
         client_max: u32,
         archive_max: u32,
@@ -119,12 +134,14 @@ impl Session {
             party,
             grants,
             limiter,
+            moves,
             transfer_syntaxes,
             client_max,
             archive_max,
             from_client: Assembly::default(),
             from_archive: Assembly::default(),
             finds: HashMap::new(),
+            retrievals: HashMap::new(),
             refused: VecDeque::new(),
             counts: Counts::default(),
         }
@@ -422,11 +439,90 @@ impl Session {
                 },
             );
         }
+        if c.field == cf::C_MOVE_RQ || c.field == cf::C_GET_RQ {
+            let op = if c.field == cf::C_MOVE_RQ {
+                "move"
+            } else {
+                "get"
+            };
+            let study =
+                dimse::attribute(&identifier, dicom_dictionary_std::tags::STUDY_INSTANCE_UID);
+            let series =
+                dimse::attribute(&identifier, dicom_dictionary_std::tags::SERIES_INSTANCE_UID);
+            let level = dimse::attribute(
+                &identifier,
+                dicom_dictionary_std::tags::QUERY_RETRIEVE_LEVEL,
+            );
+            let registered = (op == "move").then(|| {
+                self.moves.begin(
+                    &c.move_destination,
+                    &self.party.user,
+                    &self.party.calling_ae,
+                    c.message_id,
+                )
+            });
+            tracing::info!(
+                peer = %self.party.peer,
+                user = %self.party.user,
+                calling_ae = %self.party.calling_ae,
+                called_ae = %self.party.called_ae,
+                op,
+                destination = %c.move_destination,
+                level = %level,
+                study_uid = %study,
+                series_uid = %series,
+                "retrieval requested"
+            );
+            self.retrievals.insert(
+                c.message_id,
+                Retrieval {
+                    op,
+                    destination: c.move_destination.clone(),
+                    registered,
+                    study,
+                    series,
+                    started: std::time::Instant::now(),
+                },
+            );
+        }
         Decision::Forward
+    }
+
+    /// The final C-MOVE / C-GET response: log what was moved, and close the return path.
+    fn retrieval_finished(&mut self, c: &Command) {
+        let Some(r) = self.retrievals.remove(&c.responded_to) else {
+            return;
+        };
+        if let Some(id) = r.registered {
+            self.moves.end(id);
+        }
+        let count = |tag| dimse::count(c, tag);
+        tracing::info!(
+            peer = %self.party.peer,
+            user = %self.party.user,
+            calling_ae = %self.party.calling_ae,
+            called_ae = %self.party.called_ae,
+            op = r.op,
+            destination = %r.destination,
+            study_uid = %r.study,
+            series_uid = %r.series,
+            status = format_args!("{:#06x}", c.status.unwrap_or(0)),
+            completed = count(dicom_dictionary_std::tags::NUMBER_OF_COMPLETED_SUBOPERATIONS),
+            failed = count(dicom_dictionary_std::tags::NUMBER_OF_FAILED_SUBOPERATIONS),
+            warning = count(dicom_dictionary_std::tags::NUMBER_OF_WARNING_SUBOPERATIONS),
+            duration_ms = r.started.elapsed().as_millis() as u64,
+            "retrieval finished"
+        );
     }
 
     /// Responses from the archive: count C-FIND matches and enforce the result cap.
     fn decide_archive(&mut self, pc: u8, c: &Command, back: &mut PDataWriter) -> Decision {
+        if (c.field == (cf::C_MOVE_RQ | cf::RESPONSE) || c.field == (cf::C_GET_RQ | cf::RESPONSE))
+            && !c.status.is_some_and(status::is_pending)
+        {
+            self.retrieval_finished(c);
+            return Decision::Forward;
+        }
         if c.field != (cf::C_FIND_RQ | cf::RESPONSE) {
             return Decision::Forward;
         }
@@ -486,6 +582,17 @@ impl Session {
             reason,
             "refused"
         );
+    }
+}
+
+impl Drop for Session {
+    /// Moves still open when the association ends no longer admit return-path associations.
+    fn drop(&mut self) {
+        for r in self.retrievals.values() {
+            if let Some(id) = r.registered {
+                self.moves.end(id);
+            }
+        }
     }
 }
 
@@ -583,6 +690,7 @@ allow = ["echo", "find"]
             party,
             Grants::for_roles(&cfg, &["r".to_string()]),
             Arc::new(Limiter::new(&cfg)),
+            Arc::new(MoveRegistry::default()),
             ts,
             16384,
             16384,

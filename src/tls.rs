@@ -122,3 +122,34 @@ pub fn server_config(tls: &Tls) -> Result<Arc<ServerConfig>, TlsError> {
         })?;
     Ok(Arc::new(config))
 }
+
+/// A client config for the gateway's own outgoing TLS (e.g. to a C-MOVE destination): the CA that
+/// signs the peer's certificate, and optionally the gateway's client certificate and key.
+pub fn client_config(
+    ca: &Path,
+    certificate: Option<&Path>,
+    private_key: Option<&Path>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let roots = load_roots("destination CA", ca)?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Setup {
+            path: ca.to_path_buf(),
+            message: e.to_string(),
+        })?
+        .with_root_certificates(roots);
+    let config = match (certificate, private_key) {
+        (Some(cert), Some(key)) => builder
+            .with_client_auth_cert(
+                load_certificates("certificate", cert)?,
+                load_private_key(key)?,
+            )
+            .map_err(|e| TlsError::Setup {
+                path: key.to_path_buf(),
+                message: format!("certificate and private key do not form a usable pair: {e}"),
+            })?,
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}

@@ -134,6 +134,23 @@ pub fn make_large_instance(dir: &Path, mb: usize) -> PathBuf {
     made.pop().expect("make_dicom.py large made one file").path
 }
 
+/// [`make_large_instance`] for a given patient, in an existing study.
+pub fn make_large_instance_in(dir: &Path, mb: usize, patient_id: &str, study_uid: &str) -> PathBuf {
+    let mb = mb.to_string();
+    let mut made = make_dicom(&[
+        "large",
+        "--out",
+        dir.to_str().expect("UTF-8 path"),
+        "--mb",
+        &mb,
+        "--patient-id",
+        patient_id,
+        "--study-uid",
+        study_uid,
+    ]);
+    made.pop().expect("make_dicom.py large made one file").path
+}
+
 /// The data set of a DICOM Part 10 file: the bytes after the preamble, "DICM" and the file
 /// meta group. Orthanc rewrites the meta group of what it receives over DICOM, so compare this.
 pub fn dataset_bytes(file: &[u8]) -> &[u8] {
@@ -257,5 +274,60 @@ impl Drop for PyArchive {
                 super::tail(&self.log(), 40)
             );
         }
+    }
+}
+
+/// DCMTK's storescp as a C-MOVE destination: bit-preserving (+B), files into a temp dir; killed on drop.
+pub struct StoreScp {
+    pub port: u16,
+    pub aet: String,
+    pub dir: tempfile::TempDir,
+    proc: Spawned,
+    _log: tempfile::TempDir,
+}
+
+impl StoreScp {
+    /// Starts `/usr/bin/storescp -aet AET +B -od DIR PORT` on a free port; waits (≤ 20 s) until it listens.
+    pub fn start(aet: &str) -> StoreScp {
+        let mut last_err = String::new();
+        for _ in 0..3 {
+            let dir = super::tempdir("storescp");
+            let port = free_port();
+            let mut cmd = Command::new("/usr/bin/storescp");
+            cmd.env("TCP_NODELAY", "1")
+                .args(["-aet", aet, "+B", "-od"])
+                .arg(dir.path())
+                .arg(port.to_string());
+            let log = super::tempdir("storescp-log");
+            let mut proc = Spawned::spawn(cmd, &log.path().join("storescp.log"));
+            match proc.wait_until(Duration::from_secs(20), "listening", |p| {
+                is_listening(p.pid(), port)
+            }) {
+                Ok(()) => {
+                    return StoreScp {
+                        port,
+                        aet: aet.to_string(),
+                        dir,
+                        proc,
+                        _log: log,
+                    };
+                }
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("storescp did not start: {last_err}");
+    }
+
+    /// The files received so far.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.sort();
+        files
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.log()
     }
 }

@@ -117,12 +117,12 @@ def make_small(out_dir, spec):
     return out
 
 
-def make_large(out_dir, mb, patient_id, patient_name):
+def make_large(out_dir, mb, patient_id, patient_name, study_uid=None):
     rows, cols = 512, 512
     frame_bytes = rows * cols * 2
     frames = max(1, (mb * 1024 * 1024 + frame_bytes - 1) // frame_bytes)
     sop_uid = new_uid()
-    ds = base_dataset(MF_WORD_SC_STORAGE, sop_uid, patient_id, patient_name, new_uid(), new_uid())
+    ds = base_dataset(MF_WORD_SC_STORAGE, sop_uid, patient_id, patient_name, study_uid or new_uid(), new_uid())
     ds.Modality = "OT"
     ds.ConversionType = "WSD"
     ds.InstanceNumber = 1
@@ -149,13 +149,14 @@ def main():
     large.add_argument("--mb", type=int, required=True)
     large.add_argument("--patient-id", default="LARGE1")
     large.add_argument("--patient-name", default="LARGE^PATIENT")
+    large.add_argument("--study-uid", help="put the instance into this study (default: a new one)")
     args = parser.parse_args()
 
     os.makedirs(args.out, exist_ok=True)
     if args.cmd == "small":
         result = make_small(args.out, json.loads(args.spec))
     else:
-        result = make_large(args.out, args.mb, args.patient_id, args.patient_name)
+        result = make_large(args.out, args.mb, args.patient_id, args.patient_name, args.study_uid)
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
 

@@ -1,0 +1,308 @@
+//! C-MOVE and C-GET through the gateway with real peers: Orthanc as the archive, DCMTK storescp as the
+//! move destination behind the return path, pynetdicom as the viewer.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use serde_json::{Value, json};
+
+const PASSWORD: &str = "correct horse battery staple";
+
+struct Setup {
+    pki: Pki,
+    orthanc: Orthanc,
+    gateway: Gateway,
+    port: u16,
+    return_port: u16,
+    study: String,
+    originals: Vec<PathBuf>,
+    _data: tempfile::TempDir,
+}
+
+/// Orthanc knows VIEWER (through the gateway's return path) and OTHER (directly, not through the
+/// gateway); the clinician's role may move to VIEWER only. `viewer_port` is where the gateway finds VIEWER.
+fn setup(viewer_port: u16, other_port: u16, large_mb: Option<usize>) -> Setup {
+    let pki = Pki::generate();
+    let return_port = free_port();
+    let orthanc = Orthanc::start(
+        "ORTHANC",
+        &[
+            ("VIEWER", "127.0.0.1", return_port),
+            ("OTHER", "127.0.0.1", other_port),
+        ],
+    );
+    let data = common::tempdir("moves");
+    let mut made = make_instances_with_uids(data.path(), &[("MOVE1", "MOVE^ME", 3)]);
+    let study = made[0].study_uid.clone();
+    let mut originals: Vec<PathBuf> = made.drain(..).map(|i| i.path).collect();
+    if let Some(mb) = large_mb {
+        originals.push(make_large_instance_in(data.path(), mb, "MOVE1", &study));
+    }
+    for f in &originals {
+        orthanc.upload(&std::fs::read(f).expect("read instance"));
+    }
+    let hash = {
+        let out = Gateway::run_command(&["hash-password"], Some(PASSWORD));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let port = free_port();
+    let config = format!(
+        r#"
+[gateway]
+listen = "127.0.0.1:{port}"
+return_listen = "127.0.0.1:{return_port}"
+
+[tls]
+certificate = "{cert}"
+private_key = "{key}"
+
+[[upstream]]
+called_ae = "ARCHIVE"
+address = "127.0.0.1:{archive}"
+ae_title = "ORTHANC"
+
+[[destination]]
+ae_title = "VIEWER"
+address = "127.0.0.1:{viewer_port}"
+
+[[role]]
+name = "clinician"
+allow = ["echo", "find", "get", "move"]
+move_destinations = ["VIEWER"]
+
+[[user]]
+name = "clinician"
+password_hash = "{hash}"
+roles = ["clinician"]
+"#,
+        cert = pki.server_cert.display(),
+        key = pki.server_key.display(),
+        archive = orthanc.dicom_port,
+    );
+    let mut gateway = Gateway::start(port, &config);
+    gateway.wait_listening(return_port);
+    Setup {
+        pki,
+        orthanc,
+        gateway,
+        port,
+        return_port,
+        study,
+        originals,
+        _data: data,
+    }
+}
+
+fn retrieve(s: &Setup, cmd: &str, extra: &[&str]) -> Value {
+    let port = s.port.to_string();
+    let mut args = vec![
+        cmd,
+        "--port",
+        &port,
+        "--aec",
+        "ARCHIVE",
+        "--aet",
+        "WORKSTATION",
+        "--tls-ca",
+        s.pki.ca_cert.to_str().expect("path"),
+        "--user",
+        "clinician",
+        "--password",
+        PASSWORD,
+        "--level",
+        "STUDY",
+    ]
+    .into_iter()
+    .map(str::to_string)
+    .collect::<Vec<_>>();
+    args.push("-k".into());
+    args.push(format!("StudyInstanceUID={}", s.study));
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    pyscu(&refs)
+}
+
+/// The data sets Orthanc holds for the study, keyed by SOP Instance UID.
+fn archived(s: &Setup) -> std::collections::BTreeMap<String, Vec<u8>> {
+    s.orthanc
+        .instance_ids()
+        .into_iter()
+        .map(|id| {
+            let file = s.orthanc.instance_file(&id);
+            let uid = s
+                .orthanc
+                .get_json(&format!("/instances/{id}/simplified-tags"))["SOPInstanceUID"]
+                .as_str()
+                .expect("SOPInstanceUID")
+                .to_string();
+            (uid, dataset_bytes(&file).to_vec())
+        })
+        .collect()
+}
+
+#[test]
+fn a_move_to_an_allowed_destination_arrives_byte_identical_through_the_return_path() {
+    let viewer = StoreScp::start("VIEWER");
+    let other = StoreScp::start("OTHER");
+    let s = setup(viewer.port, other.port, None);
+    let out = retrieve(&s, "move", &["--dest", "VIEWER"]);
+    assert_eq!(
+        out["statuses"].as_array().and_then(|v| v.last()),
+        Some(&json!(0)),
+        "{out}"
+    );
+    let last = out["counts"]
+        .as_array()
+        .and_then(|c| c.last())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(last["completed"], json!(3), "{out}");
+    let files = viewer.files();
+    assert_eq!(
+        files.len(),
+        3,
+        "storescp received {files:?}\n{}",
+        viewer.log()
+    );
+    let archive = archived(&s);
+    for f in &files {
+        let bytes = std::fs::read(f).expect("read received file");
+        let received = dataset_bytes(&bytes);
+        assert!(
+            archive.values().any(|a| a == received),
+            "{} differs from every archived data set",
+            f.display()
+        );
+    }
+    let log = s.gateway.log();
+    assert!(
+        log.contains("return association") && log.contains("instances=3"),
+        "{log}"
+    );
+    assert!(
+        log.contains("retrieval finished") && log.contains("completed=3"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&s.study),
+        "the log names the study moved: {log}"
+    );
+
+    // A destination the archive knows but the role does not list: 0xA801, nothing arrives.
+    let out = retrieve(&s, "move", &["--dest", "OTHER"]);
+    assert_eq!(out["statuses"], json!([0xA801]), "{out}");
+    assert!(other.files().is_empty(), "OTHER received files");
+}
+
+#[test]
+fn a_dead_destination_makes_the_move_fail_visibly() {
+    // Port 1: nothing listens there.
+    let s = setup(1, 1, None);
+    let out = retrieve(&s, "move", &["--dest", "VIEWER"]);
+    eprintln!("dead destination: {out}");
+    let statuses = out["statuses"].as_array().cloned().unwrap_or_default();
+    let last = statuses.last().and_then(Value::as_i64).unwrap_or(0);
+    assert!(
+        last != 0 && last != 0xFF00,
+        "the move must not report success: {out}"
+    );
+    let counts = out["counts"]
+        .as_array()
+        .and_then(|c| c.last())
+        .cloned()
+        .unwrap_or_default();
+    let completed = counts["completed"].as_i64().unwrap_or(0);
+    assert_eq!(completed, 0, "{out}");
+    let failed = counts["failed"].as_i64().unwrap_or(0);
+    assert!(
+        failed >= 1 || last == 0xA801 || (last & 0xF000) == 0xA000 || (last & 0xF000) == 0xC000,
+        "{out}"
+    );
+    assert!(
+        s.gateway
+            .log()
+            .contains("destination VIEWER 127.0.0.1:1 unreachable"),
+        "{}",
+        s.gateway.log()
+    );
+}
+
+#[test]
+fn the_return_path_admits_only_expected_associations() {
+    let viewer = StoreScp::start("VIEWER");
+    let s = setup(viewer.port, 1, None);
+    let return_port = s.return_port;
+    // No C-MOVE in progress: an association to VIEWER on the return path is rejected.
+    let file = &s.originals[0];
+    let out = dcmtk(
+        "storescu",
+        &[
+            "-aec",
+            "VIEWER",
+            "127.0.0.1",
+            &return_port.to_string(),
+            file.to_str().expect("p"),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        output_text(&out).contains("Rejected"),
+        "{}",
+        output_text(&out)
+    );
+    // An AE title that is no destination: 1/1/7.
+    let out = dcmtk(
+        "storescu",
+        &[
+            "-aec",
+            "NOBODY",
+            "127.0.0.1",
+            &return_port.to_string(),
+            file.to_str().expect("p"),
+        ],
+    );
+    assert!(
+        output_text(&out).contains("Called AE Title Not Recognized"),
+        "{}",
+        output_text(&out)
+    );
+    assert!(viewer.files().is_empty());
+}
+
+#[test]
+fn c_get_of_a_study_with_a_50_mb_instance_is_byte_identical() {
+    let s = setup(1, 1, Some(50));
+    let out_dir = common::tempdir("get");
+    let out = retrieve(
+        &s,
+        "get",
+        &["--out", out_dir.path().to_str().expect("path")],
+    );
+    assert_eq!(
+        out["statuses"].as_array().and_then(|v| v.last()),
+        Some(&json!(0)),
+        "{out}"
+    );
+    let archive = archived(&s);
+    assert_eq!(archive.len(), 4);
+    let received = out["received"].as_array().cloned().unwrap_or_default();
+    assert_eq!(received.len(), 4, "{out}");
+    for (uid, bytes) in &archive {
+        let got =
+            std::fs::read(out_dir.path().join(format!("{uid}.raw"))).expect("received data set");
+        assert!(
+            &got == bytes,
+            "instance {uid} differs ({} vs {} bytes)",
+            got.len(),
+            bytes.len()
+        );
+    }
+    assert!(archive.values().any(|b| b.len() > 50 * 1024 * 1024));
+    assert!(
+        s.gateway.log().contains("op=\"get\""),
+        "{}",
+        s.gateway.log()
+    );
+}
