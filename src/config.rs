@@ -50,6 +50,28 @@ struct FileConfig {
     device: Vec<FileDevice>,
     #[serde(default)]
     destination: Vec<FileDestination>,
+    audit: Option<FileAudit>,
+    admin: Option<FileAdmin>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAudit {
+    file: Option<PathBuf>,
+    syslog: Option<String>,
+    syslog_ca: Option<PathBuf>,
+    syslog_server_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    #[serde(default = "default_admin_listen")]
+    listen: String,
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".to_string()
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,6 +139,8 @@ struct FileTimeouts {
     upstream_response: f64,
     #[serde(default = "d300")]
     idle: f64,
+    #[serde(default = "d30")]
+    shutdown_grace: f64,
 }
 
 impl Default for FileTimeouts {
@@ -127,6 +151,7 @@ impl Default for FileTimeouts {
             upstream_connect: d5(),
             upstream_response: d30(),
             idle: d300(),
+            shutdown_grace: d30(),
         }
     }
 }
@@ -279,6 +304,29 @@ pub struct Config {
     pub limits: Limits,
     pub devices: Vec<Device>,
     pub destinations: Vec<Destination>,
+    pub audit: Option<AuditConfig>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not at all.
+    pub admin_listen: Option<SocketAddr>,
+}
+
+/// `[audit]`: the audit trail's destinations.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub file: Option<PathBuf>,
+    pub syslog: Option<SyslogTarget>,
+}
+
+/// A syslog collector.
+#[derive(Debug, Clone)]
+pub enum SyslogTarget {
+    /// RFC 5426: one datagram per message.
+    Udp(SocketAddr),
+    /// RFC 5425: octet-counted frames over TLS.
+    Tls {
+        address: String,
+        server_name: String,
+        ca: PathBuf,
+    },
 }
 
 /// A C-MOVE destination the gateway relays the archive's sub-operations to.
@@ -329,6 +377,8 @@ pub struct Timeouts {
     pub upstream_connect: Duration,
     pub upstream_response: Duration,
     pub idle: Duration,
+    /// After SIGTERM: how long associations in flight may finish before they get an A-ABORT.
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -419,7 +469,7 @@ pub struct Rate {
 }
 
 /// `[limits]`, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub associations: Rate,
     pub queries: Rate,
@@ -542,6 +592,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         upstream_connect: secs("timeouts.upstream_connect", t.upstream_connect)?,
         upstream_response: secs("timeouts.upstream_response", t.upstream_response)?,
         idle: secs("timeouts.idle", t.idle)?,
+        shutdown_grace: secs("timeouts.shutdown_grace", t.shutdown_grace)?,
     };
 
     let tls = Tls {
@@ -916,6 +967,62 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             Some(nets)
         }
     };
+    let audit = match file.audit {
+        None => None,
+        Some(a) => {
+            let syslog = match a.syslog.as_deref() {
+                None => None,
+                Some(url) => {
+                    if let Some(rest) = url.strip_prefix("udp://") {
+                        Some(SyslogTarget::Udp(rest.parse().map_err(|_| {
+                            invalid("audit.syslog", format!("{url:?}: expected udp://IP:PORT"))
+                        })?))
+                    } else if let Some(rest) = url.strip_prefix("tls://") {
+                        let host = match rest.rsplit_once(':') {
+                            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {
+                                h.trim_matches(['[', ']']).to_string()
+                            }
+                            _ => {
+                                return Err(invalid(
+                                    "audit.syslog",
+                                    format!("{url:?}: expected tls://HOST:PORT"),
+                                ));
+                            }
+                        };
+                        let ca = a.syslog_ca.as_deref().map(resolve).ok_or_else(|| {
+                            invalid(
+                                "audit.syslog_ca",
+                                "syslog over TLS needs the collector's CA".into(),
+                            )
+                        })?;
+                        Some(SyslogTarget::Tls {
+                            address: rest.to_string(),
+                            server_name: a.syslog_server_name.clone().unwrap_or(host),
+                            ca,
+                        })
+                    } else {
+                        return Err(invalid(
+                            "audit.syslog",
+                            format!("{url:?}: expected udp://IP:PORT or tls://HOST:PORT"),
+                        ));
+                    }
+                }
+            };
+            Some(AuditConfig {
+                file: a.file.as_deref().map(resolve),
+                syslog,
+            })
+        }
+    };
+    let admin_listen = match file.admin {
+        None => None,
+        Some(a) => Some(a.listen.parse::<SocketAddr>().map_err(|e| {
+            invalid(
+                "admin.listen",
+                format!("{:?} is not an address:port ({e})", a.listen),
+            )
+        })?),
+    };
     let device_listen = match &file.gateway.device_listen {
         None => None,
         Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
@@ -931,6 +1038,8 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         limits,
         devices,
         destinations,
+        audit,
+        admin_listen,
         gateway: Gateway {
             listen,
             device_listen,

@@ -12,11 +12,13 @@
 #![forbid(unsafe_code)]
 
 pub mod association;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod devcerts;
 pub mod dimse;
+pub mod metrics;
 pub mod moves;
 pub mod pdu;
 pub mod policy;

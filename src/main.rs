@@ -87,7 +87,7 @@ enum Command {
         #[arg(long, default_value = "roles")]
         roles_claim: String,
     },
-    /// Run pacsgate in front of an embedded demo archive, on loopback, with development certificates.
+    /// Run pacsgate in front of an embedded demo archive, on loopback, with development certificates
     ///
     /// Starts an in-memory archive with a few synthetic patients and the gateway in front of it,
     /// writes certificates, keys, a token and a pacsgate.toml into --dir (reused on the next run),
@@ -106,7 +106,7 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:11112")]
         listen: std::net::SocketAddr,
     },
-    /// Send a C-ECHO over TLS with a user identity: check that a deployment lets you in.
+    /// Send a C-ECHO over TLS with a user identity: check that a deployment lets you in
     ///
     /// Prints the TLS and association result, the A-ASSOCIATE-RJ codes in words when rejected,
     /// and the C-ECHO status. Exit status: 0 success, 3 rejected or aborted, 4 a failure status,
@@ -122,7 +122,7 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Send a C-FIND over TLS with a user identity, keys given like DCMTK's findscu.
+    /// Send a C-FIND over TLS with a user identity, keys given like DCMTK's findscu
     ///
     /// Study Root by default (--patient-root for Patient Root); --level sets the Query/Retrieve
     /// Level. -k Keyword=Value (or gggg,eeee=Value) sets a matching key; -k Keyword alone asks for
@@ -149,7 +149,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check whether an archive answers without credentials, the way an attacker would.
+    /// Check whether an archive answers without credentials, the way an attacker would
     ///
     /// ONLY RUN THIS AGAINST SYSTEMS YOU ARE RESPONSIBLE FOR.
     /// Without changing anything, it checks over plain TCP and over TLS: whether an association
@@ -304,13 +304,13 @@ fn run(path: &Path) -> anyhow::Result<()> {
             tracing::warn!("{warning}");
         }
     }
-    let state = State::new(config)?;
     runtime()?.block_on(async move {
-        let gateway = Gateway::new(state);
+        let gateway = Gateway::new(State::new(config)?);
         let listener = gateway.bind().await?;
         let devices = gateway.bind_devices().await?;
         let returns = gateway.bind_return().await?;
-        let cfg = &gateway.current().config;
+        let cfg = gateway.current();
+        let cfg = &cfg.config;
         tracing::info!(
             listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             ae_title = %cfg.gateway.ae_title,
@@ -318,6 +318,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
             users = cfg.users.len(),
             "pacsgate listening (DICOM TLS)"
         );
+        let mut background = Vec::new();
         if let Some(devices) = devices {
             tracing::info!(
                 listen = %devices.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -325,24 +326,86 @@ fn run(path: &Path) -> anyhow::Result<()> {
                 "device listener (plain DICOM, [[device]] entries only)"
             );
             let g = gateway.clone();
-            tokio::spawn(async move { g.serve(devices, false).await });
+            background.push(tokio::spawn(async move { g.serve(devices, false).await }));
         }
+        let mut return_task = None;
         if let Some(returns) = returns {
             tracing::info!(
                 listen = %returns.local_addr().map(|a| a.to_string()).unwrap_or_default(),
                 destinations = cfg.destinations.len(),
                 "C-MOVE return listener (plain DICOM, for the archive)"
             );
-            tokio::spawn(pacsgate::moves::serve_return(gateway.clone(), returns));
+            return_task = Some(tokio::spawn(pacsgate::moves::serve_return(
+                gateway.clone(),
+                returns,
+            )));
         }
-        tokio::select! {
-            _ = gateway.serve(listener, true) => {}
-            _ = shutdown_signal() => tracing::info!("shutting down"),
+        if let Some(admin) = cfg.admin_listen {
+            let listener = tokio::net::TcpListener::bind(admin)
+                .await
+                .with_context(|| format!("cannot listen on admin address {admin}"))?;
+            tracing::info!(listen = %admin, "admin endpoints: /metrics /healthz /readyz");
+            let g = gateway.clone();
+            let ready: pacsgate::metrics::ReadyCheck = std::sync::Arc::new(move || {
+                let g = g.clone();
+                Box::pin(async move {
+                    if g.tasks.is_closed() {
+                        return Err(vec!["shutting down".to_string()]);
+                    }
+                    let state = g.current();
+                    let upstreams = state
+                        .config
+                        .upstreams
+                        .iter()
+                        .map(|u| (u.called_ae.clone(), u.address.clone()))
+                        .collect();
+                    pacsgate::metrics::upstreams_reachable(
+                        upstreams,
+                        state.config.timeouts.upstream_connect,
+                    )
+                    .await
+                })
+            });
+            background.push(tokio::spawn(pacsgate::metrics::serve_admin(
+                listener, ready,
+            )));
         }
+
+        let serving = gateway.serve(listener, true);
+        tokio::pin!(serving);
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangup =
+            signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+        let mut term =
+            signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+        loop {
+            tokio::select! {
+                _ = &mut serving => break,
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = hangup.recv() => gateway.reload(),
+            }
+        }
+        // Stop accepting: the TLS listener goes with `serving`, the device listener here.
+        drop(serving);
+        for task in &background {
+            task.abort();
+        }
+        let grace = gateway.current().config.timeouts.shutdown_grace;
+        tracing::info!(
+            grace_s = grace.as_secs_f64(),
+            "shutting down: no new associations"
+        );
+        gateway.drain(grace).await;
+        if let Some(task) = return_task {
+            task.abort();
+        }
+        tracing::info!("stopped");
         Ok(())
     })
 }
 
+/// SIGTERM or Ctrl-C.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {

@@ -169,8 +169,9 @@ pub async fn serve_return(gateway: Gateway, listener: TcpListener) {
             Ok((stream, peer)) => {
                 let state = gateway.current();
                 let registry = gateway.moves.clone();
-                tokio::spawn(async move {
-                    handle_return(&state, &registry, stream, peer).await;
+                let shutdown = gateway.shutdown_signal();
+                gateway.tasks.spawn(async move {
+                    handle_return(&state, &registry, stream, peer, shutdown).await;
                 });
             }
             Err(e) => {
@@ -186,10 +187,11 @@ async fn handle_return(
     registry: &MoveRegistry,
     stream: TcpStream,
     peer: SocketAddr,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let started = Instant::now();
     let mut line = ReturnLine::default();
-    let result = relay_return(state, registry, stream, peer, started, &mut line).await;
+    let result = relay_return(state, registry, stream, peer, started, &mut line, shutdown).await;
     let (outcome, reason) = match result {
         Ok(end) => (
             if end == relay::RelayEnd::Released {
@@ -234,6 +236,7 @@ async fn relay_return(
     peer: SocketAddr,
     started: Instant,
     line: &mut ReturnLine,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<relay::RelayEnd, Stop> {
     let cfg = &state.config;
     let _ = archive.set_nodelay(true);
@@ -286,7 +289,7 @@ async fn relay_return(
         idle: t.idle,
     };
     let (end, stats, counted) =
-        relay::relay(archive, viewer, limits, SubOperations::default()).await;
+        relay::relay(archive, viewer, limits, SubOperations::default(), shutdown).await;
     line.stored = counted.stored;
     line.failed = counted.failed;
     line.bytes = stats.from_client;

@@ -117,6 +117,19 @@ impl Rejection {
         }
     }
 
+    /// A short fixed name (metrics label, audit rule).
+    pub fn name(self) -> &'static str {
+        match self {
+            Rejection::NotAuthenticated => "not_authenticated",
+            Rejection::CalledAeNotRecognized => "called_ae_unknown",
+            Rejection::ProtocolVersion => "protocol_version",
+            Rejection::ApplicationContext => "application_context",
+            Rejection::NotExpected => "not_expected",
+            Rejection::UpstreamUnavailable => "upstream_unavailable",
+            Rejection::LocalLimitExceeded => "local_limit",
+        }
+    }
+
     pub fn pdu(self) -> [u8; 10] {
         let (result, source, reason) = self.codes();
         associate_rj(result, source, reason)

@@ -81,6 +81,8 @@ pub enum RelayEnd {
     Failed(Side, String),
     /// Neither side sent anything for the idle timeout; both got an A-ABORT.
     IdleTimeout,
+    /// The gateway is shutting down and the grace period ran out; both got an A-ABORT.
+    Shutdown,
 }
 
 impl RelayEnd {
@@ -91,6 +93,7 @@ impl RelayEnd {
             RelayEnd::Closed(s) => format!("{} closed the connection without release", s.name()),
             RelayEnd::Failed(s, m) => format!("{}: {m}", s.name()),
             RelayEnd::IdleTimeout => "idle timeout".into(),
+            RelayEnd::Shutdown => "gateway shutting down: grace period over".into(),
         }
     }
 }
@@ -139,6 +142,7 @@ pub async fn relay<C, A, I>(
     archive: A,
     limits: RelayLimits,
     inspector: I,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> (RelayEnd, RelayStats, I)
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -185,10 +189,18 @@ where
                 tokio::time::sleep(limits.idle - idle).await;
             }
         };
+        let stop = async {
+            // Ends when told to abort; a dropped sender means nobody will ever say so.
+            if shutdown.wait_for(|abort| *abort).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            RelayEnd::Shutdown
+        };
         tokio::select! {
             end = up => end,
             end = down => end,
             end = watchdog => end,
+            end = stop => end,
         }
     };
     stats.from_client = from_client;
@@ -200,7 +212,7 @@ where
         RelayEnd::Released | RelayEnd::Aborted(_) => (false, false),
         RelayEnd::Closed(Side::Client) | RelayEnd::Failed(Side::Client, _) => (false, true),
         RelayEnd::Closed(Side::Archive) | RelayEnd::Failed(Side::Archive, _) => (true, false),
-        RelayEnd::IdleTimeout => (true, true),
+        RelayEnd::IdleTimeout | RelayEnd::Shutdown => (true, true),
     };
     let bound = Duration::from_secs(2);
     let mut cw = client_wr.into_inner();
@@ -306,6 +318,11 @@ async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io:
 mod tests {
     use super::*;
 
+    fn never() -> tokio::sync::watch::Receiver<bool> {
+        // A dropped sender: nobody will ever ask this relay to stop.
+        tokio::sync::watch::channel(false).1
+    }
+
     #[tokio::test]
     async fn release_is_relayed_and_ends_the_association() {
         let (client, mut client_peer) = tokio::io::duplex(1 << 16);
@@ -315,7 +332,7 @@ mod tests {
             from_archive: 16384,
             idle: Duration::from_secs(5),
         };
-        let task = tokio::spawn(relay(client, archive, limits, PassThrough));
+        let task = tokio::spawn(relay(client, archive, limits, PassThrough, never()));
         use tokio::io::AsyncReadExt;
         let pdata = [4u8, 0, 0, 0, 0, 8, 0, 0, 0, 4, 1, 3, 0xaa, 0xbb];
         client_peer.write_all(&pdata).await.expect("write");
@@ -348,7 +365,7 @@ mod tests {
             from_archive: 16384,
             idle: Duration::from_secs(5),
         };
-        let task = tokio::spawn(relay(client, archive, limits, PassThrough));
+        let task = tokio::spawn(relay(client, archive, limits, PassThrough, never()));
         drop(archive_peer);
         use tokio::io::AsyncReadExt;
         let mut got = [0u8; 10];
@@ -367,7 +384,7 @@ mod tests {
             from_archive: 16384,
             idle: Duration::from_secs(30),
         };
-        let (end, _, _) = relay(client, archive, limits, PassThrough).await;
+        let (end, _, _) = relay(client, archive, limits, PassThrough, never()).await;
         assert_eq!(end, RelayEnd::IdleTimeout);
         use tokio::io::AsyncReadExt;
         let mut got = [0u8; 10];

@@ -10,8 +10,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::association::{self, DICOM_APPLICATION_CONTEXT, UpstreamAnswer};
+use crate::audit::Audit;
 use crate::auth::{self, Authenticator, Principal};
 use crate::config::Config;
+use crate::metrics::{DirectionLabels, OutcomeLabels, UpstreamLabels, metrics};
 use crate::moves::{DestinationConnectors, MoveRegistry};
 use crate::pdu::{self, PduError, Rejection, read_pdu};
 use crate::policy::{Grants, Limiter};
@@ -21,7 +23,9 @@ use crate::tls;
 use dicom_ul::pdu::{
     AssociationAC, AssociationRQ, PresentationContextResultReason, UserIdentityType,
 };
+use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
 
 /// Errors that stop the gateway from starting.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +34,10 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Jwt(#[from] auth::jwt::JwtSetupError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: SocketAddr,
@@ -44,6 +52,7 @@ pub struct State {
     pub authenticator: Authenticator,
     pub limiter: Arc<Limiter>,
     pub destinations: DestinationConnectors,
+    pub audit: Arc<Audit>,
 }
 
 impl State {
@@ -52,12 +61,14 @@ impl State {
         let authenticator = Authenticator::new(&config)?;
         let limiter = Arc::new(Limiter::new(&config));
         let destinations = DestinationConnectors::new(&config)?;
+        let audit = Arc::new(Audit::open(config.audit.as_ref())?);
         Ok(State {
             config,
             acceptor,
             authenticator,
             limiter,
             destinations,
+            audit,
         })
     }
 }
@@ -69,6 +80,10 @@ pub struct Gateway {
     pending: Arc<Semaphore>,
     /// C-MOVEs in progress, for the return path.
     pub moves: Arc<MoveRegistry>,
+    /// Every association task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+    /// Set to true when the shutdown grace period is over: relays abort.
+    abort: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Gateway {
@@ -78,6 +93,8 @@ impl Gateway {
             state: Arc::new(RwLock::new(Arc::new(state))),
             pending,
             moves: Arc::new(MoveRegistry::default()),
+            tasks: TaskTracker::new(),
+            abort: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
 
@@ -95,6 +112,84 @@ impl Gateway {
         TcpListener::bind(address)
             .await
             .map_err(|source| ServerError::Listen { address, source })
+    }
+
+    /// Re-read the configuration file: users, roles, devices, JWT keys, certificates, limits and
+    /// destinations. Associations in flight keep the state they started with. A configuration that
+    /// does not load is refused with one log line, and the old one stays in force.
+    pub fn reload(&self) {
+        let old = self.current();
+        let path = old.config.path.clone();
+        let loaded = Config::load(&path)
+            .map_err(ServerError::from)
+            .and_then(|config| State::new(config).map_err(ServerError::from));
+        let labels = |outcome| OutcomeLabels {
+            outcome,
+            reason: "sighup",
+        };
+        match loaded {
+            Ok(mut state) => {
+                if state.config.gateway.listen != old.config.gateway.listen
+                    || state.config.gateway.return_listen != old.config.gateway.return_listen
+                    || state.config.gateway.device_listen != old.config.gateway.device_listen
+                    || state.config.admin_listen != old.config.admin_listen
+                {
+                    tracing::warn!(
+                        "listen addresses changed: they take effect at the next restart"
+                    );
+                }
+                if state.config.limits == old.config.limits {
+                    // Keep lockouts, rate buckets and open-association counts.
+                    state.limiter = old.limiter.clone();
+                }
+                let users = state.config.users.len();
+                state.audit.record(
+                    "reload",
+                    json!({"outcome": "ok", "path": path.display().to_string(), "users": users}),
+                );
+                match self.state.write() {
+                    Ok(mut s) => *s = Arc::new(state),
+                    Err(poisoned) => *poisoned.into_inner() = Arc::new(state),
+                }
+                metrics().reloads.get_or_create(&labels("ok")).inc();
+                tracing::info!(path = %path.display(), users, "configuration reloaded");
+            }
+            Err(e) => {
+                old.audit.record("reload", json!({"outcome": "refused", "path": path.display().to_string(), "reason": e.to_string()}));
+                metrics().reloads.get_or_create(&labels("refused")).inc();
+                tracing::error!(path = %path.display(), reason = %e, "configuration reload refused; the previous configuration stays in force");
+            }
+        }
+    }
+
+    /// A receiver that turns true when relays must abort (the end of the shutdown grace period).
+    pub fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.abort.subscribe()
+    }
+
+    /// Graceful shutdown, once the listeners are no longer served: wait up to `grace` for the
+    /// associations in flight, then abort the rest (A-ABORT both ways) and wait for them to close.
+    pub async fn drain(&self, grace: Duration) {
+        self.tasks.close();
+        let open = self.tasks.len();
+        if open > 0 {
+            tracing::info!(
+                associations = open,
+                grace_s = grace.as_secs_f64(),
+                "waiting for associations to finish"
+            );
+        }
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                associations = self.tasks.len(),
+                "grace period over: aborting the remaining associations"
+            );
+            self.abort.send_replace(true);
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+        }
     }
 
     /// Bind the C-MOVE return-path listener, when the configuration has one.
@@ -128,6 +223,7 @@ impl Gateway {
                     backoff = Duration::from_millis(10);
                     let state = self.current();
                     let moves = self.moves.clone();
+                    let shutdown = self.abort.subscribe();
                     // Connections that have not authenticated yet are bounded: a flood from the
                     // internet must not starve the gateway of memory or file descriptors.
                     let Ok(permit) = self.pending.clone().try_acquire_owned() else {
@@ -135,8 +231,8 @@ impl Gateway {
                         drop(stream);
                         continue;
                     };
-                    tokio::spawn(async move {
-                        handle(state, moves, stream, peer, tls, permit).await;
+                    self.tasks.spawn(async move {
+                        handle(state, moves, stream, peer, tls, permit, shutdown).await;
                     });
                 }
                 Err(e) => {
@@ -165,6 +261,8 @@ struct Outcome {
 /// An association that ended before the relay, with the reason for the log.
 pub(crate) struct Stop {
     pub(crate) outcome: &'static str,
+    /// A short, fixed name for the reason (metrics label, audit `rule`).
+    pub(crate) kind: &'static str,
     pub(crate) reason: String,
 }
 
@@ -172,8 +270,30 @@ impl Stop {
     pub(crate) fn new(outcome: &'static str, reason: impl Into<String>) -> Stop {
         Stop {
             outcome,
+            kind: outcome,
             reason: reason.into(),
         }
+    }
+
+    pub(crate) fn kind(mut self, kind: &'static str) -> Stop {
+        self.kind = kind;
+        self
+    }
+}
+
+/// The fixed reason name of a relay's end (metrics label).
+fn end_kind(end: &relay::RelayEnd) -> &'static str {
+    use relay::{RelayEnd, Side};
+    match end {
+        RelayEnd::Released => "released",
+        RelayEnd::Aborted(Side::Client) => "aborted_by_client",
+        RelayEnd::Aborted(Side::Archive) => "aborted_by_upstream",
+        RelayEnd::Closed(Side::Client) => "client_closed",
+        RelayEnd::Closed(Side::Archive) => "upstream_closed",
+        RelayEnd::Failed(Side::Client, _) => "client_failed",
+        RelayEnd::Failed(Side::Archive, _) => "upstream_failed",
+        RelayEnd::IdleTimeout => "idle_timeout",
+        RelayEnd::Shutdown => "shutdown",
     }
 }
 
@@ -184,6 +304,7 @@ async fn handle(
     peer: SocketAddr,
     tls: bool,
     permit: OwnedSemaphorePermit,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let started = Instant::now();
     let mut outcome = Outcome::default();
@@ -200,6 +321,7 @@ async fn handle(
                     &mut outcome,
                     started,
                     permit,
+                    shutdown,
                 )
                 .await
             }
@@ -217,19 +339,67 @@ async fn handle(
             &mut outcome,
             started,
             permit,
+            shutdown,
         )
         .await
     };
-    let (result_name, reason) = match result {
+    let (result_name, kind, reason) = match result {
         Ok(end) => (
             match end {
                 relay::RelayEnd::Released => "released",
                 _ => "aborted",
             },
+            end_kind(&end),
             end.reason(),
         ),
-        Err(stop) => (stop.outcome, stop.reason),
+        Err(stop) => (stop.outcome, stop.kind, stop.reason),
     };
+    let m = metrics();
+    m.associations
+        .get_or_create(&OutcomeLabels {
+            outcome: result_name,
+            reason: kind,
+        })
+        .inc();
+    if result_name == "tls_failed" {
+        m.tls_handshake_failures.inc();
+    }
+    if result_name == "rejected" {
+        m.refusal(kind);
+    }
+    m.bytes
+        .get_or_create(&DirectionLabels {
+            direction: "from_client",
+        })
+        .inc_by(outcome.bytes_from_client);
+    m.bytes
+        .get_or_create(&DirectionLabels {
+            direction: "from_upstream",
+        })
+        .inc_by(outcome.bytes_from_archive);
+    // Connections that never sent an association request are not audit events (scanners, probes).
+    if !outcome.calling_ae.is_empty() {
+        let event = match result_name {
+            "released" | "aborted" => "association.ended",
+            _ => "association.rejected",
+        };
+        state.audit.record(
+            event,
+            json!({
+                "peer": peer.to_string(),
+                "user": outcome.user,
+                "method": outcome.method,
+                "calling_ae": outcome.calling_ae,
+                "called_ae": outcome.called_ae,
+                "outcome": result_name,
+                "rule": kind,
+                "reason": reason,
+                "bytes_from_client": outcome.bytes_from_client,
+                "bytes_from_upstream": outcome.bytes_from_archive,
+                "duration_ms": started.elapsed().as_millis() as u64,
+            }),
+        );
+    }
     tracing::info!(
         peer = %peer,
         user = outcome.user.as_deref().unwrap_or("-"),
@@ -290,6 +460,7 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
     outcome: &mut Outcome,
     started: Instant,
     permit: OwnedSemaphorePermit,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<relay::RelayEnd, Stop> {
     let cfg = &state.config;
     let t = cfg.timeouts;
@@ -346,7 +517,28 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
     {
         Ok(p) => p,
         Err(failure) => {
+            state.audit.record(
+                "login.failed",
+                json!({
+                    "peer": peer.to_string(),
+                    "user": failure.user,
+                    "method": failure.method.map(|m| m.name()),
+                    "calling_ae": rq.calling_ae_title,
+                    "called_ae": rq.called_ae_title,
+                    "reason": failure.error.to_string(),
+                }),
+            );
             for lock in limiter.login_failed(failure.user.as_deref(), address) {
+                state.audit.record(
+                    "lockout",
+                    json!({
+                        "peer": peer.to_string(),
+                        "user": failure.user,
+                        "scope": format!("{lock:?}"),
+                        "seconds": cfg.limits.lockout.as_secs(),
+                        "rule": "failed_logins",
+                    }),
+                );
                 tracing::warn!(
                     peer = %peer,
                     user = failure.user.as_deref().unwrap_or("-"),
@@ -410,6 +602,21 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(Stop::new("aborted", format!("client: {e}")));
     }
     tracing::debug!(peer = %peer, user = %principal.user, "association accepted");
+    metrics()
+        .association_setup_seconds
+        .observe(started.elapsed().as_secs_f64());
+    state.audit.record(
+        "association.accepted",
+        json!({
+            "peer": peer.to_string(),
+            "user": principal.user,
+            "method": principal.method.name(),
+            "roles": principal.roles,
+            "calling_ae": rq.calling_ae_title,
+            "called_ae": rq.called_ae_title,
+            "upstream": upstream.address,
+        }),
+    );
     drop(permit); // authenticated and established: no longer a pending connection
 
     // Phase: relay.
@@ -434,15 +641,27 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
         Grants::for_roles(cfg, &principal.roles),
         state.limiter.clone(),
         moves,
+        state.audit.clone(),
         transfer_syntaxes,
         limits.from_archive,
         limits.from_client,
     );
-    let (end, stats, session) = relay::relay(client, archive, limits, session).await;
+    metrics().active.inc();
+    let (end, stats, session) = relay::relay(client, archive, limits, session, shutdown).await;
+    metrics().active.dec();
     outcome.bytes_from_client = stats.from_client;
     outcome.bytes_from_archive = stats.from_archive;
     outcome.counts = session.counts;
     Ok(end)
+}
+
+fn connect_failed(address: &str) {
+    metrics()
+        .upstream_connect_failures
+        .get_or_create(&UpstreamLabels {
+            upstream: address.to_string(),
+        })
+        .inc();
 }
 
 /// Phase: the association request, within the ARTIM timer (counted from accept), bounded in size,
@@ -587,8 +806,14 @@ pub(crate) async fn connect_tcp(
             let _ = s.set_nodelay(true);
             Ok(s)
         }
-        Ok(Err(e)) => Err(format!("{what} {address} unreachable: {e}")),
-        Err(_) => Err(format!("{what} {address} connect timed out")),
+        Ok(Err(e)) => {
+            connect_failed(address);
+            Err(format!("{what} {address} unreachable: {e}"))
+        }
+        Err(_) => {
+            connect_failed(address);
+            Err(format!("{what} {address} connect timed out"))
+        }
     }
 }
 
@@ -599,7 +824,7 @@ pub(crate) async fn reject<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Stop {
     send(client, &rejection.pdu()).await;
     let (r, s, why) = rejection.codes();
-    Stop::new("rejected", format!("{} ({r}/{s}/{why})", reason.into()))
+    Stop::new("rejected", format!("{} ({r}/{s}/{why})", reason.into())).kind(rejection.name())
 }
 
 /// Best effort: a bounded write and close, for answers to peers we are about to drop.

@@ -5,11 +5,14 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::audit::Audit;
 use crate::config::Operation;
 use crate::dimse::{self, Command, PDataWriter, Pdv, command_field as cf, status};
+use crate::metrics::metrics;
 use crate::moves::MoveRegistry;
 use crate::policy::{Grants, Limiter, query_guard};
 use crate::relay::{Actions, Forward, Inspector, Side};
+use serde_json::json;
 
 /// The Modality Worklist Information Model - FIND SOP class (PS3.4 K.6.1.2).
 const WORKLIST_FIND: &str = "1.2.840.10008.5.1.4.31";
@@ -40,8 +43,8 @@ enum DataMode {
     /// No message in progress, or one without a data set.
     #[default]
     Idle,
-    /// The data set of an allowed message: pass it on.
-    Forward,
+    /// The data set of an allowed message: pass it on (and count its bytes for request `message`).
+    Forward { message: Option<u16> },
     /// The data set of a refused or dropped message: swallow it, then send `answer` if any.
     Drop { answer: Option<(u8, Vec<u8>)> },
     /// An identifier the decision needs: hold command and data until the data set is complete.
@@ -77,10 +80,23 @@ enum Decision {
     Rewrite(Vec<u8>),
     Refuse {
         status: u16,
+        rule: &'static str,
         reason: String,
     },
     Hold,
     Drop,
+}
+
+/// A request forwarded to the archive, until its final response: for metrics and the audit trail.
+#[derive(Debug)]
+struct OpTrack {
+    op: &'static str,
+    started: std::time::Instant,
+    sop_class: String,
+    sop_instance: String,
+    bytes: u64,
+    /// The C-FIND keys, as the audit trail shows them.
+    query: Option<serde_json::Value>,
 }
 
 /// A C-MOVE or C-GET in progress, for its log lines and the return path.
@@ -108,6 +124,7 @@ pub struct Session {
     grants: Grants,
     limiter: Arc<Limiter>,
     moves: Arc<MoveRegistry>,
+    audit: Arc<Audit>,
     transfer_syntaxes: HashMap<u8, String>,
     /// Largest PDU body the client accepts / the archive accepts.
     client_max: u32,
@@ -116,16 +133,19 @@ pub struct Session {
     from_archive: Assembly,
     finds: HashMap<u16, FindTrack>,
     retrievals: HashMap<u16, Retrieval>,
+    ops: HashMap<u16, OpTrack>,
     refused: VecDeque<u16>,
     pub counts: Counts,
 }
 
 impl Session {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         party: Party,
         grants: Grants,
         limiter: Arc<Limiter>,
         moves: Arc<MoveRegistry>,
+        audit: Arc<Audit>,
         transfer_syntaxes: HashMap<u8, String>,
         client_max: u32,
         archive_max: u32,
@@ -135,6 +155,7 @@ impl Session {
             grants,
             limiter,
             moves,
+            audit,
             transfer_syntaxes,
             client_max,
             archive_max,
@@ -142,6 +163,7 @@ impl Session {
             from_archive: Assembly::default(),
             finds: HashMap::new(),
             retrievals: HashMap::new(),
+            ops: HashMap::new(),
             refused: VecDeque::new(),
             counts: Counts::default(),
         }
@@ -202,6 +224,10 @@ impl Session {
             let has_data = command.has_data_set;
             match self.decide(from, pc, &command, back) {
                 Decision::Forward => {
+                    let tracked = from == Side::Client
+                        && !command.is_response()
+                        && command.field != cf::C_CANCEL_RQ
+                        && self.track(&command, None);
                     pieces.push(if single {
                         Piece::Pass(pdv)
                     } else {
@@ -212,7 +238,9 @@ impl Session {
                         }
                     });
                     asm.data = if has_data {
-                        DataMode::Forward
+                        DataMode::Forward {
+                            message: tracked.then_some(command.message_id),
+                        }
                     } else {
                         DataMode::Idle
                     };
@@ -224,14 +252,18 @@ impl Session {
                         bytes,
                     });
                     asm.data = if has_data {
-                        DataMode::Forward
+                        DataMode::Forward { message: None }
                     } else {
                         DataMode::Idle
                     };
                 }
-                Decision::Refuse { status, reason } => {
+                Decision::Refuse {
+                    status,
+                    rule,
+                    reason,
+                } => {
                     let answer = dimse::refusal(&command, status, &format!("pacsgate: {reason}"));
-                    self.refused_now(&command, status, &reason);
+                    self.refused_now(&command, status, rule, &reason);
                     if has_data {
                         asm.data = DataMode::Drop {
                             answer: Some((pc, answer)),
@@ -255,7 +287,12 @@ impl Session {
                         status::IDENTIFIER_DOES_NOT_MATCH,
                         &format!("pacsgate: {reason}"),
                     );
-                    self.refused_now(&command, status::IDENTIFIER_DOES_NOT_MATCH, &reason);
+                    self.refused_now(
+                        &command,
+                        status::IDENTIFIER_DOES_NOT_MATCH,
+                        "bad_identifier",
+                        &reason,
+                    );
                     back.push(pc, true, true, &answer);
                 }
                 Decision::Drop => {
@@ -270,7 +307,10 @@ impl Session {
         }
         match &mut asm.data {
             DataMode::Idle => return Err("data set fragment without a command".into()),
-            DataMode::Forward => {
+            DataMode::Forward { message } => {
+                if let Some(t) = message.and_then(|m| self.ops.get_mut(&m)) {
+                    t.bytes += pdv.data.len() as u64;
+                }
                 pieces.push(Piece::Pass(pdv));
                 if pdv.is_last {
                     asm.data = DataMode::Idle;
@@ -310,10 +350,14 @@ impl Session {
                                 bytes: data,
                             });
                         }
-                        Decision::Refuse { status, reason } => {
+                        Decision::Refuse {
+                            status,
+                            rule,
+                            reason,
+                        } => {
                             let answer =
                                 dimse::refusal(&command, status, &format!("pacsgate: {reason}"));
-                            self.refused_now(&command, status, &reason);
+                            self.refused_now(&command, status, rule, &reason);
                             back.push(pc, true, true, &answer);
                         }
                         Decision::Rewrite(_) | Decision::Hold | Decision::Drop => {}
@@ -324,9 +368,10 @@ impl Session {
         Ok(())
     }
 
-    fn refuse(&self, status: u16, reason: impl Into<String>) -> Decision {
+    fn refuse(&self, status: u16, rule: &'static str, reason: impl Into<String>) -> Decision {
         Decision::Refuse {
             status,
+            rule,
             reason: reason.into(),
         }
     }
@@ -357,6 +402,7 @@ impl Session {
                     other => {
                         return self.refuse(
                             status::REFUSED_NOT_AUTHORIZED,
+                            "unsupported_operation",
                             format!("operation {other:#06x} is not supported through the gateway"),
                         );
                     }
@@ -364,14 +410,18 @@ impl Session {
                 if !self.grants.allows(op) {
                     return self.refuse(
                         status::REFUSED_NOT_AUTHORIZED,
+                        "not_authorized",
                         format!("{} is not allowed for this user", op.name()),
                     );
                 }
                 match op {
                     Operation::Find | Operation::Worklist => {
                         if !self.limiter.rates.queries.allow(user) {
-                            return self
-                                .refuse(status::OUT_OF_RESOURCES, "query rate limit reached");
+                            return self.refuse(
+                                status::OUT_OF_RESOURCES,
+                                "rate_limit",
+                                "query rate limit reached",
+                            );
                         }
                         Decision::Hold
                     }
@@ -379,6 +429,7 @@ impl Session {
                         if !self.grants.move_destinations.contains(&c.move_destination) {
                             return self.refuse(
                                 status::MOVE_DESTINATION_UNKNOWN,
+                                "move_destination",
                                 format!(
                                     "move destination {:?} is not allowed for this user",
                                     c.move_destination
@@ -388,6 +439,7 @@ impl Session {
                         if !self.limiter.rates.retrievals.allow(user) {
                             return self.refuse(
                                 status::OUT_OF_RESOURCES_MATCHES,
+                                "rate_limit",
                                 "retrieval rate limit reached",
                             );
                         }
@@ -397,6 +449,7 @@ impl Session {
                         if !self.limiter.rates.retrievals.allow(user) {
                             return self.refuse(
                                 status::OUT_OF_RESOURCES_MATCHES,
+                                "rate_limit",
                                 "retrieval rate limit reached",
                             );
                         }
@@ -417,7 +470,13 @@ impl Session {
             .unwrap_or("");
         let identifier = match dimse::decode_identifier(data, ts) {
             Ok(i) => i,
-            Err(e) => return self.refuse(status::IDENTIFIER_DOES_NOT_MATCH, e.to_string()),
+            Err(e) => {
+                return self.refuse(
+                    status::IDENTIFIER_DOES_NOT_MATCH,
+                    "bad_identifier",
+                    e.to_string(),
+                );
+            }
         };
         if c.field == cf::C_FIND_RQ {
             let worklist = c.affected_sop_class == WORKLIST_FIND;
@@ -426,9 +485,12 @@ impl Session {
                     Ok(key) => {
                         tracing::debug!(user = %self.party.user, key, "C-FIND allowed by key")
                     }
-                    Err(reason) => return self.refuse(status::OUT_OF_RESOURCES, reason),
+                    Err(reason) => {
+                        return self.refuse(status::OUT_OF_RESOURCES, "query_guard", reason);
+                    }
                 }
             }
+            self.track(c, Some(query_keys(&identifier)));
             self.finds.insert(
                 c.message_id,
                 FindTrack {
@@ -517,6 +579,83 @@ impl Session {
 
     /// Responses from the archive: count C-FIND matches and enforce the result cap.
     fn decide_archive(&mut self, pc: u8, c: &Command, back: &mut PDataWriter) -> Decision {
+        let decision = self.decide_response(pc, c, back);
+        if c.is_response() && !c.status.is_some_and(status::is_pending) {
+            self.finish(c);
+        }
+        decision
+    }
+
+    /// Start tracking a forwarded request; false when it is not one the gateway reports on.
+    fn track(&mut self, c: &Command, query: Option<serde_json::Value>) -> bool {
+        let Some(op) = tracked_op(c.field) else {
+            return false;
+        };
+        self.ops.insert(
+            c.message_id,
+            OpTrack {
+                op,
+                started: std::time::Instant::now(),
+                sop_class: c.affected_sop_class.clone(),
+                sop_instance: c.affected_sop_instance.clone(),
+                bytes: 0,
+                query,
+            },
+        );
+        true
+    }
+
+    /// A final response from the archive: metrics and the audit event for its request.
+    fn finish(&mut self, c: &Command) {
+        let Some(t) = self.ops.remove(&c.responded_to) else {
+            return;
+        };
+        let find = self.finds.remove(&c.responded_to);
+        metrics().operation(t.op, c.status);
+        if t.op == "find" {
+            metrics()
+                .find_seconds
+                .observe(t.started.elapsed().as_secs_f64());
+        }
+        let mut event = json!({
+            "peer": self.party.peer.to_string(),
+            "user": self.party.user,
+            "calling_ae": self.party.calling_ae,
+            "called_ae": self.party.called_ae,
+            "op": t.op,
+            "message_id": c.responded_to,
+            "status": format!("{:#06x}", c.status.unwrap_or(0)),
+            "duration_ms": t.started.elapsed().as_millis() as u64,
+        });
+        let fields = match t.op {
+            "find" => json!({
+                "sop_class_uid": t.sop_class,
+                "query": t.query,
+                "matches": find.as_ref().map(|f| f.matches.min(f.cap)),
+                "truncated": find.as_ref().is_some_and(|f| f.capped && f.dropped > 0),
+            }),
+            "store" => json!({
+                "sop_class_uid": t.sop_class,
+                "sop_instance_uid": t.sop_instance,
+                "bytes": t.bytes,
+            }),
+            "move" | "get" => json!({
+                "study_uid": self.retrievals.get(&c.responded_to).map(|r| r.study.clone()),
+                "series_uid": self.retrievals.get(&c.responded_to).map(|r| r.series.clone()),
+                "destination": self.retrievals.get(&c.responded_to).map(|r| r.destination.clone()).filter(|d| !d.is_empty()),
+                "completed": dimse::count(c, dicom_dictionary_std::tags::NUMBER_OF_COMPLETED_SUBOPERATIONS),
+                "failed": dimse::count(c, dicom_dictionary_std::tags::NUMBER_OF_FAILED_SUBOPERATIONS),
+                "warning": dimse::count(c, dicom_dictionary_std::tags::NUMBER_OF_WARNING_SUBOPERATIONS),
+            }),
+            _ => json!({}),
+        };
+        if let (Some(e), serde_json::Value::Object(f)) = (event.as_object_mut(), fields) {
+            e.extend(f);
+        }
+        self.audit.record(t.op, event);
+    }
+
+    fn decide_response(&mut self, pc: u8, c: &Command, back: &mut PDataWriter) -> Decision {
         if (c.field == (cf::C_MOVE_RQ | cf::RESPONSE) || c.field == (cf::C_GET_RQ | cf::RESPONSE))
             && !c.status.is_some_and(status::is_pending)
         {
@@ -543,8 +682,8 @@ impl Session {
             }
             return Decision::Forward;
         }
-        // The final response.
-        let Some(track) = self.finds.remove(&id) else {
+        // The final response (the track itself is dropped in `finish`).
+        let Some(track) = self.finds.get(&id) else {
             return Decision::Forward;
         };
         if track.capped && (track.dropped > 0 || st == status::CANCEL) {
@@ -566,8 +705,26 @@ impl Session {
         Decision::Forward
     }
 
-    fn refused_now(&mut self, c: &Command, status: u16, reason: &str) {
+    fn refused_now(&mut self, c: &Command, status: u16, rule: &'static str, reason: &str) {
         self.counts.refused += 1;
+        metrics().refusal(rule);
+        metrics().operation(op_name(c.field), Some(status));
+        self.audit.record(
+            "refused",
+            json!({
+                "peer": self.party.peer.to_string(),
+                "user": self.party.user,
+                "calling_ae": self.party.calling_ae,
+                "called_ae": self.party.called_ae,
+                "op": op_name(c.field),
+                "message_id": c.message_id,
+                "status": format!("{status:#06x}"),
+                "rule": rule,
+                "reason": reason,
+                "sop_instance_uid": (!c.affected_sop_instance.is_empty()).then_some(&c.affected_sop_instance),
+                "move_destination": (!c.move_destination.is_empty()).then_some(&c.move_destination),
+            }),
+        );
         if self.refused.len() >= REMEMBER_REFUSED {
             self.refused.pop_front();
         }
@@ -579,6 +736,7 @@ impl Session {
             called_ae = %self.party.called_ae,
             op = op_name(c.field),
             status = format_args!("{status:#06x}"),
+            rule,
             reason,
             "refused"
         );
@@ -594,6 +752,38 @@ impl Drop for Session {
             }
         }
     }
+}
+
+/// The requests the gateway reports on (metrics, audit), by command field.
+fn tracked_op(field: u16) -> Option<&'static str> {
+    match field {
+        cf::C_ECHO_RQ | cf::C_STORE_RQ | cf::C_FIND_RQ | cf::C_MOVE_RQ | cf::C_GET_RQ => {
+            Some(op_name(field))
+        }
+        _ => None,
+    }
+}
+
+/// An identifier's keys as `keyword: value` for the audit trail (sequences summarised).
+fn query_keys(identifier: &dicom_object::InMemDicomObject) -> serde_json::Value {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
+    let mut map = serde_json::Map::new();
+    for e in identifier.iter() {
+        let tag = e.header().tag;
+        let name = dicom_dictionary_std::StandardDataDictionary
+            .by_tag(tag)
+            .map(|d| d.alias().to_string())
+            .unwrap_or_else(|| format!("({:04X},{:04X})", tag.0, tag.1));
+        let value = match e.value() {
+            dicom_core::value::Value::Sequence(seq) => format!("[{} items]", seq.items().len()),
+            _ => e
+                .to_str()
+                .map(|v| v.trim_end_matches(['\0', ' ']).to_string())
+                .unwrap_or_default(),
+        };
+        map.insert(name, serde_json::Value::String(value));
+    }
+    serde_json::Value::Object(map)
 }
 
 fn op_name(field: u16) -> &'static str {
@@ -691,6 +881,7 @@ allow = ["echo", "find"]
             Grants::for_roles(&cfg, &["r".to_string()]),
             Arc::new(Limiter::new(&cfg)),
             Arc::new(MoveRegistry::default()),
+            Arc::new(Audit::disabled()),
             ts,
             16384,
             16384,

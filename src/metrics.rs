@@ -1,0 +1,262 @@
+//! Prometheus metrics (prometheus-client) and the admin HTTP server (axum): `/metrics`, `/healthz`, `/readyz`.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub op: &'static str,
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub rule: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+/// Every metric pacsgate exports. Label values come from fixed sets, never from the wire.
+pub struct Metrics {
+    registry: Registry,
+    pub associations: Family<OutcomeLabels, Counter>,
+    pub active: Gauge,
+    pub operations: Family<OperationLabels, Counter>,
+    pub refusals: Family<RuleLabels, Counter>,
+    pub bytes: Family<DirectionLabels, Counter>,
+    pub tls_handshake_failures: Counter,
+    pub upstream_connect_failures: Family<UpstreamLabels, Counter>,
+    pub association_setup_seconds: Histogram,
+    pub find_seconds: Histogram,
+    pub reloads: Family<OutcomeLabels, Counter>,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]
+    .into_iter()
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("pacsgate");
+        let m = Metrics {
+            associations: Family::default(),
+            active: Gauge::default(),
+            operations: Family::default(),
+            refusals: Family::default(),
+            bytes: Family::default(),
+            tls_handshake_failures: Counter::default(),
+            upstream_connect_failures: Family::default(),
+            association_setup_seconds: Histogram::new(latency_buckets()),
+            find_seconds: Histogram::new(latency_buckets()),
+            reloads: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "associations",
+            "Associations by outcome and reason",
+            m.associations.clone(),
+        );
+        registry.register(
+            "associations_active",
+            "Associations being relayed now",
+            m.active.clone(),
+        );
+        registry.register(
+            "operations",
+            "DIMSE operations by type and status class",
+            m.operations.clone(),
+        );
+        registry.register(
+            "refusals",
+            "Operations and associations refused, by rule",
+            m.refusals.clone(),
+        );
+        registry.register("bytes", "Bytes relayed, by direction", m.bytes.clone());
+        registry.register(
+            "tls_handshake_failures",
+            "Failed TLS handshakes",
+            m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "upstream_connect_failures",
+            "Failed connections to an archive or destination",
+            m.upstream_connect_failures.clone(),
+        );
+        registry.register(
+            "association_setup_seconds",
+            "From accept to the A-ASSOCIATE-AC sent to the client (TLS, authentication, upstream)",
+            m.association_setup_seconds.clone(),
+        );
+        registry.register(
+            "find_seconds",
+            "C-FIND from request to final response",
+            m.find_seconds.clone(),
+        );
+        registry.register(
+            "reloads",
+            "Configuration reloads by outcome",
+            m.reloads.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String only fails on a fmt::Error from the String, which does not happen.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn operation(&self, op: &'static str, status: Option<u16>) {
+        self.operations
+            .get_or_create(&OperationLabels {
+                op,
+                status: status_class(status),
+            })
+            .inc();
+    }
+
+    pub fn refusal(&self, rule: &'static str) {
+        self.refusals.get_or_create(&RuleLabels { rule }).inc();
+    }
+}
+
+/// The class of a DIMSE status, a bounded label (PS3.7 C.1).
+pub fn status_class(status: Option<u16>) -> &'static str {
+    match status {
+        None => "none",
+        Some(0x0000) => "success",
+        Some(0xFF00 | 0xFF01) => "pending",
+        Some(0xFE00) => "cancel",
+        Some(0x0001 | 0x0107 | 0x0116) => "warning",
+        Some(s) if s & 0xF000 == 0xB000 => "warning",
+        Some(_) => "failure",
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// Readiness: a closure that checks the upstreams and says what is wrong.
+pub type ReadyCheck = std::sync::Arc<dyn Fn() -> futures_ready::BoxReady + Send + Sync>;
+
+/// A boxed future returning `Ok(())` when ready, or the reasons it is not.
+pub mod futures_ready {
+    pub type BoxReady =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Vec<String>>> + Send>>;
+}
+
+/// Serve the admin endpoints on `listener` until the task is dropped.
+pub async fn serve_admin(listener: tokio::net::TcpListener, ready: ReadyCheck) {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics().encode(),
+                )
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    match ready().await {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Err(problems) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {}\n", problems.join("; ")),
+                        ),
+                    }
+                }
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::warn!(reason = %e, "admin server stopped");
+    }
+}
+
+/// Check that every upstream accepts a TCP connection within `within`.
+pub async fn upstreams_reachable(
+    upstreams: Vec<(String, String)>,
+    within: Duration,
+) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    for (name, address) in upstreams {
+        match tokio::time::timeout(within, tokio::net::TcpStream::connect(&address)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => problems.push(format!("upstream {name} at {address}: {e}")),
+            Err(_) => problems.push(format!(
+                "upstream {name} at {address}: no answer within {within:?}"
+            )),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_show_up_in_the_exposition() {
+        let m = metrics();
+        m.operation("find", Some(0xA700));
+        m.refusal("query_guard");
+        m.associations
+            .get_or_create(&OutcomeLabels {
+                outcome: "rejected",
+                reason: "not_authenticated",
+            })
+            .inc();
+        let text = m.encode();
+        assert!(
+            text.contains("pacsgate_operations_total{op=\"find\",status=\"failure\"}"),
+            "{text}"
+        );
+        assert!(text.contains("pacsgate_refusals_total{rule=\"query_guard\"}"));
+        assert!(text.contains("# TYPE pacsgate_association_setup_seconds histogram"));
+        assert_eq!(status_class(Some(0xB000)), "warning");
+    }
+}
