@@ -20,9 +20,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-if ! python3 -c 'import pynetdicom, pydicom' 2>/dev/null; then
+if ! python3 -c "import pynetdicom, pydicom, prometheus_client" 2>/dev/null; then
   echo "scripts/test.sh: installing pynetdicom and pydicom from PyPI"
-  pkgs=("pynetdicom>=3,<4" "pydicom>=3,<4")
+  pkgs=("pynetdicom>=3,<4" "pydicom>=3,<4" "prometheus-client>=0.17")
   python3 -m pip install -q "${pkgs[@]}" 2>/dev/null \
     || python3 -m pip install -q --break-system-packages "${pkgs[@]}"
 fi

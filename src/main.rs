@@ -371,8 +371,8 @@ fn run(path: &Path) -> anyhow::Result<()> {
             )));
         }
 
-        let serving = gateway.serve(listener, true);
-        tokio::pin!(serving);
+        // Boxed so that dropping it closes the listener at once.
+        let mut serving = Box::pin(gateway.serve(listener, true));
         use tokio::signal::unix::{SignalKind, signal};
         let mut hangup =
             signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
