@@ -52,6 +52,30 @@ struct FileConfig {
     destination: Vec<FileDestination>,
     audit: Option<FileAudit>,
     admin: Option<FileAdmin>,
+    http: Option<FileHttp>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHttp {
+    listen: String,
+    upstream: String,
+    #[serde(default = "default_dicomweb_path")]
+    dicomweb_path: String,
+    wado_uri_path: Option<String>,
+    #[serde(default)]
+    allow_paths: Vec<String>,
+    #[serde(default)]
+    cors_origins: Vec<String>,
+    #[serde(default = "default_max_query_response")]
+    max_query_response: usize,
+}
+
+fn default_dicomweb_path() -> String {
+    "/dicom-web".to_string()
+}
+fn default_max_query_response() -> usize {
+    16 * 1024 * 1024
 }
 
 #[derive(Debug, Deserialize)]
@@ -307,6 +331,24 @@ pub struct Config {
     pub audit: Option<AuditConfig>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not at all.
     pub admin_listen: Option<SocketAddr>,
+    /// The DICOMweb door; `None`: not served.
+    pub http: Option<Http>,
+}
+
+/// `[http]`: an HTTPS reverse proxy in front of the archive's DICOMweb API.
+#[derive(Debug, Clone)]
+pub struct Http {
+    pub listen: SocketAddr,
+    /// The archive's HTTP server: scheme, host and port (`http://10.0.0.20:8042`).
+    pub upstream: String,
+    /// DICOMweb root path, the same on the gateway and the archive (`/dicom-web`).
+    pub dicomweb_path: String,
+    pub wado_uri_path: Option<String>,
+    /// Other path prefixes passed through for any authenticated user with a role.
+    pub allow_paths: Vec<String>,
+    pub cors_origins: Vec<String>,
+    /// The most of a QIDO-RS response the gateway reads to enforce the result cap.
+    pub max_query_response: usize,
 }
 
 /// `[audit]`: the audit trail's destinations.
@@ -1014,6 +1056,46 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             })
         }
     };
+    let http = match file.http {
+        None => None,
+        Some(h) => {
+            let listen = h.listen.parse::<SocketAddr>().map_err(|e| {
+                invalid("http.listen", format!("{:?} is not an address:port ({e})", h.listen))
+            })?;
+            let upstream = h.upstream.trim_end_matches('/').to_string();
+            let authority = upstream.strip_prefix("http://").ok_or_else(|| {
+                invalid("http.upstream", format!("{:?}: expected http://HOST:PORT (the archive's plain HTTP port)", h.upstream))
+            })?;
+            if authority.is_empty() || authority.contains('/') {
+                return Err(invalid(
+                    "http.upstream",
+                    format!("{:?}: give scheme, host and port only; the path goes in dicomweb_path", h.upstream),
+                ));
+            }
+            let path = |key: &str, p: &str| -> Result<String, ConfigError> {
+                if !p.starts_with('/') || p.contains("..") {
+                    return Err(invalid(key, format!("{p:?} must be an absolute path")));
+                }
+                Ok(p.trim_end_matches('/').to_string())
+            };
+            let dicomweb_path = path("http.dicomweb_path", &h.dicomweb_path)?;
+            let wado_uri_path = h.wado_uri_path.as_deref().map(|p| path("http.wado_uri_path", p)).transpose()?;
+            let allow_paths = h
+                .allow_paths
+                .iter()
+                .map(|p| path("http.allow_paths", p))
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(Http {
+                listen,
+                upstream,
+                dicomweb_path,
+                wado_uri_path,
+                allow_paths,
+                cors_origins: h.cors_origins,
+                max_query_response: h.max_query_response.max(1024),
+            })
+        }
+    };
     let admin_listen = match file.admin {
         None => None,
         Some(a) => Some(a.listen.parse::<SocketAddr>().map_err(|e| {
@@ -1040,6 +1122,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         destinations,
         audit,
         admin_listen,
+        http,
         gateway: Gateway {
             listen,
             device_listen,

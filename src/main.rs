@@ -371,6 +371,13 @@ fn run(path: &Path) -> anyhow::Result<()> {
             )));
         }
 
+        if let Some(web) = &cfg.http {
+            let listener = tokio::net::TcpListener::bind(web.listen)
+                .await
+                .with_context(|| format!("cannot listen on http.listen {}", web.listen))?;
+            tracing::info!(listen = %web.listen, upstream = %web.upstream, path = %web.dicomweb_path, "DICOMweb door (HTTPS)");
+            background.push(tokio::spawn(pacsgate::web::serve(gateway.clone(), listener)));
+        }
         // Boxed so that dropping it closes the listener at once.
         let mut serving = Box::pin(gateway.serve(listener, true));
         use tokio::signal::unix::{SignalKind, signal};

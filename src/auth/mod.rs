@@ -139,47 +139,21 @@ impl Authenticator {
                     .map_err(|_| fail(Some(Method::Password), None, AuthError::BadEncoding))?;
                 let user = user.trim_end_matches(['\0', ' ']).to_string();
                 if !over_tls {
-                    return Err(fail(
-                        Some(Method::Password),
-                        Some(&user),
-                        AuthError::PasswordWithoutTls,
-                    ));
+                    return Err(fail(Some(Method::Password), Some(&user), AuthError::PasswordWithoutTls));
                 }
-                self.check_password(&user, id.secondary_field())
-                    .await
-                    .and_then(|u| self.principal(&u.name, Method::Password, u.roles.clone()))
-                    .map_err(|e| fail(Some(Method::Password), Some(&user), e))
+                self.password(&user, id.secondary_field()).await
             }
             Some((UserIdentityType::Jwt, id)) => {
                 if !over_tls {
                     return Err(fail(Some(Method::Jwt), None, AuthError::TokenWithoutTls));
                 }
-                let Some(verifier) = &self.jwt else {
-                    return Err(fail(Some(Method::Jwt), None, AuthError::JwtNotConfigured));
-                };
                 let token = String::from_utf8(id.primary_field())
                     .map_err(|_| fail(Some(Method::Jwt), None, AuthError::BadEncoding))?;
-                let claims = verifier
-                    .verify(token.trim_end_matches(['\0', ' ']))
-                    .map_err(|e| fail(Some(Method::Jwt), None, e.into()))?;
-                self.principal(&claims.subject, Method::Jwt, claims.roles.clone())
-                    .map_err(|e| fail(Some(Method::Jwt), Some(&claims.subject), e))
+                self.token(token.trim_end_matches(['\0', ' ']))
             }
             other => {
-                if let Some(name) = certificate_names.first() {
-                    let user = certificate_names
-                        .iter()
-                        .find_map(|n| self.users.get(n))
-                        .ok_or_else(|| {
-                            fail(
-                                Some(Method::Certificate),
-                                Some(name),
-                                AuthError::CertificateUnknown(certificate_names.join(", ")),
-                            )
-                        })?;
-                    return self
-                        .principal(&user.name, Method::Certificate, user.roles.clone())
-                        .map_err(|e| fail(Some(Method::Certificate), Some(&user.name), e));
+                if !certificate_names.is_empty() {
+                    return self.certificate(certificate_names);
                 }
                 if let Some(device) = self
                     .devices
@@ -192,21 +166,56 @@ impl Authenticator {
                         .map_err(|e| fail(Some(Method::Device), Some(&name), e));
                 }
                 let error = match other {
-                    Some((UserIdentityType::Username, _)) => {
-                        AuthError::NotACredential("1 (username only)")
-                    }
-                    Some((UserIdentityType::KerberosServiceTicket, _)) => {
-                        AuthError::NotACredential("3 (Kerberos)")
-                    }
-                    Some((UserIdentityType::SamlAssertion, _)) => {
-                        AuthError::NotACredential("4 (SAML)")
-                    }
+                    Some((UserIdentityType::Username, _)) => AuthError::NotACredential("1 (username only)"),
+                    Some((UserIdentityType::KerberosServiceTicket, _)) => AuthError::NotACredential("3 (Kerberos)"),
+                    Some((UserIdentityType::SamlAssertion, _)) => AuthError::NotACredential("4 (SAML)"),
                     Some(_) => AuthError::NotACredential("unknown"),
                     None => AuthError::NoCredential,
                 };
                 Err(fail(None, None, error))
             }
         }
+    }
+
+    /// A user name and password, checked against the user's argon2id hash.
+    pub async fn password(&self, user: &str, password: Vec<u8>) -> Result<Principal, AuthFailure> {
+        self.check_password(user, password)
+            .await
+            .and_then(|u| self.principal(&u.name, Method::Password, u.roles.clone()))
+            .map_err(|error| AuthFailure {
+                method: Some(Method::Password),
+                user: Some(user.to_string()),
+                error,
+            })
+    }
+
+    /// A JWT (compact JWS), verified as configured in `[auth.jwt]`.
+    pub fn token(&self, token: &str) -> Result<Principal, AuthFailure> {
+        let fail = |user: Option<&str>, error| AuthFailure {
+            method: Some(Method::Jwt),
+            user: user.map(str::to_string),
+            error,
+        };
+        let Some(verifier) = &self.jwt else {
+            return Err(fail(None, AuthError::JwtNotConfigured));
+        };
+        let claims = verifier.verify(token).map_err(|e| fail(None, e.into()))?;
+        self.principal(&claims.subject, Method::Jwt, claims.roles.clone())
+            .map_err(|e| fail(Some(&claims.subject), e))
+    }
+
+    /// The names of a client certificate rustls verified against `client_ca`.
+    pub fn certificate(&self, names: &[String]) -> Result<Principal, AuthFailure> {
+        let fail = |user: Option<&str>, error| AuthFailure {
+            method: Some(Method::Certificate),
+            user: user.map(str::to_string),
+            error,
+        };
+        let Some(user) = names.iter().find_map(|n| self.users.get(n)) else {
+            return Err(fail(names.first().map(String::as_str), AuthError::CertificateUnknown(names.join(", "))));
+        };
+        self.principal(&user.name, Method::Certificate, user.roles.clone())
+            .map_err(|e| fail(Some(&user.name), e))
     }
 
     async fn check_password(&self, user: &str, password: Vec<u8>) -> Result<&User, AuthError> {

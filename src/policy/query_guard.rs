@@ -39,8 +39,13 @@ pub fn specific_chars(value: &str) -> usize {
 
 /// `Ok(key)` naming the key that makes the query specific, or `Err` saying why it is not.
 pub fn check(identifier: &InMemDicomObject, min_chars: usize) -> Result<&'static str, String> {
+    check_values(|tag| crate::dimse::attribute(identifier, tag), min_chars)
+}
+
+/// The same rule over any source of key values (a DIMSE identifier, QIDO-RS query parameters).
+pub fn check_values(value_of: impl Fn(Tag) -> String, min_chars: usize) -> Result<&'static str, String> {
     for (tag, name) in IDENTIFYING_KEYS {
-        let value = crate::dimse::attribute(identifier, tag);
+        let value = value_of(tag);
         if value.is_empty() {
             continue;
         }
