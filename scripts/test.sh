@@ -14,15 +14,17 @@ missing=()
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v curl >/dev/null || missing+=(curl)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "scripts/test.sh: installing Debian packages: ${missing[*]}"
   as_root apt-get update -q
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-if ! python3 -c "import pynetdicom, pydicom, prometheus_client" 2>/dev/null; then
-  echo "scripts/test.sh: installing pynetdicom and pydicom from PyPI"
-  pkgs=("pynetdicom>=3,<4" "pydicom>=3,<4" "prometheus-client>=0.17")
+if ! python3 -c "import pynetdicom, pydicom, prometheus_client, dicomweb_client" 2>/dev/null; then
+  echo "scripts/test.sh: installing pynetdicom, pydicom, prometheus-client and dicomweb-client from PyPI"
+  pkgs=("pynetdicom>=3,<4" "pydicom>=3,<4" "prometheus-client>=0.17" "dicomweb-client>=0.59")
   python3 -m pip install -q "${pkgs[@]}" 2>/dev/null \
     || python3 -m pip install -q --break-system-packages "${pkgs[@]}"
 fi

@@ -1060,16 +1060,28 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         None => None,
         Some(h) => {
             let listen = h.listen.parse::<SocketAddr>().map_err(|e| {
-                invalid("http.listen", format!("{:?} is not an address:port ({e})", h.listen))
+                invalid(
+                    "http.listen",
+                    format!("{:?} is not an address:port ({e})", h.listen),
+                )
             })?;
             let upstream = h.upstream.trim_end_matches('/').to_string();
             let authority = upstream.strip_prefix("http://").ok_or_else(|| {
-                invalid("http.upstream", format!("{:?}: expected http://HOST:PORT (the archive's plain HTTP port)", h.upstream))
+                invalid(
+                    "http.upstream",
+                    format!(
+                        "{:?}: expected http://HOST:PORT (the archive's plain HTTP port)",
+                        h.upstream
+                    ),
+                )
             })?;
             if authority.is_empty() || authority.contains('/') {
                 return Err(invalid(
                     "http.upstream",
-                    format!("{:?}: give scheme, host and port only; the path goes in dicomweb_path", h.upstream),
+                    format!(
+                        "{:?}: give scheme, host and port only; the path goes in dicomweb_path",
+                        h.upstream
+                    ),
                 ));
             }
             let path = |key: &str, p: &str| -> Result<String, ConfigError> {
@@ -1079,7 +1091,11 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                 Ok(p.trim_end_matches('/').to_string())
             };
             let dicomweb_path = path("http.dicomweb_path", &h.dicomweb_path)?;
-            let wado_uri_path = h.wado_uri_path.as_deref().map(|p| path("http.wado_uri_path", p)).transpose()?;
+            let wado_uri_path = h
+                .wado_uri_path
+                .as_deref()
+                .map(|p| path("http.wado_uri_path", p))
+                .transpose()?;
             let allow_paths = h
                 .allow_paths
                 .iter()

@@ -26,5 +26,5 @@ pub mod relay;
 pub mod server;
 pub mod session;
 pub mod tls;
-pub mod web;
 pub mod tools;
+pub mod web;

@@ -122,7 +122,7 @@ impl Gateway {
         let path = old.config.path.clone();
         let loaded = Config::load(&path)
             .map_err(ServerError::from)
-            .and_then(|config| State::new(config).map_err(ServerError::from));
+            .and_then(State::new);
         let labels = |outcome| OutcomeLabels {
             outcome,
             reason: "sighup",

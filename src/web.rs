@@ -95,18 +95,29 @@ pub fn classify(http: &Http, method: &Method, path: &str) -> Route {
 }
 
 fn full(status: StatusCode, text: impl Into<String>) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(text.into())).map_err(|e| match e {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from(text.into()))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
 fn unauthorized(reason: &str) -> Response<Body> {
-    let mut r = full(StatusCode::UNAUTHORIZED, format!("authentication required: {reason}\n"));
+    let mut r = full(
+        StatusCode::UNAUTHORIZED,
+        format!("authentication required: {reason}\n"),
+    );
     r.headers_mut().insert(
         header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer realm=\"pacsgate\", Basic realm=\"pacsgate\", charset=\"UTF-8\""),
+        HeaderValue::from_static(
+            "Bearer realm=\"pacsgate\", Basic realm=\"pacsgate\", charset=\"UTF-8\"",
+        ),
     );
     r
 }
@@ -217,22 +228,37 @@ async fn connection(door: Arc<Door>, stream: tokio::net::TcpStream, peer: Socket
 }
 
 impl Door {
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr, names: &[String]) -> Response<Body> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        names: &[String],
+    ) -> Response<Body> {
         let state = self.gateway.current();
         let Some(http) = state.config.http.clone() else {
-            return full(StatusCode::SERVICE_UNAVAILABLE, "the web door is not configured\n");
+            return full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the web door is not configured\n",
+            );
         };
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let origin = req.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok()).map(str::to_string);
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .map(str::to_string);
         let cors = origin.filter(|o| http.cors_origins.iter().any(|a| a == "*" || a == o));
         if method == Method::OPTIONS && cors.is_some() {
             let mut r = full(StatusCode::NO_CONTENT, "");
             add_cors(&mut r, cors.as_deref(), true);
             return r;
         }
-        let mut response = match self.authorize_and_forward(&state, &http, req, peer, names, started).await {
+        let mut response = match self
+            .authorize_and_forward(&state, &http, req, peer, names, started)
+            .await
+        {
             Ok(r) | Err(r) => r,
         };
         add_cors(&mut response, cors.as_deref(), false);
@@ -240,37 +266,62 @@ impl Door {
         response
     }
 
-    async fn authenticate(&self, state: &State, req: &Request<Incoming>, peer: SocketAddr, names: &[String]) -> Result<Principal, Response<Body>> {
-        let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    async fn authenticate(
+        &self,
+        state: &State,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+        names: &[String],
+    ) -> Result<Principal, Response<Body>> {
+        let auth = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
         let address = peer.ip();
         let limiter = &state.limiter;
         if let Err(locked) = limiter.check_locked(None, address) {
-            return Err(too_many(&locked.to_string(), state.config.limits.lockout.as_secs()));
+            return Err(too_many(
+                &locked.to_string(),
+                state.config.limits.lockout.as_secs(),
+            ));
         }
         let result: Result<Principal, AuthFailure> = match auth {
-            Some(a) if a.len() > 7 && a[..7].eq_ignore_ascii_case("bearer ") => state.authenticator.token(a[7..].trim()),
+            Some(a) if a.len() > 7 && a[..7].eq_ignore_ascii_case("bearer ") => {
+                state.authenticator.token(a[7..].trim())
+            }
             Some(a) if a.len() > 6 && a[..6].eq_ignore_ascii_case("basic ") => {
                 let decoded = base64::engine::general_purpose::STANDARD
                     .decode(a[6..].trim())
                     .ok()
                     .and_then(|b| String::from_utf8(b).ok());
-                let Some((user, password)) = decoded.as_deref().and_then(|d| d.split_once(':')) else {
+                let Some((user, password)) = decoded.as_deref().and_then(|d| d.split_once(':'))
+                else {
                     return Err(unauthorized("malformed Basic credentials"));
                 };
                 if let Err(locked) = limiter.check_locked(Some(user), address) {
-                    return Err(too_many(&locked.to_string(), state.config.limits.lockout.as_secs()));
+                    return Err(too_many(
+                        &locked.to_string(),
+                        state.config.limits.lockout.as_secs(),
+                    ));
                 }
                 let key = self.basic_key(user, password);
                 if let Some(p) = self.cached(&key) {
                     return Ok(p);
                 }
-                let result = state.authenticator.password(user, password.as_bytes().to_vec()).await;
+                let result = state
+                    .authenticator
+                    .password(user, password.as_bytes().to_vec())
+                    .await;
                 if let Ok(p) = &result {
                     self.remember(key, p.clone());
                 }
                 result
             }
-            Some(_) => return Err(unauthorized("unsupported Authorization scheme (use Bearer or Basic)")),
+            Some(_) => {
+                return Err(unauthorized(
+                    "unsupported Authorization scheme (use Bearer or Basic)",
+                ));
+            }
             None if !names.is_empty() => state.authenticator.certificate(names),
             None => return Err(unauthorized("no credentials")),
         };
@@ -366,12 +417,20 @@ impl Door {
             }
         };
         if let Route::Denied(reason) = route {
-            return Err(refuse(StatusCode::FORBIDDEN, "path_not_allowed", reason.to_string()));
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "path_not_allowed",
+                reason.to_string(),
+            ));
         }
         if let Some(op) = op
             && !grants.allows(op)
         {
-            return Err(refuse(StatusCode::FORBIDDEN, "not_authorized", format!("{} is not allowed for this user", op.name())));
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "not_authorized",
+                format!("{} is not allowed for this user", op.name()),
+            ));
         }
         let mut query_keys = None;
         let mut cap = None;
@@ -379,38 +438,66 @@ impl Door {
         match &route {
             Route::Query { uids } => {
                 if !state.limiter.rates.queries.allow(&principal.user) {
-                    return Err(refuse(StatusCode::TOO_MANY_REQUESTS, "rate_limit", "query rate limit reached".into()));
+                    return Err(refuse(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limit",
+                        "query rate limit reached".into(),
+                    ));
                 }
-                let mut params: Vec<(String, String)> = form_urlencoded::parse(uri_query.as_deref().unwrap_or("").as_bytes())
-                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                    .collect();
+                let mut params: Vec<(String, String)> =
+                    form_urlencoded::parse(uri_query.as_deref().unwrap_or("").as_bytes())
+                        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                        .collect();
                 let mut keys: HashMap<dicom_core::Tag, String> = HashMap::new();
-                for (k, v) in params.iter().chain(uids.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<Vec<_>>().iter()) {
+                for (k, v) in params.iter().chain(
+                    uids.iter()
+                        .map(|(k, v)| (k.to_string(), v.clone()))
+                        .collect::<Vec<_>>()
+                        .iter(),
+                ) {
                     if let Some(tag) = tag_of(k) {
                         keys.insert(tag, v.clone());
                     }
                 }
                 if !grants.unrestricted_queries
-                    && let Err(reason) = query_guard::check_values(|t| keys.get(&t).cloned().unwrap_or_default(), grants.query_min_chars)
+                    && let Err(reason) = query_guard::check_values(
+                        |t| keys.get(&t).cloned().unwrap_or_default(),
+                        grants.query_min_chars,
+                    )
                 {
                     return Err(refuse(StatusCode::FORBIDDEN, "query_guard", reason));
                 }
-                // The result cap: ask the archive for no more, and cut what it sends beyond it.
+                // The result cap: ask the archive for one more than the cap (so a cut can be told
+                // apart from an exact fit), and cut what it sends beyond the cap. The other
+                // parameters go on byte for byte.
                 let asked = params
                     .iter()
                     .find(|(k, _)| k == "limit")
                     .and_then(|(_, v)| v.parse::<u32>().ok());
-                let limit = asked.map_or(grants.max_query_results, |a| a.min(grants.max_query_results));
-                params.retain(|(k, _)| k != "limit");
-                params.push(("limit".into(), limit.to_string()));
-                uri_query = Some(form_urlencoded::Serializer::new(String::new()).extend_pairs(params.iter()).finish());
+                let limit = asked.map_or(grants.max_query_results, |a| {
+                    a.min(grants.max_query_results)
+                });
+                let mut kept: Vec<&str> = uri_query
+                    .as_deref()
+                    .unwrap_or("")
+                    .split('&')
+                    .filter(|p| !p.is_empty() && !p.starts_with("limit="))
+                    .collect();
+                let limit_param = format!("limit={}", limit.saturating_add(1));
+                kept.push(&limit_param);
+                uri_query = Some(kept.join("&"));
                 cap = Some(limit as usize);
-                query_keys = Some(params.into_iter().filter(|(k, _)| k != "limit").collect::<HashMap<_, _>>());
+                params.retain(|(k, _)| k != "limit");
+                query_keys = Some(params.into_iter().collect::<HashMap<_, _>>());
             }
-            Route::Retrieve { whole: true } => {
-                if !state.limiter.rates.retrievals.allow(&principal.user) {
-                    return Err(refuse(StatusCode::TOO_MANY_REQUESTS, "rate_limit", "retrieval rate limit reached".into()));
-                }
+            Route::Retrieve { whole: true }
+                if !state.limiter.rates.retrievals.allow(&principal.user) =>
+            {
+                return Err(refuse(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit",
+                    "retrieval rate limit reached".into(),
+                ));
             }
             _ => {}
         }
@@ -427,24 +514,40 @@ impl Door {
         };
         strip(&mut parts.headers, true);
         if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
-            parts.headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+            parts
+                .headers
+                .insert(HeaderName::from_static("x-forwarded-for"), v);
         }
-        parts.headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("https"));
+        parts.headers.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("https"),
+        );
         parts.uri = uri;
         let upstream_req = Request::from_parts(parts, body);
         let t = state.config.timeouts;
-        let answer = tokio::time::timeout(t.upstream_response, self.client.request(upstream_req)).await;
+        let answer =
+            tokio::time::timeout(t.upstream_response, self.client.request(upstream_req)).await;
         let mut response = match answer {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 metrics()
                     .upstream_connect_failures
-                    .get_or_create(&crate::metrics::UpstreamLabels { upstream: http.upstream.clone() })
+                    .get_or_create(&crate::metrics::UpstreamLabels {
+                        upstream: http.upstream.clone(),
+                    })
                     .inc();
                 tracing::warn!(upstream = %http.upstream, reason = %e, "web: archive unreachable");
-                return Err(full(StatusCode::BAD_GATEWAY, "the archive is unreachable\n"));
+                return Err(full(
+                    StatusCode::BAD_GATEWAY,
+                    "the archive is unreachable\n",
+                ));
             }
-            Err(_) => return Err(full(StatusCode::GATEWAY_TIMEOUT, "the archive did not answer in time\n")),
+            Err(_) => {
+                return Err(full(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the archive did not answer in time\n",
+                ));
+            }
         };
         strip(response.headers_mut(), false);
         let status = response.status();
@@ -456,14 +559,21 @@ impl Door {
             let collected = Limited::new(rbody, http.max_query_response).collect().await;
             let bytes = match collected {
                 Ok(c) => c.to_bytes(),
-                Err(_) => return Err(full(StatusCode::BAD_GATEWAY, "the archive's query answer is too large\n")),
+                Err(_) => {
+                    return Err(full(
+                        StatusCode::BAD_GATEWAY,
+                        "the archive's query answer is too large\n",
+                    ));
+                }
             };
             let body = match serde_json::from_slice::<Value>(&bytes) {
                 Ok(Value::Array(mut items)) => {
                     if items.len() > cap {
                         items.truncate(cap);
                         truncated = true;
-                        if let Ok(v) = HeaderValue::from_str(&format!("299 pacsgate \"result cap of {cap} matches reached\"")) {
+                        if let Ok(v) = HeaderValue::from_str(&format!(
+                            "299 pacsgate \"result cap of {cap} matches reached\""
+                        )) {
                             rparts.headers.insert(header::WARNING, v);
                         }
                     }
@@ -480,10 +590,7 @@ impl Door {
         if truncated {
             tracing::info!(peer = %peer, user = %principal.user, op = "qido", relayed = cap.unwrap_or(0), reason = "max_query_results reached", "QIDO-RS truncated");
         }
-        metrics().operation(
-            name,
-            Some(if status.is_success() { 0 } else { 0xC000 }),
-        );
+        metrics().operation(name, Some(if status.is_success() { 0 } else { 0xC000 }));
         state.audit.record(
             name,
             json!({"peer": peer.to_string(), "user": principal.user, "method": method.as_str(), "via": "http",
@@ -497,7 +604,11 @@ impl Door {
 /// Seconds until a rate limit lets the next request through, as a hint.
 fn retry_after(state: &State, rule: &str) -> u64 {
     let l = &state.config.limits;
-    let per_minute = if rule == "rate_limit" { l.queries.per_minute.min(l.retrievals.per_minute.max(1)) } else { 60 };
+    let per_minute = if rule == "rate_limit" {
+        l.queries.per_minute.min(l.retrievals.per_minute.max(1))
+    } else {
+        60
+    };
     (60 / per_minute.max(1) as u64).max(1)
 }
 
@@ -529,12 +640,18 @@ fn add_cors(r: &mut Response<Body>, origin: Option<&str>, preflight: bool) {
         HeaderValue::from_static("Warning, Content-Type, Content-Length, Retry-After"),
     );
     if preflight {
-        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
         h.insert(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
             HeaderValue::from_static("Authorization, Content-Type, Accept"),
         );
-        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
     }
 }
 
@@ -558,21 +675,54 @@ mod tests {
     fn paths_are_classified_and_everything_else_is_denied() {
         let h = http();
         let get = Method::GET;
-        assert_eq!(classify(&h, &get, "/dicom-web/studies"), Route::Query { uids: vec![] });
+        assert_eq!(
+            classify(&h, &get, "/dicom-web/studies"),
+            Route::Query { uids: vec![] }
+        );
         assert_eq!(
             classify(&h, &get, "/dicom-web/studies/1.2/series"),
-            Route::Query { uids: vec![("StudyInstanceUID", "1.2".into())] }
+            Route::Query {
+                uids: vec![("StudyInstanceUID", "1.2".into())]
+            }
         );
-        assert_eq!(classify(&h, &get, "/dicom-web/studies/1.2"), Route::Retrieve { whole: true });
-        assert_eq!(classify(&h, &get, "/dicom-web/studies/1.2/series/3/instances/4"), Route::Retrieve { whole: false });
-        assert_eq!(classify(&h, &get, "/dicom-web/studies/1.2/metadata"), Route::Retrieve { whole: false });
-        assert_eq!(classify(&h, &Method::POST, "/dicom-web/studies"), Route::Store);
-        assert_eq!(classify(&h, &get, "/wado"), Route::Retrieve { whole: false });
+        assert_eq!(
+            classify(&h, &get, "/dicom-web/studies/1.2"),
+            Route::Retrieve { whole: true }
+        );
+        assert_eq!(
+            classify(&h, &get, "/dicom-web/studies/1.2/series/3/instances/4"),
+            Route::Retrieve { whole: false }
+        );
+        assert_eq!(
+            classify(&h, &get, "/dicom-web/studies/1.2/metadata"),
+            Route::Retrieve { whole: false }
+        );
+        assert_eq!(
+            classify(&h, &Method::POST, "/dicom-web/studies"),
+            Route::Store
+        );
+        assert_eq!(
+            classify(&h, &get, "/wado"),
+            Route::Retrieve { whole: false }
+        );
         assert_eq!(classify(&h, &get, "/system"), Route::Allowed);
-        for denied in ["/app/explorer.html", "/instances", "/dicom-webx/studies", "/tools/find", "/dicom-web/../instances", "/systemx"] {
-            assert!(matches!(classify(&h, &get, denied), Route::Denied(_)), "{denied}");
+        for denied in [
+            "/app/explorer.html",
+            "/instances",
+            "/dicom-webx/studies",
+            "/tools/find",
+            "/dicom-web/../instances",
+            "/systemx",
+        ] {
+            assert!(
+                matches!(classify(&h, &get, denied), Route::Denied(_)),
+                "{denied}"
+            );
         }
-        assert!(matches!(classify(&h, &Method::DELETE, "/dicom-web/studies/1.2"), Route::Denied(_)));
+        assert!(matches!(
+            classify(&h, &Method::DELETE, "/dicom-web/studies/1.2"),
+            Route::Denied(_)
+        ));
     }
 
     #[test]

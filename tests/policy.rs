@@ -512,9 +512,7 @@ fn a_device_stores_without_credentials_only_from_its_ae_and_address() {
     let orthanc = Orthanc::start("ORTHANC", &[]);
     let port = free_port();
     let device_port = free_port();
-    let extra = format!(
-        "[[device]]\nae_title = \"CT_SCANNER_1\"\naddresses = [\"127.0.0.1/32\"]\nroles = [\"modality\"]\n"
-    );
+    let extra = "[[device]]\nae_title = \"CT_SCANNER_1\"\naddresses = [\"127.0.0.1/32\"]\nroles = [\"modality\"]\n".to_string();
     let mut text = config(port, &pki, orthanc.dicom_port, "ORTHANC", "", &extra);
     text = text.replacen(
         "[gateway]\n",

@@ -139,7 +139,11 @@ impl Authenticator {
                     .map_err(|_| fail(Some(Method::Password), None, AuthError::BadEncoding))?;
                 let user = user.trim_end_matches(['\0', ' ']).to_string();
                 if !over_tls {
-                    return Err(fail(Some(Method::Password), Some(&user), AuthError::PasswordWithoutTls));
+                    return Err(fail(
+                        Some(Method::Password),
+                        Some(&user),
+                        AuthError::PasswordWithoutTls,
+                    ));
                 }
                 self.password(&user, id.secondary_field()).await
             }
@@ -166,9 +170,15 @@ impl Authenticator {
                         .map_err(|e| fail(Some(Method::Device), Some(&name), e));
                 }
                 let error = match other {
-                    Some((UserIdentityType::Username, _)) => AuthError::NotACredential("1 (username only)"),
-                    Some((UserIdentityType::KerberosServiceTicket, _)) => AuthError::NotACredential("3 (Kerberos)"),
-                    Some((UserIdentityType::SamlAssertion, _)) => AuthError::NotACredential("4 (SAML)"),
+                    Some((UserIdentityType::Username, _)) => {
+                        AuthError::NotACredential("1 (username only)")
+                    }
+                    Some((UserIdentityType::KerberosServiceTicket, _)) => {
+                        AuthError::NotACredential("3 (Kerberos)")
+                    }
+                    Some((UserIdentityType::SamlAssertion, _)) => {
+                        AuthError::NotACredential("4 (SAML)")
+                    }
                     Some(_) => AuthError::NotACredential("unknown"),
                     None => AuthError::NoCredential,
                 };
@@ -212,7 +222,10 @@ impl Authenticator {
             error,
         };
         let Some(user) = names.iter().find_map(|n| self.users.get(n)) else {
-            return Err(fail(names.first().map(String::as_str), AuthError::CertificateUnknown(names.join(", "))));
+            return Err(fail(
+                names.first().map(String::as_str),
+                AuthError::CertificateUnknown(names.join(", ")),
+            ));
         };
         self.principal(&user.name, Method::Certificate, user.roles.clone())
             .map_err(|e| fail(Some(&user.name), e))

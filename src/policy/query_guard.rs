@@ -43,7 +43,10 @@ pub fn check(identifier: &InMemDicomObject, min_chars: usize) -> Result<&'static
 }
 
 /// The same rule over any source of key values (a DIMSE identifier, QIDO-RS query parameters).
-pub fn check_values(value_of: impl Fn(Tag) -> String, min_chars: usize) -> Result<&'static str, String> {
+pub fn check_values(
+    value_of: impl Fn(Tag) -> String,
+    min_chars: usize,
+) -> Result<&'static str, String> {
     for (tag, name) in IDENTIFYING_KEYS {
         let value = value_of(tag);
         if value.is_empty() {

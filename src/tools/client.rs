@@ -110,6 +110,8 @@ impl Identity {
 pub struct TlsClient {
     pub config: Arc<rustls::ClientConfig>,
     pub server_name: ServerName<'static>,
+    /// A client certificate is presented.
+    pub client_certificate: bool,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -146,6 +148,7 @@ impl TlsClient {
         Ok(TlsClient {
             config: Arc::new(config),
             server_name: server_name_of(server_name)?,
+            client_certificate: client.is_some(),
         })
     }
 
@@ -162,6 +165,7 @@ impl TlsClient {
         Ok(TlsClient {
             config: Arc::new(config),
             server_name: server_name_of(server_name)?,
+            client_certificate: false,
         })
     }
 }

@@ -133,12 +133,15 @@ async fn open(
         timeout: target.timeout,
     };
     let assoc = client::associate(conn, &request).await?;
+    let who = match (&target.identity, tls.is_some_and(|t| t.client_certificate)) {
+        (Identity::None, true) => "identified by the client certificate".to_string(),
+        (identity, _) => format!("{identity:?}"),
+    };
     let _ = writeln!(
         log,
-        "associated: {} -> {}, {:?}{}",
+        "associated: {} -> {}, {who}{}",
         target.calling_ae,
         target.called_ae,
-        target.identity,
         if assoc.identity_confirmed {
             " (confirmed by the server)"
         } else {

@@ -143,9 +143,7 @@ async fn attempt(
         Some(_) => assoc.echo().await.ok(),
         None => None,
     };
-    let find = if !query {
-        Find::NotOffered
-    } else if assoc.context_for(STUDY_ROOT_FIND).is_none() {
+    let find = if !query || assoc.context_for(STUDY_ROOT_FIND).is_none() {
         Find::NotOffered
     } else {
         let mut count = 0usize;
@@ -311,7 +309,13 @@ pub async fn probe(
                     conn.tls_version.as_deref().unwrap_or("TLS")
                 ),
             ));
-            drop(conn);
+            // close_notify, so the server logs a clean close rather than a truncated stream.
+            let mut stream = conn.stream;
+            let _ = tokio::time::timeout(settings.timeout, async {
+                use tokio::io::AsyncWriteExt;
+                stream.shutdown().await
+            })
+            .await;
             progress("TLS: association without credentials");
             let over_tls = attempt(settings, Some(&tls), &calling_ae, &called_ae, true).await?;
             collect(

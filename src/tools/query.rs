@@ -114,10 +114,20 @@ impl Find {
                 )));
             }
         };
+        if level == "PATIENT" && !patient_root {
+            return Err(ToolError::Usage(
+                "--level PATIENT needs --patient-root: the Study Root model has no patient level"
+                    .into(),
+            ));
+        }
         let keys = keys
             .iter()
             .map(|k| parse_key(k))
             .collect::<Result<Vec<_>, _>>()?;
+        // A value that does not fit its VR is a usage error now, not after connecting.
+        for key in &keys {
+            element(key)?;
+        }
         Ok(Find {
             patient_root,
             level: level.to_string(),
@@ -205,6 +215,7 @@ pub fn json(matches: &[InMemDicomObject], status: u16) -> String {
         "matches": list,
         "count": matches.len(),
         "status": status,
+        "status_hex": format!("{status:#06x}"),
         "status_text": super::client::status_words(status),
     })
     .to_string()

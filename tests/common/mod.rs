@@ -19,7 +19,8 @@ pub use gateway::Gateway;
 pub use orthanc::Orthanc;
 pub use peers::{
     Instance, PyArchive, StoreScp, assert_success, dataset_bytes, dcmtk, dcmtk_with_timeout,
-    make_instances, make_instances_with_uids, make_large_instance, make_large_instance_in, output_text, pyscu,
+    make_instances, make_instances_with_uids, make_large_instance, make_large_instance_in,
+    output_text, pyscu,
 };
 pub use pki::{Pki, jwt_alg_none, mint_jwt, now};
 

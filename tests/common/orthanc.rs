@@ -23,9 +23,15 @@ impl Orthanc {
     /// any calling AE, the called AE is not checked, C-MOVE is synchronous. Waits (≤ 30 s) until
     /// `GET /system` answers and the DICOM port listens; retries on a port clash.
     pub fn start(aet: &str, modalities: &[(&str, &str, u16)]) -> Orthanc {
+        Self::start_with(aet, modalities, json!({}))
+    }
+
+    /// [`Orthanc::start`] with more configuration merged in (top-level keys replace the defaults),
+    /// e.g. the DICOMweb plugin: see [`Orthanc::dicomweb_config`].
+    pub fn start_with(aet: &str, modalities: &[(&str, &str, u16)], extra: Value) -> Orthanc {
         let mut last_err = String::new();
         for _ in 0..3 {
-            match Self::try_start(aet, modalities) {
+            match Self::try_start(aet, modalities, &extra) {
                 Ok(o) => return o,
                 Err(e) => last_err = e,
             }
@@ -33,7 +39,28 @@ impl Orthanc {
         panic!("Orthanc did not start: {last_err}");
     }
 
-    fn try_start(aet: &str, modalities: &[(&str, &str, u16)]) -> Result<Orthanc, String> {
+    /// The Debian orthanc-dicomweb plugin, serving DICOMweb at /dicom-web/ and WADO-URI at /wado.
+    pub fn dicomweb_config() -> Value {
+        json!({
+            "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+            "DicomWeb": {"Enable": true, "Root": "/dicom-web/", "EnableWado": true, "WadoRoot": "/wado", "Ssl": false, "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
+        })
+    }
+
+    /// Lines of Orthanc's log that record an HTTP request (logged with `--verbose`, which
+    /// [`Orthanc::start_with`] turns on when plugins are configured).
+    pub fn http_requests_logged(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("(http) GET ") || l.contains("(http) POST "))
+            .count()
+    }
+
+    fn try_start(
+        aet: &str,
+        modalities: &[(&str, &str, u16)],
+        extra: &Value,
+    ) -> Result<Orthanc, String> {
         let dir = super::tempdir("orthanc");
         let storage = dir.path().join("storage");
         let dicom_port = free_port();
@@ -86,6 +113,12 @@ impl Orthanc {
             "HttpThreadsCount": 8,
             "HttpProxy": "",
         });
+        let mut config = config;
+        if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                c.insert(k.clone(), v.clone());
+            }
+        }
         let config_path = dir.path().join("orthanc.json");
         std::fs::write(
             &config_path,
@@ -94,6 +127,9 @@ impl Orthanc {
         .expect("write Orthanc config");
 
         let mut cmd = Command::new("/usr/sbin/Orthanc");
+        if extra.get("Plugins").is_some() {
+            cmd.arg("--verbose");
+        }
         cmd.arg(&config_path).current_dir(dir.path());
         let mut proc = Spawned::spawn(cmd, &dir.path().join("orthanc.log"));
         let http: ureq::Agent = ureq::Agent::config_builder()

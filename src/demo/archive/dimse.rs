@@ -1,7 +1,9 @@
 //! DIMSE vocabulary of the demo archive: command fields, statuses, command sets and data set encoding.
 //!
-//! Command sets are always Implicit VR Little Endian, group 0000 (PS3.7 section 9 and annex E);
-//! they are built and read with dicom-object, which also computes the group length.
+//! Command sets are always Implicit VR Little Endian, group 0000 (PS3.7 section 9 and annex E).
+//! Decoding (command sets, identifiers) and the shared command fields and statuses are pacsgate's
+//! `crate::dimse`; what only an SCP needs (response builders with sub-operation counts) is here;
+//! encoding uses dicom-object, which also computes the group length.
 
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::{tags, uids};
@@ -10,24 +12,22 @@ use dicom_object::InMemDicomObject;
 
 use super::DemoArchiveError;
 
-/// Command Field values (PS3.7 E.1); responses add `RESPONSE_BIT`.
+/// Command Field values (PS3.7 E.1), pacsgate's own; responses add `RESPONSE_BIT`.
 pub(crate) mod command {
-    pub const C_STORE: u16 = 0x0001;
-    pub const C_GET: u16 = 0x0010;
-    pub const C_FIND: u16 = 0x0020;
-    pub const C_ECHO: u16 = 0x0030;
-    pub const C_CANCEL: u16 = 0x0FFF;
-    pub const RESPONSE_BIT: u16 = 0x8000;
+    use crate::dimse::command_field as f;
+    pub const C_STORE: u16 = f::C_STORE_RQ;
+    pub const C_GET: u16 = f::C_GET_RQ;
+    pub const C_FIND: u16 = f::C_FIND_RQ;
+    pub const C_ECHO: u16 = f::C_ECHO_RQ;
+    pub const C_CANCEL: u16 = f::C_CANCEL_RQ;
+    pub const RESPONSE_BIT: u16 = f::RESPONSE;
 }
 
 /// Status values used by the demo archive (PS3.7 annex C, PS3.4 B, C).
 pub(crate) mod status {
-    pub const SUCCESS: u16 = 0x0000;
-    pub const PENDING: u16 = 0xFF00;
-    pub const CANCEL: u16 = 0xFE00;
+    pub use crate::dimse::status::{CANCEL, OUT_OF_RESOURCES, PENDING, SUCCESS};
     pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
     pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
-    pub const OUT_OF_RESOURCES: u16 = 0xA700;
     pub const UNABLE_TO_PERFORM_SUB_OPERATIONS: u16 = 0xA702;
     /// C-STORE: data set does not match SOP class; C-FIND/C-GET: identifier does not match SOP class.
     pub const DOES_NOT_MATCH_SOP_CLASS: u16 = 0xA900;
@@ -41,7 +41,7 @@ pub(crate) mod status {
 }
 
 /// (0000,0800) value meaning "no data set follows".
-pub(crate) const NO_DATA_SET: u16 = 0x0101;
+pub(crate) const NO_DATA_SET: u16 = crate::dimse::NO_DATA_SET;
 /// (0000,0800) value we send when a data set follows (any value but 0x0101).
 pub(crate) const DATA_SET_PRESENT: u16 = 0x0001;
 
@@ -74,9 +74,10 @@ pub(crate) fn native_ts(uid: &str) -> Option<AdapterFreeTransferSyntax> {
 pub(crate) struct Command(pub InMemDicomObject);
 
 impl Command {
+    /// Decoded by pacsgate's codec, which bounds every length before the decoder allocates.
     pub fn decode(bytes: &[u8]) -> Result<Command, DemoArchiveError> {
-        InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LE.erased())
-            .map(Command)
+        crate::dimse::decode_command(bytes)
+            .map(|c| Command(c.object))
             .map_err(|e| DemoArchiveError::Command(e.to_string()))
     }
 
@@ -177,9 +178,8 @@ pub(crate) fn decode_identifier(
     bytes: &[u8],
     ts_uid: &str,
 ) -> Result<InMemDicomObject, DemoArchiveError> {
-    let ts = native_ts(ts_uid)
-        .ok_or_else(|| DemoArchiveError::DataSet(format!("unexpected transfer syntax {ts_uid}")))?;
-    InMemDicomObject::read_dataset_with_ts(bytes, &ts.erased())
+    // pacsgate's codec: the two native transfer syntaxes, lengths checked before decoding.
+    crate::dimse::decode_identifier(bytes, ts_uid)
         .map_err(|e| DemoArchiveError::DataSet(e.to_string()))
 }
 
