@@ -266,7 +266,7 @@ async fn relay_return(
     let what = format!("destination {}", destination.ae_title);
     let (mut viewer, ac) =
         server::open_upstream(&mut archive, connect, &request, t.upstream_response, &what).await?;
-    let (accept, viewer_max) =
+    let (accept, _viewer_max) =
         match association::rewrite_accept(&ac, &rq.called_ae_title, false, max) {
             Ok(a) => a,
             Err(e) => {
@@ -283,9 +283,10 @@ async fn relay_return(
         server::send(&mut viewer, &crate::pdu::abort(0)).await;
         return Err(Stop::new("aborted", format!("archive: {e}")));
     }
+    // The relay forwards unchanged; the gateway's own limit bounds each read.
     let limits = RelayLimits {
-        from_client: viewer_max,
-        from_archive: association::client_max_pdu(&rq, max),
+        from_client: max,
+        from_archive: max,
         idle: t.idle,
     };
     let (end, stats, counted) =

@@ -620,9 +620,12 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
     drop(permit); // authenticated and established: no longer a pending connection
 
     // Phase: relay.
+    // Each peer was told the other's (clamped) maximum; some send a little more. The relay reads
+    // anything up to the gateway's own limit, and re-packs what it rebuilds to the receiver's maximum.
+    let client_max = association::client_max_pdu(&rq, cfg.gateway.max_pdu_length);
     let limits = RelayLimits {
-        from_client: archive_max,
-        from_archive: association::client_max_pdu(&rq, cfg.gateway.max_pdu_length),
+        from_client: cfg.gateway.max_pdu_length,
+        from_archive: cfg.gateway.max_pdu_length,
         idle: t.idle,
     };
     let transfer_syntaxes = ac
@@ -643,8 +646,8 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
         moves,
         state.audit.clone(),
         transfer_syntaxes,
-        limits.from_archive,
-        limits.from_client,
+        client_max,
+        archive_max,
     );
     metrics().active.inc();
     let (end, stats, session) = relay::relay(client, archive, limits, session, shutdown).await;

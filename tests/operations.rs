@@ -523,3 +523,56 @@ fn sigterm_aborts_what_is_left_after_the_grace_period() {
     );
     assert!(gw.log().contains("grace period over"), "{}", gw.log());
 }
+
+#[test]
+fn audit_events_also_go_to_syslog_as_dicom_audit_messages() {
+    let pki = Pki::generate();
+    let archive = PyArchive::start("PYARCHIVE");
+    let collector = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind UDP collector");
+    collector
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let port = free_port();
+    let extra = format!(
+        "[audit]\nsyslog = \"udp://{}\"\n",
+        collector.local_addr().expect("addr")
+    );
+    let _gw = Gateway::start(port, &config(port, &pki, archive.port, &extra));
+    let out = pyscu(&[
+        "echo",
+        "--port",
+        &port.to_string(),
+        "--aec",
+        "ARCHIVE",
+        "--tls-ca",
+        pki.ca_cert.to_str().expect("p"),
+        "--user",
+        "alice",
+        "--password",
+        "wrong",
+    ]);
+    assert!(out["rejection"].is_object(), "{out}");
+    let mut buf = vec![0u8; 65536];
+    let mut messages = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && !messages.iter().any(|m: &String| m.contains("110114")) {
+        match collector.recv(&mut buf) {
+            Ok(n) => messages.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(_) => break,
+        }
+    }
+    let login = messages
+        .iter()
+        .find(|m| m.contains("csd-code=\"110114\""))
+        .unwrap_or_else(|| panic!("no User Authentication message: {messages:?}"));
+    assert!(login.starts_with("<85>1 "), "RFC 5424 header: {login}");
+    assert!(
+        login.contains("<AuditMessage>") && login.contains("EventOutcomeIndicator=\"4\""),
+        "{login}"
+    );
+    assert!(login.contains("UserID=\"alice\""), "{login}");
+    assert!(
+        !login.contains("wrong"),
+        "the password is in the syslog message"
+    );
+}
