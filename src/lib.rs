@@ -15,6 +15,7 @@ pub mod association;
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod connect;
 pub mod demo;
 pub mod devcerts;
 pub mod dimse;

@@ -149,6 +149,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    Connect(pacsgate::connect::cli::ConnectArgs),
     /// Check whether an archive answers without credentials, the way an attacker would
     ///
     /// ONLY RUN THIS AGAINST SYSTEMS YOU ARE RESPONSIBLE FOR.
@@ -249,6 +250,10 @@ fn main() -> std::process::ExitCode {
             tls_ca,
             timeout,
         } => return tool_exit(probe(address, aet, aec, tls_ca, timeout)),
+        Command::Connect(args) => {
+            init_logging();
+            runtime().and_then(|rt| Ok(rt.block_on(pacsgate::connect::cli::run(args))?))
+        }
         Command::Run { config } => {
             init_logging();
             run(&config)

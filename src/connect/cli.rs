@@ -1,0 +1,569 @@
+//! `pacsgate connect` options, from the command line and an optional `[connect]` section of a TOML
+//! file (the command line wins), validated into [`Settings`]; and [`run`], which main.rs calls.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::gateway::{Credentials, Gateway, TlsFiles, TokenFile};
+use super::retrieve::LocalStore;
+use super::{ConnectError, Tunnel, move_as_get};
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:11114";
+const DEFAULT_TIMEOUT_S: f64 = 30.0;
+const DEFAULT_IDLE_S: f64 = 900.0;
+const DEFAULT_KEEPALIVE_S: f64 = 60.0;
+
+/// Run a local tunnel to a pacsgate gateway for viewers that speak plain DICOM
+///
+/// Listens on loopback for plain DICOM; each association goes to the gateway over TLS (its
+/// certificate verified against --ca) with your credentials added as DICOM User Identity.
+/// Point the viewer's DICOM node at 127.0.0.1 and the --listen port, with the called AE title
+/// the gateway knows the archive by. The password comes from --password-env, --password-file
+/// or a prompt, never from the command line. A --token-file is re-read whenever it changes.
+///
+/// C-MOVE to the viewer's own storage SCP behind NAT: --move-as-get --local-store AE@HOST:PORT
+/// performs such a C-MOVE as a C-GET through the gateway (your role needs `get`) and hands the
+/// instances to that storage SCP.
+///
+/// Examples:
+///   PW='...' pacsgate connect --gateway pacs-gw.example.org:2762 --ca ca.crt --user dr.house --password-env PW
+///   pacsgate connect --gateway pacs-gw:2762 --ca ca.crt --token-file ~/.cache/pacs.jwt --listen 127.0.0.1:11114
+///   pacsgate connect --config ~/.config/pacsgate/connect.toml
+///   pacsgate connect --gateway pacs-gw:2762 --ca ca.crt --user dr.house --move-as-get --local-store VIEWER@127.0.0.1:11113
+#[derive(clap::Args, Debug, Default, Clone)]
+#[command(verbatim_doc_comment)]
+pub struct ConnectArgs {
+    /// TOML file with a [connect] section holding any of these options (the command line wins).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// host:port of the gateway's DICOM TLS port.
+    #[arg(long)]
+    pub gateway: Option<String>,
+    /// Where to listen for plain DICOM [default: 127.0.0.1:11114]. Loopback only unless --allow-remote.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Allow a --listen address other than loopback: anyone who reaches it uses your credentials.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// CA certificate (PEM) the gateway's certificate must be signed by [default: the system CA bundle].
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) to present to the gateway.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Name the gateway's certificate must carry [default: the host of --gateway].
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// User name for username + password identity (password from --password-env, --password-file or a prompt).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Environment variable holding the password.
+    #[arg(long)]
+    pub password_env: Option<String>,
+    /// File holding the password (one line).
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+    /// File holding a JWT (re-read when it changes, e.g. by an OIDC helper).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Perform a C-MOVE to a --local-store destination as a C-GET through the gateway.
+    #[arg(long)]
+    pub move_as_get: bool,
+    /// A local storage SCP as AE@HOST:PORT, e.g. the viewer's own (repeatable).
+    #[arg(long = "local-store", value_name = "AE@HOST:PORT")]
+    pub local_store: Vec<String>,
+    /// Seconds to wait for each step: connect, TLS handshake, each answer [default: 30].
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Seconds without a PDU either way before an association is aborted; also the longest wait
+    /// for the archive's next message during a move-as-get [default: 900].
+    #[arg(long)]
+    pub idle_timeout: Option<f64>,
+    /// Seconds between keep-alive C-ECHOs on a viewer's association while a move-as-get runs
+    /// for it, so that no idle timeout ends it [default: 60; 0: none].
+    #[arg(long)]
+    pub keepalive: Option<f64>,
+}
+
+/// The file format: a `[connect]` section, nothing else.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    connect: FileConnect,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConnect {
+    gateway: Option<String>,
+    listen: Option<String>,
+    allow_remote: Option<bool>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    server_name: Option<String>,
+    user: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    move_as_get: Option<bool>,
+    local_store: Option<Vec<String>>,
+    timeout: Option<f64>,
+    idle_timeout: Option<f64>,
+    keepalive: Option<f64>,
+    /// Refused with a message: secrets do not belong in the file.
+    password: Option<toml::Value>,
+}
+
+/// Who the clinician is, before any secret is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// The client certificate only.
+    Certificate,
+    Password {
+        user: String,
+        env: Option<String>,
+        file: Option<PathBuf>,
+    },
+    TokenFile(PathBuf),
+}
+
+/// Validated options.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub gateway: String,
+    pub server_name: String,
+    pub listen: SocketAddr,
+    pub allow_remote: bool,
+    pub ca: Option<PathBuf>,
+    pub client_certificate: Option<(PathBuf, PathBuf)>,
+    pub identity: IdentitySource,
+    pub move_as_get: bool,
+    pub local_stores: Vec<LocalStore>,
+    pub timeout: Duration,
+    pub idle: Duration,
+    /// None: no keep-alive.
+    pub keepalive: Option<Duration>,
+}
+
+fn usage(message: impl Into<String>) -> ConnectError {
+    ConnectError::Usage(message.into())
+}
+
+fn read_file(path: &Path) -> Result<FileConnect, ConnectError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConnectError::ConfigFile {
+        path: path.to_path_buf(),
+        message: format!("cannot read: {e}"),
+    })?;
+    let file: File = toml::from_str(&text).map_err(|e| ConnectError::ConfigFile {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    })?;
+    let mut c = file.connect;
+    if c.password.is_some() {
+        return Err(ConnectError::ConfigFile {
+            path: path.to_path_buf(),
+            message: "connect.password: a password does not belong in a file; use password_file or password_env".into(),
+        });
+    }
+    // Relative paths are relative to the file's folder.
+    let base = path.parent().unwrap_or(Path::new("."));
+    for p in [
+        &mut c.ca,
+        &mut c.cert,
+        &mut c.key,
+        &mut c.password_file,
+        &mut c.token_file,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+    Ok(c)
+}
+
+fn seconds(key: &str, value: Option<f64>, default: f64) -> Result<Duration, ConnectError> {
+    let v = value.unwrap_or(default);
+    if !(v > 0.0 && v <= 86400.0) {
+        return Err(usage(format!(
+            "{key}: {v} must be above 0 and at most 86400 seconds"
+        )));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl Settings {
+    /// Merge the command line over the file (if any) and validate. Reads no secret.
+    pub fn from_args(args: &ConnectArgs) -> Result<Settings, ConnectError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConnect::default(),
+        };
+        let gateway = args
+            .gateway
+            .clone()
+            .or(file.gateway)
+            .ok_or_else(|| usage("gateway: missing: give --gateway HOST:PORT (or gateway = \"HOST:PORT\" in [connect])"))?;
+        let host = match gateway.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string()
+            }
+            _ => return Err(usage(format!("gateway: {gateway:?} is not HOST:PORT"))),
+        };
+        let server_name = args
+            .server_name
+            .clone()
+            .or(file.server_name)
+            .unwrap_or(host);
+
+        let listen = match (args.listen, file.listen) {
+            (Some(l), _) => l,
+            (None, Some(text)) => text
+                .parse()
+                .map_err(|e| usage(format!("listen: {text:?} is not an address:port ({e})")))?,
+            (None, None) => DEFAULT_LISTEN
+                .parse()
+                .map_err(|e| usage(format!("listen: {e}")))?,
+        };
+        let allow_remote = args.allow_remote || file.allow_remote.unwrap_or(false);
+        if !listen.ip().is_loopback() && !allow_remote {
+            return Err(usage(format!(
+                "listen: {listen} is not a loopback address: anyone who can reach it would use your credentials. \
+                 Listen on 127.0.0.1, or pass --allow-remote (allow_remote = true) if you really mean it"
+            )));
+        }
+
+        let cert = args.cert.clone().or(file.cert);
+        let key = args.key.clone().or(file.key);
+        let client_certificate = match (cert, key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(usage("cert: needs key (the certificate's private key)"));
+            }
+            (None, Some(_)) => return Err(usage("key: needs cert")),
+        };
+
+        let user = args.user.clone().or(file.user);
+        let password_env = args.password_env.clone().or(file.password_env);
+        let password_file = args.password_file.clone().or(file.password_file);
+        let token_file = args.token_file.clone().or(file.token_file);
+        let identity = match (user, token_file) {
+            (Some(_), Some(_)) => {
+                return Err(usage(
+                    "user and token_file exclude each other: choose a password or a token",
+                ));
+            }
+            (Some(user), None) => {
+                if password_env.is_some() && password_file.is_some() {
+                    return Err(usage("password_env and password_file exclude each other"));
+                }
+                IdentitySource::Password {
+                    user,
+                    env: password_env,
+                    file: password_file,
+                }
+            }
+            (None, token) => {
+                if password_env.is_some() || password_file.is_some() {
+                    return Err(usage("password_env / password_file need user"));
+                }
+                match token {
+                    Some(path) => IdentitySource::TokenFile(path),
+                    None if client_certificate.is_some() => IdentitySource::Certificate,
+                    None => {
+                        return Err(usage(
+                            "no credentials: give --user NAME, --token-file FILE, or --cert FILE --key FILE",
+                        ));
+                    }
+                }
+            }
+        };
+
+        let move_as_get = args.move_as_get || file.move_as_get.unwrap_or(false);
+        let stores = if args.local_store.is_empty() {
+            file.local_store.unwrap_or_default()
+        } else {
+            args.local_store.clone()
+        };
+        let mut local_stores: Vec<LocalStore> = Vec::new();
+        for s in &stores {
+            let store: LocalStore = s.parse().map_err(|e| usage(format!("local_store: {e}")))?;
+            if local_stores.iter().any(|l| l.ae_title == store.ae_title) {
+                return Err(usage(format!(
+                    "local_store: AE title {} is listed twice",
+                    store.ae_title
+                )));
+            }
+            local_stores.push(store);
+        }
+        if move_as_get && local_stores.is_empty() {
+            return Err(usage(
+                "move_as_get: needs at least one --local-store AE@HOST:PORT (the viewer's storage SCP)",
+            ));
+        }
+        if !move_as_get && !local_stores.is_empty() {
+            return Err(usage(
+                "local_store: only used by move-as-get: add --move-as-get (move_as_get = true)",
+            ));
+        }
+
+        Ok(Settings {
+            gateway,
+            server_name,
+            listen,
+            allow_remote,
+            ca: args.ca.clone().or(file.ca),
+            client_certificate,
+            identity,
+            move_as_get,
+            local_stores,
+            timeout: seconds("timeout", args.timeout.or(file.timeout), DEFAULT_TIMEOUT_S)?,
+            idle: seconds(
+                "idle_timeout",
+                args.idle_timeout.or(file.idle_timeout),
+                DEFAULT_IDLE_S,
+            )?,
+            keepalive: match args.keepalive.or(file.keepalive) {
+                Some(0.0) => None,
+                v => Some(seconds("keepalive", v, DEFAULT_KEEPALIVE_S)?),
+            },
+        })
+    }
+
+    /// Read the secrets: the password (environment, file or prompt), or a first look at the token file.
+    pub fn credentials(&self) -> Result<Credentials, ConnectError> {
+        match &self.identity {
+            IdentitySource::Certificate => Ok(Credentials::Certificate),
+            IdentitySource::Password { user, env, file } => {
+                let password =
+                    crate::tools::secret::password(user, env.as_deref(), file.as_deref())
+                        .map_err(|e| ConnectError::Secret(e.to_string()))?;
+                Ok(Credentials::Password {
+                    user: user.clone(),
+                    password,
+                })
+            }
+            IdentitySource::TokenFile(path) => {
+                let file = TokenFile::new(path.clone());
+                file.token()?;
+                Ok(Credentials::TokenFile(file))
+            }
+        }
+    }
+
+    /// The tunnel these settings describe, with `credentials`.
+    pub fn tunnel(&self, credentials: Credentials) -> Result<Tunnel, ConnectError> {
+        let gateway = Gateway::new(
+            self.gateway.clone(),
+            &self.server_name,
+            TlsFiles {
+                ca: self.ca.as_deref(),
+                client: self
+                    .client_certificate
+                    .as_ref()
+                    .map(|(c, k)| (c.as_path(), k.as_path())),
+            },
+            credentials,
+            self.timeout,
+        )?;
+        Ok(Tunnel {
+            gateway: Arc::new(gateway),
+            move_as_get: self.move_as_get.then(|| {
+                Arc::new(move_as_get::Settings {
+                    stores: self.local_stores.clone(),
+                    timeout: self.timeout,
+                    archive_wait: self.idle,
+                    keepalive: self.keepalive,
+                })
+            }),
+            request_timeout: self.timeout.min(Duration::from_secs(30)),
+            idle: self.idle,
+        })
+    }
+}
+
+/// `pacsgate connect`: validate, read the secrets, listen, and serve until SIGTERM or Ctrl-C.
+pub async fn run(args: ConnectArgs) -> Result<(), ConnectError> {
+    let settings = Settings::from_args(&args)?;
+    if let Some((_, key)) = &settings.client_certificate
+        && let Some(warning) = crate::tls::key_permission_warning(key)
+    {
+        tracing::warn!("{warning}");
+    }
+    let credentials = settings.credentials()?;
+    let tunnel = Arc::new(settings.tunnel(credentials)?);
+    // Fail now, not at the first association, when the identity cannot be sent at all.
+    tunnel.gateway.identity()?;
+    if !settings.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %settings.listen,
+            "listening beyond loopback (--allow-remote): anyone who reaches this port uses your credentials"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| ConnectError::Listen {
+            address: settings.listen,
+            source,
+        })?;
+    tracing::info!(
+        listen = %settings.listen,
+        gateway = %settings.gateway,
+        trust = %tunnel.gateway.trust,
+        credentials = ?tunnel.gateway.credentials,
+        move_as_get = %if settings.local_stores.is_empty() {
+            "off".to_string()
+        } else {
+            settings.local_stores.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",")
+        },
+        "pacsgate connect listening (plain DICOM) -> gateway (DICOM TLS)"
+    );
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(ConnectError::Signal)?;
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    super::serve(tunnel, listener, stop).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ConnectArgs {
+        ConnectArgs {
+            gateway: Some("pacs-gw.example.org:2762".into()),
+            user: Some("dr.house".into()),
+            password_env: Some("PW".into()),
+            ..ConnectArgs::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_loopback_and_the_gateway_host_names_the_certificate() {
+        let s = Settings::from_args(&args()).expect("valid");
+        assert_eq!(s.listen.to_string(), "127.0.0.1:11114");
+        assert_eq!(s.server_name, "pacs-gw.example.org");
+        assert!(!s.move_as_get);
+        assert_eq!(s.timeout, Duration::from_secs(30));
+        assert!(matches!(s.identity, IdentitySource::Password { .. }));
+    }
+
+    #[test]
+    fn a_remote_listen_address_needs_the_explicit_flag() {
+        let mut a = args();
+        a.listen = Some("0.0.0.0:11112".parse().expect("addr"));
+        let err = Settings::from_args(&a).unwrap_err().to_string();
+        assert!(
+            err.contains("listen") && err.contains("--allow-remote"),
+            "{err}"
+        );
+        a.allow_remote = true;
+        assert!(Settings::from_args(&a).is_ok());
+    }
+
+    #[test]
+    fn credentials_and_move_as_get_are_checked() {
+        let mut a = args();
+        a.token_file = Some("t.jwt".into());
+        assert!(Settings::from_args(&a).is_err());
+        let mut a = args();
+        a.user = None;
+        assert!(
+            Settings::from_args(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("need user")
+        );
+        a.password_env = None;
+        assert!(
+            Settings::from_args(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("no credentials")
+        );
+        let mut a = args();
+        a.move_as_get = true;
+        assert!(Settings::from_args(&a).is_err());
+        a.local_store = vec!["VIEWER@127.0.0.1:11113".into()];
+        let s = Settings::from_args(&a).expect("valid");
+        assert_eq!(s.local_stores[0].ae_title, "VIEWER");
+        a.local_store.push("VIEWER@127.0.0.1:11114".into());
+        assert!(Settings::from_args(&a).is_err());
+        let mut a = args();
+        a.local_store = vec!["VIEWER@127.0.0.1:11113".into()];
+        assert!(
+            Settings::from_args(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("--move-as-get")
+        );
+        let mut a = args();
+        a.gateway = Some("no-port".into());
+        assert!(Settings::from_args(&a).is_err());
+    }
+
+    #[test]
+    fn the_file_section_is_strict_and_the_command_line_wins() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("connect.toml");
+        std::fs::write(
+            &path,
+            "[connect]\ngateway = \"gw:2762\"\nlisten = \"127.0.0.1:4000\"\nca = \"ca.crt\"\n\
+             token_file = \"me.jwt\"\nmove_as_get = true\nlocal_store = [\"VIEWER@127.0.0.1:4001\"]\n",
+        )
+        .expect("write");
+        let a = ConnectArgs {
+            config: Some(path.clone()),
+            listen: Some("127.0.0.1:5000".parse().expect("addr")),
+            ..ConnectArgs::default()
+        };
+        let s = Settings::from_args(&a).expect("valid");
+        assert_eq!(s.gateway, "gw:2762");
+        assert_eq!(s.listen.port(), 5000);
+        assert_eq!(s.ca, Some(dir.path().join("ca.crt")));
+        assert_eq!(
+            s.identity,
+            IdentitySource::TokenFile(dir.path().join("me.jwt"))
+        );
+        assert!(s.move_as_get);
+
+        std::fs::write(&path, "[connect]\ngateway = \"gw:2762\"\ngatway = \"x\"\n").expect("write");
+        let err = Settings::from_args(&a).unwrap_err().to_string();
+        assert!(err.contains("gatway"), "{err}");
+
+        std::fs::write(
+            &path,
+            "[connect]\ngateway = \"gw:2762\"\nuser = \"u\"\npassword = \"secret\"\n",
+        )
+        .expect("write");
+        let err = Settings::from_args(&a).unwrap_err().to_string();
+        assert!(err.contains("connect.password"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
+
+        std::fs::write(
+            &path,
+            "[connect]\ngateway = \"gw:2762\"\nuser = \"u\"\ntimeout = \"slow\"\n",
+        )
+        .expect("write");
+        let err = Settings::from_args(&a).unwrap_err().to_string();
+        assert!(err.contains("timeout"), "{err}");
+    }
+}

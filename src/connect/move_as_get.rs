@@ -1,0 +1,745 @@
+//! Move-as-get on a relayed association: an [`Inspector`] that takes C-MOVE requests naming a local
+//! storage SCP out of the stream (and C-CANCELs for them), starts a [`retrieve`] task for each, and
+//! a pump that lets those tasks write their C-MOVE responses to the local client between whole PDUs.
+//! While a retrieval runs, the viewer's own association is silent: a C-ECHO on a presentation context
+//! of connect's own (never shown to the viewer) keeps it from idling out. Everything else passes
+//! to the gateway unchanged.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use super::dimse_extra::{self, SubOperations};
+use super::gateway::Gateway;
+use super::link::Context;
+use super::retrieve::{self, LocalStore, Retrieval, get_model};
+use crate::dimse::{self, Command, PDataWriter, command_field as cf};
+use crate::pdu::read_pdu;
+use crate::relay::{self, Actions, Forward, Inspector, RelayEnd, RelayLimits, RelayStats, Side};
+
+/// The largest C-MOVE identifier held back.
+const MAX_IDENTIFIER: usize = 1024 * 1024;
+/// C-MOVE status: identifier does not match SOP class (a C-MOVE without identifier).
+const IDENTIFIER_DOES_NOT_MATCH: u16 = 0xA900;
+/// Retrievals one association may run at once.
+const MAX_RETRIEVALS: usize = 4;
+/// C-MOVE status: refused, unable to perform sub-operations.
+const UNABLE_TO_PERFORM: u16 = 0xA702;
+/// C-MOVE status: move destination unknown.
+const MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
+/// Status: SOP class not supported.
+const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+/// Buffer of the in-process pipe between the relay and the local client's socket.
+const PIPE: usize = 256 * 1024;
+
+/// Verification SOP class (C-ECHO).
+pub const VERIFICATION: &str = "1.2.840.10008.1.1";
+
+/// What move-as-get knows of the setup: the local storage SCPs, the bound on each step (connect,
+/// handshake, answer, local store), the longest wait for the archive's next C-GET message, and
+/// how often to keep a waiting viewer's association alive (None: never).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub stores: Vec<LocalStore>,
+    pub timeout: Duration,
+    pub archive_wait: Duration,
+    pub keepalive: Option<Duration>,
+}
+
+/// The association the interceptor watches.
+pub struct Association {
+    pub contexts: HashMap<u8, Context>,
+    pub calling_ae: String,
+    pub called_ae: String,
+    /// Largest PDU body the local client accepts.
+    pub to_client_max: u32,
+    /// Largest PDU body the gateway accepts.
+    pub to_gateway_max: u32,
+    /// connect's own Verification context, accepted by the gateway, for keep-alive C-ECHOs.
+    pub keepalive_context: Option<u8>,
+    /// C-MOVE contexts the gateway did not accept and connect accepted for the client itself:
+    /// nothing on them goes to the gateway.
+    pub local_only: HashSet<u8>,
+}
+
+/// A C-MOVE-RQ taken out of the stream, waiting for the rest of its identifier.
+struct Held {
+    command: Command,
+    store: LocalStore,
+    identifier: Vec<u8>,
+}
+
+enum Decision {
+    Forward,
+    Intercept(Box<Command>, LocalStore),
+    Cancel(u16),
+}
+
+/// One piece of a rebuilt P-DATA-TF.
+enum Piece<'a> {
+    Original(dimse::Pdv<'a>),
+    Command { pc: u8, bytes: Vec<u8> },
+}
+
+/// The inspector of one local association with move-as-get on.
+pub struct Interceptor {
+    settings: Arc<Settings>,
+    gateway: Arc<Gateway>,
+    association: Association,
+    out: mpsc::Sender<Vec<u8>>,
+    /// Command fragments still being assembled, by presentation context.
+    partial: HashMap<u8, Vec<u8>>,
+    held: HashMap<u8, Held>,
+    /// Requests answered locally on a local-only context whose data set is still arriving: the
+    /// answer (PDUs) goes out once it is complete.
+    refusing: HashMap<u8, Vec<u8>>,
+    /// Retrievals in progress, by the local C-MOVE's message ID: send true to cancel.
+    active: HashMap<u16, watch::Sender<bool>>,
+    /// Retrieval tasks still running (each holds a [`Running`] guard).
+    running: Arc<AtomicUsize>,
+}
+
+/// Counts a retrieval task as running until dropped.
+pub struct Running(Arc<AtomicUsize>);
+
+impl Running {
+    fn new(count: &Arc<AtomicUsize>) -> Running {
+        count.fetch_add(1, Ordering::SeqCst);
+        Running(count.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Interceptor {
+    pub fn new(
+        settings: Arc<Settings>,
+        gateway: Arc<Gateway>,
+        association: Association,
+        out: mpsc::Sender<Vec<u8>>,
+    ) -> Interceptor {
+        Interceptor {
+            settings,
+            gateway,
+            association,
+            out,
+            partial: HashMap::new(),
+            held: HashMap::new(),
+            refusing: HashMap::new(),
+            active: HashMap::new(),
+            running: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The number of retrieval tasks running, shared with the keep-alive.
+    pub fn running(&self) -> Arc<AtomicUsize> {
+        self.running.clone()
+    }
+
+    fn decide(&self, pc: u8, bytes: &[u8]) -> Decision {
+        let Ok(command) = dimse::decode_command(bytes) else {
+            // Not ours to judge: the gateway answers malformed requests.
+            return Decision::Forward;
+        };
+        match command.field {
+            cf::C_MOVE_RQ => {
+                let Some(store) = self
+                    .settings
+                    .stores
+                    .iter()
+                    .find(|s| s.ae_title == command.move_destination)
+                else {
+                    return Decision::Forward;
+                };
+                let model = self
+                    .association
+                    .contexts
+                    .get(&pc)
+                    .map(|c| c.abstract_syntax.as_str())
+                    .unwrap_or_default();
+                if get_model(model).is_none() {
+                    tracing::warn!(
+                        destination = %store,
+                        model,
+                        "move-as-get: no C-GET for this information model; the C-MOVE goes to the gateway"
+                    );
+                    return Decision::Forward;
+                }
+                Decision::Intercept(Box::new(command), store.clone())
+            }
+            cf::C_CANCEL_RQ if self.active.contains_key(&command.responded_to) => {
+                Decision::Cancel(command.responded_to)
+            }
+            _ => Decision::Forward,
+        }
+    }
+
+    /// Start the retrieval for a complete C-MOVE.
+    fn start(&mut self, pc: u8, held: Held) {
+        let (cancel, cancelled) = watch::channel(false);
+        self.active.insert(held.command.message_id, cancel);
+        let a = &self.association;
+        let retrieval = Retrieval {
+            gateway: self.gateway.clone(),
+            store: held.store,
+            request: held.command,
+            identifier: held.identifier,
+            identifier_ts: a
+                .contexts
+                .get(&pc)
+                .map(|c| c.transfer_syntax.clone())
+                .unwrap_or_default(),
+            context: pc,
+            calling_ae: a.calling_ae.clone(),
+            called_ae: a.called_ae.clone(),
+            to_client_max: a.to_client_max,
+            timeout: self.settings.timeout,
+            archive_wait: self.settings.archive_wait,
+        };
+        let running = Running::new(&self.running);
+        let out = self.out.clone();
+        tokio::spawn(async move {
+            retrieve::run(retrieval, out, cancelled).await;
+            drop(running);
+        });
+    }
+
+    /// The answer to a request on a local-only context that is not a move-as-get: a C-MOVE to
+    /// any other destination is refused 0xA801 (the archive offers no C-MOVE); responses and
+    /// C-CANCELs of nothing in progress get no answer.
+    fn local_answer(&self, pc: u8, command: &Command) -> Vec<u8> {
+        let rsp = match command.field {
+            cf::C_MOVE_RQ => dimse_extra::move_response(
+                command,
+                MOVE_DESTINATION_UNKNOWN,
+                &SubOperations::default(),
+                false,
+                "only --local-store destinations: the archive offers no C-MOVE",
+            ),
+            cf::C_CANCEL_RQ => return Vec::new(),
+            _ if command.is_response() => return Vec::new(),
+            _ => dimse::refusal(command, SOP_CLASS_NOT_SUPPORTED, ""),
+        };
+        let mut w = PDataWriter::new(self.association.to_client_max);
+        w.push(pc, true, true, &rsp);
+        w.into_bytes()
+    }
+
+    fn client_pdata(&mut self, pdata: &[u8]) -> Result<Actions, String> {
+        self.active.retain(|_, cancel| !cancel.is_closed());
+        let mut pieces: Vec<Piece<'_>> = Vec::new();
+        let mut changed = false;
+        let mut back = Vec::new();
+        for pdv in dimse::pdv_items(pdata) {
+            let pc = pdv.presentation_context_id;
+            if !pdv.is_command {
+                if self.refusing.contains_key(&pc) {
+                    changed = true;
+                    if pdv.is_last
+                        && let Some(answer) = self.refusing.remove(&pc)
+                    {
+                        back.extend_from_slice(&answer);
+                    }
+                    continue;
+                }
+                let Some(held) = self.held.get_mut(&pc) else {
+                    if self.association.local_only.contains(&pc) {
+                        // A data set of nothing in progress on a local-only context: dropped.
+                        changed = true;
+                    } else {
+                        pieces.push(Piece::Original(pdv));
+                    }
+                    continue;
+                };
+                changed = true;
+                if held.identifier.len() + pdv.data.len() > MAX_IDENTIFIER {
+                    return Err(format!("a C-MOVE identifier over {MAX_IDENTIFIER} bytes"));
+                }
+                held.identifier.extend_from_slice(pdv.data);
+                if pdv.is_last
+                    && let Some(held) = self.held.remove(&pc)
+                {
+                    self.start(pc, held);
+                }
+                continue;
+            }
+            if self.held.contains_key(&pc) || self.refusing.contains_key(&pc) {
+                return Err("a command set before the previous data set was complete".into());
+            }
+            let partial = self.partial.remove(&pc);
+            let size = partial.as_ref().map_or(0, Vec::len) + pdv.data.len();
+            if size > dimse::MAX_COMMAND_LENGTH {
+                return Err(format!("a command set over {size} bytes"));
+            }
+            if !pdv.is_last {
+                let mut buf = partial.unwrap_or_default();
+                buf.extend_from_slice(pdv.data);
+                self.partial.insert(pc, buf);
+                changed = true;
+                continue;
+            }
+            let bytes: Cow<'_, [u8]> = match partial {
+                Some(mut buf) => {
+                    buf.extend_from_slice(pdv.data);
+                    changed = true;
+                    Cow::Owned(buf)
+                }
+                None => Cow::Borrowed(pdv.data),
+            };
+            match self.decide(pc, &bytes) {
+                Decision::Forward if self.association.local_only.contains(&pc) => {
+                    changed = true;
+                    let command = dimse::decode_command(&bytes).map_err(|e| e.to_string())?;
+                    let answer = self.local_answer(pc, &command);
+                    if command.has_data_set {
+                        self.refusing.insert(pc, answer);
+                    } else {
+                        back.extend_from_slice(&answer);
+                    }
+                }
+                Decision::Forward => match bytes {
+                    Cow::Borrowed(_) => pieces.push(Piece::Original(pdv)),
+                    Cow::Owned(bytes) => pieces.push(Piece::Command { pc, bytes }),
+                },
+                Decision::Intercept(command, _) if self.active.len() >= MAX_RETRIEVALS => {
+                    changed = true;
+                    let rsp = dimse_extra::move_response(
+                        &command,
+                        UNABLE_TO_PERFORM,
+                        &SubOperations::default(),
+                        false,
+                        "too many move-as-get retrievals at once",
+                    );
+                    let mut w = PDataWriter::new(self.association.to_client_max);
+                    w.push(pc, true, true, &rsp);
+                    if command.has_data_set {
+                        self.refusing.insert(pc, w.into_bytes());
+                    } else {
+                        back.extend_from_slice(&w.into_bytes());
+                    }
+                }
+                Decision::Intercept(command, store) => {
+                    changed = true;
+                    if command.has_data_set {
+                        self.held.insert(
+                            pc,
+                            Held {
+                                command: *command,
+                                store,
+                                identifier: Vec::new(),
+                            },
+                        );
+                    } else {
+                        let rsp = dimse_extra::move_response(
+                            &command,
+                            IDENTIFIER_DOES_NOT_MATCH,
+                            &SubOperations::default(),
+                            false,
+                            "C-MOVE without identifier",
+                        );
+                        let mut w = PDataWriter::new(self.association.to_client_max);
+                        w.push(pc, true, true, &rsp);
+                        back.extend_from_slice(&w.into_bytes());
+                    }
+                }
+                Decision::Cancel(id) => {
+                    changed = true;
+                    if let Some(cancel) = self.active.get(&id) {
+                        cancel.send_replace(true);
+                    }
+                }
+            }
+        }
+        if !changed {
+            return Ok(Actions {
+                forward: Forward::Unchanged,
+                back,
+            });
+        }
+        let mut writer = PDataWriter::new(self.association.to_gateway_max);
+        for piece in &pieces {
+            match piece {
+                Piece::Original(p) => {
+                    writer.push(p.presentation_context_id, p.is_command, p.is_last, p.data)
+                }
+                Piece::Command { pc, bytes } => writer.push(*pc, true, true, bytes),
+            }
+        }
+        let forward = if writer.is_empty() {
+            Forward::Nothing
+        } else {
+            Forward::Rebuilt(writer.into_bytes())
+        };
+        Ok(Actions { forward, back })
+    }
+}
+
+impl Interceptor {
+    /// From the gateway: everything but the answers on connect's own keep-alive context.
+    fn gateway_pdata(&mut self, pdata: &[u8]) -> Actions {
+        let Some(own) = self.association.keepalive_context else {
+            return Actions::PASS;
+        };
+        if dimse::pdv_items(pdata).all(|p| p.presentation_context_id != own) {
+            return Actions::PASS;
+        }
+        let mut writer = PDataWriter::new(self.association.to_client_max);
+        for p in dimse::pdv_items(pdata).filter(|p| p.presentation_context_id != own) {
+            writer.push(p.presentation_context_id, p.is_command, p.is_last, p.data);
+        }
+        Actions {
+            forward: if writer.is_empty() {
+                Forward::Nothing
+            } else {
+                Forward::Rebuilt(writer.into_bytes())
+            },
+            back: Vec::new(),
+        }
+    }
+}
+
+impl Inspector for Interceptor {
+    fn inspect(&mut self, from: Side, pdata: &[u8]) -> Result<Actions, String> {
+        match from {
+            Side::Client => self.client_pdata(pdata),
+            Side::Archive => Ok(self.gateway_pdata(pdata)),
+        }
+    }
+}
+
+/// [`relay::relay`] between the local client and the gateway, with the PDUs that arrive on
+/// `inject` (the retrievals' C-MOVE responses) written to the local client between whole PDUs,
+/// and, every `keepalive` interval while a retrieval runs, a C-ECHO-RQ to the gateway on the
+/// association's keep-alive context (its response never reaches the client).
+pub async fn relay_with_injection<L, G>(
+    local: L,
+    gateway: G,
+    limits: RelayLimits,
+    inspector: Interceptor,
+    mut inject: mpsc::Receiver<Vec<u8>>,
+    keepalive: Option<Duration>,
+    shutdown: watch::Receiver<bool>,
+) -> (RelayEnd, RelayStats)
+where
+    L: AsyncRead + AsyncWrite + Send + 'static,
+    G: AsyncRead + AsyncWrite + Unpin,
+{
+    let (relay_side, pump_side) = tokio::io::duplex(PIPE);
+    let (mut pump_rd, pump_wr) = tokio::io::split(pump_side);
+    let (mut local_rd, local_wr) = tokio::io::split(local);
+    let local_wr = Arc::new(tokio::sync::Mutex::new(local_wr));
+    let pump_wr = Arc::new(tokio::sync::Mutex::new(pump_wr));
+
+    // Local client -> relay, and connect's keep-alives -> relay: whole PDUs each.
+    let to_relay = pump_wr.clone();
+    let up_limit = limits.from_client;
+    let up = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        while read_pdu(&mut local_rd, &mut buf, up_limit).await.is_ok() {
+            let mut w = to_relay.lock().await;
+            if w.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+        let _ = to_relay.lock().await.shutdown().await;
+    });
+    let echo = match (keepalive, inspector.association.keepalive_context) {
+        (Some(every), Some(context)) => {
+            let running = inspector.running();
+            let to_relay = pump_wr.clone();
+            let max = inspector.association.to_gateway_max;
+            Some(tokio::spawn(async move {
+                let mut id: u16 = 0;
+                loop {
+                    tokio::time::sleep(every).await;
+                    if running.load(Ordering::SeqCst) == 0 {
+                        continue;
+                    }
+                    id = id.wrapping_add(1).max(1);
+                    let command = crate::tools::client::request_command(
+                        cf::C_ECHO_RQ,
+                        VERIFICATION,
+                        id,
+                        false,
+                    );
+                    let mut writer = PDataWriter::new(max);
+                    writer.push(context, true, true, &command);
+                    if to_relay
+                        .lock()
+                        .await
+                        .write_all(&writer.into_bytes())
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }))
+        }
+        _ => None,
+    };
+    // Relay -> local client: whole PDUs, so injected ones never land inside another.
+    let writer = local_wr.clone();
+    let limit = limits.from_archive;
+    let down = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        while read_pdu(&mut pump_rd, &mut buf, limit).await.is_ok() {
+            let mut w = writer.lock().await;
+            if w.write_all(&buf).await.is_err() || w.flush().await.is_err() {
+                break;
+            }
+        }
+        let _ = writer.lock().await.shutdown().await;
+    });
+    let writer = local_wr.clone();
+    let injector = tokio::spawn(async move {
+        while let Some(pdus) = inject.recv().await {
+            let mut w = writer.lock().await;
+            if w.write_all(&pdus).await.is_err() || w.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let (end, stats, inspector) =
+        relay::relay(relay_side, gateway, limits, inspector, shutdown).await;
+    // Dropping the inspector drops the cancel senders: retrievals still running stop.
+    drop(inspector);
+    if let Some(echo) = echo {
+        echo.abort();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), down).await;
+    up.abort();
+    injector.abort();
+    (end, stats)
+}
+
+/// A free odd presentation context ID for connect's own keep-alive context, from the top down.
+pub fn free_context_id(used: impl Iterator<Item = u8>) -> Option<u8> {
+    let used: std::collections::HashSet<u8> = used.collect();
+    (1..=255u8).rev().step_by(2).find(|id| !used.contains(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connect::link::{EXPLICIT_LE, IMPLICIT_LE};
+    use crate::tools::client::request_command;
+    use dicom_core::header::Header;
+
+    fn interceptor() -> (Interceptor, mpsc::Receiver<Vec<u8>>) {
+        interceptor_with(HashSet::new())
+    }
+
+    fn interceptor_with(local_only: HashSet<u8>) -> (Interceptor, mpsc::Receiver<Vec<u8>>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::devcerts::generate(dir.path(), &["localhost".into()], &[]).expect("dev certs");
+        let ca = dir.path().join("ca.crt");
+        let gateway = Gateway::new(
+            "127.0.0.1:1".into(),
+            "localhost",
+            super::super::gateway::TlsFiles {
+                ca: Some(&ca),
+                client: None,
+            },
+            super::super::gateway::Credentials::Certificate,
+            Duration::from_secs(1),
+        )
+        .expect("gateway");
+        let mut contexts = HashMap::new();
+        contexts.insert(
+            1,
+            Context {
+                abstract_syntax: retrieve::STUDY_ROOT_MOVE.into(),
+                transfer_syntax: EXPLICIT_LE.into(),
+            },
+        );
+        contexts.insert(
+            3,
+            Context {
+                abstract_syntax: "1.2.840.10008.1.1".into(),
+                transfer_syntax: IMPLICIT_LE.into(),
+            },
+        );
+        let (tx, rx) = mpsc::channel(8);
+        let i = Interceptor::new(
+            Arc::new(Settings {
+                stores: vec!["VIEWER@127.0.0.1:1".parse().expect("store")],
+                timeout: Duration::from_secs(1),
+                archive_wait: Duration::from_secs(1),
+                keepalive: None,
+            }),
+            Arc::new(gateway),
+            Association {
+                contexts,
+                calling_ae: "MOVESCU".into(),
+                called_ae: "ARCHIVE".into(),
+                to_client_max: 16384,
+                to_gateway_max: 16384,
+                keepalive_context: Some(255),
+                local_only,
+            },
+            tx,
+        );
+        (i, rx)
+    }
+
+    fn move_command(destination: &str, id: u16, with_data: bool) -> Vec<u8> {
+        let bytes = request_command(cf::C_MOVE_RQ, retrieve::STUDY_ROOT_MOVE, id, with_data);
+        let command = dimse::decode_command(&bytes).expect("decode");
+        let mut object = command.object;
+        object.put(dicom_core::DataElement::new(
+            dicom_dictionary_std::tags::MOVE_DESTINATION,
+            dicom_core::VR::AE,
+            dicom_core::PrimitiveValue::from(destination),
+        ));
+        let e: Vec<_> = object
+            .into_iter()
+            .filter(|e| e.tag() != dicom_dictionary_std::tags::COMMAND_GROUP_LENGTH)
+            .collect();
+        let object = dicom_object::InMemDicomObject::command_from_element_iter(e);
+        let mut out = Vec::new();
+        object
+            .write_dataset_with_ts(
+                &mut out,
+                &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+            )
+            .expect("encode");
+        out
+    }
+
+    fn pdata(items: &[(u8, bool, bool, &[u8])]) -> Vec<u8> {
+        let mut w = PDataWriter::new(1 << 20);
+        for (pc, c, l, d) in items {
+            w.push(*pc, *c, *l, d);
+        }
+        w.into_bytes()
+    }
+
+    #[tokio::test]
+    async fn other_traffic_passes_unchanged() {
+        let (mut i, _rx) = interceptor();
+        let echo = request_command(cf::C_ECHO_RQ, "1.2.840.10008.1.1", 1, false);
+        let p = pdata(&[(3, true, true, &echo)]);
+        assert_eq!(i.inspect(Side::Client, &p).expect("ok"), Actions::PASS);
+        let other = move_command("ELSEWHERE", 2, true);
+        let p = pdata(&[(1, true, true, &other), (1, false, true, b"\x08\x00")]);
+        assert_eq!(i.inspect(Side::Client, &p).expect("ok"), Actions::PASS);
+        assert_eq!(i.inspect(Side::Archive, &p).expect("ok"), Actions::PASS);
+    }
+
+    #[tokio::test]
+    async fn a_move_to_a_local_store_is_held_back_and_a_split_command_is_coalesced() {
+        let (mut i, _rx) = interceptor();
+        let mv = move_command("VIEWER", 5, true);
+        let (a, b) = mv.split_at(10);
+        // The command arrives in two fragments: nothing is forwarded until it is complete.
+        let first = i
+            .inspect(Side::Client, &pdata(&[(1, true, false, a)]))
+            .expect("ok");
+        assert_eq!(first.forward, Forward::Nothing);
+        let second = i
+            .inspect(Side::Client, &pdata(&[(1, true, true, b)]))
+            .expect("ok");
+        assert_eq!(second.forward, Forward::Nothing);
+        assert!(i.held.contains_key(&1));
+        // A command on the same context before the identifier is complete breaks the protocol.
+        let echo = request_command(cf::C_ECHO_RQ, "1.2.840.10008.1.1", 6, false);
+        assert!(
+            i.inspect(Side::Client, &pdata(&[(1, true, true, &echo)]))
+                .is_err()
+        );
+
+        // A split command that is not intercepted goes on as one PDV.
+        let (mut i, _rx) = interceptor();
+        let echo = request_command(cf::C_ECHO_RQ, "1.2.840.10008.1.1", 7, false);
+        let (a, b) = echo.split_at(12);
+        let _ = i
+            .inspect(Side::Client, &pdata(&[(3, true, false, a)]))
+            .expect("ok");
+        let out = i
+            .inspect(Side::Client, &pdata(&[(3, true, true, b)]))
+            .expect("ok");
+        assert_eq!(
+            out.forward,
+            Forward::Rebuilt(pdata(&[(3, true, true, &echo)]))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_move_without_identifier_is_answered_locally() {
+        let (mut i, _rx) = interceptor();
+        let mv = move_command("VIEWER", 9, false);
+        let out = i
+            .inspect(Side::Client, &pdata(&[(1, true, true, &mv)]))
+            .expect("ok");
+        assert_eq!(out.forward, Forward::Nothing);
+        let item = dimse::pdv_items(&out.back).next().expect("a response");
+        let rsp = dimse::decode_command(item.data).expect("decode");
+        assert_eq!(rsp.field, 0x8021);
+        assert_eq!(rsp.status, Some(IDENTIFIER_DOES_NOT_MATCH));
+        assert_eq!(rsp.responded_to, 9);
+    }
+
+    #[tokio::test]
+    async fn a_local_only_context_never_reaches_the_gateway() {
+        let (mut i, mut rx) = interceptor_with(HashSet::from([1]));
+        // A C-MOVE elsewhere: refused 0xA801 once its identifier is complete.
+        let mv = move_command("ELSEWHERE", 4, true);
+        let out = i
+            .inspect(Side::Client, &pdata(&[(1, true, true, &mv)]))
+            .expect("ok");
+        assert_eq!(out.forward, Forward::Nothing);
+        assert!(out.back.is_empty());
+        let out = i
+            .inspect(
+                Side::Client,
+                &pdata(&[(1, false, true, b"\x08\x00\x52\x00")]),
+            )
+            .expect("ok");
+        assert_eq!(out.forward, Forward::Nothing);
+        let item = dimse::pdv_items(&out.back).next().expect("a response");
+        let rsp = dimse::decode_command(item.data).expect("decode");
+        assert_eq!(rsp.status, Some(MOVE_DESTINATION_UNKNOWN));
+        assert_eq!(rsp.responded_to, 4);
+
+        // A C-MOVE to the local store starts a retrieval (which fails here: no gateway).
+        let mv = move_command("VIEWER", 5, true);
+        let out = i
+            .inspect(
+                Side::Client,
+                &pdata(&[(1, true, true, &mv), (1, false, true, b"")]),
+            )
+            .expect("ok");
+        assert_eq!(out.forward, Forward::Nothing);
+        let pdus = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("in time")
+            .expect("a response");
+        let item = dimse::pdv_items(&pdus).next().expect("a response");
+        let rsp = dimse::decode_command(item.data).expect("decode");
+        assert_eq!((rsp.field, rsp.responded_to), (0x8021, 5));
+        assert_eq!(rsp.status, Some(0xA702));
+
+        // What the gateway sends on connect's own keep-alive context never reaches the client.
+        let echo_rsp = dimse::refusal(
+            &dimse::decode_command(&request_command(cf::C_ECHO_RQ, VERIFICATION, 1, false))
+                .expect("decode"),
+            0,
+            "",
+        );
+        let out = i
+            .inspect(Side::Archive, &pdata(&[(255, true, true, &echo_rsp)]))
+            .expect("ok");
+        assert_eq!(out.forward, Forward::Nothing);
+    }
+}

@@ -1,0 +1,676 @@
+//! One move-as-get retrieval: a C-MOVE the local client addressed to a local storage SCP, performed as a
+//! C-GET on a second association to the gateway. Each C-STORE sub-operation is streamed to the local
+//! SCP over a plain association, answered with its status, and the C-GET responses go back to the
+//! local client as C-MOVE responses with the same counts.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use super::dimse_extra::{self, SubOperations};
+use super::gateway::Gateway;
+use super::link::{self, Answer, EXPLICIT_LE, IMPLICIT_LE, Link, LinkError, Proposal};
+use super::storage_classes::STORAGE_CLASSES;
+use crate::dimse::{self, Command, PDataWriter, command_field as cf, status};
+
+/// Study Root and Patient Root Query/Retrieve Information Model - MOVE and - GET (PS3.4 C.6).
+pub const STUDY_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.2.2";
+pub const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
+pub const PATIENT_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.1.2";
+pub const PATIENT_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.1.3";
+
+/// C-STORE status: processing failure (PS3.7 C.4.2), when the local SCP cannot be reached.
+const PROCESSING_FAILURE: u16 = 0x0110;
+/// C-MOVE status: refused, unable to perform sub-operations.
+const UNABLE_TO_PERFORM: u16 = 0xA702;
+/// The largest identifier (e.g. a Failed SOP Instance UID List) taken from a C-GET response.
+const MAX_RESPONSE_IDENTIFIER: usize = 4 * 1024 * 1024;
+/// Messages read on one C-GET association at most: a bound on the loop, far above real studies.
+const MAX_MESSAGES: usize = 10_000_000;
+
+/// The C-GET model that serves a C-MOVE model.
+pub fn get_model(move_model: &str) -> Option<&'static str> {
+    match move_model {
+        STUDY_ROOT_MOVE => Some(STUDY_ROOT_GET),
+        PATIENT_ROOT_MOVE => Some(PATIENT_ROOT_GET),
+        _ => None,
+    }
+}
+
+/// A local storage SCP, by AE title: `AE@HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalStore {
+    pub ae_title: String,
+    pub address: String,
+}
+
+impl std::str::FromStr for LocalStore {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<LocalStore, String> {
+        let Some((ae, address)) = s.split_once('@') else {
+            return Err(format!(
+                "{s:?} is not AE@HOST:PORT (e.g. VIEWER@127.0.0.1:11113)"
+            ));
+        };
+        let ae = ae.trim();
+        if ae.is_empty() || ae.len() > 16 || ae.contains('\\') || !ae.is_ascii() {
+            return Err(format!(
+                "{ae:?} in {s:?} is not an AE title (1 to 16 ASCII characters, no backslash)"
+            ));
+        }
+        match address.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => return Err(format!("{address:?} in {s:?} is not HOST:PORT")),
+        }
+        Ok(LocalStore {
+            ae_title: ae.to_string(),
+            address: address.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for LocalStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.ae_title, self.address)
+    }
+}
+
+/// Everything one retrieval needs.
+pub struct Retrieval {
+    pub gateway: Arc<Gateway>,
+    pub store: LocalStore,
+    /// The local client's C-MOVE-RQ.
+    pub request: Command,
+    pub identifier: Vec<u8>,
+    /// Transfer syntax of the local C-MOVE's presentation context.
+    pub identifier_ts: String,
+    /// The local C-MOVE's presentation context, for the responses.
+    pub context: u8,
+    pub calling_ae: String,
+    pub called_ae: String,
+    /// Largest PDU body the local client accepts.
+    pub to_client_max: u32,
+    /// Bound on each step: connect, handshake, association answer, each local store.
+    pub timeout: Duration,
+    /// The longest wait for the archive's next message on the C-GET association.
+    pub archive_wait: Duration,
+}
+
+/// Why a retrieval ended early, and what the local client is told.
+#[derive(Debug)]
+struct Failure {
+    status: u16,
+    /// Error Comment for the client (at most 64 characters).
+    comment: &'static str,
+    /// For the log.
+    detail: String,
+}
+
+fn failure(status: u16, comment: &'static str, detail: impl Into<String>) -> Failure {
+    Failure {
+        status,
+        comment,
+        detail: detail.into(),
+    }
+}
+
+impl From<LinkError> for Failure {
+    fn from(e: LinkError) -> Failure {
+        failure(
+            UNABLE_TO_PERFORM,
+            "move-as-get: the C-GET association failed",
+            format!("C-GET association: {e}"),
+        )
+    }
+}
+
+/// How a retrieval ended.
+struct Finished {
+    status: u16,
+    counts: SubOperations,
+    stored: u32,
+    failed: u32,
+}
+
+/// Perform the retrieval, send every response to the local client through `out`, and log the result.
+/// `cancel` turns true on a C-CANCEL; its sender is dropped when the local association ends.
+pub async fn run(r: Retrieval, out: mpsc::Sender<Vec<u8>>, cancel: watch::Receiver<bool>) {
+    let started = Instant::now();
+    let study = crate::dimse::decode_identifier(&r.identifier, &r.identifier_ts)
+        .map(|i| dimse::attribute(&i, dicom_dictionary_std::tags::STUDY_INSTANCE_UID))
+        .unwrap_or_default();
+    tracing::info!(
+        calling_ae = %r.calling_ae,
+        called_ae = %r.called_ae,
+        destination = %r.store,
+        study_uid = %study,
+        "move-as-get: C-MOVE to a local storage SCP performed as C-GET through the gateway"
+    );
+    match perform(&r, &out, cancel).await {
+        Ok(f) => tracing::info!(
+            destination = %r.store,
+            study_uid = %study,
+            status = %format!("{:#06x}", f.status),
+            completed = f.counts.completed,
+            failed = f.counts.failed,
+            warning = f.counts.warning,
+            stored_locally = f.stored,
+            failed_locally = f.failed,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "move-as-get finished"
+        ),
+        Err(f) => {
+            tracing::warn!(
+                destination = %r.store,
+                study_uid = %study,
+                status = %format!("{:#06x}", f.status),
+                reason = %f.detail,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "move-as-get failed"
+            );
+            let _ = respond(
+                &r,
+                &out,
+                f.status,
+                &SubOperations::default(),
+                None,
+                f.comment,
+            )
+            .await;
+        }
+    }
+}
+
+/// Send a C-MOVE-RSP (and its identifier, if any) to the local client.
+async fn respond(
+    r: &Retrieval,
+    out: &mpsc::Sender<Vec<u8>>,
+    status: u16,
+    counts: &SubOperations,
+    data: Option<&[u8]>,
+    comment: &str,
+) -> Result<(), Failure> {
+    let command = dimse_extra::move_response(&r.request, status, counts, data.is_some(), comment);
+    let mut writer = PDataWriter::new(r.to_client_max);
+    writer.push(r.context, true, true, &command);
+    if let Some(data) = data {
+        writer.push(r.context, false, true, data);
+    }
+    out.send(writer.into_bytes()).await.map_err(|_| {
+        failure(
+            UNABLE_TO_PERFORM,
+            "",
+            "the local client's association ended",
+        )
+    })
+}
+
+async fn perform(
+    r: &Retrieval,
+    out: &mpsc::Sender<Vec<u8>>,
+    mut cancel: watch::Receiver<bool>,
+) -> Result<Finished, Failure> {
+    let model = get_model(&r.request.affected_sop_class).ok_or_else(|| {
+        failure(
+            UNABLE_TO_PERFORM,
+            "move-as-get: information model not supported",
+            format!("no C-GET model for {}", r.request.affected_sop_class),
+        )
+    })?;
+
+    // The C-GET association: both GET models, every storage class with the SCP role.
+    let uncompressed = vec![EXPLICIT_LE.to_string(), IMPLICIT_LE.to_string()];
+    let mut proposals: Vec<Proposal> = [STUDY_ROOT_GET, PATIENT_ROOT_GET]
+        .iter()
+        .chain(STORAGE_CLASSES.iter())
+        .map(|class| Proposal {
+            abstract_syntax: class.to_string(),
+            transfer_syntaxes: uncompressed.clone(),
+        })
+        .collect();
+    proposals.truncate(128);
+    let roles: Vec<String> = STORAGE_CLASSES.iter().map(|c| c.to_string()).collect();
+    let rq = link::request(&r.calling_ae, &r.called_ae, &proposals, &roles, None);
+    let bytes = r.gateway.request(&rq).map_err(|e| {
+        failure(
+            UNABLE_TO_PERFORM,
+            "move-as-get: credentials unavailable",
+            e.to_string(),
+        )
+    })?;
+    let (stream, answer) = r.gateway.open(&bytes).await.map_err(|e| {
+        failure(
+            UNABLE_TO_PERFORM,
+            "move-as-get: gateway unreachable",
+            e.to_string(),
+        )
+    })?;
+    let ac = match answer {
+        Answer::Accepted(ac) => ac,
+        Answer::Rejected(rj) => {
+            return Err(failure(
+                UNABLE_TO_PERFORM,
+                "move-as-get: the gateway rejected the C-GET association",
+                format!(
+                    "the gateway rejected the C-GET association: {}",
+                    super::gateway::rejection_words(&rj)
+                ),
+            ));
+        }
+        Answer::Aborted(abort) => {
+            return Err(failure(
+                UNABLE_TO_PERFORM,
+                "move-as-get: the gateway aborted the C-GET association",
+                super::gateway::abort_words(&abort),
+            ));
+        }
+    };
+    let mut get = Link::new(stream, &rq, &ac, r.archive_wait);
+    let Some(get_pc) = get.context_for(model, None) else {
+        get.abort().await;
+        return Err(failure(
+            UNABLE_TO_PERFORM,
+            "move-as-get: the gateway did not accept C-GET",
+            format!("the gateway did not accept the presentation context for {model}"),
+        ));
+    };
+    let get_ts = get
+        .contexts
+        .get(&get_pc)
+        .map(|c| c.transfer_syntax.clone())
+        .unwrap_or_default();
+    let identifier = if get_ts == r.identifier_ts {
+        r.identifier.clone()
+    } else {
+        let object = dimse::decode_identifier(&r.identifier, &r.identifier_ts)
+            .map_err(|e| failure(0xA900, "identifier does not match", e.to_string()))?;
+        crate::tools::client::encode_identifier(&object, &get_ts)
+            .map_err(|e| failure(0xA900, "identifier does not match", e.to_string()))?
+    };
+    let get_id = get.message_id();
+    let command = crate::tools::client::request_command(cf::C_GET_RQ, model, get_id, true);
+    get.send_message(get_pc, &command, Some(&identifier))
+        .await?;
+
+    let mut local = LocalStorage::new(r);
+    let mut mine = SubOperations::default();
+    let mut cancel_sent = false;
+    let mut result = Err(failure(
+        UNABLE_TO_PERFORM,
+        "move-as-get: too many messages",
+        "message bound reached",
+    ));
+    for _ in 0..MAX_MESSAGES {
+        match cancel.has_changed() {
+            Ok(true) if !cancel_sent => {
+                cancel.borrow_and_update();
+                cancel_sent = true;
+                get.send_message(get_pc, &dimse::c_cancel(get_id), None)
+                    .await?;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                result = Err(failure(
+                    UNABLE_TO_PERFORM,
+                    "",
+                    "the local client's association ended",
+                ));
+                break;
+            }
+        }
+        let (pc, command) = match get.read_command("waiting for C-GET responses").await {
+            Ok(m) => m,
+            Err(e) => {
+                result = Err(e.into());
+                break;
+            }
+        };
+        if command.field == cf::C_STORE_RQ {
+            let status = match store_one(&mut get, &mut local, pc, &command).await {
+                Ok(s) => s,
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
+            };
+            match status {
+                status::SUCCESS => mine.completed = mine.completed.saturating_add(1),
+                s if s == 0x0001 || s & 0xF000 == 0xB000 => {
+                    mine.warning = mine.warning.saturating_add(1)
+                }
+                _ => mine.failed = mine.failed.saturating_add(1),
+            }
+            get.send_message(pc, &dimse::refusal(&command, status, ""), None)
+                .await?;
+            continue;
+        }
+        if command.field != (cf::C_GET_RQ | cf::RESPONSE) || command.responded_to != get_id {
+            // Nothing else is expected here; skip it (and its data set).
+            if command.has_data_set {
+                get.read_data(pc, MAX_RESPONSE_IDENTIFIER, "skipping a data set")
+                    .await?;
+            }
+            continue;
+        }
+        let st = command.status.unwrap_or(status::SUCCESS);
+        let mut counts = if SubOperations::present_in(&command) {
+            SubOperations::of(&command)
+        } else {
+            mine
+        };
+        let data = if command.has_data_set {
+            Some(
+                get.read_data(pc, MAX_RESPONSE_IDENTIFIER, "reading a C-GET response")
+                    .await?,
+            )
+        } else {
+            None
+        };
+        if status::is_pending(st) {
+            respond(r, out, st, &counts, None, "").await?;
+            continue;
+        }
+        counts.remaining = None;
+        // The Failed SOP Instance UID List goes along when it is in the client's transfer syntax.
+        let data = data.filter(|_| get_ts == r.identifier_ts);
+        let comment = dimse::attribute(&command.object, dicom_dictionary_std::tags::ERROR_COMMENT);
+        respond(r, out, st, &counts, data.as_deref(), &comment).await?;
+        result = Ok(Finished {
+            status: st,
+            counts,
+            stored: local.stored,
+            failed: local.failed,
+        });
+        break;
+    }
+    match &result {
+        Ok(_) => get.release().await,
+        Err(_) => get.abort().await,
+    }
+    local.close().await;
+    result
+}
+
+/// One C-STORE sub-operation from the gateway: forward it to the local SCP, data set fragment by
+/// fragment, and return the status to answer it with. An error means the C-GET association failed;
+/// a local failure is a failure status.
+async fn store_one<G: AsyncRead + AsyncWrite + Unpin>(
+    get: &mut Link<G>,
+    local: &mut LocalStorage<'_>,
+    pc: u8,
+    command: &Command,
+) -> Result<u16, LinkError> {
+    if !command.has_data_set {
+        return Ok(PROCESSING_FAILURE);
+    }
+    let ts = get
+        .contexts
+        .get(&pc)
+        .map(|c| c.transfer_syntax.clone())
+        .unwrap_or_default();
+    let mut target = match local.begin(command, &ts).await {
+        Ok(t) => Some(t),
+        Err(e) => {
+            local.note_failure(command, &e);
+            None
+        }
+    };
+    // Bounded by the data set: the last fragment ends the loop, a broken association an error.
+    loop {
+        let pdv = get
+            .read_data_pdv(pc, "receiving a C-STORE sub-operation")
+            .await?;
+        if let Some((lpc, _)) = target
+            && let Err(e) = local.send_data(lpc, &pdv.data, pdv.is_last).await
+        {
+            local.note_failure(command, &e);
+            target = None;
+        }
+        if pdv.is_last {
+            break;
+        }
+    }
+    let Some((_, id)) = target else {
+        return Ok(PROCESSING_FAILURE);
+    };
+    match local.finish(id).await {
+        Ok(status) => {
+            if status == status::SUCCESS || status == 0x0001 || status & 0xF000 == 0xB000 {
+                local.stored += 1;
+            } else {
+                local.failed += 1;
+            }
+            Ok(status)
+        }
+        Err(e) => {
+            local.note_failure(command, &e);
+            Ok(PROCESSING_FAILURE)
+        }
+    }
+}
+
+/// The association to the local storage SCP, opened on the first sub-operation and re-opened when
+/// a sub-operation brings a SOP class / transfer syntax pair it was not proposed.
+struct LocalStorage<'a> {
+    store: &'a LocalStore,
+    /// Our calling AE title: the AE the local client called (the archive, as the viewer knows it).
+    calling_ae: &'a str,
+    /// The local C-MOVE's message ID and its requestor, for Move Originator.
+    originator_ae: &'a str,
+    originator_id: u16,
+    timeout: Duration,
+    link: Option<Link<TcpStream>>,
+    proposed: Vec<(String, String)>,
+    refused: HashSet<(String, String)>,
+    stored: u32,
+    failed: u32,
+}
+
+impl<'a> LocalStorage<'a> {
+    fn new(r: &'a Retrieval) -> LocalStorage<'a> {
+        LocalStorage {
+            store: &r.store,
+            calling_ae: &r.called_ae,
+            originator_ae: &r.calling_ae,
+            originator_id: r.request.message_id,
+            timeout: r.timeout,
+            link: None,
+            proposed: Vec::new(),
+            refused: HashSet::new(),
+            stored: 0,
+            failed: 0,
+        }
+    }
+
+    fn note_failure(&mut self, command: &Command, reason: &str) {
+        self.failed += 1;
+        tracing::warn!(
+            destination = %self.store,
+            sop_instance_uid = %command.affected_sop_instance,
+            reason,
+            "move-as-get: an instance could not be stored locally"
+        );
+    }
+
+    /// Send the C-STORE-RQ for `command`; returns the local context and message ID.
+    async fn begin(&mut self, command: &Command, ts: &str) -> Result<(u8, u16), String> {
+        let lpc = self.context(&command.affected_sop_class, ts).await?;
+        let Some(link) = self.link.as_mut() else {
+            return Err("no association".into());
+        };
+        let id = link.message_id();
+        let rq = dimse_extra::store_request(command, id, self.originator_ae, self.originator_id);
+        if let Err(e) = link.send_message(lpc, &rq, None).await {
+            self.drop_link().await;
+            return Err(e.to_string());
+        }
+        Ok((lpc, id))
+    }
+
+    async fn send_data(&mut self, lpc: u8, data: &[u8], is_last: bool) -> Result<(), String> {
+        let Some(link) = self.link.as_mut() else {
+            return Err("no association".into());
+        };
+        if let Err(e) = link.send_data(lpc, data, is_last).await {
+            self.drop_link().await;
+            return Err(e.to_string());
+        }
+        Ok(())
+    }
+
+    /// The local C-STORE-RSP to message `id`.
+    async fn finish(&mut self, id: u16) -> Result<u16, String> {
+        let Some(link) = self.link.as_mut() else {
+            return Err("no association".into());
+        };
+        for _ in 0..64 {
+            let (pc, rsp) = match link.read_command("waiting for the local C-STORE-RSP").await {
+                Ok(m) => m,
+                Err(e) => {
+                    self.drop_link().await;
+                    return Err(e.to_string());
+                }
+            };
+            if rsp.has_data_set
+                && let Err(e) = link
+                    .read_data(pc, MAX_RESPONSE_IDENTIFIER, "skipping")
+                    .await
+            {
+                self.drop_link().await;
+                return Err(e.to_string());
+            }
+            if rsp.field == (cf::C_STORE_RQ | cf::RESPONSE) && rsp.responded_to == id {
+                return Ok(rsp.status.unwrap_or(PROCESSING_FAILURE));
+            }
+        }
+        Err("no C-STORE-RSP".into())
+    }
+
+    async fn drop_link(&mut self) {
+        if let Some(link) = self.link.take() {
+            link.abort().await;
+        }
+    }
+
+    /// The local presentation context for this SOP class and transfer syntax, (re)associating if needed.
+    async fn context(&mut self, class: &str, ts: &str) -> Result<u8, String> {
+        if let Some(id) = self
+            .link
+            .as_ref()
+            .and_then(|l| l.context_for(class, Some(ts)))
+        {
+            return Ok(id);
+        }
+        let pair = (class.to_string(), ts.to_string());
+        let refused = || {
+            format!(
+                "{} does not accept SOP class {class} in transfer syntax {ts}",
+                self.store
+            )
+        };
+        if self.refused.contains(&pair) {
+            return Err(refused());
+        }
+        if !self.proposed.contains(&pair) {
+            if self.proposed.len() >= 128 {
+                return Err("more than 128 SOP class / transfer syntax pairs".into());
+            }
+            self.proposed.push(pair.clone());
+        } else if self.link.is_some() {
+            self.refused.insert(pair);
+            return Err(refused());
+        }
+        if let Some(old) = self.link.take() {
+            old.release().await;
+        }
+        self.link = Some(self.open().await?);
+        match self
+            .link
+            .as_ref()
+            .and_then(|l| l.context_for(class, Some(ts)))
+        {
+            Some(id) => Ok(id),
+            None => {
+                self.refused.insert(pair);
+                Err(refused())
+            }
+        }
+    }
+
+    async fn open(&self) -> Result<Link<TcpStream>, String> {
+        let proposals: Vec<Proposal> = self
+            .proposed
+            .iter()
+            .map(|(class, ts)| Proposal {
+                abstract_syntax: class.clone(),
+                transfer_syntaxes: vec![ts.clone()],
+            })
+            .collect();
+        let rq = link::request(self.calling_ae, &self.store.ae_title, &proposals, &[], None);
+        let bytes = link::encode(&dicom_ul::pdu::Pdu::AssociationRQ(rq.clone()))
+            .map_err(|e| e.to_string())?;
+        let mut stream =
+            match tokio::time::timeout(self.timeout, TcpStream::connect(&self.store.address)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(format!("{} unreachable: {e}", self.store)),
+                Err(_) => return Err(format!("{} connect timed out", self.store)),
+            };
+        let _ = stream.set_nodelay(true);
+        match link::exchange(&mut stream, &bytes, self.timeout).await {
+            Ok(Answer::Accepted(ac)) => Ok(Link::new(stream, &rq, &ac, self.timeout)),
+            Ok(Answer::Rejected(rj)) => {
+                let code = |i: usize| rj.get(i).copied().unwrap_or(0);
+                let r = crate::tools::client::Rejection {
+                    result: code(7),
+                    source: code(8),
+                    reason: code(9),
+                };
+                Err(format!("{} rejected the association: {r}", self.store))
+            }
+            Ok(Answer::Aborted(abort)) => Err(format!(
+                "{}: {}",
+                self.store,
+                super::gateway::abort_words(&abort)
+            )),
+            Err(e) => Err(format!("{}: {e}", self.store)),
+        }
+    }
+
+    async fn close(&mut self) {
+        if let Some(link) = self.link.take() {
+            link.release().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_stores_parse_as_ae_at_host_port() {
+        let s: LocalStore = "VIEWER@127.0.0.1:11113".parse().expect("parse");
+        assert_eq!(s.ae_title, "VIEWER");
+        assert_eq!(s.address, "127.0.0.1:11113");
+        assert_eq!(s.to_string(), "VIEWER@127.0.0.1:11113");
+        assert!("[::1]:104".parse::<LocalStore>().is_err());
+        assert!("VIEWER@localhost".parse::<LocalStore>().is_err());
+        assert!("WAY_TOO_LONG_AE_TITLE@h:1".parse::<LocalStore>().is_err());
+        assert!("@h:1".parse::<LocalStore>().is_err());
+        assert!("V@h:0".parse::<LocalStore>().is_err());
+        assert!("V@[::1]:104".parse::<LocalStore>().is_ok());
+    }
+
+    #[test]
+    fn move_models_map_to_get_models() {
+        assert_eq!(get_model(STUDY_ROOT_MOVE), Some(STUDY_ROOT_GET));
+        assert_eq!(get_model(PATIENT_ROOT_MOVE), Some(PATIENT_ROOT_GET));
+        assert_eq!(get_model("1.2.840.10008.5.1.4.1.2.3.2"), None);
+    }
+}
