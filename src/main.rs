@@ -383,6 +383,17 @@ fn run(path: &Path) -> anyhow::Result<()> {
             tracing::info!(listen = %web.listen, upstream = %web.upstream, path = %web.dicomweb_path, "DICOMweb door (HTTPS)");
             background.push(tokio::spawn(pacsgate::web::serve(gateway.clone(), listener)));
         }
+        // Rate-limit buckets of addresses and users not seen for a while are forgotten (bounded memory).
+        {
+            let g = gateway.clone();
+            background.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    g.current().limiter.rates.sweep();
+                }
+            }));
+        }
         // Boxed so that dropping it closes the listener at once.
         let mut serving = Box::pin(gateway.serve(listener, true));
         use tokio::signal::unix::{SignalKind, signal};
