@@ -31,10 +31,12 @@ fi
 
 echo "scripts/test.sh: peers: $(/usr/bin/storescu --version | head -n1 | tr -d '$'); $(/usr/sbin/Orthanc --version | head -n1);" \
   "pynetdicom $(python3 -c 'import pynetdicom; print(pynetdicom.__version__)')"
-cargo test "$@"
-
-# The benchmark in smoke mode (tiny counts, ~20 s) so that bench/run.sh cannot rot; figures are not judged here.
+# The benchmark in smoke mode (tiny counts, ~20 s) so that bench/run.sh cannot rot; its figures are not
+# judged here. It runs first, against the debug binary, so that cargo test's summary closes the output.
+cargo build --quiet
 echo "scripts/test.sh: benchmark smoke run (bench/run.sh --smoke)"
 PACSGATE_BIN="$(pwd)/target/debug/pacsgate" PACSGATE_BENCH_LABEL="debug build (smoke)" bash bench/run.sh --smoke > target/bench-smoke.log 2>&1 \
   || { tail -n 40 target/bench-smoke.log; echo "scripts/test.sh: the benchmark smoke run failed" >&2; exit 1; }
 echo "scripts/test.sh: benchmark smoke run passed (log: target/bench-smoke.log)"
+
+cargo test "$@"
