@@ -45,10 +45,7 @@ fn start(limits: &str, large_mb: Option<usize>) -> Web {
     for f in &files {
         orthanc.upload(&std::fs::read(f).expect("read"));
     }
-    let hash = {
-        let out = Gateway::run_command(&["hash-password"], Some(PASSWORD));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let hash = password_hash(PASSWORD);
     let dimse_port = free_port();
     let port = free_port();
     let config = format!(

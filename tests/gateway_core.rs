@@ -16,9 +16,7 @@ const PASSWORD: &str = "correct horse battery staple";
 /// A gateway config in front of `upstream_port` with user alice (password + certificate),
 /// certificate-only user bob, and JWTs from the test PKI's key.
 fn config(port: u16, pki: &Pki, upstream_port: u16, upstream_ae: &str) -> String {
-    let out = Gateway::run_command(&["hash-password"], Some(PASSWORD));
-    assert!(out.status.success(), "hash-password: {}", output_text(&out));
-    let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let hash = password_hash(PASSWORD);
     format!(
         r#"
 [gateway]

@@ -43,10 +43,7 @@ fn setup(viewer_port: u16, other_port: u16, large_mb: Option<usize>) -> Setup {
     for f in &originals {
         orthanc.upload(&std::fs::read(f).expect("read instance"));
     }
-    let hash = {
-        let out = Gateway::run_command(&["hash-password"], Some(PASSWORD));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let hash = password_hash(PASSWORD);
     let port = free_port();
     let config = format!(
         r#"

@@ -12,15 +12,9 @@ use serde_json::{Value, json};
 
 const PASSWORD: &str = "correct horse battery staple";
 
-fn hash(password: &str) -> String {
-    let out = Gateway::run_command(&["hash-password"], Some(password));
-    assert!(out.status.success(), "{}", output_text(&out));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// A config with users `alice` (reader: echo+find) and `writer` (store); `extra` is appended.
 fn config(port: u16, pki: &Pki, upstream_port: u16, extra: &str) -> String {
-    let h = hash(PASSWORD);
+    let h = password_hash(PASSWORD);
     format!(
         r#"
 [gateway]
@@ -80,6 +74,34 @@ fn scu(cmd: &str, port: u16, pki: &Pki, user: &str, rest: &[&str]) -> Value {
     ];
     args.extend_from_slice(rest);
     pyscu(&args)
+}
+
+/// `storescu` as the `writer` user, over TLS, of `files` on one association, in a thread.
+fn store_in_background(
+    port: u16,
+    pki: &Pki,
+    files: &[std::path::PathBuf],
+) -> std::thread::JoinHandle<std::process::Output> {
+    let files = files.to_vec();
+    let ca = pki.ca_cert.clone();
+    std::thread::spawn(move || {
+        let port = port.to_string();
+        let mut args = vec![
+            "-aec",
+            "ARCHIVE",
+            "+tla",
+            "+cf",
+            ca.to_str().expect("p"),
+            "-usr",
+            "writer",
+            "-pwd",
+            PASSWORD,
+            "127.0.0.1",
+            &port,
+        ];
+        args.extend(files.iter().map(|f| f.to_str().expect("p")));
+        dcmtk("storescu", &args)
+    })
 }
 
 fn http_get(url: &str) -> (u16, String) {
@@ -315,28 +337,7 @@ fn sighup_adds_a_user_without_dropping_a_transfer_and_a_broken_config_keeps_the_
         .map(|_| make_large_instance(data.path(), 50))
         .collect();
 
-    let transfer = {
-        let large = large.clone();
-        let pki_ca = pki.ca_cert.clone();
-        std::thread::spawn(move || {
-            let port = port.to_string();
-            let mut args = vec![
-                "-aec",
-                "ARCHIVE",
-                "+tla",
-                "+cf",
-                pki_ca.to_str().expect("p"),
-                "-usr",
-                "writer",
-                "-pwd",
-                PASSWORD,
-                "127.0.0.1",
-                &port,
-            ];
-            args.extend(large.iter().map(|f| f.to_str().expect("p")));
-            dcmtk("storescu", &args)
-        })
-    };
+    let transfer = store_in_background(port, &pki, &large);
     // Wait until the transfer is under way (its association is accepted), then reload.
     assert!(
         gw.wait_for_log("association accepted", Duration::from_secs(20)),
@@ -345,7 +346,7 @@ fn sighup_adds_a_user_without_dropping_a_transfer_and_a_broken_config_keeps_the_
     );
     let newcomer = format!(
         "{base}\n[[user]]\nname = \"newcomer\"\npassword_hash = \"{}\"\nroles = [\"reader\"]\n",
-        hash(PASSWORD)
+        password_hash(PASSWORD)
     );
     std::fs::write(gw.config_path(), &newcomer).expect("write config");
     gw.signal("HUP");
@@ -415,28 +416,7 @@ fn sigterm_lets_a_transfer_finish_refuses_new_connections_and_exits_0() {
     let large: Vec<std::path::PathBuf> = (0..3)
         .map(|_| make_large_instance(data.path(), 50))
         .collect();
-    let transfer = {
-        let large = large.clone();
-        let pki2 = pki.ca_cert.clone();
-        std::thread::spawn(move || {
-            let port = port.to_string();
-            let mut args = vec![
-                "-aec",
-                "ARCHIVE",
-                "+tla",
-                "+cf",
-                pki2.to_str().expect("p"),
-                "-usr",
-                "writer",
-                "-pwd",
-                PASSWORD,
-                "127.0.0.1",
-                &port,
-            ];
-            args.extend(large.iter().map(|f| f.to_str().expect("p")));
-            dcmtk("storescu", &args)
-        })
-    };
+    let transfer = store_in_background(port, &pki, &large);
     assert!(
         gw.wait_for_log("association accepted", Duration::from_secs(20)),
         "{}",

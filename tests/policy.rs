@@ -10,12 +10,6 @@ use serde_json::{Value, json};
 
 const PASSWORD: &str = "correct horse battery staple";
 
-fn hash() -> String {
-    let out = Gateway::run_command(&["hash-password"], Some(PASSWORD));
-    assert!(out.status.success(), "hash-password: {}", output_text(&out));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// A gateway config: users `reader` (echo+find), `clinician` (everything, guard on),
 /// `analyst` (find, unrestricted), `writer` (store); `limits` and `extra` appended verbatim.
 fn config(
@@ -26,7 +20,7 @@ fn config(
     limits: &str,
     extra: &str,
 ) -> String {
-    let hash = hash();
+    let hash = password_hash(PASSWORD);
     format!(
         r#"
 [gateway]

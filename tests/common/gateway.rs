@@ -137,3 +137,14 @@ impl Drop for Gateway {
         }
     }
 }
+
+/// An argon2id hash of `password` made by the binary under test (`pacsgate hash-password`).
+pub fn password_hash(password: &str) -> String {
+    let out = Gateway::run_command(&["hash-password"], Some(password));
+    assert!(
+        out.status.success(),
+        "hash-password: {}",
+        super::output_text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
