@@ -277,6 +277,7 @@ struct FileLimits {
     max_associations: usize,
     max_associations_per_user: usize,
     max_pending_connections: usize,
+    max_pending_per_address: Option<usize>,
     max_query_results: u32,
     failed_logins: u32,
     failed_logins_per_address: u32,
@@ -296,6 +297,7 @@ impl Default for FileLimits {
             max_associations: 500,
             max_associations_per_user: 32,
             max_pending_connections: 256,
+            max_pending_per_address: None,
             max_query_results: 500,
             failed_logins: 5,
             failed_logins_per_address: 20,
@@ -519,6 +521,8 @@ pub struct Limits {
     pub max_associations: usize,
     pub max_associations_per_user: usize,
     pub max_pending_connections: usize,
+    /// Of those, how many one client address may hold.
+    pub max_pending_per_address: usize,
     pub max_query_results: u32,
     pub failed_logins: u32,
     pub failed_logins_per_address: u32,
@@ -848,10 +852,27 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             l.max_associations_per_user,
         ),
         ("limits.max_pending_connections", l.max_pending_connections),
+        (
+            "limits.max_pending_per_address",
+            l.max_pending_per_address.unwrap_or(1),
+        ),
     ] {
         if v == 0 {
             return Err(invalid(key, "must be at least 1".into()));
         }
+    }
+    // Default: an eighth of the pending slots, at most 32.
+    let max_pending_per_address = l
+        .max_pending_per_address
+        .unwrap_or((l.max_pending_connections / 8).clamp(1, 32));
+    if max_pending_per_address > l.max_pending_connections {
+        return Err(invalid(
+            "limits.max_pending_per_address",
+            format!(
+                "{max_pending_per_address} is more than max_pending_connections ({}): one address could take every slot",
+                l.max_pending_connections
+            ),
+        ));
     }
     let limits = Limits {
         associations: rate(
@@ -872,6 +893,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         max_associations: l.max_associations,
         max_associations_per_user: l.max_associations_per_user,
         max_pending_connections: l.max_pending_connections,
+        max_pending_per_address,
         max_query_results: l.max_query_results,
         failed_logins: l.failed_logins,
         failed_logins_per_address: l.failed_logins_per_address,

@@ -211,15 +211,105 @@ fn uint16(obj: &InMemDicomObject, tag: Tag) -> Option<u16> {
 }
 
 /// Decode a complete command set (Implicit VR Little Endian, PS3.7 6.3.1).
+///
+/// A command set is flat (group 0000, no sequences), so it is read here element by element, each value
+/// checked against the bytes that are there and against its dictionary VR, and only then put into an
+/// in-memory object. dicom-parser is not used on these bytes: given a value length that is not a
+/// multiple of its VR's size it reads the rest as another element header, and it reserves whatever
+/// length that header declares (found by fuzzing: 41 bytes made it allocate 4 GiB).
 pub fn decode_command(bytes: &[u8]) -> Result<Command, DimseError> {
+    let bad = |m: String| DimseError::Command(m);
     if bytes.len() > MAX_COMMAND_LENGTH {
-        return Err(DimseError::Command(format!("{} bytes", bytes.len())));
+        return Err(bad(format!("{} bytes", bytes.len())));
     }
-    check_lengths(bytes, false, 0).map_err(DimseError::Command)?;
-    let object = InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
-        .map_err(|e| DimseError::Command(e.to_string()))?;
+    let mut elements: Vec<DataElement<InMemDicomObject>> = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let header = rest
+            .get(..8)
+            .ok_or_else(|| bad("truncated element header".into()))?;
+        let tag = Tag(
+            u16::from_le_bytes([header[0], header[1]]),
+            u16::from_le_bytes([header[2], header[3]]),
+        );
+        let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        if tag.0 != 0x0000 {
+            return Err(bad(format!("element {tag} is outside group 0000")));
+        }
+        let value = rest.get(8..8 + len).ok_or_else(|| {
+            bad(format!(
+                "element {tag} length {len} overruns the command set"
+            ))
+        })?;
+        rest = &rest[8 + len..];
+        let vr = dicom_dictionary_std::StandardDataDictionary
+            .by_tag(tag)
+            .map(|e| e.vr.relaxed())
+            .unwrap_or(VR::UN);
+        let size = match vr {
+            VR::US | VR::SS => 2,
+            VR::UL | VR::SL | VR::AT | VR::FL => 4,
+            VR::FD | VR::UV | VR::SV => 8,
+            _ => 1,
+        };
+        if len % size != 0 {
+            return Err(bad(format!(
+                "element {tag} ({vr:?}) has length {len}, not a multiple of {size}"
+            )));
+        }
+        let primitive = match vr {
+            VR::US => PrimitiveValue::U16(
+                value
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
+            VR::UL => PrimitiveValue::U32(
+                value
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            VR::AT => PrimitiveValue::Tags(
+                value
+                    .chunks_exact(4)
+                    .map(|c| {
+                        Tag(
+                            u16::from_le_bytes([c[0], c[1]]),
+                            u16::from_le_bytes([c[2], c[3]]),
+                        )
+                    })
+                    .collect(),
+            ),
+            VR::UI
+            | VR::AE
+            | VR::LO
+            | VR::SH
+            | VR::CS
+            | VR::ST
+            | VR::LT
+            | VR::UT
+            | VR::PN
+            | VR::DA
+            | VR::TM
+            | VR::DT
+            | VR::IS
+            | VR::DS => {
+                let text = String::from_utf8_lossy(value);
+                let text = text.trim_end_matches(['\0', ' ']);
+                if text.contains('\\') {
+                    PrimitiveValue::Strs(text.split('\\').map(str::to_string).collect())
+                } else {
+                    PrimitiveValue::from(text.to_string())
+                }
+            }
+            _ => PrimitiveValue::U8(value.to_vec().into()),
+        };
+        elements.push(DataElement::new(tag, vr, primitive));
+    }
+    let object = InMemDicomObject::from_element_iter(elements);
     let field = uint16(&object, tags::COMMAND_FIELD)
-        .ok_or_else(|| DimseError::Command("no Command Field (0000,0100)".into()))?;
+        .ok_or_else(|| bad("no Command Field (0000,0100)".into()))?;
     Ok(Command {
         field,
         message_id: uint16(&object, tags::MESSAGE_ID).unwrap_or(0),
@@ -332,74 +422,101 @@ const ITEM: (u16, u16) = (0xFFFE, 0xE000);
 const ITEM_END: (u16, u16) = (0xFFFE, 0xE00D);
 const SEQUENCE_END: (u16, u16) = (0xFFFE, 0xE0DD);
 
-/// Before a decoder allocates for an element, make sure every defined length fits in the bytes
-/// that are there: a hostile 4 GiB length must be an error, not an allocation. Little endian only.
+/// The byte size of one value of a binary VR (1 for everything read as bytes or text).
+fn value_size(vr: VR) -> usize {
+    match vr {
+        VR::US | VR::SS | VR::OW => 2,
+        VR::UL | VR::SL | VR::AT | VR::FL | VR::OF | VR::OL => 4,
+        VR::FD | VR::OD | VR::SV | VR::UV | VR::OV => 8,
+        _ => 1,
+    }
+}
+
+/// Before dicom-parser sees an identifier, walk it exactly as it will, and refuse anything on which
+/// it would reserve memory for a length that is not there: every defined length must fit in the bytes
+/// that follow; a binary value's length must be a multiple of its size (otherwise the parser reads
+/// the rest as another element header); explicit VR codes must be standard ones; undefined lengths
+/// only on sequences, items and (explicit) UN. Little endian only. Found necessary by fuzzing.
 fn check_lengths(mut b: &[u8], explicit: bool, depth: u32) -> Result<(), String> {
     if depth > 16 {
         return Err("sequences nested too deeply".into());
     }
+    let truncated = || "truncated element header".to_string();
     while !b.is_empty() {
-        let tag = (
-            u16::from_le_bytes([
-                *b.first().ok_or("truncated")?,
-                *b.get(1).ok_or("truncated")?,
-            ]),
-            u16::from_le_bytes([*b.get(2).ok_or("truncated")?, *b.get(3).ok_or("truncated")?]),
+        let h = b.get(..8).ok_or_else(truncated)?;
+        let tag = Tag(
+            u16::from_le_bytes([h[0], h[1]]),
+            u16::from_le_bytes([h[2], h[3]]),
         );
-        let le32 = |s: &[u8], at: usize| -> Result<u32, String> {
-            s.get(at..at + 4)
+        let le32 = |at: usize| -> Result<u32, String> {
+            b.get(at..at + 4)
                 .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
-                .ok_or_else(|| "truncated element header".to_string())
+                .ok_or_else(truncated)
         };
-        if tag == ITEM_END || tag == SEQUENCE_END {
-            b = b.get(8..).ok_or("truncated delimiter")?;
+        if (tag.0, tag.1) == ITEM_END || (tag.0, tag.1) == SEQUENCE_END {
+            b = &b[8..];
             continue;
         }
-        let (len, header, is_sequence) = if tag == ITEM {
-            (le32(b, 4)?, 8, true)
+        let (len, header, vr) = if (tag.0, tag.1) == ITEM {
+            (le32(4)?, 8, VR::SQ)
         } else if explicit {
-            let vr = b.get(4..6).ok_or("truncated element header")?;
+            let code = [h[4], h[5]];
+            let vr = VR::from_binary(code)
+                .ok_or_else(|| format!("element {tag} has no standard VR ({code:?})"))?;
             if matches!(
                 vr,
-                b"OB"
-                    | b"OW"
-                    | b"OF"
-                    | b"SQ"
-                    | b"UT"
-                    | b"UN"
-                    | b"UC"
-                    | b"UR"
-                    | b"OD"
-                    | b"OL"
-                    | b"OV"
-                    | b"SV"
-                    | b"UV"
+                VR::OB
+                    | VR::OW
+                    | VR::OF
+                    | VR::SQ
+                    | VR::UT
+                    | VR::UN
+                    | VR::UC
+                    | VR::UR
+                    | VR::OD
+                    | VR::OL
+                    | VR::OV
+                    | VR::SV
+                    | VR::UV
             ) {
-                (le32(b, 8)?, 12, vr == b"SQ" || vr == b"UN")
+                (le32(8)?, 12, vr)
             } else {
-                let x = b.get(6..8).ok_or("truncated element header")?;
-                (u16::from_le_bytes([x[0], x[1]]) as u32, 8, false)
+                (u16::from_le_bytes([h[6], h[7]]) as u32, 8, vr)
             }
         } else {
-            let is_sq = dicom_dictionary_std::StandardDataDictionary
-                .by_tag(Tag(tag.0, tag.1))
-                .is_some_and(|e| e.vr.relaxed() == VR::SQ);
-            (le32(b, 4)?, 8, is_sq)
+            let vr = if tag.1 == 0x0000 {
+                VR::UL // every group length is UL, whatever the dictionary knows
+            } else {
+                dicom_dictionary_std::StandardDataDictionary
+                    .by_tag(tag)
+                    .map(|e| e.vr.relaxed())
+                    .unwrap_or(VR::UN)
+            };
+            (le32(4)?, 8, vr)
         };
-        let rest = b.get(header..).ok_or("truncated element header")?;
+        let rest = b.get(header..).ok_or_else(truncated)?;
         if len == UNDEFINED {
-            // The decoder walks the delimiters itself; the nested elements are checked in this same pass.
+            let may_be_undefined = vr == VR::SQ
+                || (explicit && vr == VR::UN)
+                || (!explicit && vr == VR::UN && depth < 16);
+            if !may_be_undefined {
+                return Err(format!("element {tag} ({vr:?}) has an undefined length"));
+            }
+            // The parser walks the delimiters; the nested elements are checked in this same pass.
             b = rest;
             continue;
         }
         let len = len as usize;
-        let value = rest.get(..len).ok_or_else(|| {
-            format!(
-                "element ({:04X},{:04X}) length {len} overruns the data",
-                tag.0, tag.1
-            )
-        })?;
-        if is_sequence {
+        let value = rest
+            .get(..len)
+            .ok_or_else(|| format!("element {tag} length {len} overruns the data"))?;
+        if vr != VR::SQ && len % value_size(vr) != 0 {
+            return Err(format!(
+                "element {tag} ({vr:?}) has length {len}, not a multiple of {}",
+                value_size(vr)
+            ));
+        }
+        if vr == VR::SQ {
             check_lengths(value, explicit, depth + 1)?;
         }
         b = &rest[len..];
@@ -452,6 +569,51 @@ mod tests {
         let explicit = [0x10u8, 0, 0x10, 0, b'P', b'N', 0xff, 0x7f, b'A'];
         assert!(decode_identifier(&explicit, "1.2.840.10008.1.2.1").is_err());
         assert!(decode_identifier(&[], "1.2.840.10008.1.2.2").is_err());
+    }
+
+    /// Every input the fuzzers found that made dicom-parser reserve gigabytes: each must now be
+    /// refused or decoded quickly, without the allocation.
+    #[test]
+    fn fuzz_findings_are_refused_without_allocating() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/artifacts");
+        let mut seen = 0;
+        for (dir, identifier) in [("dimse_command", false), ("dimse_identifier", true)] {
+            let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let bytes = std::fs::read(entry.path()).expect("artifact");
+                let started = std::time::Instant::now();
+                if identifier {
+                    // The fuzz target picks the transfer syntax from the first byte.
+                    let ts = if bytes.first().is_some_and(|b| b & 1 == 0) {
+                        "1.2.840.10008.1.2"
+                    } else {
+                        "1.2.840.10008.1.2.1"
+                    };
+                    let rest = bytes.get(1..).unwrap_or_default();
+                    let _ = decode_identifier(rest, ts);
+                    let _ = decode_identifier(rest, "1.2.840.10008.1.2");
+                    let _ = decode_identifier(rest, "1.2.840.10008.1.2.1");
+                    let _ = decode_identifier(&bytes, "1.2.840.10008.1.2");
+                    let _ = decode_identifier(&bytes, "1.2.840.10008.1.2.1");
+                } else {
+                    let _ = decode_command(&bytes);
+                }
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(2),
+                    "{}",
+                    entry.path().display()
+                );
+                seen += 1;
+            }
+        }
+        let hostile = [
+            0x23u8, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0xff, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ];
+        assert!(decode_command(&hostile).is_err());
+        assert!(decode_identifier(&hostile, "1.2.840.10008.1.2").is_err());
+        eprintln!("{seen} fuzz artifacts replayed");
     }
 
     #[test]

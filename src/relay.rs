@@ -210,8 +210,10 @@ where
     let abort = pdu::abort(0);
     let (abort_client, abort_archive) = match &end {
         RelayEnd::Released | RelayEnd::Aborted(_) => (false, false),
-        RelayEnd::Closed(Side::Client) | RelayEnd::Failed(Side::Client, _) => (false, true),
-        RelayEnd::Closed(Side::Archive) | RelayEnd::Failed(Side::Archive, _) => (true, false),
+        RelayEnd::Closed(Side::Client) => (false, true),
+        RelayEnd::Closed(Side::Archive) => (true, false),
+        // A peer that broke the protocol gets an A-ABORT too (PS3.8 AA-8), if it still listens.
+        RelayEnd::Failed(..) => (true, true),
         RelayEnd::IdleTimeout | RelayEnd::Shutdown => (true, true),
     };
     let bound = Duration::from_secs(2);

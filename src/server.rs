@@ -78,6 +78,7 @@ impl State {
 pub struct Gateway {
     state: Arc<RwLock<Arc<State>>>,
     pending: Arc<Semaphore>,
+    pending_by_address: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
     /// C-MOVEs in progress, for the return path.
     pub moves: Arc<MoveRegistry>,
     /// Every association task, so shutdown can wait for them.
@@ -92,6 +93,7 @@ impl Gateway {
         Gateway {
             state: Arc::new(RwLock::new(Arc::new(state))),
             pending,
+            pending_by_address: Arc::default(),
             moves: Arc::new(MoveRegistry::default()),
             tasks: TaskTracker::new(),
             abort: Arc::new(tokio::sync::watch::channel(false).0),
@@ -226,10 +228,25 @@ impl Gateway {
                     let shutdown = self.abort.subscribe();
                     // Connections that have not authenticated yet are bounded: a flood from the
                     // internet must not starve the gateway of memory or file descriptors.
-                    let Ok(permit) = self.pending.clone().try_acquire_owned() else {
+                    // One address may hold only a slice of them, so it cannot starve the others.
+                    let per_address = state.config.limits.max_pending_per_address;
+                    let Some(slot) =
+                        PendingSlot::take(&self.pending_by_address, peer.ip(), per_address)
+                    else {
+                        metrics().refusal("pending_per_address");
+                        tracing::debug!(peer = %peer, outcome = "dropped", reason = "too many connections awaiting authentication from this address", "association");
+                        drop(stream);
+                        continue;
+                    };
+                    let Ok(global) = self.pending.clone().try_acquire_owned() else {
+                        metrics().refusal("pending_connections");
                         tracing::warn!(peer = %peer, outcome = "dropped", reason = "too many connections awaiting authentication", "association");
                         drop(stream);
                         continue;
+                    };
+                    let permit = Pending {
+                        _global: global,
+                        _slot: slot,
                     };
                     self.tasks.spawn(async move {
                         handle(state, moves, stream, peer, tls, permit, shutdown).await;
@@ -241,6 +258,49 @@ impl Gateway {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
+            }
+        }
+    }
+}
+
+/// A connection that has not authenticated yet holds one of these until it has (or has gone).
+pub(crate) struct Pending {
+    _global: OwnedSemaphorePermit,
+    _slot: PendingSlot,
+}
+
+/// Counts the pending connections of one client address.
+pub(crate) struct PendingSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    address: std::net::IpAddr,
+}
+
+impl PendingSlot {
+    fn take(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        address: std::net::IpAddr,
+        max: usize,
+    ) -> Option<PendingSlot> {
+        let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = c.entry(address).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PendingSlot {
+            counts: counts.clone(),
+            address,
+        })
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = c.get_mut(&self.address) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.remove(&self.address);
             }
         }
     }
@@ -303,7 +363,7 @@ async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
     tls: bool,
-    permit: OwnedSemaphorePermit,
+    permit: Pending,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let started = Instant::now();
@@ -459,7 +519,7 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
     over_tls: bool,
     outcome: &mut Outcome,
     started: Instant,
-    permit: OwnedSemaphorePermit,
+    permit: Pending,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<relay::RelayEnd, Stop> {
     let cfg = &state.config;
