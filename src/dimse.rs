@@ -252,7 +252,7 @@ pub fn decode_command(bytes: &[u8]) -> Result<Command, DimseError> {
             VR::FD | VR::UV | VR::SV => 8,
             _ => 1,
         };
-        if len % size != 0 {
+        if !len.is_multiple_of(size) {
             return Err(bad(format!(
                 "element {tag} ({vr:?}) has length {len}, not a multiple of {size}"
             )));
@@ -496,9 +496,8 @@ fn check_lengths(mut b: &[u8], explicit: bool, depth: u32) -> Result<(), String>
         };
         let rest = b.get(header..).ok_or_else(truncated)?;
         if len == UNDEFINED {
-            let may_be_undefined = vr == VR::SQ
-                || (explicit && vr == VR::UN)
-                || (!explicit && vr == VR::UN && depth < 16);
+            // Sequences, items, and UN (an unknown element with undefined length is read as a sequence).
+            let may_be_undefined = vr == VR::SQ || vr == VR::UN;
             if !may_be_undefined {
                 return Err(format!("element {tag} ({vr:?}) has an undefined length"));
             }
@@ -510,7 +509,7 @@ fn check_lengths(mut b: &[u8], explicit: bool, depth: u32) -> Result<(), String>
         let value = rest
             .get(..len)
             .ok_or_else(|| format!("element {tag} length {len} overruns the data"))?;
-        if vr != VR::SQ && len % value_size(vr) != 0 {
+        if vr != VR::SQ && !len.is_multiple_of(value_size(vr)) {
             return Err(format!(
                 "element {tag} ({vr:?}) has length {len}, not a multiple of {}",
                 value_size(vr)
