@@ -295,7 +295,12 @@ pub fn decode_command(bytes: &[u8]) -> Result<Command, DimseError> {
             | VR::DT
             | VR::IS
             | VR::DS => {
-                let text = String::from_utf8_lossy(value);
+                // Command sets are ISO 646 (ASCII); anything else becomes '?' so that what is
+                // re-encoded has the length it declares.
+                let text: String = value
+                    .iter()
+                    .map(|&b| if b.is_ascii() { b as char } else { '?' })
+                    .collect();
                 let text = text.trim_end_matches(['\0', ' ']);
                 if text.contains('\\') {
                     PrimitiveValue::Strs(text.split('\\').map(str::to_string).collect())
@@ -457,6 +462,10 @@ fn check_lengths(mut b: &[u8], explicit: bool, depth: u32) -> Result<(), String>
             b = &b[8..];
             continue;
         }
+        if tag.0 == 0xFFFE && (tag.0, tag.1) != ITEM {
+            // dicom-parser reads any group FFFE tag as an item header (no VR): refuse the others.
+            return Err(format!("element {tag} is in the item group but no item"));
+        }
         let (len, header, vr) = if (tag.0, tag.1) == ITEM {
             (le32(4)?, 8, VR::SQ)
         } else if explicit {
@@ -570,8 +579,8 @@ mod tests {
         assert!(decode_identifier(&[], "1.2.840.10008.1.2.2").is_err());
     }
 
-    /// Every input the fuzzers found that made dicom-parser reserve gigabytes: each must now be
-    /// refused or decoded quickly, without the allocation.
+    /// Every input the fuzzers found (dicom-parser reserving gigabytes; responses that did not decode
+    /// again): each must now be refused, or decoded quickly and answered with responses that decode.
     #[test]
     fn fuzz_findings_are_refused_without_allocating() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/artifacts");
@@ -596,8 +605,25 @@ mod tests {
                     let _ = decode_identifier(rest, "1.2.840.10008.1.2.1");
                     let _ = decode_identifier(&bytes, "1.2.840.10008.1.2");
                     let _ = decode_identifier(&bytes, "1.2.840.10008.1.2.1");
-                } else {
-                    let _ = decode_command(&bytes);
+                } else if let Ok(c) = decode_command(&bytes) {
+                    // What the gateway writes from a decoded request must decode again.
+                    let r =
+                        decode_command(&refusal(&c, status::REFUSED_NOT_AUTHORIZED, "pacsgate: x"))
+                            .unwrap_or_else(|e| panic!("{}: refusal: {e}", entry.path().display()));
+                    assert_eq!(
+                        r.status,
+                        Some(status::REFUSED_NOT_AUTHORIZED),
+                        "{}",
+                        entry.path().display()
+                    );
+                    let w = decode_command(&with_status(&c, status::CANCEL, "pacsgate: cap"))
+                        .unwrap_or_else(|e| panic!("{}: with_status: {e}", entry.path().display()));
+                    assert_eq!(
+                        (w.status, w.field),
+                        (Some(status::CANCEL), c.field),
+                        "{}",
+                        entry.path().display()
+                    );
                 }
                 assert!(
                     started.elapsed() < std::time::Duration::from_secs(2),
