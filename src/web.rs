@@ -286,10 +286,16 @@ impl Door {
             ));
         }
         let result: Result<Principal, AuthFailure> = match auth {
-            Some(a) if a.len() > 7 && a[..7].eq_ignore_ascii_case("bearer ") => {
+            Some(a)
+                if a.get(..7)
+                    .is_some_and(|p| p.eq_ignore_ascii_case("bearer "))
+                    && a.len() > 7 =>
+            {
                 state.authenticator.token(a[7..].trim())
             }
-            Some(a) if a.len() > 6 && a[..6].eq_ignore_ascii_case("basic ") => {
+            Some(a)
+                if a.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("basic ")) && a.len() > 6 =>
+            {
                 let decoded = base64::engine::general_purpose::STANDARD
                     .decode(a[6..].trim())
                     .ok()
