@@ -36,6 +36,8 @@ type Upstream = Client<HttpConnector, Incoming>;
 /// each cost an argon2 computation. Keyed by a salted SHA-256 of user and password, never the password.
 const BASIC_CACHE_TTL: Duration = Duration::from_secs(60);
 const BASIC_CACHE_MAX: usize = 10_000;
+/// The longest one HTTPS connection may live (a slow 500 MB retrieve fits).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// What a request is, once its path and method are classified.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,8 +225,9 @@ async fn connection(door: Arc<Door>, stream: tokio::net::TcpStream, peer: Socket
         .header_read_timeout(t.association_request)
         .keep_alive(true)
         .serve_connection(TokioIo::new(tls), service);
-    // A keep-alive connection that goes quiet is closed after the idle timeout.
-    let _ = tokio::time::timeout(t.idle.max(Duration::from_secs(1)) * 4, served).await;
+    // A quiet keep-alive connection is closed by `header_read_timeout`; this bounds a connection whose
+    // peer stops reading a response (or trickles forever) without cutting long downloads short.
+    let _ = tokio::time::timeout(CONNECTION_LIFETIME, served).await;
 }
 
 impl Door {
@@ -530,9 +533,15 @@ impl Door {
         );
         parts.uri = uri;
         let upstream_req = Request::from_parts(parts, body);
+        // The archive's answer comes after the whole request body: a STOW-RS upload gets the idle
+        // timeout to arrive (a large study over a slow link), everything else `upstream_response`.
         let t = state.config.timeouts;
-        let answer =
-            tokio::time::timeout(t.upstream_response, self.client.request(upstream_req)).await;
+        let within = if method == Method::POST {
+            t.idle.max(t.upstream_response)
+        } else {
+            t.upstream_response
+        };
+        let answer = tokio::time::timeout(within, self.client.request(upstream_req)).await;
         let mut response = match answer {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
