@@ -4,9 +4,8 @@
 use std::fs::File;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use quick_xml::Writer;
 use quick_xml::events::{BytesDecl, BytesEnd, BytesStart, Event as XmlEvent};
@@ -14,6 +13,7 @@ use serde_json::{Map, Value, json};
 use tokio::io::AsyncWriteExt;
 
 use crate::config::{AuditConfig, SyslogTarget};
+use crate::metrics::{AuditLabels, metrics};
 
 /// A string field longer than this is cut (and says so); a line never grows without bound.
 const MAX_FIELD: usize = 1024;
@@ -35,10 +35,8 @@ pub enum AuditError {
 /// Where audit events go.
 #[derive(Debug)]
 pub struct Audit {
-    file: Option<(PathBuf, Mutex<File>)>,
+    file: Option<Mutex<File>>,
     syslog: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
-    failed_writes: AtomicU64,
-    pub dropped: AtomicU64,
 }
 
 fn now_rfc3339() -> String {
@@ -74,8 +72,6 @@ impl Audit {
         Audit {
             file: None,
             syslog: None,
-            failed_writes: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
         }
     }
 
@@ -97,7 +93,7 @@ impl Audit {
                         path: path.clone(),
                         source,
                     })?;
-                Some((path.clone(), Mutex::new(f)))
+                Some(Mutex::new(f))
             }
         };
         let syslog = match &cfg.syslog {
@@ -114,16 +110,7 @@ impl Audit {
                 Some(tx)
             }
         };
-        Ok(Audit {
-            file,
-            syslog,
-            failed_writes: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-        })
-    }
-
-    pub fn path(&self) -> Option<&Path> {
-        self.file.as_ref().map(|(p, _)| p.as_path())
+        Ok(Audit { file, syslog })
     }
 
     /// Record one event: `event` names it (e.g. "association.accepted"), `fields` says the rest.
@@ -143,25 +130,28 @@ impl Audit {
         }
         let mut value = Value::Object(map);
         bound(&mut value);
-        if let Some((_, file)) = &self.file {
+        if let Some(file) = &self.file {
             let mut line = value.to_string();
             line.push('\n');
             let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
             // One write per line: O_APPEND keeps lines whole, and the kernel has it once write returns.
-            if f.write_all(line.as_bytes()).is_err() {
-                self.failed_writes.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = f.write_all(line.as_bytes()) {
+                metrics()
+                    .audit_failures
+                    .get_or_create(&AuditLabels { sink: "file" })
+                    .inc();
+                tracing::error!(reason = %e, event, "audit: cannot write the audit file");
             }
         }
         if let Some(tx) = &self.syslog
             && let Value::Object(map) = &value
             && tx.try_send(syslog_message(map)).is_err()
         {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            metrics()
+                .audit_failures
+                .get_or_create(&AuditLabels { sink: "syslog" })
+                .inc();
         }
-    }
-
-    pub fn failed_writes(&self) -> u64 {
-        self.failed_writes.load(Ordering::Relaxed)
     }
 }
 

@@ -33,6 +33,11 @@ pub struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuditLabels {
+    pub sink: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
     pub upstream: String,
 }
@@ -50,6 +55,7 @@ pub struct Metrics {
     pub association_setup_seconds: Histogram,
     pub find_seconds: Histogram,
     pub reloads: Family<OutcomeLabels, Counter>,
+    pub audit_failures: Family<AuditLabels, Counter>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -73,6 +79,7 @@ impl Metrics {
             association_setup_seconds: Histogram::new(latency_buckets()),
             find_seconds: Histogram::new(latency_buckets()),
             reloads: Family::default(),
+            audit_failures: Family::default(),
             registry: Registry::default(),
         };
         registry.register(

@@ -279,7 +279,7 @@ async fn relay_return(
                 .await);
             }
         };
-    if let Err(e) = server::write_flush(&mut archive, &accept).await {
+    if let Err(e) = server::write_within(&mut archive, &accept, t.association_request).await {
         server::send(&mut viewer, &crate::pdu::abort(0)).await;
         return Err(Stop::new("aborted", format!("archive: {e}")));
     }

@@ -657,7 +657,7 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(reject(&mut client, Rejection::UpstreamUnavailable, e.to_string()).await);
         }
     };
-    if let Err(e) = write_flush(&mut client, &accept).await {
+    if let Err(e) = write_within(&mut client, &accept, t.association_request).await {
         send(&mut archive, &pdu::abort(0)).await;
         return Err(Stop::new("aborted", format!("client: {e}")));
     }
@@ -910,6 +910,21 @@ pub(crate) async fn send<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, byte
         stream.shutdown().await
     })
     .await;
+}
+
+/// Write a PDU to a peer that must take it within `within` (a peer that stops reading is not waited for).
+pub(crate) async fn write_within<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: &[u8],
+    within: Duration,
+) -> std::io::Result<()> {
+    match tokio::time::timeout(within, write_flush(stream, bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the peer did not take the A-ASSOCIATE-AC in time",
+        )),
+    }
 }
 
 pub(crate) async fn write_flush<S: AsyncWrite + Unpin>(

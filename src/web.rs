@@ -410,6 +410,14 @@ impl Door {
             Route::Allowed => (None, "http"),
             Route::Denied(_) => (None, "denied"),
         };
+        // Over a rate limit: when the user's bucket for this kind of request has a cell again.
+        let limits = &state.config.limits;
+        let bucket = if matches!(route, Route::Query { .. }) {
+            limits.queries
+        } else {
+            limits.retrievals
+        };
+        let retry = (60 / u64::from(bucket.per_minute.max(1))).max(1);
         let refuse = |status: StatusCode, rule: &'static str, reason: String| {
             metrics().refusal(rule);
             state.audit.record(
@@ -420,7 +428,7 @@ impl Door {
             tracing::info!(peer = %peer, user = %principal.user, op = name, path = %path, status = status.as_u16(), rule, reason = %reason, "refused");
             let body = format!("{reason}\n");
             if status == StatusCode::TOO_MANY_REQUESTS {
-                too_many(&reason, retry_after(state, rule))
+                too_many(&reason, retry)
             } else {
                 full(status, body)
             }
@@ -457,17 +465,13 @@ impl Door {
                     form_urlencoded::parse(uri_query.as_deref().unwrap_or("").as_bytes())
                         .map(|(k, v)| (k.into_owned(), v.into_owned()))
                         .collect();
-                let mut keys: HashMap<dicom_core::Tag, String> = HashMap::new();
-                for (k, v) in params.iter().chain(
-                    uids.iter()
-                        .map(|(k, v)| (k.to_string(), v.clone()))
-                        .collect::<Vec<_>>()
-                        .iter(),
-                ) {
-                    if let Some(tag) = tag_of(k) {
-                        keys.insert(tag, v.clone());
-                    }
-                }
+                // Query parameters and the UIDs in the path, by tag (the path wins).
+                let keys: HashMap<dicom_core::Tag, String> = params
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .chain(uids.iter().map(|(k, v)| (*k, v.as_str())))
+                    .filter_map(|(k, v)| Some((tag_of(k)?, v.to_string())))
+                    .collect();
                 if !grants.unrestricted_queries
                     && let Err(reason) = query_guard::check_values(
                         |t| keys.get(&t).cloned().unwrap_or_default(),
@@ -614,17 +618,6 @@ impl Door {
         );
         Ok(out)
     }
-}
-
-/// Seconds until a rate limit lets the next request through, as a hint.
-fn retry_after(state: &State, rule: &str) -> u64 {
-    let l = &state.config.limits;
-    let per_minute = if rule == "rate_limit" {
-        l.queries.per_minute.min(l.retrievals.per_minute.max(1))
-    } else {
-        60
-    };
-    (60 / per_minute.max(1) as u64).max(1)
 }
 
 /// A QIDO-RS key: a keyword (`PatientName`) or a tag (`00100010`).
