@@ -26,7 +26,9 @@ pub mod command_field {
 /// Statuses the gateway answers with itself (PS3.7 annex C).
 pub mod status {
     pub const SUCCESS: u16 = 0x0000;
+    pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
     pub const REFUSED_NOT_AUTHORIZED: u16 = 0x0124;
+    pub const DUPLICATE_INVOCATION: u16 = 0x0210;
     pub const OUT_OF_RESOURCES: u16 = 0xA700;
     pub const OUT_OF_RESOURCES_MATCHES: u16 = 0xA701;
     pub const MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;

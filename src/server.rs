@@ -20,9 +20,7 @@ use crate::policy::{Grants, Limiter};
 use crate::relay::{self, RelayLimits};
 use crate::session::{Party, Session};
 use crate::tls;
-use dicom_ul::pdu::{
-    AssociationAC, AssociationRQ, PresentationContextResultReason, UserIdentityType,
-};
+use dicom_ul::pdu::{AssociationAC, AssociationRQ, UserIdentityType};
 use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
@@ -688,12 +686,7 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
         from_archive: cfg.gateway.max_pdu_length,
         idle: t.idle,
     };
-    let transfer_syntaxes = ac
-        .presentation_contexts
-        .iter()
-        .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
-        .map(|pc| (pc.id, pc.transfer_syntax.trim_end_matches('\0').to_string()))
-        .collect();
+    let contexts = association::accepted_contexts(&rq, &ac);
     let session = Session::new(
         Party {
             peer,
@@ -705,7 +698,7 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
         state.limiter.clone(),
         moves,
         state.audit.clone(),
-        transfer_syntaxes,
+        contexts,
         client_max,
         archive_max,
     );

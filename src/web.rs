@@ -472,13 +472,26 @@ impl Door {
                     .chain(uids.iter().map(|(k, v)| (*k, v.as_str())))
                     .filter_map(|(k, v)| Some((tag_of(k)?, v.to_string())))
                     .collect();
-                if !grants.unrestricted_queries
-                    && let Err(reason) = query_guard::check_values(
-                        |t| keys.get(&t).cloned().unwrap_or_default(),
-                        grants.query_min_chars,
-                    )
-                {
-                    return Err(refuse(StatusCode::FORBIDDEN, "query_guard", reason));
+                // The QIDO resource names the level: .../studies, .../series, .../instances.
+                let level = match path.trim_end_matches('/').rsplit('/').next() {
+                    Some("studies") => query_guard::Level::Study,
+                    Some("series") => query_guard::Level::Series,
+                    _ => query_guard::Level::Image,
+                };
+                let value_of = |t| keys.get(&t).cloned().unwrap_or_default();
+                let verdict = if grants.unrestricted_queries {
+                    query_guard::check_uids(&value_of).map(|()| "")
+                } else {
+                    query_guard::check_values(value_of, level, grants.query_min_chars)
+                };
+                match verdict {
+                    Ok(_) => {}
+                    Err(query_guard::GuardError::NotSpecific(reason)) => {
+                        return Err(refuse(StatusCode::FORBIDDEN, "query_guard", reason));
+                    }
+                    Err(query_guard::GuardError::Malformed(reason)) => {
+                        return Err(refuse(StatusCode::BAD_REQUEST, "bad_identifier", reason));
+                    }
                 }
                 // The result cap: ask the archive for one more than the cap (so a cut can be told
                 // apart from an exact fit), and cut what it sends beyond the cap. The other
