@@ -248,7 +248,7 @@ fn verdict(value_of: impl Fn(Tag) -> String) -> String {
 fn what_the_gateway_accepts_dcmtk_reads_the_same_way() {
     let dir = common::tempdir("differential");
     let mut inputs: Vec<(String, Vec<u8>, &str)> = Vec::new();
-    let mut rng = Rng(0x5EED_0F_0DD_BA11);
+    let mut rng = Rng(0x0005_EED0_F0DD_BA11);
     for i in 0..600 {
         let explicit = rng.chance(50);
         let nodes = identifier(&mut rng);
