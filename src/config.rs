@@ -148,6 +148,9 @@ struct FileTls {
     client_ca: Option<PathBuf>,
     #[serde(default)]
     require_client_certificate: bool,
+    client_identity: Option<ClientIdentity>,
+    #[serde(default)]
+    client_crl: Vec<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -198,6 +201,7 @@ struct FileUpstream {
     called_ae: String,
     address: String,
     ae_title: String,
+    return_addresses: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -411,6 +415,24 @@ pub struct Tls {
     pub private_key: PathBuf,
     pub client_ca: Option<PathBuf>,
     pub require_client_certificate: bool,
+    /// The certificate field that names the user; `None`: the subject CN, then SAN DNS names, then
+    /// SAN e-mail addresses (the first that is a configured user).
+    pub client_identity: Option<ClientIdentity>,
+    /// CRLs of the client CAs (PEM or DER), re-read on every reload. A revoked client certificate
+    /// fails the TLS handshake; a CRL that does not load refuses the start or the reload.
+    pub client_crl: Vec<PathBuf>,
+}
+
+/// `[tls] client_identity`: which field of a verified client certificate is the user name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientIdentity {
+    /// The subject's common name.
+    Cn,
+    /// A subjectAltName dNSName.
+    SanDns,
+    /// A subjectAltName rfc822Name (e-mail address).
+    SanEmail,
 }
 
 /// Every wait on the network, named after its phase.
@@ -430,6 +452,9 @@ pub struct Upstream {
     pub called_ae: String,
     pub address: String,
     pub ae_title: String,
+    /// Where this archive's C-MOVE sub-operation associations come from; `None`: the address the
+    /// gateway reached it at for the C-MOVE.
+    pub return_addresses: Option<Vec<ipnet::IpNet>>,
 }
 
 #[derive(Debug, Clone)]
@@ -540,14 +565,19 @@ pub struct Device {
 
 impl Device {
     pub fn matches(&self, calling_ae: &str, address: std::net::IpAddr) -> bool {
-        let address = match address {
-            std::net::IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map(std::net::IpAddr::V4)
-                .unwrap_or(address),
-            v4 => v4,
-        };
+        let address = unmapped(address);
         self.ae_title == calling_ae && self.addresses.iter().any(|net| net.contains(&address))
+    }
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:10.0.0.5`, from a dual-stack socket) as the IPv4 address it is.
+pub fn unmapped(address: std::net::IpAddr) -> std::net::IpAddr {
+    match address {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(std::net::IpAddr::V4)
+            .unwrap_or(address),
+        v4 => v4,
     }
 }
 
@@ -646,7 +676,15 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         private_key: resolve(&file.tls.private_key),
         client_ca: file.tls.client_ca.as_deref().map(resolve),
         require_client_certificate: file.tls.require_client_certificate,
+        client_identity: file.tls.client_identity,
+        client_crl: file.tls.client_crl.iter().map(|p| resolve(p)).collect(),
     };
+    if !tls.client_crl.is_empty() && tls.client_ca.is_none() {
+        return Err(invalid(
+            "tls.client_crl",
+            "is set but tls.client_ca is not: there are no client certificates to revoke".into(),
+        ));
+    }
     if tls.require_client_certificate && tls.client_ca.is_none() {
         return Err(invalid(
             "tls.require_client_certificate",
@@ -683,10 +721,16 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                 format!("{:?} is mapped twice", u.called_ae),
             ));
         }
+        let return_addresses = u
+            .return_addresses
+            .as_deref()
+            .map(|list| address_list(list).map_err(|m| invalid(&key("return_addresses"), m)))
+            .transpose()?;
         upstreams.push(Upstream {
             called_ae: u.called_ae,
             address: u.address,
             ae_title: u.ae_title,
+            return_addresses,
         });
     }
 
@@ -820,6 +864,16 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             if j.audience.is_empty() {
                 return Err(invalid("auth.jwt.audience", "is empty".into()));
             }
+            if j.leeway > crate::auth::jwt::MAX_LEEWAY_SECONDS {
+                return Err(invalid(
+                    "auth.jwt.leeway",
+                    format!(
+                        "{} s is more than the {} s allowed: a token would be accepted that long after it expired",
+                        j.leeway,
+                        crate::auth::jwt::MAX_LEEWAY_SECONDS
+                    ),
+                ));
+            }
             Some(Jwt {
                 issuer: j.issuer,
                 audience: j.audience,
@@ -910,18 +964,23 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                 "is empty: a device must be bound to its addresses".into(),
             ));
         }
-        let mut addresses = Vec::new();
-        for a in &d.addresses {
-            let net = a
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                .map_err(|_| {
-                    invalid(
-                        &format!("device[{i}].addresses"),
-                        format!("{a:?} is not an address or CIDR block"),
-                    )
-                })?;
-            addresses.push(net);
+        let key = format!("device[{i}].addresses");
+        let addresses = address_list(&d.addresses).map_err(|m| invalid(&key, m))?;
+        // With the entries of the same AE title before it: together they must not let that AE in from anywhere.
+        let same_ae: Vec<ipnet::IpNet> = devices
+            .iter()
+            .filter(|o: &&Device| o.ae_title == d.ae_title)
+            .flat_map(|o| o.addresses.iter().copied())
+            .chain(addresses.iter().copied())
+            .collect();
+        if let Some(all) = covers_everything(&same_ae) {
+            return Err(invalid(
+                &key,
+                format!(
+                    "device {:?}: together with the other [[device]] entries for this AE title the addresses cover {all}, every address there is: a device is let in by AE title and address, and an AE title is no secret",
+                    d.ae_title
+                ),
+            ));
         }
         for role in &d.roles {
             if !roles.contains_key(role) {
@@ -1012,25 +1071,15 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             "[[destination]] entries need a return_listen for the archive's sub-operations".into(),
         ));
     }
-    let return_allowed_addresses = match &file.gateway.return_allowed_addresses {
-        None => None,
-        Some(list) => {
-            let mut nets = Vec::new();
-            for a in list {
-                nets.push(
-                    a.parse::<ipnet::IpNet>()
-                        .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                        .map_err(|_| {
-                            invalid(
-                                "gateway.return_allowed_addresses",
-                                format!("{a:?} is not an address or CIDR block"),
-                            )
-                        })?,
-                );
-            }
-            Some(nets)
-        }
-    };
+    let return_allowed_addresses = file
+        .gateway
+        .return_allowed_addresses
+        .as_deref()
+        .map(|list| {
+            address_list(list)
+                .map_err(|m| invalid("gateway.return_allowed_addresses", m))
+        })
+        .transpose()?;
     let audit = match file.audit {
         None => None,
         Some(a) => {
@@ -1177,6 +1226,48 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         users,
         roles,
     })
+}
+
+/// A list of addresses and CIDR blocks that admit peers without credentials (`[[device]]`, the return
+/// path): parsed, IPv4-mapped IPv6 blocks written as the IPv4 blocks they are (peers are compared as
+/// IPv4), and refused when together they cover every address of a family.
+fn address_list(list: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
+    let mut nets = Vec::new();
+    for a in list {
+        let net = a
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| format!("{a:?} is not an address or CIDR block"))?;
+        nets.push(unmap(net));
+    }
+    if let Some(all) = covers_everything(&nets) {
+        return Err(format!(
+            "{list:?} covers {all}, every address there is: name the hosts or networks that may connect"
+        ));
+    }
+    Ok(nets)
+}
+
+/// An IPv4-mapped IPv6 block (`::ffff:10.0.0.0/104`) as the IPv4 block it stands for; others truncated
+/// to their network address.
+fn unmap(net: ipnet::IpNet) -> ipnet::IpNet {
+    if let ipnet::IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && let Some(v4) = v6.network().to_ipv4_mapped()
+        && let Ok(v4) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+    {
+        return ipnet::IpNet::V4(v4.trunc());
+    }
+    net.trunc()
+}
+
+/// `Some("0.0.0.0/0")` or `Some("::/0")` when the blocks, merged, cover a whole address family.
+fn covers_everything(nets: &[ipnet::IpNet]) -> Option<String> {
+    let merged = ipnet::IpNet::aggregate(&nets.iter().map(|n| unmap(*n)).collect::<Vec<_>>());
+    merged
+        .iter()
+        .find(|n| n.prefix_len() == 0)
+        .map(|n| n.to_string())
 }
 
 /// An AE title: 1 to 16 characters of the ISO 646 basic set, no backslash or control characters.
