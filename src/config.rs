@@ -1075,10 +1075,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         .gateway
         .return_allowed_addresses
         .as_deref()
-        .map(|list| {
-            address_list(list)
-                .map_err(|m| invalid("gateway.return_allowed_addresses", m))
-        })
+        .map(|list| address_list(list).map_err(|m| invalid("gateway.return_allowed_addresses", m)))
         .transpose()?;
     let audit = match file.audit {
         None => None,
@@ -1377,5 +1374,135 @@ roles = ["reader"]
         );
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("user[0].password_hash"), "{err}");
+    }
+
+    fn with_device(addresses: &str) -> String {
+        format!(
+            "{MINIMAL}\n[[device]]\nae_title = \"CT1\"\naddresses = {addresses}\nroles = [\"reader\"]\n"
+        )
+    }
+
+    #[test]
+    fn a_device_cidr_that_covers_every_address_is_refused() {
+        for everything in [
+            r#"["0.0.0.0/0"]"#,
+            r#"["::/0"]"#,
+            r#"["::0/0"]"#,
+            r#"["0:0:0:0:0:0:0:0/0"]"#,
+            r#"["10.1.2.3/0"]"#,
+            r#"["::ffff:0.0.0.0/96"]"#,
+            r#"["::ffff:0:0/96"]"#,
+            r#"["0.0.0.0/1", "128.0.0.0/1"]"#,
+            r#"["10.0.0.5", "::/1", "8000::/1"]"#,
+        ] {
+            let err = parse(&with_device(everything)).unwrap_err().to_string();
+            assert!(
+                err.contains("device[0].addresses") && err.contains("every address"),
+                "{everything}: {err}"
+            );
+        }
+        // Two entries for the same AE title, each half of the space.
+        let text = format!(
+            "{}\n[[device]]\nae_title = \"CT1\"\naddresses = [\"128.0.0.0/1\"]\n",
+            with_device(r#"["0.0.0.0/1"]"#)
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("device[1].addresses"), "{err}");
+        // Real networks are fine, and an IPv4-mapped block is the IPv4 block (and matches).
+        let c = parse(&with_device(
+            r#"["10.0.0.0/8", "::ffff:192.168.0.0/112", "fd00::/8"]"#,
+        ))
+        .expect("valid");
+        let d = &c.devices[0];
+        assert_eq!(d.addresses[1].to_string(), "192.168.0.0/16");
+        assert!(d.matches("CT1", "192.168.3.4".parse().expect("ip")));
+        assert!(d.matches("CT1", "::ffff:10.9.8.7".parse().expect("ip")));
+        assert!(!d.matches("CT1", "11.0.0.1".parse().expect("ip")));
+    }
+
+    #[test]
+    fn return_path_address_lists_follow_the_same_rule() {
+        let text = MINIMAL.replace(
+            "listen = \"127.0.0.1:2762\"",
+            "listen = \"127.0.0.1:2762\"\nreturn_allowed_addresses = [\"::/0\"]",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("gateway.return_allowed_addresses"), "{err}");
+        let text = MINIMAL.replace(
+            "ae_title = \"ORTHANC\"",
+            "ae_title = \"ORTHANC\"\nreturn_addresses = [\"0.0.0.0/0\"]",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("upstream[0].return_addresses"), "{err}");
+        let text = MINIMAL.replace(
+            "ae_title = \"ORTHANC\"",
+            "ae_title = \"ORTHANC\"\nreturn_addresses = [\"10.0.0.21\", \"10.0.0.22\"]",
+        );
+        let c = parse(&text).expect("valid");
+        assert_eq!(
+            c.upstreams[0].return_addresses.as_ref().map(Vec::len),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn client_identity_and_crls_are_read_and_checked() {
+        let c = parse(MINIMAL).expect("valid");
+        assert_eq!(c.tls.client_identity, None, "default: CN, then SANs");
+        assert!(c.tls.client_crl.is_empty());
+        for (value, want) in [
+            ("cn", ClientIdentity::Cn),
+            ("san_dns", ClientIdentity::SanDns),
+            ("san_email", ClientIdentity::SanEmail),
+        ] {
+            let text = MINIMAL.replace(
+                "private_key = \"server.key\"",
+                &format!(
+                    "private_key = \"server.key\"\nclient_ca = \"ca.crt\"\nclient_identity = \"{value}\"\nclient_crl = [\"ca.crl\"]"
+                ),
+            );
+            let c = parse(&text).expect("valid");
+            assert_eq!(c.tls.client_identity, Some(want));
+            assert_eq!(
+                c.tls.client_crl,
+                vec![PathBuf::from("/etc/pacsgate/ca.crl")]
+            );
+        }
+        let text = MINIMAL.replace(
+            "private_key = \"server.key\"",
+            "private_key = \"server.key\"\nclient_identity = \"subject\"",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("client_identity") && err.contains("san_dns"),
+            "{err}"
+        );
+        let text = MINIMAL.replace(
+            "private_key = \"server.key\"",
+            "private_key = \"server.key\"\nclient_crl = [\"ca.crl\"]",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("tls.client_crl"), "{err}");
+    }
+
+    #[test]
+    fn jwt_leeway_has_an_upper_bound() {
+        let jwt = |leeway: u64| {
+            MINIMAL.replace(
+                "[[upstream]]",
+                &format!(
+                    "[auth.jwt]\nissuer = \"i\"\naudience = \"a\"\npublic_key = \"jwt.pem\"\nleeway = {leeway}\n[[upstream]]"
+                ),
+            )
+        };
+        assert_eq!(
+            parse(&jwt(300)).expect("valid").jwt.map(|j| j.leeway),
+            Some(300)
+        );
+        let err = parse(&jwt(301)).unwrap_err().to_string();
+        assert!(
+            err.contains("auth.jwt.leeway") && err.contains("300"),
+            "{err}"
+        );
     }
 }

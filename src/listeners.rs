@@ -27,7 +27,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Dicom, Kind::Device, Kind::Return, Kind::Http, Kind::Admin];
+    pub const ALL: [Kind; 5] = [
+        Kind::Dicom,
+        Kind::Device,
+        Kind::Return,
+        Kind::Http,
+        Kind::Admin,
+    ];
 
     /// The configuration key, as the log and the errors name it.
     pub fn key(self) -> &'static str {
@@ -147,7 +153,10 @@ impl Listeners {
     }
 
     fn serve(&mut self, gateway: &Gateway, kind: Kind, address: SocketAddr, listener: TcpListener) {
-        let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let local = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let state = gateway.current();
         let c = &state.config;
         match kind {
@@ -159,7 +168,9 @@ impl Listeners {
                 users = c.users.len(),
                 "pacsgate listening ({})", kind.what()
             ),
-            _ => tracing::info!(listener = kind.key(), listen = %local, "listener open ({})", kind.what()),
+            _ => {
+                tracing::info!(listener = kind.key(), listen = %local, "listener open ({})", kind.what())
+            }
         }
         let task = spawn(gateway, kind, listener);
         self.running.push(Running {

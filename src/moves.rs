@@ -121,7 +121,11 @@ impl MovesInProgress {
                 Some(from) if from.admits(address, calling_ae) => {
                     return Claim::Admitted(m.clone());
                 }
-                Some(from) => expected.push(format!("{:?} from {}", from.ae_title, nets(&from.addresses))),
+                Some(from) => expected.push(format!(
+                    "{:?} from {}",
+                    from.ae_title,
+                    nets(&from.addresses)
+                )),
                 None => {}
             }
         }
@@ -155,7 +159,9 @@ impl MovesInProgress {
     }
 
     fn end(&self, owner: u64, id: u64) {
-        self.book().moves.retain(|m| !(m.id == id && m.owner == owner));
+        self.book()
+            .moves
+            .retain(|m| !(m.id == id && m.owner == owner));
     }
 
     fn end_all(&self, owner: u64) {
@@ -302,7 +308,11 @@ fn command_name(field: u16) -> String {
     };
     format!(
         "{base}-{}",
-        if field & cf::RESPONSE != 0 { "RSP" } else { "RQ" }
+        if field & cf::RESPONSE != 0 {
+            "RSP"
+        } else {
+            "RQ"
+        }
     )
 }
 
@@ -327,7 +337,10 @@ impl Inspector for SubOperations {
         for pdv in dimse::pdv_items(pdata).filter(|p| p.is_command) {
             let buf = &mut self.pending[slot];
             if buf.len() + pdv.data.len() > dimse::MAX_COMMAND_LENGTH {
-                return Err(format!("{who} sent a command set over {} bytes", dimse::MAX_COMMAND_LENGTH));
+                return Err(format!(
+                    "{who} sent a command set over {} bytes",
+                    dimse::MAX_COMMAND_LENGTH
+                ));
             }
             buf.extend_from_slice(pdv.data);
             if !pdv.is_last {
@@ -402,8 +415,10 @@ async fn handle_return(
 ) {
     let started = Instant::now();
     let mut line = ReturnLine::default();
-    let result =
-        relay_return(state, registry, stream, peer, started, &mut line, slot, shutdown).await;
+    let result = relay_return(
+        state, registry, stream, peer, started, &mut line, slot, shutdown,
+    )
+    .await;
     let (outcome, reason) = match result {
         Ok(end) => (
             if end == relay::RelayEnd::Released {
@@ -655,6 +670,9 @@ mod tests {
         // The destination may not ask the archive anything either.
         let find = command(cf::C_FIND_RQ, None);
         assert!(s.inspect(Side::Archive, &pdata(&[(&find, true)])).is_err());
-        assert!(s.inspect(Side::Client, &pdata(&[(b"garbage", true)])).is_err());
+        assert!(
+            s.inspect(Side::Client, &pdata(&[(b"garbage", true)]))
+                .is_err()
+        );
     }
 }

@@ -75,7 +75,9 @@ pub fn load_roots(what: &'static str, path: &Path) -> Result<RootCertStore, TlsE
 /// Load certificate revocation lists, PEM (`-----BEGIN X509 CRL-----`, several per file) or DER (one per file).
 /// Each must parse: a CRL that cannot be read is an error, never an empty list (fail closed).
 /// A CRL past its nextUpdate is still used, with a warning.
-pub fn load_crls(paths: &[PathBuf]) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+pub fn load_crls(
+    paths: &[PathBuf],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
     use x509_parser::prelude::FromDer;
     use x509_parser::revocation_list::CertificateRevocationList;
     let mut crls = Vec::new();

@@ -49,8 +49,8 @@ mod tests {
     use super::*;
 
     fn certificate() -> Vec<u8> {
-        let mut params = rcgen::CertificateParams::new(vec!["alice.example".to_string()])
-            .expect("params");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["alice.example".to_string()]).expect("params");
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, "alice");

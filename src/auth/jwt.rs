@@ -336,7 +336,8 @@ mod tests {
             leeway: 86_400,
         };
         let verifier = JwtVerifier::load(&cfg).expect("verifier");
-        let late = mint(&key, &claims(-(MAX_LEEWAY_SECONDS as i64) - 60, "pacsgate")).expect("mint");
+        let late =
+            mint(&key, &claims(-(MAX_LEEWAY_SECONDS as i64) - 60, "pacsgate")).expect("mint");
         assert!(verifier.verify(&late).is_err(), "expired beyond the bound");
         let recent = mint(&key, &claims(-60, "pacsgate")).expect("mint");
         assert!(verifier.verify(&recent).is_ok(), "within the bound");

@@ -41,7 +41,8 @@ fn limiter<K: std::hash::Hash + Eq + Clone, C: Clock>(rate: Rate, clock: C) -> O
     NonZeroU32::new(rate.per_minute).and_then(|per_minute| {
         let period = Duration::from_secs(60) / per_minute.get();
         let burst = NonZeroU32::new(rate.burst).unwrap_or(per_minute);
-        Quota::with_period(period).map(|q| RateLimiter::dashmap_with_clock(q.allow_burst(burst), clock))
+        Quota::with_period(period)
+            .map(|q| RateLimiter::dashmap_with_clock(q.allow_burst(burst), clock))
     })
 }
 
@@ -342,7 +343,10 @@ mod tests {
             burst: 1,
         });
         clock.advance(Duration::from_secs(60));
-        assert_eq!((0..10).filter(|_| rate.allow(&"carol".to_string())).count(), 1);
+        assert_eq!(
+            (0..10).filter(|_| rate.allow(&"carol".to_string())).count(),
+            1
+        );
         // The same quota again changes nothing; turned off is off.
         rate.reconfigure(Rate {
             per_minute: 6,
