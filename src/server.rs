@@ -988,3 +988,26 @@ pub(crate) async fn write_flush<S: AsyncWrite + Unpin>(
     stream.write_all(bytes).await?;
     stream.flush().await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_connections_are_bounded_in_all_and_per_address_and_given_back() {
+        let pool = Arc::new(PendingConnections::default());
+        let a: std::net::IpAddr = "127.0.0.2".parse().expect("ip");
+        let b: std::net::IpAddr = "127.0.0.3".parse().expect("ip");
+        let a1 = pool.take(a, 3, 2).expect("a1");
+        let _a2 = pool.take(a, 3, 2).expect("a2");
+        assert!(matches!(pool.take(a, 3, 2), Err(Cap::PerAddress)));
+        let _b1 = pool.take(b, 3, 2).expect("b1");
+        assert!(matches!(pool.take(b, 3, 2), Err(Cap::Total)));
+        // Bounds are read at each take: a reload that raises them admits more, forgetting no one.
+        let _b2 = pool.take(b, 4, 2).expect("b2 under a raised total");
+        assert_eq!(pool.total(), 4);
+        drop(a1);
+        assert_eq!(pool.total(), 3);
+        let _a3 = pool.take(a, 4, 2).expect("a slot came back");
+    }
+}

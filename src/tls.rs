@@ -88,14 +88,15 @@ pub fn load_crls(
             message,
         };
         let bytes = std::fs::read(path).map_err(|e| read(e.to_string()))?;
-        let found: Vec<CertificateRevocationListDer<'static>> =
-            if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
-                CertificateRevocationListDer::pem_slice_iter(&bytes)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| read(e.to_string()))?
-            } else {
-                vec![CertificateRevocationListDer::from(bytes)]
-            };
+        let found: Vec<CertificateRevocationListDer<'static>> = if bytes.trim_ascii().is_empty() {
+            Vec::new()
+        } else if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+            CertificateRevocationListDer::pem_slice_iter(&bytes)
+                .collect::<Result<_, _>>()
+                .map_err(|e| read(e.to_string()))?
+        } else {
+            vec![CertificateRevocationListDer::from(bytes)]
+        };
         if found.is_empty() {
             return Err(TlsError::Empty {
                 what: "client CRL",
@@ -209,4 +210,56 @@ pub fn client_config(
         _ => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn crl() -> (String, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::CrlSign];
+        let issuer = rcgen::Issuer::new(params, key);
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2090, 1, 1),
+            crl_number: 1u64.into(),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .expect("CRL");
+        (crl.pem().expect("pem"), crl.der().to_vec())
+    }
+
+    #[test]
+    fn crls_load_as_pem_or_der_and_anything_else_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (pem, der) = crl();
+        let write = |name: &str, bytes: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).expect("write");
+            p
+        };
+        let good = [write("a.crl", pem.as_bytes()), write("b.der", &der)];
+        assert_eq!(load_crls(&good).expect("load").len(), 2);
+        for (name, bytes) in [
+            ("empty.crl", &b""[..]),
+            ("garbage.crl", b"\x30\x03\x02\x01"),
+            (
+                "certificate.pem",
+                b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            ),
+        ] {
+            let path = write(name, bytes);
+            let err = load_crls(std::slice::from_ref(&path))
+                .expect_err(name)
+                .to_string();
+            assert!(err.contains(&path.display().to_string()), "{err}");
+        }
+        assert!(load_crls(&[dir.path().join("missing.crl")]).is_err());
+    }
 }

@@ -412,8 +412,9 @@ fn request_on_return_path(return_port: u16, field: u16, abstract_syntax: &'stati
 
 #[test]
 fn while_a_move_runs_only_its_archive_delivers_and_only_c_store() {
-    // Three seconds per instance: the move stays in progress while others try the return path.
-    let viewer = SlowStoreScp::start("VIEWER", 3);
+    // storescp sleeps during each C-STORE (about 15 s for the three here, of which the intruders
+    // below take about 1): the move stays in progress while others try the return path.
+    let viewer = SlowStoreScp::start("VIEWER", 1);
     // Every loopback address may connect to the return listener: what admits an association is
     // the move in progress and its archive, not the listener's address list.
     let s = setup_with(
