@@ -363,7 +363,7 @@ fn sighup_adds_a_user_without_dropping_a_transfer_and_a_broken_config_keeps_the_
     let log = gw.log();
     let reloaded = log.find("configuration reloaded").expect("reload line");
     let ended = log
-        .find("user=\"writer\"")
+        .find("user=\"writer\" method=")
         .expect("transfer's association line");
     assert!(
         reloaded < ended,
