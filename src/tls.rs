@@ -106,7 +106,7 @@ pub fn load_crls(
         }
         for crl in &found {
             let parsed = match CertificateRevocationList::from_der(crl) {
-                Ok((rest, parsed)) if rest.is_empty() => parsed,
+                Ok(([], parsed)) => parsed,
                 Ok(_) => return Err(read("trailing bytes after the CRL".into())),
                 Err(e) => return Err(read(format!("not a CRL: {e}"))),
             };
