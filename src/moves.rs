@@ -385,7 +385,7 @@ pub async fn serve_return(gateway: Gateway, listener: TcpListener) {
                     Ok(slot) => slot,
                     Err(cap) => {
                         crate::metrics::metrics().refusal("return_pending");
-                        tracing::warn!(peer = %peer, op = "move", outcome = "dropped", reason = ?cap, "return association");
+                        tracing::warn!(peer = %peer, op = "move", outcome = "dropped", reason = %cap, "return association");
                         drop(stream);
                         continue;
                     }

@@ -245,13 +245,13 @@ impl Gateway {
                         Ok(permit) => permit,
                         Err(cap @ Cap::PerAddress) => {
                             metrics().refusal("pending_per_address");
-                            tracing::debug!(peer = %peer, outcome = "dropped", reason = ?cap, "association");
+                            tracing::debug!(peer = %peer, outcome = "dropped", reason = %cap, "association");
                             drop(stream);
                             continue;
                         }
                         Err(cap @ Cap::Total) => {
                             metrics().refusal("pending_connections");
-                            tracing::warn!(peer = %peer, outcome = "dropped", reason = ?cap, "association");
+                            tracing::warn!(peer = %peer, outcome = "dropped", reason = %cap, "association");
                             drop(stream);
                             continue;
                         }
@@ -272,13 +272,13 @@ impl Gateway {
 }
 
 /// Which bound on pending connections was reached.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) enum Cap {
     Total,
     PerAddress,
 }
 
-impl std::fmt::Debug for Cap {
+impl std::fmt::Display for Cap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Cap::Total => "too many connections awaiting admission (limits.max_pending_connections)",
