@@ -619,12 +619,15 @@ fn a_reload_that_changes_limits_keeps_lockouts_rate_buckets_and_open_association
     let pki = Pki::generate();
     let archive = PyArchive::start("PYARCHIVE");
     let port = free_port();
+    // A burst of 3 associations per address that refills one a minute (or, after the reload, one
+    // every 30 s): slow enough that no cell comes back while the test runs.
     let limits = |per_minute: u32, lockout: u32| {
         format!(
-            "[limits]\nfailed_logins = 1\nlockout_seconds = {lockout}\nassociations_per_minute = {per_minute}\nmax_associations_per_user = 1\nqueries_per_minute = {per_minute}\n"
+            "[limits]\nfailed_logins = 1\nlockout_seconds = {lockout}\nassociations_per_minute = {per_minute}\nassociations_burst = 3\nmax_associations_per_user = 1\nqueries_per_minute = {}\n",
+            per_minute * 60
         )
     };
-    let base = config(port, &pki, archive.port, &limits(3, 900));
+    let base = config(port, &pki, archive.port, &limits(1, 900));
     let gw = Gateway::start(port, &base);
 
     // One association of `writer` stays open (its user's only slot), from 127.0.0.1.
@@ -671,7 +674,7 @@ fn a_reload_that_changes_limits_keeps_lockouts_rate_buckets_and_open_association
     // Every rate, the lockout length: [limits] changes.
     reload(
         &gw,
-        &config(port, &pki, archive.port, &limits(4, 600)),
+        &config(port, &pki, archive.port, &limits(2, 600)),
         "reloaded",
         1,
     );
