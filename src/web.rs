@@ -212,7 +212,7 @@ async fn connection(door: Arc<Door>, stream: tokio::net::TcpStream, peer: Socket
             .1
             .peer_certificates()
             .and_then(|c| c.first())
-            .map(|leaf| crate::auth::certificate::names(leaf))
+            .map(|leaf| crate::auth::certificate::names_for(leaf, state.config.tls.client_identity))
             .unwrap_or_default(),
     );
     let service = hyper::service::service_fn(move |req| {
