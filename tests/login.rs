@@ -73,7 +73,7 @@ def web(a):
                                        timeout=spec.get("timeout", 30), source_address=(a["bind"], 0))
     creds = base64.b64encode((a["user"] + ":" + a["password"]).encode("utf-8")).decode()
     try:
-        conn.request("GET", "/dicom-web/studies?PatientID=X", headers={"Authorization": "Basic " + creds})
+        conn.request("GET", "/dicom-web/studies?PatientID=LOGIN12345", headers={"Authorization": "Basic " + creds})
         r = conn.getresponse()
         r.read()
         out = {"door": "web", "status": r.status, "retry_after": r.getheader("Retry-After")}
@@ -401,6 +401,11 @@ fn busy_password_checks_answer_2_3_2_or_503_within_the_bound_and_are_not_failed_
             assert!(accepted(r), "neither served nor busy from {bind}: {r}");
         }
     }
+    eprintln!(
+        "{} of 64 DICOM logins busy (2/3/2), {} of 8 web logins busy (503)",
+        busy.len(),
+        web.iter().filter(|r| r["status"] == json!(503)).count()
+    );
     assert!(
         !busy.is_empty(),
         "no association was refused 2/3/2 while the password checks were saturated: {dicom:?}"

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-/// The most records each table (names at addresses; addresses) holds: about 100 bytes each.
-pub const CAPACITY: usize = 65_536;
+/// The most records each table (names at addresses; addresses) holds: 7/8 of 2^16, so a full table
+/// fits 2^16 hash buckets of under 100 bytes (about 6.5 MiB per table).
+pub const CAPACITY: usize = 57_344;
 /// Above this many records, stale ones are swept (at most once a second).
 const SWEEP_ABOVE: usize = 4_096;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -537,11 +538,20 @@ mod tests {
         let long = "x".repeat(1 << 20);
         l.failure(Some(&long), ip("127.0.0.1"), t0);
         assert_eq!(l.records(), 2);
+        let pair = std::mem::size_of::<((NameKey, AddressKey), Record)>();
+        let address = std::mem::size_of::<(AddressKey, Address)>();
+        assert!(pair <= 96 && address <= 96, "{pair} {address}");
+        let mut full = Lockout::with_capacity(5, 20, secs(300), secs(60), CAPACITY);
+        for i in 0..CAPACITY as u32 + 10 {
+            full.failure(Some(&i.to_string()), IpAddr::from(i.to_be_bytes()), t0);
+        }
+        assert_eq!(full.records(), 2 * CAPACITY);
         assert!(
-            std::mem::size_of::<((NameKey, AddressKey), Record)>() <= 96,
+            full.pairs.capacity() < 2 * CAPACITY,
             "{}",
-            std::mem::size_of::<((NameKey, AddressKey), Record)>()
+            full.pairs.capacity()
         );
+        assert!(full.addresses.capacity() < 2 * CAPACITY);
     }
 
     #[test]
