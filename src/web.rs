@@ -22,9 +22,10 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
-use crate::auth::{AuthFailure, Principal};
+use crate::auth::Principal;
 use crate::config::{Http, Operation};
 use crate::metrics::metrics;
+use crate::policy::login::{self, Login, Refused};
 use crate::policy::{Grants, query_guard};
 use crate::server::{Gateway, State};
 
@@ -129,6 +130,14 @@ fn too_many(reason: &str, retry_after: u64) -> Response<Body> {
     if let Ok(v) = HeaderValue::from_str(&retry_after.max(1).to_string()) {
         r.headers_mut().insert(header::RETRY_AFTER, v);
     }
+    r
+}
+
+/// Password checks busy: nothing was verified; try again in a moment.
+fn busy(reason: &str) -> Response<Body> {
+    let mut r = full(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n"));
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
     r
 }
 
@@ -288,13 +297,17 @@ impl Door {
                 state.config.limits.lockout.as_secs(),
             ));
         }
-        let result: Result<Principal, AuthFailure> = match auth {
+        let login = Login::new(limiter, &state.audit, peer, login::Door::Web);
+        let result = match auth {
             Some(a)
                 if a.get(..7)
                     .is_some_and(|p| p.eq_ignore_ascii_case("bearer "))
                     && a.len() > 7 =>
             {
-                state.authenticator.token(a[7..].trim())
+                let token = a[7..].trim();
+                login
+                    .attempt(None, async { state.authenticator.token(token) })
+                    .await
             }
             Some(a)
                 if a.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("basic ")) && a.len() > 6 =>
@@ -307,58 +320,52 @@ impl Door {
                 else {
                     return Err(unauthorized("malformed Basic credentials"));
                 };
-                if let Err(locked) = limiter.check_locked(Some(user), address) {
-                    return Err(too_many(
-                        &locked.to_string(),
-                        state.config.limits.lockout.as_secs(),
-                    ));
-                }
-                let key = self.basic_key(user, password);
-                if let Some(p) = self.cached(&key) {
-                    return Ok(p);
-                }
-                let result = state
-                    .authenticator
-                    .password(user, password.as_bytes().to_vec())
-                    .await;
-                if let Ok(p) = &result {
-                    self.remember(key, p.clone());
-                }
-                result
+                let user = login::normalize_user(user.as_bytes());
+                let verify = async {
+                    let key = user.as_deref().ok().map(|u| self.basic_key(u, password));
+                    if let Some(p) = key.as_ref().and_then(|k| self.cached(k)) {
+                        return Ok(p);
+                    }
+                    let result = state
+                        .authenticator
+                        .password(&user, password.as_bytes().to_vec())
+                        .await;
+                    if let (Ok(p), Some(key)) = (&result, key) {
+                        self.remember(key, p.clone());
+                    }
+                    result
+                };
+                login.attempt(user.as_deref().ok(), verify).await
             }
             Some(_) => {
                 return Err(unauthorized(
                     "unsupported Authorization scheme (use Bearer or Basic)",
                 ));
             }
-            None if !names.is_empty() => state.authenticator.certificate(names),
+            None if !names.is_empty() => {
+                login
+                    .attempt(None, async { state.authenticator.certificate(names) })
+                    .await
+            }
             None => return Err(unauthorized("no credentials")),
         };
-        match result {
-            Ok(p) => {
-                limiter.login_succeeded(&p.user, address);
-                Ok(p)
-            }
-            Err(failure) => {
-                let reason = failure.error.to_string();
-                state.audit.record(
-                    "login.failed",
-                    json!({"peer": peer.to_string(), "user": failure.user, "method": failure.method.map(|m| m.name()),
-                           "via": "http", "reason": reason}),
-                );
-                for lock in limiter.login_failed(failure.user.as_deref(), address) {
-                    state.audit.record(
-                        "lockout",
-                        json!({"peer": peer.to_string(), "user": failure.user, "scope": format!("{lock:?}"),
-                               "seconds": state.config.limits.lockout.as_secs(), "rule": "failed_logins", "via": "http"}),
-                    );
-                    tracing::warn!(peer = %peer, user = failure.user.as_deref().unwrap_or("-"), lock = ?lock, reason = "failed logins", "lockout");
+        result.map_err(|refused| {
+            let reason = refused.to_string();
+            let user = refused.user().unwrap_or("-");
+            match refused {
+                Refused::Locked { locked, .. } => too_many(&reason, locked.seconds_left()),
+                Refused::Busy(_) => {
+                    metrics().refusal("password_checks_busy");
+                    tracing::info!(peer = %peer, user = ?user, outcome = "busy", reason = %reason, "web request");
+                    busy(&reason)
                 }
-                metrics().refusal("not_authenticated");
-                tracing::info!(peer = %peer, user = failure.user.as_deref().unwrap_or("-"), outcome = "rejected", reason = %reason, "web request");
-                Err(unauthorized(&reason))
+                Refused::Failed(_) => {
+                    metrics().refusal("not_authenticated");
+                    tracing::info!(peer = %peer, user = ?user, outcome = "rejected", reason = %reason, "web request");
+                    unauthorized(&reason)
+                }
             }
-        }
+        })
     }
 
     fn basic_key(&self, user: &str, password: &str) -> [u8; 32] {
