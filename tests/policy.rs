@@ -259,7 +259,8 @@ fn failed_logins_lock_the_user_at_that_address_only_and_the_lock_expires() {
     let pki = Pki::generate();
     let archive = PyArchive::start("PYARCHIVE");
     let port = free_port();
-    let limits = "failed_logins = 5\nfailed_logins_per_address = 50\nlockout_seconds = 3";
+    // Long enough that the steps between the lock and its end fit in it on a loaded machine.
+    let limits = "failed_logins = 5\nfailed_logins_per_address = 50\nlockout_seconds = 12";
     let gw = Gateway::start(
         port,
         &config(port, &pki, archive.port, "PYARCHIVE", limits, ""),
@@ -267,8 +268,12 @@ fn failed_logins_lock_the_user_at_that_address_only_and_the_lock_expires() {
     let echo = |user: &str, password: &str, bind: &str| {
         run(&args("echo", port, &pki, user, password, &["--bind", bind]))
     };
+    let mut locked_at = std::time::Instant::now();
     for i in 1..=6 {
         let out = echo("clinician", "wrong", "127.0.0.1");
+        if i == 5 {
+            locked_at = std::time::Instant::now(); // the lock began before this
+        }
         let expected = if i <= 5 { (1, 2, 1) } else { (2, 3, 2) };
         assert_eq!(
             rejection(&out),
@@ -294,7 +299,10 @@ fn failed_logins_lock_the_user_at_that_address_only_and_the_lock_expires() {
         json!([0]),
         "another user from the same address: {other_user}"
     );
-    std::thread::sleep(Duration::from_millis(3200));
+    std::thread::sleep(
+        (locked_at + Duration::from_millis(12_500))
+            .saturating_duration_since(std::time::Instant::now()),
+    );
     let after = echo("clinician", PASSWORD, "127.0.0.1");
     assert_eq!(after["statuses"], json!([0]), "after the lockout: {after}");
     let log = gw.log();
