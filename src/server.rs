@@ -108,6 +108,23 @@ impl Gateway {
         }
     }
 
+    /// A pending-connection permit for the web door, from the same budget as DICOM connections
+    /// (`max_pending_connections`, `max_pending_per_address`); `Err` names the limit reached.
+    pub(crate) fn hold_pending(&self, address: std::net::IpAddr) -> Result<Pending, &'static str> {
+        let per_address = self.current().config.limits.max_pending_per_address;
+        let slot = PendingSlot::take(&self.pending_by_address, address, per_address)
+            .ok_or("pending_per_address")?;
+        let global = self
+            .pending
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "pending_connections")?;
+        Ok(Pending {
+            _global: global,
+            _slot: slot,
+        })
+    }
+
     /// Bind the listener named in the configuration.
     pub async fn bind(&self) -> Result<TcpListener, ServerError> {
         let address = self.current().config.gateway.listen;

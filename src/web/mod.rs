@@ -1,196 +1,139 @@
-//! The web door: an HTTPS reverse proxy in front of the archive's DICOMweb API, with the same users,
-//! roles, limits and audit as the DIMSE side. Bodies stream both ways; only QIDO-RS answers are read
-//! (bounded) to enforce the result cap.
+//! The web door: an HTTPS reverse proxy in front of the archive's DICOMweb API (PS3.18), with the same
+//! users, roles, limits and audit as the DIMSE side. Bodies stream both ways; only QIDO-RS answers
+//! (bounded, to enforce the result cap) and small STOW-RS answers (for the audit trail) are read.
+//!
+//! The gateway judges a request the way the archive will read it, and forwards what it judged:
+//! the path is decoded once, checked segment by segment and rebuilt ([`path`]); the route and every
+//! UID in it are checked ([`route`]); the query string is decoded once, checked and rebuilt
+//! ([`query`]); the headers that would make the archive read another request (method overrides,
+//! `Forwarded`, a Host that is not a host) are refused or replaced. See docs/dicomweb.md.
+//!
+//! # Layout
+//! - `mod.rs`: accept loop, connection lifecycle, the request's phases, the one place a refusal is
+//!   turned into an answer, a log line, a metric and an audit event.
+//! - [`login`]: credentials, lockouts, the per-address failure budget, the Basic cache.
+//! - [`path`], [`route`], [`query`]: reading the request.
+//! - [`answer`]: reading the archive's QIDO-RS and STOW-RS answers.
 
-use std::collections::HashMap;
+mod answer;
+mod login;
+mod path;
+mod query;
+mod route;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
+use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 
-use crate::auth::{AuthFailure, Principal};
+use crate::auth::Principal;
 use crate::config::{Http, Operation};
 use crate::metrics::metrics;
-use crate::policy::{Grants, query_guard};
-use crate::server::{Gateway, State};
+use crate::policy::Grants;
+use crate::server::{Gateway, Pending, State};
+use login::{Login, Refused};
+use path::{Path, PathError};
+use query::{Qido, QueryError, WadoUri};
+use route::{Retrieval, Route, RouteError, classify};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = BoxBody<Bytes, BoxError>;
 type Upstream = Client<HttpConnector, Incoming>;
 
-/// Successful HTTP Basic logins are remembered this long, so a viewer's hundreds of requests do not
-/// each cost an argon2 computation. Keyed by a salted SHA-256 of user and password, never the password.
-const BASIC_CACHE_TTL: Duration = Duration::from_secs(60);
-const BASIC_CACHE_MAX: usize = 10_000;
 /// The longest one HTTPS connection may live (a slow 500 MB retrieve fits).
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(3600);
-
-/// What a request is, once its path and method are classified.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
-    /// QIDO-RS; the UIDs named in the path, as (keyword, value).
-    Query { uids: Vec<(&'static str, String)> },
-    /// WADO-RS or WADO-URI; `whole` for study- or series-level retrieves (rate limited).
-    Retrieve { whole: bool },
-    /// STOW-RS.
-    Store,
-    /// A path in `allow_paths`.
-    Allowed,
-    /// Anything else, with the reason.
-    Denied(&'static str),
-}
-
-/// Classify a request path under the configured DICOMweb and WADO-URI paths.
-pub fn classify(http: &Http, method: &Method, path: &str) -> Route {
-    if let Some(rest) = path.strip_prefix(&http.dicomweb_path)
-        && (rest.is_empty() || rest.starts_with('/'))
-    {
-        let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
-        if segs.iter().any(|s| *s == ".." || *s == ".") {
-            return Route::Denied("path not allowed");
-        }
-        let uid = |i: usize| segs.get(i).map(|s| s.to_string()).unwrap_or_default();
-        return match (method, segs.as_slice()) {
-            (&Method::GET, ["studies" | "series" | "instances"]) => Route::Query { uids: vec![] },
-            (&Method::GET, ["studies", _, "series" | "instances"]) => Route::Query {
-                uids: vec![("StudyInstanceUID", uid(1))],
-            },
-            (&Method::GET, ["studies", _, "series", _, "instances"]) => Route::Query {
-                uids: vec![("StudyInstanceUID", uid(1)), ("SeriesInstanceUID", uid(3))],
-            },
-            (&Method::GET, ["studies", _]) | (&Method::GET, ["studies", _, "series", _]) => {
-                Route::Retrieve { whole: true }
-            }
-            (&Method::GET, ["studies", ..]) => Route::Retrieve { whole: false },
-            (&Method::POST, ["studies"]) | (&Method::POST, ["studies", _]) => Route::Store,
-            _ => Route::Denied("not a DICOMweb service the gateway passes"),
-        };
-    }
-    if let Some(wado) = &http.wado_uri_path
-        && path == wado
-        && method == Method::GET
-    {
-        return Route::Retrieve { whole: false };
-    }
-    if http
-        .allow_paths
-        .iter()
-        .any(|p| path == p || path.starts_with(&format!("{p}/")))
-    {
-        return Route::Allowed;
-    }
-    Route::Denied("path not allowed through the gateway")
-}
-
-fn full(status: StatusCode, text: impl Into<String>) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(text.into()))
-            .map_err(|e| match e {})
-            .boxed(),
-    );
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
-fn unauthorized(reason: &str) -> Response<Body> {
-    let mut r = full(
-        StatusCode::UNAUTHORIZED,
-        format!("authentication required: {reason}\n"),
-    );
-    r.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static(
-            "Bearer realm=\"pacsgate\", Basic realm=\"pacsgate\", charset=\"UTF-8\"",
-        ),
-    );
-    r
-}
-
-fn too_many(reason: &str, retry_after: u64) -> Response<Body> {
-    let mut r = full(StatusCode::TOO_MANY_REQUESTS, format!("{reason}\n"));
-    if let Ok(v) = HeaderValue::from_str(&retry_after.max(1).to_string()) {
-        r.headers_mut().insert(header::RETRY_AFTER, v);
-    }
-    r
-}
-
-/// Hop-by-hop headers (RFC 9110 7.6.1) and credentials: never forwarded.
-fn strip(headers: &mut HeaderMap, credentials: bool) {
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        headers.remove(name);
-    }
-    if credentials {
-        headers.remove(header::AUTHORIZATION);
-        headers.remove(header::COOKIE);
-    }
-}
 
 /// The shared state of the web door.
 pub struct Door {
     gateway: Gateway,
     client: Upstream,
-    basic_salt: [u8; 16],
-    basic_cache: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
+    login: Login,
+}
+
+/// One client connection, as its requests see it.
+struct Conn {
+    peer: SocketAddr,
+    /// Names of the verified client certificate, if any.
+    names: Vec<String>,
+    /// The pending-connection slot, held until a request on this connection authenticates.
+    pending: Mutex<Option<Pending>>,
+}
+
+impl Conn {
+    fn authenticated(&self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+
+    fn is_pending(&self) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
 }
 
 /// Serve HTTPS on `listener` until the task is dropped.
 pub async fn serve(gateway: Gateway, listener: TcpListener) {
-    let mut salt = [0u8; 16];
-    {
-        use argon2::password_hash::rand_core::{OsRng, RngCore};
-        OsRng.fill_bytes(&mut salt);
-    }
     let door = Arc::new(Door {
         client: Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build_http(),
         gateway,
-        basic_salt: salt,
-        basic_cache: Mutex::new(HashMap::new()),
+        login: Login::new(),
     });
+    let mut backoff = Duration::from_millis(10);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
+                // Out of file descriptors and the like: wait, do not spin.
                 tracing::warn!(reason = %e, "web: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(10);
+        // Connections that have not authenticated yet share the DICOM side's budget: overall and per address.
+        let pending = match door.gateway.hold_pending(peer.ip()) {
+            Ok(p) => p,
+            Err(rule) => {
+                metrics().refusal(rule);
+                tracing::debug!(peer = %peer, outcome = "dropped", reason = rule, "web connection");
+                drop(stream);
                 continue;
             }
         };
         let tasks = door.gateway.tasks.clone();
         let door = door.clone();
-        tasks.spawn(async move { connection(door, stream, peer).await });
+        tasks.spawn(async move { connection(door, stream, peer, pending).await });
     }
 }
 
-async fn connection(door: Arc<Door>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+/// One connection: TLS within `tls_handshake`, then HTTP/1.1. Every request head must arrive within
+/// `association_request` (that also closes a quiet keep-alive connection); an answer to a request
+/// that did not authenticate closes the connection.
+async fn connection(
+    door: Arc<Door>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    pending: Pending,
+) {
     let state = door.gateway.current();
     let t = state.config.timeouts;
     let _ = stream.set_nodelay(true);
@@ -207,36 +150,302 @@ async fn connection(door: Arc<Door>, stream: tokio::net::TcpStream, peer: Socket
             return;
         }
     };
-    let names: Arc<Vec<String>> = Arc::new(
-        tls.get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(|leaf| crate::auth::certificate::names(leaf))
-            .unwrap_or_default(),
-    );
+    let names = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|leaf| crate::auth::certificate::names(leaf))
+        .unwrap_or_default();
+    let conn = Arc::new(Conn {
+        peer,
+        names,
+        pending: Mutex::new(Some(pending)),
+    });
     let service = hyper::service::service_fn(move |req| {
         let door = door.clone();
-        let names = names.clone();
-        async move { Ok::<_, Infallible>(door.handle(req, peer, &names).await) }
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(door.handle(req, &conn).await) }
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(t.association_request)
         .keep_alive(true)
         .serve_connection(TokioIo::new(tls), service);
-    // A quiet keep-alive connection is closed by `header_read_timeout`; this bounds a connection whose
-    // peer stops reading a response (or trickles forever) without cutting long downloads short.
+    // This bounds a connection whose peer stops reading a response (or trickles forever) without
+    // cutting long downloads short.
     let _ = tokio::time::timeout(CONNECTION_LIFETIME, served).await;
 }
 
+fn full(status: StatusCode, text: impl Into<String>) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(text.into()))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn retry_after(mut r: Response<Body>, seconds: u64) -> Response<Body> {
+    if let Ok(v) = HeaderValue::from_str(&seconds.max(1).to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
+/// The answer to a request that did not authenticate.
+fn not_authenticated(refused: Refused) -> Response<Body> {
+    match refused {
+        Refused::Unauthorized(reason) => {
+            let mut r = full(
+                StatusCode::UNAUTHORIZED,
+                format!("authentication required: {reason}\n"),
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(
+                    "Bearer realm=\"pacsgate\", Basic realm=\"pacsgate\", charset=\"UTF-8\"",
+                ),
+            );
+            r
+        }
+        Refused::Limited {
+            reason,
+            retry_after: s,
+        } => retry_after(
+            full(StatusCode::TOO_MANY_REQUESTS, format!("{reason}\n")),
+            s,
+        ),
+        Refused::Busy { retry_after: s } => retry_after(
+            full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the gateway is busy checking passwords; try again\n",
+            ),
+            s,
+        ),
+    }
+}
+
+/// Why an authenticated request is refused before it reaches the archive.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("request path refused: {0}")]
+    Path(#[from] PathError),
+    #[error("{0}")]
+    Route(#[from] RouteError),
+    #[error("query string refused: {0}")]
+    Query(#[from] QueryError),
+    #[error("the Host header is not one host[:port]")]
+    Host,
+    #[error("{0} headers are not passed (the archive would run another method)")]
+    MethodOverride(&'static str),
+    #[error("{0} is not allowed for this user")]
+    NotAuthorized(&'static str),
+    #[error("{0}")]
+    Guard(String),
+    #[error("{what} rate limit reached")]
+    Rate { what: &'static str, retry: u64 },
+    #[error("Accept {0:?}: QIDO-RS answers pass the gateway as application/dicom+json only")]
+    NotAcceptable(String),
+}
+
+impl Refusal {
+    fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Path(_)
+            | Refusal::Route(RouteError::NotAUid { .. })
+            | Refusal::Host
+            | Refusal::MethodOverride(_) => StatusCode::BAD_REQUEST,
+            Refusal::Query(QueryError::NotAcceptable(_)) | Refusal::NotAcceptable(_) => {
+                StatusCode::NOT_ACCEPTABLE
+            }
+            Refusal::Query(_) => StatusCode::BAD_REQUEST,
+            Refusal::Route(RouteError::Denied(_))
+            | Refusal::NotAuthorized(_)
+            | Refusal::Guard(_) => StatusCode::FORBIDDEN,
+            Refusal::Rate { .. } => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    /// A short, fixed name (metrics label, audit `rule`).
+    fn rule(&self) -> &'static str {
+        match self {
+            Refusal::Path(_) => "bad_path",
+            Refusal::Route(RouteError::NotAUid { .. }) => "bad_uid",
+            Refusal::Route(RouteError::Denied(_)) => "path_not_allowed",
+            Refusal::Query(QueryError::NotAcceptable(_)) | Refusal::NotAcceptable(_) => {
+                "not_acceptable"
+            }
+            Refusal::Query(_) => "bad_query",
+            Refusal::Host => "bad_host",
+            Refusal::MethodOverride(_) => "method_override",
+            Refusal::NotAuthorized(_) => "not_authorized",
+            Refusal::Guard(_) => "query_guard",
+            Refusal::Rate { .. } => "rate_limit",
+        }
+    }
+}
+
+/// One authenticated request, for its log lines and audit events.
+struct Ctx<'a> {
+    state: &'a State,
+    peer: SocketAddr,
+    principal: &'a Principal,
+    method: Method,
+    /// The path as it came (still encoded), for the record.
+    raw_path: String,
+    /// `qido`, `wado`, `stow`, `http`, or `denied` before the route is known.
+    op: &'static str,
+    started: Instant,
+}
+
+impl Ctx<'_> {
+    /// The one place a refusal becomes an answer, a log line, a metric and an audit event.
+    fn refuse(&self, refusal: Refusal) -> Response<Body> {
+        let status = refusal.status();
+        let rule = refusal.rule();
+        let reason = refusal.to_string();
+        metrics().refusal(rule);
+        self.state.audit.record(
+            "refused",
+            json!({"peer": self.peer.to_string(), "user": self.principal.user, "via": "http",
+                   "method": self.method.as_str(), "path": self.raw_path, "op": self.op,
+                   "status": status.as_u16(), "rule": rule, "reason": reason}),
+        );
+        tracing::info!(peer = %self.peer, user = ?self.principal.user, op = self.op, path = ?self.raw_path,
+                       status = status.as_u16(), rule, reason = ?reason, "refused");
+        let r = full(status, format!("{reason}\n"));
+        match refusal {
+            Refusal::Rate { retry, .. } => retry_after(r, retry),
+            _ => r,
+        }
+    }
+
+    /// The audit event of a request the archive answered (or failed to): `fields` say what it was.
+    fn record(&self, status: StatusCode, mut fields: Map<String, Value>) {
+        let base = json!({"peer": self.peer.to_string(), "user": self.principal.user,
+                          "method": self.method.as_str(), "via": "http", "status": status.as_u16(),
+                          "duration_ms": self.started.elapsed().as_millis() as u64});
+        if let Value::Object(base) = base {
+            for (k, v) in base {
+                fields.entry(k).or_insert(v);
+            }
+        }
+        self.state.audit.record(self.op, Value::Object(fields));
+    }
+}
+
+/// Headers that would make the archive run another method than the one the gateway judged
+/// (Orthanc honours `X-HTTP-Method-Override` on POST).
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Hop-by-hop headers (RFC 9110 7.6.1), the ones the request's `Connection` header names, and
+/// headers about the client only the gateway may set: never forwarded as they came.
+fn strip(headers: &mut HeaderMap, from_client: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(name);
+    }
+    if from_client {
+        for name in [
+            "authorization",
+            "cookie",
+            "expect",
+            "forwarded",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x-forwarded-proto",
+            "x-forwarded-server",
+            "x-real-ip",
+            "x-original-url",
+            "x-rewrite-url",
+        ] {
+            headers.remove(name);
+        }
+    }
+}
+
+/// The Host header, when it is one `host[:port]` (the archive builds RetrieveURLs from it).
+fn checked_host(headers: &HeaderMap) -> Result<Option<HeaderValue>, Refusal> {
+    let mut all = headers.get_all(header::HOST).iter();
+    let Some(host) = all.next() else {
+        return Ok(None);
+    };
+    if all.next().is_some() {
+        return Err(Refusal::Host);
+    }
+    let text = host.to_str().map_err(|_| Refusal::Host)?;
+    let authority: hyper::http::uri::Authority = text.parse().map_err(|_| Refusal::Host)?;
+    let name = authority.host();
+    let name_ok = match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        Some(v6) => v6
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.'),
+        None => name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'),
+    };
+    // What follows the host is nothing or `:` and a port (the parser does not check the digits).
+    let port_ok = match text.get(name.len()..) {
+        Some("") => true,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()),
+        None => false,
+    };
+    if text.contains('@') || name.is_empty() || !name_ok || !port_ok {
+        return Err(Refusal::Host);
+    }
+    Ok(Some(host.clone()))
+}
+
+/// What the gateway does with the archive's answer, by route.
+enum Plan {
+    Qido {
+        qido: Qido,
+        path_uids: usize,
+        cap: usize,
+    },
+    Retrieve(Retrieval),
+    WadoUri(WadoUri),
+    Store {
+        study: Option<String>,
+    },
+    Allowed,
+}
+
 impl Door {
-    async fn handle(
-        &self,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-        names: &[String],
-    ) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, conn: &Conn) -> Response<Body> {
         let state = self.gateway.current();
         let Some(http) = state.config.http.clone() else {
             return full(
@@ -246,147 +455,49 @@ impl Door {
         };
         let started = Instant::now();
         let method = req.method().clone();
-        let path = req.uri().path().to_string();
+        let raw_path = req.uri().path().to_string();
         let origin = req
             .headers()
             .get(header::ORIGIN)
             .and_then(|o| o.to_str().ok())
             .map(str::to_string);
         let cors = origin.filter(|o| http.cors_origins.iter().any(|a| a == "*" || a == o));
-        if method == Method::OPTIONS && cors.is_some() {
-            let mut r = full(StatusCode::NO_CONTENT, "");
-            add_cors(&mut r, cors.as_deref(), true);
-            return r;
-        }
-        let mut response = match self
-            .authorize_and_forward(&state, &http, req, peer, names, started)
-            .await
-        {
-            Ok(r) | Err(r) => r,
+        let mut response = if method == Method::OPTIONS && cors.is_some() {
+            full(StatusCode::NO_CONTENT, "")
+        } else {
+            match self
+                .login
+                .authenticate(
+                    &state,
+                    || self.gateway.current(),
+                    req.headers(),
+                    conn.peer,
+                    &conn.names,
+                )
+                .await
+            {
+                Ok(principal) => {
+                    conn.authenticated();
+                    match self
+                        .authorize_and_forward(&state, &http, req, &principal, conn.peer, started)
+                        .await
+                    {
+                        Ok(r) | Err(r) => r,
+                    }
+                }
+                Err(refused) => not_authenticated(refused),
+            }
         };
-        add_cors(&mut response, cors.as_deref(), false);
-        tracing::debug!(peer = %peer, method = %method, path = %path, status = response.status().as_u16(), "web request");
+        // A connection that has not authenticated a request gets no keep-alive: it cannot be held
+        // open with requests that fail.
+        if conn.is_pending() {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        add_cors(&mut response, cors.as_deref(), method == Method::OPTIONS);
+        tracing::debug!(peer = %conn.peer, method = %method, path = ?raw_path, status = response.status().as_u16(), "web request");
         response
-    }
-
-    async fn authenticate(
-        &self,
-        state: &State,
-        req: &Request<Incoming>,
-        peer: SocketAddr,
-        names: &[String],
-    ) -> Result<Principal, Response<Body>> {
-        let auth = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let address = peer.ip();
-        let limiter = &state.limiter;
-        if let Err(locked) = limiter.check_locked(None, address) {
-            return Err(too_many(
-                &locked.to_string(),
-                state.config.limits.lockout.as_secs(),
-            ));
-        }
-        let result: Result<Principal, AuthFailure> = match auth {
-            Some(a)
-                if a.get(..7)
-                    .is_some_and(|p| p.eq_ignore_ascii_case("bearer "))
-                    && a.len() > 7 =>
-            {
-                state.authenticator.token(a[7..].trim())
-            }
-            Some(a)
-                if a.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("basic ")) && a.len() > 6 =>
-            {
-                let decoded = base64::engine::general_purpose::STANDARD
-                    .decode(a[6..].trim())
-                    .ok()
-                    .and_then(|b| String::from_utf8(b).ok());
-                let Some((user, password)) = decoded.as_deref().and_then(|d| d.split_once(':'))
-                else {
-                    return Err(unauthorized("malformed Basic credentials"));
-                };
-                if let Err(locked) = limiter.check_locked(Some(user), address) {
-                    return Err(too_many(
-                        &locked.to_string(),
-                        state.config.limits.lockout.as_secs(),
-                    ));
-                }
-                let key = self.basic_key(user, password);
-                if let Some(p) = self.cached(&key) {
-                    return Ok(p);
-                }
-                let result = state
-                    .authenticator
-                    .password(user, password.as_bytes().to_vec())
-                    .await;
-                if let Ok(p) = &result {
-                    self.remember(key, p.clone());
-                }
-                result
-            }
-            Some(_) => {
-                return Err(unauthorized(
-                    "unsupported Authorization scheme (use Bearer or Basic)",
-                ));
-            }
-            None if !names.is_empty() => state.authenticator.certificate(names),
-            None => return Err(unauthorized("no credentials")),
-        };
-        match result {
-            Ok(p) => {
-                limiter.login_succeeded(&p.user, address);
-                Ok(p)
-            }
-            Err(failure) => {
-                let reason = failure.error.to_string();
-                state.audit.record(
-                    "login.failed",
-                    json!({"peer": peer.to_string(), "user": failure.user, "method": failure.method.map(|m| m.name()),
-                           "via": "http", "reason": reason}),
-                );
-                for lock in limiter.login_failed(failure.user.as_deref(), address) {
-                    state.audit.record(
-                        "lockout",
-                        json!({"peer": peer.to_string(), "user": failure.user, "scope": format!("{lock:?}"),
-                               "seconds": state.config.limits.lockout.as_secs(), "rule": "failed_logins", "via": "http"}),
-                    );
-                    tracing::warn!(peer = %peer, user = failure.user.as_deref().unwrap_or("-"), lock = ?lock, reason = "failed logins", "lockout");
-                }
-                metrics().refusal("not_authenticated");
-                tracing::info!(peer = %peer, user = failure.user.as_deref().unwrap_or("-"), outcome = "rejected", reason = %reason, "web request");
-                Err(unauthorized(&reason))
-            }
-        }
-    }
-
-    fn basic_key(&self, user: &str, password: &str) -> [u8; 32] {
-        let mut h = Sha256::new();
-        h.update(self.basic_salt);
-        h.update(user.as_bytes());
-        h.update([0u8]);
-        h.update(password.as_bytes());
-        h.finalize().into()
-    }
-
-    fn cached(&self, key: &[u8; 32]) -> Option<Principal> {
-        let cache = self.basic_cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache
-            .get(key)
-            .filter(|(_, at)| at.elapsed() < BASIC_CACHE_TTL)
-            .map(|(p, _)| p.clone())
-    }
-
-    fn remember(&self, key: [u8; 32], p: Principal) {
-        let mut cache = self.basic_cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= BASIC_CACHE_MAX {
-            cache.retain(|_, (_, at)| at.elapsed() < BASIC_CACHE_TTL);
-            if cache.len() >= BASIC_CACHE_MAX {
-                cache.clear();
-            }
-        }
-        cache.insert(key, (p, Instant::now()));
     }
 
     async fn authorize_and_forward(
@@ -394,138 +505,132 @@ impl Door {
         state: &State,
         http: &Http,
         req: Request<Incoming>,
+        principal: &Principal,
         peer: SocketAddr,
-        names: &[String],
         started: Instant,
     ) -> Result<Response<Body>, Response<Body>> {
-        let principal = self.authenticate(state, &req, peer, names).await?;
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let route = classify(http, &method, &path);
-        let grants = Grants::for_roles(&state.config, &principal.roles);
-        let (op, name) = match &route {
-            Route::Query { .. } => (Some(Operation::Find), "qido"),
-            Route::Retrieve { .. } => (Some(Operation::Get), "wado"),
-            Route::Store => (Some(Operation::Store), "stow"),
-            Route::Allowed => (None, "http"),
-            Route::Denied(_) => (None, "denied"),
+        let (mut parts, body) = req.into_parts();
+        let mut ctx = Ctx {
+            state,
+            peer,
+            principal,
+            method: parts.method.clone(),
+            raw_path: parts.uri.path().to_string(),
+            op: "denied",
+            started,
         };
-        // Over a rate limit: when the user's bucket for this kind of request has a cell again.
-        let limits = &state.config.limits;
-        let bucket = if matches!(route, Route::Query { .. }) {
-            limits.queries
-        } else {
-            limits.retrievals
-        };
-        let retry = (60 / u64::from(bucket.per_minute.max(1))).max(1);
-        let refuse = |status: StatusCode, rule: &'static str, reason: String| {
-            metrics().refusal(rule);
-            state.audit.record(
-                "refused",
-                json!({"peer": peer.to_string(), "user": principal.user, "via": "http", "method": method.as_str(),
-                       "path": path, "op": name, "status": status.as_u16(), "rule": rule, "reason": reason}),
-            );
-            tracing::info!(peer = %peer, user = %principal.user, op = name, path = %path, status = status.as_u16(), rule, reason = %reason, "refused");
-            let body = format!("{reason}\n");
-            if status == StatusCode::TOO_MANY_REQUESTS {
-                too_many(&reason, retry)
-            } else {
-                full(status, body)
+
+        // Phase: the request as the archive would read it.
+        let path = Path::of(&parts.uri).map_err(|e| ctx.refuse(e.into()))?;
+        let host = checked_host(&parts.headers).map_err(|e| ctx.refuse(e))?;
+        if let Some(name) = METHOD_OVERRIDES
+            .into_iter()
+            .find(|n| parts.headers.contains_key(*n))
+        {
+            return Err(ctx.refuse(Refusal::MethodOverride(name)));
+        }
+        let route = classify(http, &ctx.method, &path).map_err(|e| ctx.refuse(e.into()))?;
+        let op = match &route {
+            Route::Query { .. } => {
+                ctx.op = "qido";
+                Some(Operation::Find)
+            }
+            Route::Retrieve(_) | Route::WadoUri => {
+                ctx.op = "wado";
+                Some(Operation::Get)
+            }
+            Route::Store { .. } => {
+                ctx.op = "stow";
+                Some(Operation::Store)
+            }
+            Route::Allowed => {
+                ctx.op = "http";
+                None
             }
         };
-        if let Route::Denied(reason) = route {
-            return Err(refuse(
-                StatusCode::FORBIDDEN,
-                "path_not_allowed",
-                reason.to_string(),
-            ));
-        }
+
+        // Phase: the user's roles and rates.
+        let grants = Grants::for_roles(&state.config, &principal.roles);
         if let Some(op) = op
             && !grants.allows(op)
         {
-            return Err(refuse(
-                StatusCode::FORBIDDEN,
-                "not_authorized",
-                format!("{} is not allowed for this user", op.name()),
-            ));
+            return Err(ctx.refuse(Refusal::NotAuthorized(op.name())));
         }
-        let mut query_keys = None;
-        let mut cap = None;
-        let mut uri_query = req.uri().query().map(str::to_string);
-        match &route {
-            Route::Query { uids } => {
-                if !state.limiter.rates.queries.allow(&principal.user) {
-                    return Err(refuse(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "rate_limit",
-                        "query rate limit reached".into(),
-                    ));
+        let limits = &state.config.limits;
+        let retry = |bucket: crate::config::Rate| (60 / u64::from(bucket.per_minute.max(1))).max(1);
+
+        // Phase: the query string, decoded once and rebuilt.
+        let pairs = query::decode(parts.uri.query()).map_err(|e| ctx.refuse(e.into()))?;
+        let (plan, upstream_query) = match route {
+            Route::Query { level, uids } => {
+                if let Some(accept) = answer::qido_not_acceptable(&parts.headers) {
+                    return Err(ctx.refuse(Refusal::NotAcceptable(accept)));
                 }
-                let mut params: Vec<(String, String)> =
-                    form_urlencoded::parse(uri_query.as_deref().unwrap_or("").as_bytes())
-                        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                        .collect();
-                // Query parameters and the UIDs in the path, by tag (the path wins).
-                let keys: HashMap<dicom_core::Tag, String> = params
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .chain(uids.iter().map(|(k, v)| (*k, v.as_str())))
-                    .filter_map(|(k, v)| Some((tag_of(k)?, v.to_string())))
-                    .collect();
+                let qido = Qido::parse(level, &uids, pairs).map_err(|e| ctx.refuse(e.into()))?;
                 if !grants.unrestricted_queries
-                    && let Err(reason) = query_guard::check_values(
-                        |t| keys.get(&t).cloned().unwrap_or_default(),
-                        grants.query_min_chars,
-                    )
+                    && let Err(reason) = qido.guard(grants.query_min_chars)
                 {
-                    return Err(refuse(StatusCode::FORBIDDEN, "query_guard", reason));
+                    return Err(ctx.refuse(Refusal::Guard(reason)));
                 }
-                // The result cap: ask the archive for one more than the cap (so a cut can be told
-                // apart from an exact fit), and cut what it sends beyond the cap. The other
-                // parameters go on byte for byte.
-                let asked = params
-                    .iter()
-                    .find(|(k, _)| k == "limit")
-                    .and_then(|(_, v)| v.parse::<u32>().ok());
-                let limit = asked.map_or(grants.max_query_results, |a| {
+                if !state.limiter.rates.queries.allow(&principal.user) {
+                    return Err(ctx.refuse(Refusal::Rate {
+                        what: "query",
+                        retry: retry(limits.queries),
+                    }));
+                }
+                // Ask the archive for one more than the cap, so a cut can be told apart from an exact fit.
+                let cap = qido.limit.map_or(grants.max_query_results, |a| {
                     a.min(grants.max_query_results)
                 });
-                let mut kept: Vec<&str> = uri_query
-                    .as_deref()
-                    .unwrap_or("")
-                    .split('&')
-                    .filter(|p| !p.is_empty() && !p.starts_with("limit="))
-                    .collect();
-                let limit_param = format!("limit={}", limit.saturating_add(1));
-                kept.push(&limit_param);
-                uri_query = Some(kept.join("&"));
-                cap = Some(limit as usize);
-                params.retain(|(k, _)| k != "limit");
-                query_keys = Some(params.into_iter().collect::<HashMap<_, _>>());
+                let q = qido.upstream(cap.saturating_add(1), uids.len());
+                (
+                    Plan::Qido {
+                        qido,
+                        path_uids: uids.len(),
+                        cap: cap as usize,
+                    },
+                    q,
+                )
             }
-            Route::Retrieve { whole: true }
-                if !state.limiter.rates.retrievals.allow(&principal.user) =>
-            {
-                return Err(refuse(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit",
-                    "retrieval rate limit reached".into(),
-                ));
+            Route::Retrieve(r) => {
+                let q = query::plain(&pairs).map_err(|e| ctx.refuse(e.into()))?;
+                if r.whole() && !state.limiter.rates.retrievals.allow(&principal.user) {
+                    return Err(ctx.refuse(Refusal::Rate {
+                        what: "retrieval",
+                        retry: retry(limits.retrievals),
+                    }));
+                }
+                (Plan::Retrieve(r), q)
             }
-            _ => {}
-        }
-
-        // Forward: credentials stripped, body streamed.
-        let (mut parts, body) = req.into_parts();
-        let pq = match &uri_query {
-            Some(q) if !q.is_empty() => format!("{path}?{q}"),
-            _ => path.clone(),
+            Route::WadoUri => {
+                let (w, q) = WadoUri::parse(&pairs).map_err(|e| ctx.refuse(e.into()))?;
+                (Plan::WadoUri(w), q)
+            }
+            Route::Store { study } => {
+                let q = query::plain(&pairs).map_err(|e| ctx.refuse(e.into()))?;
+                (Plan::Store { study }, q)
+            }
+            Route::Allowed => {
+                let q = query::plain(&pairs).map_err(|e| ctx.refuse(e.into()))?;
+                (Plan::Allowed, q)
+            }
         };
-        let uri: hyper::Uri = match format!("{}{}", http.upstream, pq).parse() {
+
+        // Phase: forward what was judged: rebuilt path and query, credentials stripped, body streamed.
+        let upstream_path = path.upstream();
+        let target = if upstream_query.is_empty() {
+            format!("{}{upstream_path}", http.upstream)
+        } else {
+            format!("{}{upstream_path}?{upstream_query}", http.upstream)
+        };
+        let uri: hyper::Uri = match target.parse() {
             Ok(u) => u,
             Err(_) => return Err(full(StatusCode::BAD_REQUEST, "malformed request path\n")),
         };
         strip(&mut parts.headers, true);
+        if let Some(host) = host {
+            parts.headers.insert(header::HOST, host);
+        }
         if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
             parts
                 .headers
@@ -535,16 +640,42 @@ impl Door {
             HeaderName::from_static("x-forwarded-proto"),
             HeaderValue::from_static("https"),
         );
+        parts.headers.insert(
+            HeaderName::from_static("forwarded"),
+            HeaderValue::from_static("proto=https"),
+        );
+        match &plan {
+            Plan::Qido { .. } => {
+                // The only answer the gateway can count.
+                parts.headers.remove(header::ACCEPT);
+                parts.headers.insert(
+                    header::ACCEPT,
+                    HeaderValue::from_static("application/dicom+json"),
+                );
+                parts.headers.insert(
+                    header::ACCEPT_ENCODING,
+                    HeaderValue::from_static("identity"),
+                );
+            }
+            Plan::Store { .. } => {
+                parts.headers.insert(
+                    header::ACCEPT_ENCODING,
+                    HeaderValue::from_static("identity"),
+                );
+            }
+            _ => {}
+        }
         parts.uri = uri;
         let upstream_req = Request::from_parts(parts, body);
         // The archive's answer comes after the whole request body: a STOW-RS upload gets the idle
         // timeout to arrive (a large study over a slow link), everything else `upstream_response`.
         let t = state.config.timeouts;
-        let within = if method == Method::POST {
+        let within = if ctx.method == Method::POST {
             t.idle.max(t.upstream_response)
         } else {
             t.upstream_response
         };
+        let mut fields = plan_fields(&plan, &upstream_path);
         let answer = tokio::time::timeout(within, self.client.request(upstream_req)).await;
         let mut response = match answer {
             Ok(Ok(r)) => r,
@@ -556,12 +687,17 @@ impl Door {
                     })
                     .inc();
                 tracing::warn!(upstream = %http.upstream, reason = %e, "web: archive unreachable");
+                fields.insert("reason".into(), json!("the archive is unreachable"));
+                ctx.record(StatusCode::BAD_GATEWAY, fields);
                 return Err(full(
                     StatusCode::BAD_GATEWAY,
                     "the archive is unreachable\n",
                 ));
             }
             Err(_) => {
+                tracing::warn!(upstream = %http.upstream, op = ctx.op, reason = "upstream_response timed out", "web: archive did not answer");
+                fields.insert("reason".into(), json!("the archive did not answer in time"));
+                ctx.record(StatusCode::GATEWAY_TIMEOUT, fields);
                 return Err(full(
                     StatusCode::GATEWAY_TIMEOUT,
                     "the archive did not answer in time\n",
@@ -570,70 +706,104 @@ impl Door {
         };
         strip(response.headers_mut(), false);
         let status = response.status();
-        let mut matches = None;
-        let mut truncated = false;
-        let out: Response<Body> = if let (Some(cap), true) = (cap, status.is_success()) {
-            // QIDO-RS answers are small: read (bounded), cut at the cap, re-serialise.
-            let (mut rparts, rbody) = response.into_parts();
-            let collected = Limited::new(rbody, http.max_query_response).collect().await;
-            let bytes = match collected {
-                Ok(c) => c.to_bytes(),
-                Err(_) => {
-                    return Err(full(
-                        StatusCode::BAD_GATEWAY,
-                        "the archive's query answer is too large\n",
-                    ));
-                }
-            };
-            let body = match serde_json::from_slice::<Value>(&bytes) {
-                Ok(Value::Array(mut items)) => {
-                    if items.len() > cap {
-                        items.truncate(cap);
-                        truncated = true;
-                        if let Ok(v) = HeaderValue::from_str(&format!(
-                            "299 pacsgate \"result cap of {cap} matches reached\""
-                        )) {
-                            rparts.headers.insert(header::WARNING, v);
-                        }
-                    }
-                    matches = Some(items.len());
-                    Bytes::from(Value::Array(items).to_string())
-                }
-                _ => bytes,
-            };
-            rparts.headers.remove(header::CONTENT_LENGTH);
-            Response::from_parts(rparts, Full::new(body).map_err(|e| match e {}).boxed())
-        } else {
-            response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed())
+        let unread =
+            |r: Response<Incoming>| r.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed());
+        let bad_answer = |e: answer::AnswerError, mut fields: Map<String, Value>| {
+            tracing::warn!(upstream = %http.upstream, op = ctx.op, reason = %e, "web: archive answer refused");
+            fields.insert("reason".into(), json!(e.to_string()));
+            ctx.record(StatusCode::BAD_GATEWAY, fields);
+            full(StatusCode::BAD_GATEWAY, format!("{e}\n"))
         };
-        if truncated {
-            tracing::info!(peer = %peer, user = %principal.user, op = "qido", relayed = cap.unwrap_or(0), reason = "max_query_results reached", "QIDO-RS truncated");
-        }
-        metrics().operation(name, Some(if status.is_success() { 0 } else { 0xC000 }));
-        state.audit.record(
-            name,
-            json!({"peer": peer.to_string(), "user": principal.user, "method": method.as_str(), "via": "http",
-                   "path": path, "status": status.as_u16(), "query": query_keys, "matches": matches,
-                   "truncated": truncated, "duration_ms": started.elapsed().as_millis() as u64}),
-        );
+        let out = match plan {
+            Plan::Qido { cap, .. } => {
+                match answer::qido(response, http.max_query_response, cap).await {
+                    Ok(counted) => {
+                        if counted.truncated {
+                            tracing::info!(peer = %peer, user = ?principal.user, op = "qido", relayed = cap, reason = "max_query_results reached", "QIDO-RS truncated");
+                        }
+                        fields.insert("matches".into(), json!(counted.matches));
+                        fields.insert("truncated".into(), json!(counted.truncated));
+                        counted.response
+                    }
+                    Err(e) => return Err(bad_answer(e, fields)),
+                }
+            }
+            Plan::Store { .. } if status.is_success() => {
+                match answer::stow(response, http.max_query_response).await {
+                    Ok((r, stored)) => {
+                        if let Some(s) = stored {
+                            if !fields.contains_key("study_uid")
+                                && let Some(study) = s.study
+                            {
+                                fields.insert("study_uid".into(), json!(study));
+                            }
+                            fields.insert("stored".into(), json!(s.stored));
+                            fields.insert("failed".into(), json!(s.failed));
+                        }
+                        r
+                    }
+                    Err(e) => return Err(bad_answer(e, fields)),
+                }
+            }
+            _ => unread(response),
+        };
+        metrics().operation(ctx.op, Some(if status.is_success() { 0 } else { 0xC000 }));
+        ctx.record(status, fields);
         Ok(out)
     }
 }
 
-/// A QIDO-RS key: a keyword (`PatientName`) or a tag (`00100010`).
-fn tag_of(key: &str) -> Option<dicom_core::Tag> {
-    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
-    if key.len() == 8 && key.chars().all(|c| c.is_ascii_hexdigit()) {
-        let group = u16::from_str_radix(&key[..4], 16).ok()?;
-        let element = u16::from_str_radix(&key[4..], 16).ok()?;
-        return Some(dicom_core::Tag(group, element));
+/// What the audit event of a request names, by route.
+fn plan_fields(plan: &Plan, upstream_path: &str) -> Map<String, Value> {
+    let mut f = Map::new();
+    let mut put = |k: &str, v: Option<&str>| {
+        if let Some(v) = v {
+            f.insert(k.into(), json!(v));
+        }
+    };
+    match plan {
+        Plan::Qido {
+            qido, path_uids, ..
+        } => {
+            let uid = |tag| {
+                qido.keys
+                    .iter()
+                    .take(*path_uids)
+                    .find(|(t, _, _)| *t == tag)
+                    .map(|(_, _, v)| v.as_str())
+            };
+            put(
+                "study_uid",
+                uid(dicom_dictionary_std::tags::STUDY_INSTANCE_UID),
+            );
+            put(
+                "series_uid",
+                uid(dicom_dictionary_std::tags::SERIES_INSTANCE_UID),
+            );
+            put("level", Some(qido.level.name()));
+            f.insert("query".into(), Value::Object(qido.audit_keys(*path_uids)));
+        }
+        Plan::Retrieve(r) => {
+            put("service", Some("wado-rs"));
+            put("resource", Some(r.resource.name()));
+            put("study_uid", Some(&r.study));
+            put("series_uid", r.series.as_deref());
+            put("sop_instance_uid", r.instance.as_deref());
+            put("frames", r.frames.as_deref());
+        }
+        Plan::WadoUri(w) => {
+            put("service", Some("wado-uri"));
+            put("study_uid", w.study.as_deref());
+            put("series_uid", w.series.as_deref());
+            put("sop_instance_uid", w.object.as_deref());
+        }
+        Plan::Store { study } => {
+            put("study_uid", study.as_deref());
+        }
+        Plan::Allowed => {}
     }
-    dicom_dictionary_std::StandardDataDictionary
-        .by_name(key)
-        .and_then(|e| match e.tag_range() {
-            dicom_core::dictionary::TagRange::Single(t) => Some(t),
-            _ => None,
-        })
+    f.insert("path".into(), json!(upstream_path));
+    f
 }
 
 fn add_cors(r: &mut Response<Body>, origin: Option<&str>, preflight: bool) {
@@ -667,76 +837,70 @@ fn add_cors(r: &mut Response<Body>, origin: Option<&str>, preflight: bool) {
 mod tests {
     use super::*;
 
-    fn http() -> Http {
-        Http {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            upstream: "http://127.0.0.1:8042".into(),
-            dicomweb_path: "/dicom-web".into(),
-            wado_uri_path: Some("/wado".into()),
-            allow_paths: vec!["/system".into()],
-            cors_origins: vec![],
-            max_query_response: 1 << 20,
-        }
-    }
-
     #[test]
-    fn paths_are_classified_and_everything_else_is_denied() {
-        let h = http();
-        let get = Method::GET;
-        assert_eq!(
-            classify(&h, &get, "/dicom-web/studies"),
-            Route::Query { uids: vec![] }
-        );
-        assert_eq!(
-            classify(&h, &get, "/dicom-web/studies/1.2/series"),
-            Route::Query {
-                uids: vec![("StudyInstanceUID", "1.2".into())]
-            }
-        );
-        assert_eq!(
-            classify(&h, &get, "/dicom-web/studies/1.2"),
-            Route::Retrieve { whole: true }
-        );
-        assert_eq!(
-            classify(&h, &get, "/dicom-web/studies/1.2/series/3/instances/4"),
-            Route::Retrieve { whole: false }
-        );
-        assert_eq!(
-            classify(&h, &get, "/dicom-web/studies/1.2/metadata"),
-            Route::Retrieve { whole: false }
-        );
-        assert_eq!(
-            classify(&h, &Method::POST, "/dicom-web/studies"),
-            Route::Store
-        );
-        assert_eq!(
-            classify(&h, &get, "/wado"),
-            Route::Retrieve { whole: false }
-        );
-        assert_eq!(classify(&h, &get, "/system"), Route::Allowed);
-        for denied in [
-            "/app/explorer.html",
-            "/instances",
-            "/dicom-webx/studies",
-            "/tools/find",
-            "/dicom-web/../instances",
-            "/systemx",
+    fn hop_by_hop_forwarding_and_named_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "close, x-secret"),
+            ("x-secret", "1"),
+            ("forwarded", "host=evil.example"),
+            ("x-forwarded-host", "evil.example"),
+            ("authorization", "Basic eDp5"),
+            ("accept", "application/dicom+json"),
         ] {
-            assert!(
-                matches!(classify(&h, &get, denied), Route::Denied(_)),
-                "{denied}"
-            );
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
-        assert!(matches!(
-            classify(&h, &Method::DELETE, "/dicom-web/studies/1.2"),
-            Route::Denied(_)
-        ));
+        strip(&mut h, true);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key(header::ACCEPT));
     }
 
     #[test]
-    fn qido_keys_are_keywords_or_tags() {
-        assert_eq!(tag_of("PatientName"), Some(dicom_core::Tag(0x0010, 0x0010)));
-        assert_eq!(tag_of("00100020"), Some(dicom_core::Tag(0x0010, 0x0020)));
-        assert_eq!(tag_of("limit"), None);
+    fn the_host_header_must_be_a_host() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::HOST, HeaderValue::from_str(v).expect("value"));
+            checked_host(&m).map(|h| h.is_some())
+        };
+        assert!(matches!(h("gateway.example:8443"), Ok(true)));
+        assert!(matches!(h("[::1]:8443"), Ok(true)));
+        for bad in [
+            "a/b?c",
+            "user@host",
+            "",
+            "host:port",
+            "a b",
+            "a;b",
+            "a%2fb",
+            "[::1",
+            "a:99999",
+        ] {
+            assert!(h(bad).is_err(), "{bad}");
+        }
+        assert!(matches!(checked_host(&HeaderMap::new()), Ok(None)));
+    }
+
+    #[test]
+    fn refusals_have_their_status() {
+        assert_eq!(
+            Refusal::Path(PathError::DotSegment).status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            Refusal::Query(QueryError::NotAcceptable("x".into())).status(),
+            StatusCode::NOT_ACCEPTABLE
+        );
+        assert_eq!(
+            Refusal::Route(RouteError::Denied("x")).status(),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            Refusal::Route(RouteError::NotAUid {
+                what: "StudyInstanceUID",
+                value: "*".into()
+            })
+            .status(),
+            StatusCode::BAD_REQUEST
+        );
     }
 }
