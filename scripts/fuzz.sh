@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-targets=(pdu_framing association user_identity jwt_claims dimse_command dimse_identifier pdv_reassembly)
+targets=(pdu_framing association user_identity jwt_claims dimse_command dimse_identifier identifier_structure pdv_reassembly)
 if [ "${1:-}" = "--list" ]; then printf '%s\n' "${targets[@]}"; exit 0; fi
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 seconds="${1:-60}"

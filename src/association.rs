@@ -167,6 +167,32 @@ pub fn client_max_pdu(rq: &AssociationRQ, max_pdu_length: u32) -> u32 {
     }
 }
 
+/// The presentation contexts the archive accepted, each with the abstract syntax the requestor proposed
+/// under that ID and the transfer syntax the archive chose. An accepted ID that was never proposed is left
+/// out, so that nothing can be said on it.
+pub fn accepted_contexts(
+    rq: &AssociationRQ,
+    ac: &AssociationAC,
+) -> std::collections::HashMap<u8, crate::session::Context> {
+    ac.presentation_contexts
+        .iter()
+        .filter(|pc| pc.reason == dicom_ul::pdu::PresentationContextResultReason::Acceptance)
+        .filter_map(|pc| {
+            let proposed = rq.presentation_contexts.iter().find(|p| p.id == pc.id)?;
+            Some((
+                pc.id,
+                crate::session::Context {
+                    abstract_syntax: proposed
+                        .abstract_syntax
+                        .trim_end_matches(['\0', ' '])
+                        .to_string(),
+                    transfer_syntax: pc.transfer_syntax.trim_end_matches(['\0', ' ']).to_string(),
+                },
+            ))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -153,6 +153,9 @@ struct FileTls {
     client_ca: Option<PathBuf>,
     #[serde(default)]
     require_client_certificate: bool,
+    client_identity: Option<ClientIdentity>,
+    #[serde(default)]
+    client_crl: Vec<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,6 +206,7 @@ struct FileUpstream {
     called_ae: String,
     address: String,
     ae_title: String,
+    return_addresses: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -418,6 +422,24 @@ pub struct Tls {
     pub private_key: PathBuf,
     pub client_ca: Option<PathBuf>,
     pub require_client_certificate: bool,
+    /// The certificate field that names the user; `None`: the subject CN, then SAN DNS names, then
+    /// SAN e-mail addresses (the first that is a configured user).
+    pub client_identity: Option<ClientIdentity>,
+    /// CRLs of the client CAs (PEM or DER), re-read on every reload. A revoked client certificate
+    /// fails the TLS handshake; a CRL that does not load refuses the start or the reload.
+    pub client_crl: Vec<PathBuf>,
+}
+
+/// `[tls] client_identity`: which field of a verified client certificate is the user name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientIdentity {
+    /// The subject's common name.
+    Cn,
+    /// A subjectAltName dNSName.
+    SanDns,
+    /// A subjectAltName rfc822Name (e-mail address).
+    SanEmail,
 }
 
 /// Every wait on the network, named after its phase.
@@ -437,6 +459,9 @@ pub struct Upstream {
     pub called_ae: String,
     pub address: String,
     pub ae_title: String,
+    /// Where this archive's C-MOVE sub-operation associations come from; `None`: the address the
+    /// gateway reached it at for the C-MOVE.
+    pub return_addresses: Option<Vec<ipnet::IpNet>>,
 }
 
 #[derive(Debug, Clone)]
@@ -547,14 +572,19 @@ pub struct Device {
 
 impl Device {
     pub fn matches(&self, calling_ae: &str, address: std::net::IpAddr) -> bool {
-        let address = match address {
-            std::net::IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map(std::net::IpAddr::V4)
-                .unwrap_or(address),
-            v4 => v4,
-        };
+        let address = unmapped(address);
         self.ae_title == calling_ae && self.addresses.iter().any(|net| net.contains(&address))
+    }
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:10.0.0.5`, from a dual-stack socket) as the IPv4 address it is.
+pub fn unmapped(address: std::net::IpAddr) -> std::net::IpAddr {
+    match address {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(std::net::IpAddr::V4)
+            .unwrap_or(address),
+        v4 => v4,
     }
 }
 
@@ -653,7 +683,15 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         private_key: resolve(&file.tls.private_key),
         client_ca: file.tls.client_ca.as_deref().map(resolve),
         require_client_certificate: file.tls.require_client_certificate,
+        client_identity: file.tls.client_identity,
+        client_crl: file.tls.client_crl.iter().map(|p| resolve(p)).collect(),
     };
+    if !tls.client_crl.is_empty() && tls.client_ca.is_none() {
+        return Err(invalid(
+            "tls.client_crl",
+            "is set but tls.client_ca is not: there are no client certificates to revoke".into(),
+        ));
+    }
     if tls.require_client_certificate && tls.client_ca.is_none() {
         return Err(invalid(
             "tls.require_client_certificate",
@@ -690,10 +728,16 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                 format!("{:?} is mapped twice", u.called_ae),
             ));
         }
+        let return_addresses = u
+            .return_addresses
+            .as_deref()
+            .map(|list| address_list(list).map_err(|m| invalid(&key("return_addresses"), m)))
+            .transpose()?;
         upstreams.push(Upstream {
             called_ae: u.called_ae,
             address: u.address,
             ae_title: u.ae_title,
+            return_addresses,
         });
     }
 
@@ -827,6 +871,16 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             if j.audience.is_empty() {
                 return Err(invalid("auth.jwt.audience", "is empty".into()));
             }
+            if j.leeway > crate::auth::jwt::MAX_LEEWAY_SECONDS {
+                return Err(invalid(
+                    "auth.jwt.leeway",
+                    format!(
+                        "{} s is more than the {} s allowed: a token would be accepted that long after it expired",
+                        j.leeway,
+                        crate::auth::jwt::MAX_LEEWAY_SECONDS
+                    ),
+                ));
+            }
             Some(Jwt {
                 issuer: j.issuer,
                 audience: j.audience,
@@ -917,18 +971,23 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                 "is empty: a device must be bound to its addresses".into(),
             ));
         }
-        let mut addresses = Vec::new();
-        for a in &d.addresses {
-            let net = a
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                .map_err(|_| {
-                    invalid(
-                        &format!("device[{i}].addresses"),
-                        format!("{a:?} is not an address or CIDR block"),
-                    )
-                })?;
-            addresses.push(net);
+        let key = format!("device[{i}].addresses");
+        let addresses = address_list(&d.addresses).map_err(|m| invalid(&key, m))?;
+        // With the entries of the same AE title before it: together they must not let that AE in from anywhere.
+        let same_ae: Vec<ipnet::IpNet> = devices
+            .iter()
+            .filter(|o: &&Device| o.ae_title == d.ae_title)
+            .flat_map(|o| o.addresses.iter().copied())
+            .chain(addresses.iter().copied())
+            .collect();
+        if let Some(all) = covers_everything(&same_ae) {
+            return Err(invalid(
+                &key,
+                format!(
+                    "device {:?}: together with the other [[device]] entries for this AE title the addresses cover {all}, every address there is: a device is let in by AE title and address, and an AE title is no secret",
+                    d.ae_title
+                ),
+            ));
         }
         for role in &d.roles {
             if !roles.contains_key(role) {
@@ -1019,25 +1078,12 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             "[[destination]] entries need a return_listen for the archive's sub-operations".into(),
         ));
     }
-    let return_allowed_addresses = match &file.gateway.return_allowed_addresses {
-        None => None,
-        Some(list) => {
-            let mut nets = Vec::new();
-            for a in list {
-                nets.push(
-                    a.parse::<ipnet::IpNet>()
-                        .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                        .map_err(|_| {
-                            invalid(
-                                "gateway.return_allowed_addresses",
-                                format!("{a:?} is not an address or CIDR block"),
-                            )
-                        })?,
-                );
-            }
-            Some(nets)
-        }
-    };
+    let return_allowed_addresses = file
+        .gateway
+        .return_allowed_addresses
+        .as_deref()
+        .map(|list| address_list(list).map_err(|m| invalid("gateway.return_allowed_addresses", m)))
+        .transpose()?;
     let audit = match file.audit {
         None => None,
         Some(a) => {
@@ -1187,6 +1233,48 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
     })
 }
 
+/// A list of addresses and CIDR blocks that admit peers without credentials (`[[device]]`, the return
+/// path): parsed, IPv4-mapped IPv6 blocks written as the IPv4 blocks they are (peers are compared as
+/// IPv4), and refused when together they cover every address of a family.
+fn address_list(list: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
+    let mut nets = Vec::new();
+    for a in list {
+        let net = a
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| format!("{a:?} is not an address or CIDR block"))?;
+        nets.push(unmap(net));
+    }
+    if let Some(all) = covers_everything(&nets) {
+        return Err(format!(
+            "{list:?} covers {all}, every address there is: name the hosts or networks that may connect"
+        ));
+    }
+    Ok(nets)
+}
+
+/// An IPv4-mapped IPv6 block (`::ffff:10.0.0.0/104`) as the IPv4 block it stands for; others truncated
+/// to their network address.
+fn unmap(net: ipnet::IpNet) -> ipnet::IpNet {
+    if let ipnet::IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && let Some(v4) = v6.network().to_ipv4_mapped()
+        && let Ok(v4) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+    {
+        return ipnet::IpNet::V4(v4.trunc());
+    }
+    net.trunc()
+}
+
+/// `Some("0.0.0.0/0")` or `Some("::/0")` when the blocks, merged, cover a whole address family.
+fn covers_everything(nets: &[ipnet::IpNet]) -> Option<String> {
+    let merged = ipnet::IpNet::aggregate(&nets.iter().map(|n| unmap(*n)).collect::<Vec<_>>());
+    merged
+        .iter()
+        .find(|n| n.prefix_len() == 0)
+        .map(|n| n.to_string())
+}
+
 /// An AE title: 1 to 16 characters of the ISO 646 basic set, no backslash or control characters.
 fn check_ae_title(ae: &str) -> Result<(), String> {
     if ae.trim().is_empty() || ae.len() > AE_TITLE_MAX {
@@ -1294,5 +1382,135 @@ roles = ["reader"]
         );
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("user[0].password_hash"), "{err}");
+    }
+
+    fn with_device(addresses: &str) -> String {
+        format!(
+            "{MINIMAL}\n[[device]]\nae_title = \"CT1\"\naddresses = {addresses}\nroles = [\"reader\"]\n"
+        )
+    }
+
+    #[test]
+    fn a_device_cidr_that_covers_every_address_is_refused() {
+        for everything in [
+            r#"["0.0.0.0/0"]"#,
+            r#"["::/0"]"#,
+            r#"["::0/0"]"#,
+            r#"["0:0:0:0:0:0:0:0/0"]"#,
+            r#"["10.1.2.3/0"]"#,
+            r#"["::ffff:0.0.0.0/96"]"#,
+            r#"["::ffff:0:0/96"]"#,
+            r#"["0.0.0.0/1", "128.0.0.0/1"]"#,
+            r#"["10.0.0.5", "::/1", "8000::/1"]"#,
+        ] {
+            let err = parse(&with_device(everything)).unwrap_err().to_string();
+            assert!(
+                err.contains("device[0].addresses") && err.contains("every address"),
+                "{everything}: {err}"
+            );
+        }
+        // Two entries for the same AE title, each half of the space.
+        let text = format!(
+            "{}\n[[device]]\nae_title = \"CT1\"\naddresses = [\"128.0.0.0/1\"]\n",
+            with_device(r#"["0.0.0.0/1"]"#)
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("device[1].addresses"), "{err}");
+        // Real networks are fine, and an IPv4-mapped block is the IPv4 block (and matches).
+        let c = parse(&with_device(
+            r#"["10.0.0.0/8", "::ffff:192.168.0.0/112", "fd00::/8"]"#,
+        ))
+        .expect("valid");
+        let d = &c.devices[0];
+        assert_eq!(d.addresses[1].to_string(), "192.168.0.0/16");
+        assert!(d.matches("CT1", "192.168.3.4".parse().expect("ip")));
+        assert!(d.matches("CT1", "::ffff:10.9.8.7".parse().expect("ip")));
+        assert!(!d.matches("CT1", "11.0.0.1".parse().expect("ip")));
+    }
+
+    #[test]
+    fn return_path_address_lists_follow_the_same_rule() {
+        let text = MINIMAL.replace(
+            "listen = \"127.0.0.1:2762\"",
+            "listen = \"127.0.0.1:2762\"\nreturn_allowed_addresses = [\"::/0\"]",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("gateway.return_allowed_addresses"), "{err}");
+        let text = MINIMAL.replace(
+            "ae_title = \"ORTHANC\"",
+            "ae_title = \"ORTHANC\"\nreturn_addresses = [\"0.0.0.0/0\"]",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("upstream[0].return_addresses"), "{err}");
+        let text = MINIMAL.replace(
+            "ae_title = \"ORTHANC\"",
+            "ae_title = \"ORTHANC\"\nreturn_addresses = [\"10.0.0.21\", \"10.0.0.22\"]",
+        );
+        let c = parse(&text).expect("valid");
+        assert_eq!(
+            c.upstreams[0].return_addresses.as_ref().map(Vec::len),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn client_identity_and_crls_are_read_and_checked() {
+        let c = parse(MINIMAL).expect("valid");
+        assert_eq!(c.tls.client_identity, None, "default: CN, then SANs");
+        assert!(c.tls.client_crl.is_empty());
+        for (value, want) in [
+            ("cn", ClientIdentity::Cn),
+            ("san_dns", ClientIdentity::SanDns),
+            ("san_email", ClientIdentity::SanEmail),
+        ] {
+            let text = MINIMAL.replace(
+                "private_key = \"server.key\"",
+                &format!(
+                    "private_key = \"server.key\"\nclient_ca = \"ca.crt\"\nclient_identity = \"{value}\"\nclient_crl = [\"ca.crl\"]"
+                ),
+            );
+            let c = parse(&text).expect("valid");
+            assert_eq!(c.tls.client_identity, Some(want));
+            assert_eq!(
+                c.tls.client_crl,
+                vec![PathBuf::from("/etc/pacsgate/ca.crl")]
+            );
+        }
+        let text = MINIMAL.replace(
+            "private_key = \"server.key\"",
+            "private_key = \"server.key\"\nclient_identity = \"subject\"",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("client_identity") && err.contains("san_dns"),
+            "{err}"
+        );
+        let text = MINIMAL.replace(
+            "private_key = \"server.key\"",
+            "private_key = \"server.key\"\nclient_crl = [\"ca.crl\"]",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("tls.client_crl"), "{err}");
+    }
+
+    #[test]
+    fn jwt_leeway_has_an_upper_bound() {
+        let jwt = |leeway: u64| {
+            MINIMAL.replace(
+                "[[upstream]]",
+                &format!(
+                    "[auth.jwt]\nissuer = \"i\"\naudience = \"a\"\npublic_key = \"jwt.pem\"\nleeway = {leeway}\n[[upstream]]"
+                ),
+            )
+        };
+        assert_eq!(
+            parse(&jwt(300)).expect("valid").jwt.map(|j| j.leeway),
+            Some(300)
+        );
+        let err = parse(&jwt(301)).unwrap_err().to_string();
+        assert!(
+            err.contains("auth.jwt.leeway") && err.contains("300"),
+            "{err}"
+        );
     }
 }

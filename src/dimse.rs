@@ -26,7 +26,9 @@ pub mod command_field {
 /// Statuses the gateway answers with itself (PS3.7 annex C).
 pub mod status {
     pub const SUCCESS: u16 = 0x0000;
+    pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
     pub const REFUSED_NOT_AUTHORIZED: u16 = 0x0124;
+    pub const DUPLICATE_INVOCATION: u16 = 0x0210;
     pub const OUT_OF_RESOURCES: u16 = 0xA700;
     pub const OUT_OF_RESOURCES_MATCHES: u16 = 0xA701;
     pub const MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
@@ -223,6 +225,7 @@ pub fn decode_command(bytes: &[u8]) -> Result<Command, DimseError> {
         return Err(bad(format!("{} bytes", bytes.len())));
     }
     let mut elements: Vec<DataElement<InMemDicomObject>> = Vec::new();
+    let mut last: Option<Tag> = None;
     let mut rest = bytes;
     while !rest.is_empty() {
         let header = rest
@@ -236,12 +239,30 @@ pub fn decode_command(bytes: &[u8]) -> Result<Command, DimseError> {
         if tag.0 != 0x0000 {
             return Err(bad(format!("element {tag} is outside group 0000")));
         }
+        // Peers disagree on which copy of a repeated element counts (DCMTK keeps the first): the
+        // elements must come once each, in ascending order (PS3.5 7.1), so there is one reading.
+        if last.is_some_and(|l| tag <= l) {
+            return Err(bad(format!(
+                "element {tag} is repeated or out of ascending order"
+            )));
+        }
+        last = Some(tag);
         let value = rest.get(8..8 + len).ok_or_else(|| {
             bad(format!(
                 "element {tag} length {len} overruns the command set"
             ))
         })?;
         rest = &rest[8 + len..];
+        if tag == tags::COMMAND_GROUP_LENGTH
+            && value.len() == 4
+            && u32::from_le_bytes([value[0], value[1], value[2], value[3]]) as usize != rest.len()
+        {
+            return Err(bad(format!(
+                "group length {} does not match the {} bytes that follow",
+                u32::from_le_bytes([value[0], value[1], value[2], value[3]]),
+                rest.len()
+            )));
+        }
         let vr = dicom_dictionary_std::StandardDataDictionary
             .by_tag(tag)
             .map(|e| e.vr.relaxed())
@@ -406,7 +427,7 @@ pub fn decode_identifier(
         "1.2.840.10008.1.2.1" => EXPLICIT_VR_LITTLE_ENDIAN.erased(),
         other => return Err(DimseError::TransferSyntax(other.to_string())),
     };
-    check_lengths(bytes, ts.uid() != IMPLICIT_VR_LITTLE_ENDIAN.uid(), 0)
+    check_structure(bytes, ts.uid() != IMPLICIT_VR_LITTLE_ENDIAN.uid())
         .map_err(DimseError::Identifier)?;
     InMemDicomObject::read_dataset_with_ts(bytes, &ts)
         .map_err(|e| DimseError::Identifier(e.to_string()))
@@ -423,9 +444,12 @@ pub fn attribute(obj: &InMemDicomObject, tag: Tag) -> String {
 }
 
 const UNDEFINED: u32 = 0xFFFF_FFFF;
-const ITEM: (u16, u16) = (0xFFFE, 0xE000);
-const ITEM_END: (u16, u16) = (0xFFFE, 0xE00D);
-const SEQUENCE_END: (u16, u16) = (0xFFFE, 0xE0DD);
+const ITEM: Tag = Tag(0xFFFE, 0xE000);
+const ITEM_END: Tag = Tag(0xFFFE, 0xE00D);
+const SEQUENCE_END: Tag = Tag(0xFFFE, 0xE0DD);
+/// Sequences nested deeper than this are refused before any recursive parser sees them (real
+/// identifiers nest two or three levels).
+pub const MAX_NESTING: usize = 16;
 
 /// The byte size of one value of a binary VR (1 for everything read as bytes or text).
 fn value_size(vr: VR) -> usize {
@@ -437,99 +461,219 @@ fn value_size(vr: VR) -> usize {
     }
 }
 
-/// Before dicom-parser sees an identifier, walk it exactly as it will, and refuse anything on which
-/// it would reserve memory for a length that is not there: every defined length must fit in the bytes
-/// that follow; a binary value's length must be a multiple of its size (otherwise the parser reads
-/// the rest as another element header); explicit VR codes must be standard ones; undefined lengths
-/// only on sequences, items and (explicit) UN. Little endian only. Found necessary by fuzzing.
-fn check_lengths(mut b: &[u8], explicit: bool, depth: u32) -> Result<(), String> {
-    if depth > 16 {
-        return Err("sequences nested too deeply".into());
+/// Explicit VRs with a 4-byte length (PS3.5 7.1.2).
+fn has_long_length(vr: VR) -> bool {
+    matches!(
+        vr,
+        VR::OB
+            | VR::OW
+            | VR::OF
+            | VR::SQ
+            | VR::UT
+            | VR::UN
+            | VR::UC
+            | VR::UR
+            | VR::OD
+            | VR::OL
+            | VR::OV
+            | VR::SV
+            | VR::UV
+    )
+}
+
+/// What the structural walk is inside of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The identifier itself, or one item of a sequence: elements in ascending tag order.
+    Elements { last: Option<Tag>, item: bool },
+    /// A sequence: items only.
+    Sequence,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    kind: Kind,
+    /// Where a defined-length frame ends; undefined-length frames end at their delimiter.
+    end: Option<usize>,
+    /// The furthest this frame's content may reach (its own end, or its parent's).
+    limit: usize,
+}
+
+/// Read an element header at `at`: (tag, VR, value length, header length).
+fn element_header(b: &[u8], at: usize, explicit: bool) -> Result<(Tag, VR, u32, usize), String> {
+    let h = b
+        .get(at..at + 8)
+        .ok_or_else(|| "truncated element header".to_string())?;
+    let tag = Tag(
+        u16::from_le_bytes([h[0], h[1]]),
+        u16::from_le_bytes([h[2], h[3]]),
+    );
+    let le32 = |x: &[u8]| u32::from_le_bytes([x[0], x[1], x[2], x[3]]);
+    if tag.0 == 0xFFFE {
+        // Items and delimiters have no VR in either syntax.
+        return Ok((tag, VR::UN, le32(&h[4..8]), 8));
     }
-    let truncated = || "truncated element header".to_string();
-    while !b.is_empty() {
-        let h = b.get(..8).ok_or_else(truncated)?;
-        let tag = Tag(
-            u16::from_le_bytes([h[0], h[1]]),
-            u16::from_le_bytes([h[2], h[3]]),
-        );
-        let le32 = |at: usize| -> Result<u32, String> {
-            b.get(at..at + 4)
-                .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
-                .ok_or_else(truncated)
-        };
-        if (tag.0, tag.1) == ITEM_END || (tag.0, tag.1) == SEQUENCE_END {
-            b = &b[8..];
-            continue;
-        }
-        if tag.0 == 0xFFFE && (tag.0, tag.1) != ITEM {
-            // dicom-parser reads any group FFFE tag as an item header (no VR): refuse the others.
-            return Err(format!("element {tag} is in the item group but no item"));
-        }
-        let (len, header, vr) = if (tag.0, tag.1) == ITEM {
-            (le32(4)?, 8, VR::SQ)
-        } else if explicit {
-            let code = [h[4], h[5]];
-            let vr = VR::from_binary(code)
-                .ok_or_else(|| format!("element {tag} has no standard VR ({code:?})"))?;
-            if matches!(
-                vr,
-                VR::OB
-                    | VR::OW
-                    | VR::OF
-                    | VR::SQ
-                    | VR::UT
-                    | VR::UN
-                    | VR::UC
-                    | VR::UR
-                    | VR::OD
-                    | VR::OL
-                    | VR::OV
-                    | VR::SV
-                    | VR::UV
-            ) {
-                (le32(8)?, 12, vr)
-            } else {
-                (u16::from_le_bytes([h[6], h[7]]) as u32, 8, vr)
-            }
+    let known = dicom_dictionary_std::StandardDataDictionary.by_tag(tag);
+    if !explicit {
+        let vr = if tag.1 == 0x0000 {
+            VR::UL // every group length is UL, whatever the dictionary knows
         } else {
-            let vr = if tag.1 == 0x0000 {
-                VR::UL // every group length is UL, whatever the dictionary knows
-            } else {
-                dicom_dictionary_std::StandardDataDictionary
-                    .by_tag(tag)
-                    .map(|e| e.vr.relaxed())
-                    .unwrap_or(VR::UN)
-            };
-            (le32(4)?, 8, vr)
+            known.map(|e| e.vr.relaxed()).unwrap_or(VR::UN)
         };
-        let rest = b.get(header..).ok_or_else(truncated)?;
-        if len == UNDEFINED {
-            // Sequences, items, and UN (an unknown element with undefined length is read as a sequence).
-            let may_be_undefined = vr == VR::SQ || vr == VR::UN;
-            if !may_be_undefined {
-                return Err(format!("element {tag} ({vr:?}) has an undefined length"));
+        return Ok((tag, vr, le32(&h[4..8]), 8));
+    }
+    let code = [h[4], h[5]];
+    let vr = VR::from_binary(code)
+        .ok_or_else(|| format!("element {tag} has no standard VR ({code:?})"))?;
+    // A known attribute under another VR is read one way here and another way by a peer that
+    // trusts its dictionary: refuse it.
+    if let Some(expected) = known.and_then(|e| e.vr.exact())
+        && tag.1 != 0x0000
+        && expected != vr
+    {
+        return Err(format!(
+            "element {tag} is sent as {vr:?}, but the standard says {expected:?}"
+        ));
+    }
+    if has_long_length(vr) {
+        let l = b
+            .get(at + 8..at + 12)
+            .ok_or_else(|| "truncated element header".to_string())?;
+        Ok((tag, vr, le32(l), 12))
+    } else {
+        Ok((tag, vr, u32::from(u16::from_le_bytes([h[6], h[7]])), 8))
+    }
+}
+
+/// Before dicom-parser sees an identifier, walk it once, without recursion, exactly as it will be read,
+/// and refuse anything two readers could read differently or that a reader could not afford:
+/// - tags in strictly ascending order in the data set and in every item (no repeats: DCMTK keeps the
+///   first copy, dicom-object the last);
+/// - sequences nested at most [`MAX_NESTING`] deep, whatever their lengths (defined or undefined);
+/// - every defined length within its parent; undefined lengths only on sequences and items, each
+///   closed by its own delimiter; items only inside sequences; no other tag in group FFFE;
+/// - binary values a whole number of values long (dicom-parser reads the rest as another header);
+/// - explicit VRs standard, and the dictionary's for known attributes; no command or meta groups.
+///
+/// Little endian only. What passes reads the same in every conforming parser, so the bytes the
+/// gateway judged can be forwarded as they are.
+pub fn check_structure(b: &[u8], explicit: bool) -> Result<(), String> {
+    let mut stack = vec![Frame {
+        kind: Kind::Elements {
+            last: None,
+            item: false,
+        },
+        end: Some(b.len()),
+        limit: b.len(),
+    }];
+    let mut at = 0usize;
+    loop {
+        let Some(top) = stack.last().copied() else {
+            return Ok(());
+        };
+        if top.end == Some(at) {
+            stack.pop();
+            if stack.is_empty() {
+                return Ok(());
             }
-            // The parser walks the delimiters; the nested elements are checked in this same pass.
-            b = rest;
             continue;
         }
-        let len = len as usize;
-        let value = rest
-            .get(..len)
-            .ok_or_else(|| format!("element {tag} length {len} overruns the data"))?;
-        if vr != VR::SQ && !len.is_multiple_of(value_size(vr)) {
-            return Err(format!(
-                "element {tag} ({vr:?}) has length {len}, not a multiple of {}",
-                value_size(vr)
-            ));
+        if at >= top.limit {
+            return Err("a sequence or item is not closed before its end".into());
         }
-        if vr == VR::SQ {
-            check_lengths(value, explicit, depth + 1)?;
+        let (tag, vr, len, header) = element_header(b, at, explicit)?;
+        if at + header > top.limit {
+            return Err(format!("element {tag} header overruns its parent"));
         }
-        b = &rest[len..];
+        let value_end = |len: u32| -> Result<usize, String> {
+            let end = at + header + len as usize;
+            if end > top.limit {
+                Err(format!("element {tag} length {len} overruns its parent"))
+            } else {
+                Ok(end)
+            }
+        };
+        match top.kind {
+            Kind::Sequence => match tag {
+                ITEM => {
+                    let (end, limit) = if len == UNDEFINED {
+                        (None, top.limit)
+                    } else {
+                        let end = value_end(len)?;
+                        (Some(end), end)
+                    };
+                    stack.push(Frame {
+                        kind: Kind::Elements {
+                            last: None,
+                            item: true,
+                        },
+                        end,
+                        limit,
+                    });
+                    at += header;
+                }
+                SEQUENCE_END if top.end.is_none() && len == 0 => {
+                    stack.pop();
+                    at += header;
+                }
+                _ => return Err(format!("element {tag} inside a sequence is not an item")),
+            },
+            Kind::Elements { last, item } => {
+                if tag == ITEM_END && item && top.end.is_none() && len == 0 {
+                    stack.pop();
+                    at += header;
+                    continue;
+                }
+                if tag.0 == 0xFFFE {
+                    return Err(format!("element {tag} is out of place"));
+                }
+                if tag.0 < 0x0008 {
+                    return Err(format!("element {tag} does not belong in a data set"));
+                }
+                if last.is_some_and(|l| tag <= l) {
+                    return Err(format!(
+                        "element {tag} is repeated or out of ascending order"
+                    ));
+                }
+                if let Some(Frame {
+                    kind: Kind::Elements { last, .. },
+                    ..
+                }) = stack.last_mut()
+                {
+                    *last = Some(tag);
+                }
+                if vr == VR::SQ {
+                    let depth = stack.iter().filter(|f| f.kind == Kind::Sequence).count();
+                    if depth >= MAX_NESTING {
+                        return Err(format!("sequences nested deeper than {MAX_NESTING} levels"));
+                    }
+                    let (end, limit) = if len == UNDEFINED {
+                        (None, top.limit)
+                    } else {
+                        let end = value_end(len)?;
+                        (Some(end), end)
+                    };
+                    stack.push(Frame {
+                        kind: Kind::Sequence,
+                        end,
+                        limit,
+                    });
+                    at += header;
+                    continue;
+                }
+                if len == UNDEFINED {
+                    return Err(format!("element {tag} ({vr:?}) has an undefined length"));
+                }
+                if !(len as usize).is_multiple_of(value_size(vr)) {
+                    return Err(format!(
+                        "element {tag} ({vr:?}) has length {len}, not a multiple of {}",
+                        value_size(vr)
+                    ));
+                }
+                at = value_end(len)?;
+            }
+        }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -586,9 +730,8 @@ mod tests {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/artifacts");
         let mut seen = 0;
         for (dir, identifier) in [("dimse_command", false), ("dimse_identifier", true)] {
-            let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
-                continue;
-            };
+            let entries = std::fs::read_dir(root.join(dir))
+                .unwrap_or_else(|e| panic!("fuzz artifacts {}: {e}", root.join(dir).display()));
             for entry in entries.flatten() {
                 let bytes = std::fs::read(entry.path()).expect("artifact");
                 let started = std::time::Instant::now();
@@ -638,7 +781,150 @@ mod tests {
         ];
         assert!(decode_command(&hostile).is_err());
         assert!(decode_identifier(&hostile, "1.2.840.10008.1.2").is_err());
+        // 157 artifacts were committed with the fuzzing findings; a replay that finds none replays nothing.
+        assert!(
+            seen >= 150,
+            "only {seen} fuzz artifacts found under {}",
+            root.display()
+        );
         eprintln!("{seen} fuzz artifacts replayed");
+    }
+
+    /// One explicit VR little endian element (short-length VRs).
+    fn el(group: u16, element: u16, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&group.to_le_bytes());
+        out.extend_from_slice(&element.to_le_bytes());
+        out.extend_from_slice(vr);
+        out.extend_from_slice(&(value.len() as u16).to_le_bytes());
+        out.extend_from_slice(value);
+        out
+    }
+
+    fn delimiter(element: u16, len: u32) -> Vec<u8> {
+        let mut out = vec![0xFE, 0xFF];
+        out.extend_from_slice(&element.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+        out
+    }
+
+    /// An undefined-length sequence (explicit VR) of undefined-length items.
+    fn sequence(group: u16, element: u16, items: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&group.to_le_bytes());
+        out.extend_from_slice(&element.to_le_bytes());
+        out.extend_from_slice(b"SQ\0\0");
+        out.extend_from_slice(&UNDEFINED.to_le_bytes());
+        for item in items {
+            out.extend(delimiter(0xE000, UNDEFINED));
+            out.extend_from_slice(item);
+            out.extend(delimiter(0xE00D, 0));
+        }
+        out.extend(delimiter(0xE0DD, 0));
+        out
+    }
+
+    const EXPLICIT: &str = "1.2.840.10008.1.2.1";
+
+    #[test]
+    fn identifiers_with_one_reading_pass() {
+        let mut id = el(0x0008, 0x0052, b"CS", b"STUDY ");
+        id.extend(el(0x0010, 0x0010, b"PN", b"DOE^JOHN"));
+        id.extend(sequence(
+            0x0032,
+            0x1064,
+            &[el(0x0008, 0x0100, b"SH", b"XR12")],
+        ));
+        let obj = decode_identifier(&id, EXPLICIT).expect("a well-formed identifier");
+        assert_eq!(attribute(&obj, tags::PATIENT_NAME), "DOE^JOHN");
+    }
+
+    #[test]
+    fn repeated_and_out_of_order_tags_are_refused_at_every_level() {
+        let level = el(0x0008, 0x0052, b"CS", b"STUDY ");
+        let star = el(0x0010, 0x0010, b"PN", b"*\0");
+        let doe = el(0x0010, 0x0010, b"PN", b"DOE^JOHN");
+        let repeated = [level.clone(), star.clone(), doe.clone()].concat();
+        let swapped = [star.clone(), level.clone()].concat();
+        let nested = [
+            level.clone(),
+            sequence(0x0008, 0x1110, &[[doe.clone(), star.clone()].concat()]),
+        ]
+        .concat();
+        for (what, bytes) in [
+            ("repeated", repeated),
+            ("swapped", swapped),
+            ("nested", nested),
+        ] {
+            let e = decode_identifier(&bytes, EXPLICIT).expect_err(what);
+            assert!(e.to_string().contains("ascending"), "{what}: {e}");
+        }
+        // Command sets: CommandField twice.
+        let mut cmd = request(command_field::C_FIND_RQ, 7, true);
+        cmd.extend_from_slice(&[0, 0, 0, 1, 2, 0, 0, 0, 0x21, 0]);
+        assert!(decode_command(&cmd).is_err());
+    }
+
+    #[test]
+    fn nesting_is_bounded_whatever_the_lengths() {
+        // About 1,900 levels of undefined-length sequences in 61 KB took a worker's stack before.
+        let mut inner = el(0x0010, 0x0010, b"PN", b"DOE");
+        for _ in 0..1900 {
+            inner = sequence(0x0008, 0x1110, &[inner]);
+        }
+        let started = std::time::Instant::now();
+        let e = decode_identifier(&inner, EXPLICIT).expect_err("too deep");
+        assert!(e.to_string().contains("nested"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let mut ok = el(0x0010, 0x0010, b"PN", b"DOE");
+        for _ in 0..MAX_NESTING {
+            ok = sequence(0x0008, 0x1110, &[ok]);
+        }
+        assert!(
+            decode_identifier(&ok, EXPLICIT).is_ok(),
+            "{MAX_NESTING} levels are fine"
+        );
+        let deeper = sequence(0x0008, 0x1110, &[ok]);
+        assert!(decode_identifier(&deeper, EXPLICIT).is_err());
+    }
+
+    #[test]
+    fn misplaced_delimiters_and_mislabelled_values_are_refused() {
+        let level = el(0x0008, 0x0052, b"CS", b"STUDY ");
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "item outside a sequence",
+                [level.clone(), delimiter(0xE000, 0)].concat(),
+            ),
+            (
+                "stray item end",
+                [level.clone(), delimiter(0xE00D, 0)].concat(),
+            ),
+            ("unclosed sequence", {
+                let mut s = sequence(0x0008, 0x1110, &[]);
+                s.truncate(s.len() - 8);
+                [level.clone(), s].concat()
+            }),
+            ("PatientName as LO", el(0x0010, 0x0010, b"LO", b"DOE")),
+            ("a meta element", el(0x0002, 0x0010, b"UI", b"1.2")),
+            ("a non-item in a sequence", {
+                let mut s = sequence(0x0008, 0x1110, &[]);
+                let end = s.split_off(s.len() - 8);
+                s.extend(el(0x0010, 0x0010, b"PN", b"DOE"));
+                s.extend(end);
+                [level.clone(), s].concat()
+            }),
+        ];
+        for (what, bytes) in cases {
+            assert!(decode_identifier(&bytes, EXPLICIT).is_err(), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_command_group_length_must_match() {
+        let mut bytes = request(command_field::C_FIND_RQ, 7, true);
+        bytes[8] = bytes[8].wrapping_add(2);
+        assert!(decode_command(&bytes).is_err());
     }
 
     #[test]

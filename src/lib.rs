@@ -9,6 +9,7 @@
 //! - `auth`: client certificate, username + passcode (argon2id) and JWT credentials.
 //! - `relay`: whole PDUs both ways, P-DATA offered to an `Inspector` (the seam for DIMSE policy).
 //! - `config`: the TOML file format and its validation.
+//! - `listeners`: the listening sockets by configuration key, opened, moved and closed on reload.
 #![forbid(unsafe_code)]
 
 pub mod association;
@@ -19,6 +20,7 @@ pub mod connect;
 pub mod demo;
 pub mod devcerts;
 pub mod dimse;
+pub mod listeners;
 pub mod metrics;
 pub mod moves;
 pub mod pdu;

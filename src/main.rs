@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 use pacsgate::config::Config;
+use pacsgate::listeners::{Kind, Listeners};
 use pacsgate::server::{Gateway, State};
 
 const DEFAULT_CONFIG: &str = "config/pacsgate.toml";
@@ -311,91 +312,18 @@ fn run(path: &Path) -> anyhow::Result<()> {
     }
     runtime()?.block_on(async move {
         let gateway = Gateway::new(State::new(config)?);
-        let listener = gateway.bind().await?;
-        let devices = gateway.bind_devices().await?;
-        let returns = gateway.bind_return().await?;
-        let cfg = gateway.current();
-        let cfg = &cfg.config;
-        tracing::info!(
-            listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            ae_title = %cfg.gateway.ae_title,
-            upstreams = cfg.upstreams.len(),
-            users = cfg.users.len(),
-            "pacsgate listening (DICOM TLS)"
-        );
-        let mut background = Vec::new();
-        if let Some(devices) = devices {
-            tracing::info!(
-                listen = %devices.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-                devices = cfg.devices.len(),
-                "device listener (plain DICOM, [[device]] entries only)"
-            );
-            let g = gateway.clone();
-            background.push(tokio::spawn(async move { g.serve(devices, false).await }));
-        }
-        let mut return_task = None;
-        if let Some(returns) = returns {
-            tracing::info!(
-                listen = %returns.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-                destinations = cfg.destinations.len(),
-                "C-MOVE return listener (plain DICOM, for the archive)"
-            );
-            return_task = Some(tokio::spawn(pacsgate::moves::serve_return(
-                gateway.clone(),
-                returns,
-            )));
-        }
-        if let Some(admin) = cfg.admin_listen {
-            let listener = tokio::net::TcpListener::bind(admin)
-                .await
-                .with_context(|| format!("cannot listen on admin address {admin}"))?;
-            tracing::info!(listen = %admin, "admin endpoints: /metrics /healthz /readyz");
-            let g = gateway.clone();
-            let ready: pacsgate::metrics::ReadyCheck = std::sync::Arc::new(move || {
-                let g = g.clone();
-                Box::pin(async move {
-                    if g.tasks.is_closed() {
-                        return Err(vec!["shutting down".to_string()]);
-                    }
-                    let state = g.current();
-                    let upstreams = state
-                        .config
-                        .upstreams
-                        .iter()
-                        .map(|u| (u.called_ae.clone(), u.address.clone()))
-                        .collect();
-                    pacsgate::metrics::upstreams_reachable(
-                        upstreams,
-                        state.config.timeouts.upstream_connect,
-                    )
-                    .await
-                })
-            });
-            background.push(tokio::spawn(pacsgate::metrics::serve_admin(
-                listener, ready,
-            )));
-        }
-
-        if let Some(web) = &cfg.http {
-            let listener = tokio::net::TcpListener::bind(web.listen)
-                .await
-                .with_context(|| format!("cannot listen on http.listen {}", web.listen))?;
-            tracing::info!(listen = %web.listen, upstream = %web.upstream, path = %web.dicomweb_path, "DICOMweb door (HTTPS)");
-            background.push(tokio::spawn(pacsgate::web::serve(gateway.clone(), listener)));
-        }
+        let mut listeners = Listeners::start(&gateway).await?;
         // Rate-limit buckets of addresses and users not seen for a while are forgotten (bounded memory).
-        {
+        let sweeper = {
             let g = gateway.clone();
-            background.push(tokio::spawn(async move {
+            tokio::spawn(async move {
                 let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
                 loop {
                     tick.tick().await;
                     g.current().limiter.rates.sweep();
                 }
-            }));
-        }
-        // Boxed so that dropping it closes the listener at once.
-        let mut serving = Box::pin(gateway.serve(listener, true));
+            })
+        };
         use tokio::signal::unix::{SignalKind, signal};
         let mut hangup =
             signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
@@ -403,26 +331,21 @@ fn run(path: &Path) -> anyhow::Result<()> {
             signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
         loop {
             tokio::select! {
-                _ = &mut serving => break,
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
-                _ = hangup.recv() => gateway.reload(),
+                _ = hangup.recv() => listeners.reload(&gateway).await,
             }
         }
-        // Stop accepting: the TLS listener goes with `serving`, the device listener here.
-        drop(serving);
-        for task in &background {
-            task.abort();
-        }
+        // Stop accepting; the return path stays open while the moves in flight finish.
+        listeners.close_except(&[Kind::Return]);
+        sweeper.abort();
         let grace = gateway.current().config.timeouts.shutdown_grace;
         tracing::info!(
             grace_s = grace.as_secs_f64(),
             "shutting down: no new associations"
         );
         gateway.drain(grace).await;
-        if let Some(task) = return_task {
-            task.abort();
-        }
+        listeners.close_except(&[]);
         tracing::info!("stopped");
         Ok(())
     })
@@ -461,6 +384,10 @@ fn check(path: &Path) -> anyhow::Result<()> {
             None => String::new(),
         }
     );
+    if !config.tls.client_crl.is_empty() {
+        let crls = pacsgate::tls::load_crls(&config.tls.client_crl)?;
+        println!("ok: {} client CRLs load", crls.len());
+    }
     for key in key_files(&config) {
         if let Some(warning) = pacsgate::tls::key_permission_warning(&key) {
             println!("warning: {warning}");

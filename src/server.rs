@@ -14,17 +14,14 @@ use crate::audit::Audit;
 use crate::auth::{self, Authenticator, Principal};
 use crate::config::Config;
 use crate::metrics::{DirectionLabels, OutcomeLabels, UpstreamLabels, metrics};
-use crate::moves::{DestinationConnectors, MoveRegistry};
+use crate::moves::{DestinationConnectors, MovesInProgress, ReturnPeer};
 use crate::pdu::{self, PduError, Rejection, read_pdu};
 use crate::policy::{Grants, Limiter};
 use crate::relay::{self, RelayLimits};
 use crate::session::{Party, Session};
 use crate::tls;
-use dicom_ul::pdu::{
-    AssociationAC, AssociationRQ, PresentationContextResultReason, UserIdentityType,
-};
+use dicom_ul::pdu::{AssociationAC, AssociationRQ, UserIdentityType};
 use serde_json::json;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
 /// Errors that stop the gateway from starting.
@@ -40,6 +37,13 @@ pub enum ServerError {
     Config(#[from] crate::config::ConfigError),
     #[error("cannot listen on {address}: {source}")]
     Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{key}: cannot listen on {address}: {source}")]
+    Listener {
+        /// The configuration key of the listener (`gateway.return_listen`, `http.listen`, ...).
+        key: &'static str,
         address: SocketAddr,
         source: std::io::Error,
     },
@@ -77,10 +81,12 @@ impl State {
 #[derive(Clone)]
 pub struct Gateway {
     state: Arc<RwLock<Arc<State>>>,
-    pending: Arc<Semaphore>,
-    pending_by_address: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    /// Connections of the TLS and device listeners that have not authenticated yet.
+    pending: Arc<PendingConnections>,
+    /// Connections of the return listener that have not been admitted yet.
+    return_pending: Arc<PendingConnections>,
     /// C-MOVEs in progress, for the return path.
-    pub moves: Arc<MoveRegistry>,
+    pub moves: Arc<MovesInProgress>,
     /// Every association task, so shutdown can wait for them.
     pub tasks: TaskTracker,
     /// Set to true when the shutdown grace period is over: relays abort.
@@ -89,12 +95,11 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(state: State) -> Gateway {
-        let pending = Arc::new(Semaphore::new(state.config.limits.max_pending_connections));
         Gateway {
             state: Arc::new(RwLock::new(Arc::new(state))),
-            pending,
-            pending_by_address: Arc::default(),
-            moves: Arc::new(MoveRegistry::default()),
+            pending: Arc::default(),
+            return_pending: Arc::default(),
+            moves: Arc::default(),
             tasks: TaskTracker::new(),
             abort: Arc::new(tokio::sync::watch::channel(false).0),
         }
@@ -108,24 +113,8 @@ impl Gateway {
         }
     }
 
-    /// A pending-connection permit for the web door, from the same budget as DICOM connections
-    /// (`max_pending_connections`, `max_pending_per_address`); `Err` names the limit reached.
-    pub(crate) fn hold_pending(&self, address: std::net::IpAddr) -> Result<Pending, &'static str> {
-        let per_address = self.current().config.limits.max_pending_per_address;
-        let slot = PendingSlot::take(&self.pending_by_address, address, per_address)
-            .ok_or("pending_per_address")?;
-        let global = self
-            .pending
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| "pending_connections")?;
-        Ok(Pending {
-            _global: global,
-            _slot: slot,
-        })
-    }
-
-    /// Bind the listener named in the configuration.
+    /// Bind the TLS listener named in the configuration (for an embedder that serves only that one;
+    /// `pacsgate run` binds every listener through `listeners`).
     pub async fn bind(&self) -> Result<TcpListener, ServerError> {
         let address = self.current().config.gateway.listen;
         TcpListener::bind(address)
@@ -133,52 +122,78 @@ impl Gateway {
             .map_err(|source| ServerError::Listen { address, source })
     }
 
-    /// Re-read the configuration file: users, roles, devices, JWT keys, certificates, limits and
-    /// destinations. Associations in flight keep the state they started with. A configuration that
-    /// does not load is refused with one log line, and the old one stays in force.
-    pub fn reload(&self) {
+    /// The pending-connection pool of the return listener.
+    pub(crate) fn return_pending(&self) -> &Arc<PendingConnections> {
+        &self.return_pending
+    }
+
+    /// The pending-connection pool of the TLS and device listeners, which the web door shares.
+    pub(crate) fn pending(&self) -> &Arc<PendingConnections> {
+        &self.pending
+    }
+
+    /// Reload, first step: re-read and validate the configuration file and build what new
+    /// associations will need (users, roles, devices, JWT keys, certificates and CRLs, destinations,
+    /// audit). Nothing is in force yet; an error leaves everything as it was. The limiter is the
+    /// running one: its records (lockouts, failure counts, rate buckets, open associations) carry
+    /// over, and [`Gateway::install`] gives it the new `[limits]`.
+    pub fn load_next(&self) -> Result<State, ServerError> {
         let old = self.current();
-        let path = old.config.path.clone();
-        let loaded = Config::load(&path)
+        let mut state = Config::load(&old.config.path)
             .map_err(ServerError::from)
-            .and_then(State::new);
-        let labels = |outcome| OutcomeLabels {
-            outcome,
-            reason: "sighup",
-        };
-        match loaded {
-            Ok(mut state) => {
-                if state.config.gateway.listen != old.config.gateway.listen
-                    || state.config.gateway.return_listen != old.config.gateway.return_listen
-                    || state.config.gateway.device_listen != old.config.gateway.device_listen
-                    || state.config.admin_listen != old.config.admin_listen
-                {
-                    tracing::warn!(
-                        "listen addresses changed: they take effect at the next restart"
-                    );
-                }
-                if state.config.limits == old.config.limits {
-                    // Keep lockouts, rate buckets and open-association counts.
-                    state.limiter = old.limiter.clone();
-                }
-                let users = state.config.users.len();
-                state.audit.record(
-                    "reload",
-                    json!({"outcome": "ok", "path": path.display().to_string(), "users": users}),
-                );
-                match self.state.write() {
-                    Ok(mut s) => *s = Arc::new(state),
-                    Err(poisoned) => *poisoned.into_inner() = Arc::new(state),
-                }
-                metrics().reloads.get_or_create(&labels("ok")).inc();
-                tracing::info!(path = %path.display(), users, "configuration reloaded");
-            }
-            Err(e) => {
-                old.audit.record("reload", json!({"outcome": "refused", "path": path.display().to_string(), "reason": e.to_string()}));
-                metrics().reloads.get_or_create(&labels("refused")).inc();
-                tracing::error!(path = %path.display(), reason = %e, "configuration reload refused; the previous configuration stays in force");
-            }
+            .and_then(State::new)?;
+        state.limiter = old.limiter.clone();
+        Ok(state)
+    }
+
+    /// Reload, last step: new associations get `state`. Associations in flight keep the state they
+    /// started with, but share the limiter, which now applies the new `[limits]`.
+    pub fn install(&self, state: State) {
+        let old = self.current();
+        let path = state.config.path.clone();
+        let limits_changed = state.config.limits != old.config.limits;
+        state.limiter.reconfigure(&state.config.limits);
+        let users = state.config.users.len();
+        state.audit.record(
+            "reload",
+            json!({"outcome": "ok", "path": path.display().to_string(), "users": users}),
+        );
+        match self.state.write() {
+            Ok(mut s) => *s = Arc::new(state),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(state),
         }
+        metrics()
+            .reloads
+            .get_or_create(&OutcomeLabels {
+                outcome: "ok",
+                reason: "sighup",
+            })
+            .inc();
+        tracing::info!(
+            path = %path.display(),
+            users,
+            limits_changed,
+            "configuration reloaded"
+        );
+    }
+
+    /// A reload that did not happen: one log line, an audit event and a metric; the running
+    /// configuration stays in force.
+    pub fn refuse_reload(&self, error: &ServerError) {
+        let old = self.current();
+        let path = old.config.path.display().to_string();
+        old.audit.record(
+            "reload",
+            json!({"outcome": "refused", "path": path, "reason": error.to_string()}),
+        );
+        metrics()
+            .reloads
+            .get_or_create(&OutcomeLabels {
+                outcome: "refused",
+                reason: "sighup",
+            })
+            .inc();
+        tracing::error!(path = %path, reason = %error, "configuration reload refused; the previous configuration stays in force");
     }
 
     /// A receiver that turns true when relays must abort (the end of the shutdown grace period).
@@ -211,28 +226,6 @@ impl Gateway {
         }
     }
 
-    /// Bind the C-MOVE return-path listener, when the configuration has one.
-    pub async fn bind_return(&self) -> Result<Option<TcpListener>, ServerError> {
-        let Some(address) = self.current().config.gateway.return_listen else {
-            return Ok(None);
-        };
-        TcpListener::bind(address)
-            .await
-            .map(Some)
-            .map_err(|source| ServerError::Listen { address, source })
-    }
-
-    /// Bind the plain device listener, when the configuration has one.
-    pub async fn bind_devices(&self) -> Result<Option<TcpListener>, ServerError> {
-        let Some(address) = self.current().config.gateway.device_listen else {
-            return Ok(None);
-        };
-        TcpListener::bind(address)
-            .await
-            .map(Some)
-            .map_err(|source| ServerError::Listen { address, source })
-    }
-
     /// Accept associations until the task is dropped. `tls` is false on the device listener.
     pub async fn serve(&self, listener: TcpListener, tls: bool) {
         let mut backoff = Duration::from_millis(10);
@@ -246,24 +239,25 @@ impl Gateway {
                     // Connections that have not authenticated yet are bounded: a flood from the
                     // internet must not starve the gateway of memory or file descriptors.
                     // One address may hold only a slice of them, so it cannot starve the others.
-                    let per_address = state.config.limits.max_pending_per_address;
-                    let Some(slot) =
-                        PendingSlot::take(&self.pending_by_address, peer.ip(), per_address)
-                    else {
-                        metrics().refusal("pending_per_address");
-                        tracing::debug!(peer = %peer, outcome = "dropped", reason = "too many connections awaiting authentication from this address", "association");
-                        drop(stream);
-                        continue;
-                    };
-                    let Ok(global) = self.pending.clone().try_acquire_owned() else {
-                        metrics().refusal("pending_connections");
-                        tracing::warn!(peer = %peer, outcome = "dropped", reason = "too many connections awaiting authentication", "association");
-                        drop(stream);
-                        continue;
-                    };
-                    let permit = Pending {
-                        _global: global,
-                        _slot: slot,
+                    let limits = &state.config.limits;
+                    let permit = match self.pending.take(
+                        peer.ip(),
+                        limits.max_pending_connections,
+                        limits.max_pending_per_address,
+                    ) {
+                        Ok(permit) => permit,
+                        Err(cap @ Cap::PerAddress) => {
+                            metrics().refusal("pending_per_address");
+                            tracing::debug!(peer = %peer, outcome = "dropped", reason = %cap, "association");
+                            drop(stream);
+                            continue;
+                        }
+                        Err(cap @ Cap::Total) => {
+                            metrics().refusal("pending_connections");
+                            tracing::warn!(peer = %peer, outcome = "dropped", reason = %cap, "association");
+                            drop(stream);
+                            continue;
+                        }
                     };
                     self.tasks.spawn(async move {
                         handle(state, moves, stream, peer, tls, permit, shutdown).await;
@@ -280,44 +274,75 @@ impl Gateway {
     }
 }
 
-/// A connection that has not authenticated yet holds one of these until it has (or has gone).
-pub(crate) struct Pending {
-    _global: OwnedSemaphorePermit,
-    _slot: PendingSlot,
+/// Which bound on pending connections was reached.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Cap {
+    Total,
+    PerAddress,
 }
 
-/// Counts the pending connections of one client address.
-pub(crate) struct PendingSlot {
-    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
-    address: std::net::IpAddr,
-}
-
-impl PendingSlot {
-    fn take(
-        counts: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
-        address: std::net::IpAddr,
-        max: usize,
-    ) -> Option<PendingSlot> {
-        let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
-        let n = c.entry(address).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(PendingSlot {
-            counts: counts.clone(),
-            address,
+impl std::fmt::Display for Cap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Cap::Total => "too many connections awaiting admission (limits.max_pending_connections)",
+            Cap::PerAddress => {
+                "too many connections awaiting admission from this address (limits.max_pending_per_address)"
+            }
         })
     }
 }
 
+/// The connections of one listener pool that have not been admitted yet: in all, and per client
+/// address. The bounds are read at each accept, so a reload changes them without forgetting who
+/// is waiting.
+#[derive(Default)]
+pub(crate) struct PendingConnections {
+    counts: std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
+}
+
+impl PendingConnections {
+    pub(crate) fn take(
+        self: &Arc<Self>,
+        address: std::net::IpAddr,
+        max_total: usize,
+        max_per_address: usize,
+    ) -> Result<PendingSlot, Cap> {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if c.0 >= max_total {
+            return Err(Cap::Total);
+        }
+        let n = c.1.entry(address).or_insert(0);
+        if *n >= max_per_address {
+            return Err(Cap::PerAddress);
+        }
+        *n += 1;
+        c.0 += 1;
+        Ok(PendingSlot {
+            pool: self.clone(),
+            address,
+        })
+    }
+
+    #[cfg(test)]
+    fn total(&self) -> usize {
+        self.counts.lock().map(|c| c.0).unwrap_or(0)
+    }
+}
+
+/// A connection that has not been admitted yet holds one of these until it has (or has gone).
+pub(crate) struct PendingSlot {
+    pool: Arc<PendingConnections>,
+    address: std::net::IpAddr,
+}
+
 impl Drop for PendingSlot {
     fn drop(&mut self) {
-        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = c.get_mut(&self.address) {
+        let mut c = self.pool.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c.0 = c.0.saturating_sub(1);
+        if let Some(n) = c.1.get_mut(&self.address) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                c.remove(&self.address);
+                c.1.remove(&self.address);
             }
         }
     }
@@ -376,11 +401,11 @@ fn end_kind(end: &relay::RelayEnd) -> &'static str {
 
 async fn handle(
     state: Arc<State>,
-    moves: Arc<MoveRegistry>,
+    moves: Arc<MovesInProgress>,
     stream: TcpStream,
     peer: SocketAddr,
     tls: bool,
-    permit: Pending,
+    permit: PendingSlot,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let started = Instant::now();
@@ -481,10 +506,10 @@ async fn handle(
         peer = %peer,
         user = outcome.user.as_deref().unwrap_or("-"),
         method = outcome.method.unwrap_or("-"),
-        calling_ae = %outcome.calling_ae,
-        called_ae = %outcome.called_ae,
+        calling_ae = ?outcome.calling_ae,
+        called_ae = ?outcome.called_ae,
         outcome = result_name,
-        reason = %reason,
+        reason = ?reason,
         duration_ms = started.elapsed().as_millis() as u64,
         bytes_from_client = outcome.bytes_from_client,
         bytes_from_archive = outcome.bytes_from_archive,
@@ -521,7 +546,7 @@ async fn handshake(
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .map(|leaf| auth::certificate::names(leaf))
+        .map(|leaf| auth::certificate::names_for(leaf, state.config.tls.client_identity))
         .unwrap_or_default();
     Ok((client, names))
 }
@@ -529,14 +554,14 @@ async fn handshake(
 #[allow(clippy::too_many_arguments)]
 async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
     state: &State,
-    moves: Arc<MoveRegistry>,
+    moves: Arc<MovesInProgress>,
     mut client: S,
     peer: SocketAddr,
     certificate_names: &[String],
     over_tls: bool,
     outcome: &mut Outcome,
     started: Instant,
-    permit: Pending,
+    permit: PendingSlot,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<relay::RelayEnd, Stop> {
     let cfg = &state.config;
@@ -678,7 +703,7 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
         send(&mut archive, &pdu::abort(0)).await;
         return Err(Stop::new("aborted", format!("client: {e}")));
     }
-    tracing::debug!(peer = %peer, user = %principal.user, "association accepted");
+    tracing::debug!(peer = %peer, user = ?principal.user, "association accepted");
     metrics()
         .association_setup_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -696,6 +721,21 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
     );
     drop(permit); // authenticated and established: no longer a pending connection
 
+    // C-MOVE results of this association may come back only from this archive: from the addresses
+    // configured for it, or else the one the gateway reached it at, calling as its ae_title.
+    let return_addresses = match &upstream.return_addresses {
+        Some(list) => list.clone(),
+        None => archive
+            .peer_addr()
+            .map(|a| vec![ipnet::IpNet::from(crate::config::unmapped(a.ip()))])
+            .unwrap_or_default(),
+    };
+    let moves = Arc::new(moves.for_upstream(ReturnPeer {
+        upstream: upstream.called_ae.clone(),
+        ae_title: upstream.ae_title.clone(),
+        addresses: return_addresses,
+    }));
+
     // Phase: relay.
     // Each peer was told the other's (clamped) maximum; some send a little more. The relay reads
     // anything up to the gateway's own limit, and re-packs what it rebuilds to the receiver's maximum.
@@ -705,12 +745,7 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
         from_archive: cfg.gateway.max_pdu_length,
         idle: t.idle,
     };
-    let transfer_syntaxes = ac
-        .presentation_contexts
-        .iter()
-        .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
-        .map(|pc| (pc.id, pc.transfer_syntax.trim_end_matches('\0').to_string()))
-        .collect();
+    let contexts = association::accepted_contexts(&rq, &ac);
     let session = Session::new(
         Party {
             peer,
@@ -722,7 +757,7 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
         state.limiter.clone(),
         moves,
         state.audit.clone(),
-        transfer_syntaxes,
+        contexts,
         client_max,
         archive_max,
     );
@@ -950,4 +985,27 @@ pub(crate) async fn write_flush<S: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     stream.write_all(bytes).await?;
     stream.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_connections_are_bounded_in_all_and_per_address_and_given_back() {
+        let pool = Arc::new(PendingConnections::default());
+        let a: std::net::IpAddr = "127.0.0.2".parse().expect("ip");
+        let b: std::net::IpAddr = "127.0.0.3".parse().expect("ip");
+        let a1 = pool.take(a, 3, 2).expect("a1");
+        let _a2 = pool.take(a, 3, 2).expect("a2");
+        assert!(matches!(pool.take(a, 3, 2), Err(Cap::PerAddress)));
+        let _b1 = pool.take(b, 3, 2).expect("b1");
+        assert!(matches!(pool.take(b, 3, 2), Err(Cap::Total)));
+        // Bounds are read at each take: a reload that raises them admits more, forgetting no one.
+        let _b2 = pool.take(b, 4, 2).expect("b2 under a raised total");
+        assert_eq!(pool.total(), 4);
+        drop(a1);
+        assert_eq!(pool.total(), 3);
+        let _a3 = pool.take(a, 4, 2).expect("a slot came back");
+    }
 }

@@ -10,7 +10,8 @@ use crate::config::Operation;
 use crate::dimse::{self, Command, PDataWriter, Pdv, command_field as cf, status};
 use crate::metrics::metrics;
 use crate::moves::MoveRegistry;
-use crate::policy::{Grants, Limiter, query_guard};
+use crate::policy::query_guard::{self, GuardError};
+use crate::policy::{Grants, Limiter};
 use crate::relay::{Actions, Forward, Inspector, Side};
 use serde_json::json;
 
@@ -20,6 +21,13 @@ const WORKLIST_FIND: &str = "1.2.840.10008.5.1.4.31";
 const MAX_IDENTIFIER: usize = 64 * 1024;
 /// Locally refused message IDs remembered, so a later C-CANCEL for them is not sent upstream.
 const REMEMBER_REFUSED: usize = 64;
+
+/// One accepted presentation context: what may be said on it, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Context {
+    pub abstract_syntax: String,
+    pub transfer_syntax: String,
+}
 
 /// Who is on this association, for log lines.
 #[derive(Debug, Clone)]
@@ -105,8 +113,11 @@ struct Retrieval {
     op: &'static str,
     destination: String,
     registered: Option<u64>,
+    level: String,
+    patient: String,
     study: String,
     series: String,
+    instance: String,
     started: std::time::Instant,
 }
 
@@ -125,7 +136,8 @@ pub struct Session {
     limiter: Arc<Limiter>,
     moves: Arc<MoveRegistry>,
     audit: Arc<Audit>,
-    transfer_syntaxes: HashMap<u8, String>,
+    /// The accepted presentation contexts, by ID.
+    contexts: HashMap<u8, Context>,
     /// Largest PDU body the client accepts / the archive accepts.
     client_max: u32,
     archive_max: u32,
@@ -146,7 +158,7 @@ impl Session {
         limiter: Arc<Limiter>,
         moves: Arc<MoveRegistry>,
         audit: Arc<Audit>,
-        transfer_syntaxes: HashMap<u8, String>,
+        contexts: HashMap<u8, Context>,
         client_max: u32,
         archive_max: u32,
     ) -> Session {
@@ -156,7 +168,7 @@ impl Session {
             limiter,
             moves,
             audit,
-            transfer_syntaxes,
+            contexts,
             client_max,
             archive_max,
             from_client: Assembly::default(),
@@ -177,6 +189,11 @@ impl Session {
         back: &mut PDataWriter,
     ) -> Result<(), String> {
         let pc = pdv.presentation_context_id;
+        if !self.contexts.contains_key(&pc) {
+            return Err(format!(
+                "PDV on presentation context {pc}, which was not accepted"
+            ));
+        }
         let mut asm = std::mem::take(match from {
             Side::Client => &mut self.from_client,
             Side::Archive => &mut self.from_archive,
@@ -393,7 +410,9 @@ impl Session {
                     cf::C_GET_RQ => Operation::Get,
                     cf::C_CANCEL_RQ => {
                         self.counts.requests -= 1;
-                        return if self.refused.contains(&c.responded_to) {
+                        return if self.refused.contains(&c.responded_to)
+                            && !self.outstanding(c.responded_to)
+                        {
                             Decision::Drop
                         } else {
                             Decision::Forward
@@ -407,6 +426,30 @@ impl Session {
                         );
                     }
                 };
+                // The command must speak the context it travels on: the archive judges by the
+                // context's abstract syntax, the gateway by the command's SOP class (PS3.7 9.3).
+                let negotiated = self
+                    .contexts
+                    .get(&pc)
+                    .map(|ctx| ctx.abstract_syntax.as_str())
+                    .unwrap_or_default();
+                if c.affected_sop_class != negotiated {
+                    return self.refuse(
+                        status::SOP_CLASS_NOT_SUPPORTED,
+                        "context_mismatch",
+                        format!(
+                            "SOP class {:?} is not the abstract syntax of presentation context {pc}",
+                            c.affected_sop_class
+                        ),
+                    );
+                }
+                if self.outstanding(c.message_id) {
+                    return self.refuse(
+                        status::DUPLICATE_INVOCATION,
+                        "duplicate_message_id",
+                        format!("message ID {} is still in progress", c.message_id),
+                    );
+                }
                 if !self.grants.allows(op) {
                     return self.refuse(
                         status::REFUSED_NOT_AUTHORIZED,
@@ -464,9 +507,9 @@ impl Session {
     /// Decide on a held request once its identifier is complete.
     fn decide_identifier(&mut self, pc: u8, c: &Command, data: &[u8]) -> Decision {
         let ts = self
-            .transfer_syntaxes
+            .contexts
             .get(&pc)
-            .map(String::as_str)
+            .map(|ctx| ctx.transfer_syntax.as_str())
             .unwrap_or("");
         let identifier = match dimse::decode_identifier(data, ts) {
             Ok(i) => i,
@@ -478,18 +521,37 @@ impl Session {
                 );
             }
         };
-        if c.field == cf::C_FIND_RQ {
-            let worklist = c.affected_sop_class == WORKLIST_FIND;
-            if !worklist && !self.grants.unrestricted_queries {
-                match query_guard::check(&identifier, self.grants.query_min_chars) {
-                    Ok(key) => {
-                        tracing::debug!(user = %self.party.user, key, "C-FIND allowed by key")
-                    }
-                    Err(reason) => {
-                        return self.refuse(status::OUT_OF_RESOURCES, "query_guard", reason);
-                    }
-                }
+        if let Err(e) = query_guard::check_identifier_uids(&identifier) {
+            return self.refuse(
+                status::IDENTIFIER_DOES_NOT_MATCH,
+                "bad_identifier",
+                e.to_string(),
+            );
+        }
+        let verdict = match c.field {
+            cf::C_FIND_RQ
+                if c.affected_sop_class == WORKLIST_FIND || self.grants.unrestricted_queries =>
+            {
+                Ok("")
             }
+            cf::C_FIND_RQ => query_guard::check(&identifier, self.grants.query_min_chars),
+            _ => query_guard::check_retrieval(&identifier),
+        };
+        match verdict {
+            Ok(key) => tracing::debug!(user = ?self.party.user, key, "identifier allowed by key"),
+            Err(GuardError::NotSpecific(reason)) => {
+                let status = if c.field == cf::C_FIND_RQ {
+                    status::OUT_OF_RESOURCES
+                } else {
+                    status::OUT_OF_RESOURCES_MATCHES
+                };
+                return self.refuse(status, "query_guard", reason);
+            }
+            Err(GuardError::Malformed(reason)) => {
+                return self.refuse(status::IDENTIFIER_DOES_NOT_MATCH, "bad_identifier", reason);
+            }
+        }
+        if c.field == cf::C_FIND_RQ {
             self.track(c, Some(query_keys(&identifier)));
             self.finds.insert(
                 c.message_id,
@@ -515,6 +577,7 @@ impl Session {
                 &identifier,
                 dicom_dictionary_std::tags::QUERY_RETRIEVE_LEVEL,
             );
+            self.track(c, None);
             let registered = (op == "move").then(|| {
                 self.moves.begin(
                     &c.move_destination,
@@ -525,14 +588,14 @@ impl Session {
             });
             tracing::info!(
                 peer = %self.party.peer,
-                user = %self.party.user,
-                calling_ae = %self.party.calling_ae,
-                called_ae = %self.party.called_ae,
+                user = ?self.party.user,
+                calling_ae = ?self.party.calling_ae,
+                called_ae = ?self.party.called_ae,
                 op,
-                destination = %c.move_destination,
-                level = %level,
-                study_uid = %study,
-                series_uid = %series,
+                destination = ?c.move_destination,
+                level = ?level,
+                study_uid = ?study,
+                series_uid = ?series,
                 "retrieval requested"
             );
             self.retrievals.insert(
@@ -541,6 +604,12 @@ impl Session {
                     op,
                     destination: c.move_destination.clone(),
                     registered,
+                    patient: dimse::attribute(&identifier, dicom_dictionary_std::tags::PATIENT_ID),
+                    instance: dimse::attribute(
+                        &identifier,
+                        dicom_dictionary_std::tags::SOP_INSTANCE_UID,
+                    ),
+                    level,
                     study,
                     series,
                     started: std::time::Instant::now(),
@@ -552,22 +621,23 @@ impl Session {
 
     /// The final C-MOVE / C-GET response: log what was moved, and close the return path.
     fn retrieval_finished(&mut self, c: &Command) {
-        let Some(r) = self.retrievals.remove(&c.responded_to) else {
+        let Some(r) = self.retrievals.get_mut(&c.responded_to) else {
             return;
         };
-        if let Some(id) = r.registered {
+        if let Some(id) = r.registered.take() {
             self.moves.end(id);
         }
+        let r = &*r;
         let count = |tag| dimse::count(c, tag);
         tracing::info!(
             peer = %self.party.peer,
-            user = %self.party.user,
-            calling_ae = %self.party.calling_ae,
-            called_ae = %self.party.called_ae,
+            user = ?self.party.user,
+            calling_ae = ?self.party.calling_ae,
+            called_ae = ?self.party.called_ae,
             op = r.op,
-            destination = %r.destination,
-            study_uid = %r.study,
-            series_uid = %r.series,
+            destination = ?r.destination,
+            study_uid = ?r.study,
+            series_uid = ?r.series,
             status = format_args!("{:#06x}", c.status.unwrap_or(0)),
             completed = count(dicom_dictionary_std::tags::NUMBER_OF_COMPLETED_SUBOPERATIONS),
             failed = count(dicom_dictionary_std::tags::NUMBER_OF_FAILED_SUBOPERATIONS),
@@ -584,6 +654,13 @@ impl Session {
             self.finish(c);
         }
         decision
+    }
+
+    /// Is a request with this message ID forwarded and not yet finished?
+    fn outstanding(&self, message_id: u16) -> bool {
+        self.ops.contains_key(&message_id)
+            || self.finds.contains_key(&message_id)
+            || self.retrievals.contains_key(&message_id)
     }
 
     /// Start tracking a forwarded request; false when it is not one the gateway reports on.
@@ -607,6 +684,7 @@ impl Session {
 
     /// A final response from the archive: metrics and the audit event for its request.
     fn finish(&mut self, c: &Command) {
+        let retrieval = self.retrievals.remove(&c.responded_to);
         let Some(t) = self.ops.remove(&c.responded_to) else {
             return;
         };
@@ -640,9 +718,12 @@ impl Session {
                 "bytes": t.bytes,
             }),
             "move" | "get" => json!({
-                "study_uid": self.retrievals.get(&c.responded_to).map(|r| r.study.clone()),
-                "series_uid": self.retrievals.get(&c.responded_to).map(|r| r.series.clone()),
-                "destination": self.retrievals.get(&c.responded_to).map(|r| r.destination.clone()).filter(|d| !d.is_empty()),
+                "level": retrieval.as_ref().map(|r| r.level.clone()),
+                "patient_id": retrieval.as_ref().map(|r| r.patient.clone()).filter(|p| !p.is_empty()),
+                "study_uid": retrieval.as_ref().map(|r| r.study.clone()),
+                "series_uid": retrieval.as_ref().map(|r| r.series.clone()).filter(|s| !s.is_empty()),
+                "sop_instance_uid": retrieval.as_ref().map(|r| r.instance.clone()).filter(|s| !s.is_empty()),
+                "destination": retrieval.as_ref().map(|r| r.destination.clone()).filter(|d| !d.is_empty()),
                 "completed": dimse::count(c, dicom_dictionary_std::tags::NUMBER_OF_COMPLETED_SUBOPERATIONS),
                 "failed": dimse::count(c, dicom_dictionary_std::tags::NUMBER_OF_FAILED_SUBOPERATIONS),
                 "warning": dimse::count(c, dicom_dictionary_std::tags::NUMBER_OF_WARNING_SUBOPERATIONS),
@@ -690,9 +771,9 @@ impl Session {
             self.counts.truncated_queries += 1;
             tracing::info!(
                 peer = %self.party.peer,
-                user = %self.party.user,
-                calling_ae = %self.party.calling_ae,
-                called_ae = %self.party.called_ae,
+                user = ?self.party.user,
+                calling_ae = ?self.party.calling_ae,
+                called_ae = ?self.party.called_ae,
                 op = "find",
                 relayed = track.cap,
                 dropped = track.dropped,
@@ -731,9 +812,9 @@ impl Session {
         self.refused.push_back(c.message_id);
         tracing::info!(
             peer = %self.party.peer,
-            user = %self.party.user,
-            calling_ae = %self.party.calling_ae,
-            called_ae = %self.party.called_ae,
+            user = ?self.party.user,
+            calling_ae = ?self.party.calling_ae,
+            called_ae = ?self.party.called_ae,
             op = op_name(c.field),
             status = format_args!("{status:#06x}"),
             rule,
@@ -744,12 +825,33 @@ impl Session {
 }
 
 impl Drop for Session {
-    /// Moves still open when the association ends no longer admit return-path associations.
+    /// Moves still open when the association ends no longer admit return-path associations, and each
+    /// retrieval the archive never finished is still an audit event (who asked for what, to where).
     fn drop(&mut self) {
-        for r in self.retrievals.values() {
+        for (message_id, r) in self.retrievals.drain() {
             if let Some(id) = r.registered {
                 self.moves.end(id);
             }
+            self.audit.record(
+                r.op,
+                json!({
+                    "peer": self.party.peer.to_string(),
+                    "user": self.party.user,
+                    "calling_ae": self.party.calling_ae,
+                    "called_ae": self.party.called_ae,
+                    "op": r.op,
+                    "message_id": message_id,
+                    "outcome": "incomplete",
+                    "reason": "the association ended before the final response",
+                    "level": r.level,
+                    "patient_id": (!r.patient.is_empty()).then_some(&r.patient),
+                    "study_uid": r.study,
+                    "series_uid": (!r.series.is_empty()).then_some(&r.series),
+                    "sop_instance_uid": (!r.instance.is_empty()).then_some(&r.instance),
+                    "destination": (!r.destination.is_empty()).then_some(&r.destination),
+                    "duration_ms": r.started.elapsed().as_millis() as u64,
+                }),
+            );
         }
     }
 }
@@ -872,9 +974,14 @@ allow = ["echo", "find"]
             calling_ae: "C".into(),
             called_ae: "A".into(),
         };
+        let ctx = |abstract_syntax: &str, transfer_syntax: &str| Context {
+            abstract_syntax: abstract_syntax.into(),
+            transfer_syntax: transfer_syntax.into(),
+        };
         let ts = HashMap::from([
-            (1u8, "1.2.840.10008.1.2.1".to_string()),
-            (3u8, "1.2.840.10008.1.2".to_string()),
+            (1u8, ctx(FIND, "1.2.840.10008.1.2.1")),
+            (3u8, ctx(CT, "1.2.840.10008.1.2")),
+            (5u8, ctx("1.2.840.10008.1.1", "1.2.840.10008.1.2")),
         ]);
         Session::new(
             party,
@@ -961,7 +1068,7 @@ allow = ["echo", "find"]
             "1.2.840.10008.1.1",
         );
         let a = s
-            .inspect(Side::Client, &pdu(1, true, true, &echo))
+            .inspect(Side::Client, &pdu(5, true, true, &echo))
             .expect("inspect");
         assert_eq!(a, Actions::PASS);
     }
@@ -978,15 +1085,15 @@ allow = ["echo", "find"]
             CT,
         );
         let a = s
-            .inspect(Side::Client, &pdu(1, true, true, &store))
+            .inspect(Side::Client, &pdu(3, true, true, &store))
             .expect("command");
         assert_eq!((a.forward, a.back.len()), (Forward::Nothing, 0));
         let a = s
-            .inspect(Side::Client, &pdu(1, false, false, &[0u8; 1000]))
+            .inspect(Side::Client, &pdu(3, false, false, &[0u8; 1000]))
             .expect("data 1");
         assert_eq!((a.forward, a.back.len()), (Forward::Nothing, 0));
         let a = s
-            .inspect(Side::Client, &pdu(1, false, true, &[0u8; 10]))
+            .inspect(Side::Client, &pdu(3, false, true, &[0u8; 10]))
             .expect("data 2");
         assert_eq!(a.forward, Forward::Nothing);
         assert_eq!(statuses(&a.back), vec![0x0124]);
@@ -1001,7 +1108,7 @@ allow = ["echo", "find"]
             "1.2.840.10008.1.1",
         );
         assert_eq!(
-            s.inspect(Side::Client, &pdu(1, true, true, &echo))
+            s.inspect(Side::Client, &pdu(5, true, true, &echo))
                 .expect("echo"),
             Actions::PASS
         );

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
@@ -72,6 +72,60 @@ pub fn load_roots(what: &'static str, path: &Path) -> Result<RootCertStore, TlsE
     Ok(roots)
 }
 
+/// Load certificate revocation lists, PEM (`-----BEGIN X509 CRL-----`, several per file) or DER (one per file).
+/// Each must parse: a CRL that cannot be read is an error, never an empty list (fail closed).
+/// A CRL past its nextUpdate is still used, with a warning.
+pub fn load_crls(
+    paths: &[PathBuf],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    use x509_parser::prelude::FromDer;
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let mut crls = Vec::new();
+    for path in paths {
+        let read = |message: String| TlsError::Read {
+            what: "client CRL",
+            path: path.clone(),
+            message,
+        };
+        let bytes = std::fs::read(path).map_err(|e| read(e.to_string()))?;
+        let found: Vec<CertificateRevocationListDer<'static>> = if bytes.trim_ascii().is_empty() {
+            Vec::new()
+        } else if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+            CertificateRevocationListDer::pem_slice_iter(&bytes)
+                .collect::<Result<_, _>>()
+                .map_err(|e| read(e.to_string()))?
+        } else {
+            vec![CertificateRevocationListDer::from(bytes)]
+        };
+        if found.is_empty() {
+            return Err(TlsError::Empty {
+                what: "client CRL",
+                path: path.clone(),
+                expected: "X509 CRL",
+            });
+        }
+        for crl in &found {
+            let parsed = match CertificateRevocationList::from_der(crl) {
+                Ok(([], parsed)) => parsed,
+                Ok(_) => return Err(read("trailing bytes after the CRL".into())),
+                Err(e) => return Err(read(format!("not a CRL: {e}"))),
+            };
+            if let Some(next) = parsed.next_update()
+                && next < x509_parser::time::ASN1Time::now()
+            {
+                tracing::warn!(
+                    path = %path.display(),
+                    issuer = %parsed.issuer(),
+                    next_update = %next,
+                    "client CRL is past its next update; revocation is still checked against it: refresh it"
+                );
+            }
+        }
+        crls.extend(found);
+    }
+    Ok(crls)
+}
+
 /// A private key file that others may read deserves a warning, not a refusal.
 pub fn key_permission_warning(path: &Path) -> Option<String> {
     use std::os::unix::fs::PermissionsExt;
@@ -86,7 +140,9 @@ pub fn key_permission_warning(path: &Path) -> Option<String> {
 }
 
 /// The listener's server config: our chain and key, and when `client_ca` is set, client certificates
-/// verified against it (optional unless `require_client_certificate`).
+/// verified against it (optional unless `require_client_certificate`) and against `client_crl`.
+/// With CRLs, every certificate in a client's chain below the trust anchor must be covered by one of
+/// them: a certificate whose revocation status is unknown fails the handshake like a revoked one.
 pub fn server_config(tls: &Tls) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let chain = load_certificates("certificate", &tls.certificate)?;
@@ -101,14 +157,16 @@ pub fn server_config(tls: &Tls) -> Result<Arc<ServerConfig>, TlsError> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let roots = load_roots("client CA", ca)?;
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let crls = load_crls(&tls.client_crl)?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .with_crls(crls);
             let verifier = if tls.require_client_certificate {
                 verifier
             } else {
                 verifier.allow_unauthenticated()
             };
             let verifier = verifier.build().map_err(|e| TlsError::Setup {
-                path: ca.clone(),
+                path: tls.client_crl.first().unwrap_or(ca).clone(),
                 message: e.to_string(),
             })?;
             builder.with_client_cert_verifier(verifier)
@@ -152,4 +210,56 @@ pub fn client_config(
         _ => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn crl() -> (String, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::CrlSign];
+        let issuer = rcgen::Issuer::new(params, key);
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2090, 1, 1),
+            crl_number: 1u64.into(),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .expect("CRL");
+        (crl.pem().expect("pem"), crl.der().to_vec())
+    }
+
+    #[test]
+    fn crls_load_as_pem_or_der_and_anything_else_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (pem, der) = crl();
+        let write = |name: &str, bytes: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).expect("write");
+            p
+        };
+        let good = [write("a.crl", pem.as_bytes()), write("b.der", &der)];
+        assert_eq!(load_crls(&good).expect("load").len(), 2);
+        for (name, bytes) in [
+            ("empty.crl", &b""[..]),
+            ("garbage.crl", b"\x30\x03\x02\x01"),
+            (
+                "certificate.pem",
+                b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            ),
+        ] {
+            let path = write(name, bytes);
+            let err = load_crls(std::slice::from_ref(&path))
+                .expect_err(name)
+                .to_string();
+            assert!(err.contains(&path.display().to_string()), "{err}");
+        }
+        assert!(load_crls(&[dir.path().join("missing.crl")]).is_err());
+    }
 }

@@ -133,7 +133,9 @@ fn legit(cmd: &str, port: u16, aec: &str, pki: &Pki, extra: &[String]) -> Value 
 /// `duration_ms` of the gateway's association log line for called AE `called_ae` (the first one).
 fn duration_ms(log: &str, called_ae: &str) -> u64 {
     log.lines()
-        .filter(|l| l.contains(" association ") && l.contains(&format!("called_ae={called_ae} ")))
+        .filter(|l| {
+            l.contains(" association ") && l.contains(&format!("called_ae=\"{called_ae}\" "))
+        })
         .find_map(|l| {
             l.split("duration_ms=")
                 .nth(1)?
@@ -1144,15 +1146,52 @@ fn secrets_stay_out_of_logs_audit_and_metrics_and_a_loose_key_is_flagged() {
         assert_eq!(rejection(bad), Some((1, 2, 1)), "{bad}");
     }
 
+    // Each place is first shown to have been read and to hold these very events: a place that
+    // could not be read (or stayed empty) must fail the test, not pass the "no secret" checks.
     let metrics = ureq::get(&format!("http://127.0.0.1:{admin}/metrics"))
         .call()
-        .ok()
-        .and_then(|mut r| r.body_mut().read_to_string().ok())
-        .unwrap_or_default();
-    std::thread::sleep(Duration::from_millis(300));
-    let audit_text = std::fs::read_to_string(&audit).unwrap_or_default();
+        .unwrap_or_else(|e| panic!("GET /metrics on the admin port: {e}"))
+        .body_mut()
+        .read_to_string()
+        .expect("read the metrics body");
+    for needle in [
+        "pacsgate_associations_total",
+        "outcome=\"rejected\"",
+        "reason=\"not_authenticated\"",
+        "pacsgate_operations_total",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "no {needle} in the metrics:\n{metrics}"
+        );
+    }
+    let count = |text: &str, event: &str| {
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["event"] == event)
+            .count()
+    };
+    // The audit trail is written as the events happen: wait (bounded) until all six are there.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let audit_text = loop {
+        let text = std::fs::read_to_string(&audit)
+            .unwrap_or_else(|e| panic!("read the audit file {}: {e}", audit.display()));
+        if count(&text, "login.failed") >= 4 && count(&text, "association.accepted") >= 2 {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the audit file lacks the expected events (4 login.failed, 2 association.accepted):\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        audit_text.contains("\"mallory\""),
+        "the unknown user's failed login is in the audit:\n{audit_text}"
+    );
     let log = gw.log();
     assert!(log.contains("user=\"alice\""), "{log}");
+    assert!(log.contains("user=\"mallory\""), "{log}");
     let signature = |t: &str| t.rsplit('.').next().unwrap_or_default().to_string();
     let secrets = [
         PASSWORD.to_string(),

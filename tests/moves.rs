@@ -4,6 +4,8 @@
 mod common;
 
 use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
@@ -24,6 +26,16 @@ struct Setup {
 /// Orthanc knows VIEWER (through the gateway's return path) and OTHER (directly, not through the
 /// gateway); the clinician's role may move to VIEWER only. `viewer_port` is where the gateway finds VIEWER.
 fn setup(viewer_port: u16, other_port: u16, large_mb: Option<usize>) -> Setup {
+    setup_with(viewer_port, other_port, large_mb, "")
+}
+
+/// [`setup`] with more `[gateway]` keys.
+fn setup_with(
+    viewer_port: u16,
+    other_port: u16,
+    large_mb: Option<usize>,
+    gateway_extra: &str,
+) -> Setup {
     let pki = Pki::generate();
     let return_port = free_port();
     let orthanc = Orthanc::start(
@@ -50,6 +62,7 @@ fn setup(viewer_port: u16, other_port: u16, large_mb: Option<usize>) -> Setup {
 [gateway]
 listen = "127.0.0.1:{port}"
 return_listen = "127.0.0.1:{return_port}"
+{gateway_extra}
 
 [tls]
 certificate = "{cert}"
@@ -301,5 +314,216 @@ fn c_get_of_a_study_with_a_50_mb_instance_is_byte_identical() {
         s.gateway.log().contains("op=\"get\""),
         "{}",
         s.gateway.log()
+    );
+}
+
+/// DCMTK storescp that takes `seconds` over each C-STORE (so a C-MOVE stays in progress a while)
+/// and serves each association in a process of its own. Killed on drop.
+struct SlowStoreScp {
+    port: u16,
+    dir: tempfile::TempDir,
+    _proc: common::Spawned,
+}
+
+impl SlowStoreScp {
+    fn start(aet: &str, seconds: u32) -> SlowStoreScp {
+        let dir = common::tempdir("slow-storescp");
+        let port = free_port();
+        let mut cmd = Command::new("/usr/bin/storescp");
+        cmd.env("TCP_NODELAY", "1")
+            .args([
+                "--fork",
+                "-aet",
+                aet,
+                "+B",
+                "--sleep-during",
+                &seconds.to_string(),
+                "-od",
+            ])
+            .arg(dir.path())
+            .arg(port.to_string());
+        let log = dir.path().join("storescp.log");
+        let mut proc = common::Spawned::spawn(cmd, &log);
+        if let Err(e) = proc.wait_until(Duration::from_secs(20), "listening", |p| {
+            is_listening(p.pid(), port)
+        }) {
+            panic!("slow storescp: {e}");
+        }
+        SlowStoreScp {
+            port,
+            dir,
+            _proc: proc,
+        }
+    }
+
+    /// The instances received (files other than the log).
+    fn files(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.dir.path())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_none_or(|e| e != "log"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
+const VERIFICATION: &str = "1.2.840.10008.1.1";
+
+/// On the return path as the archive (calling ORTHANC from 127.0.0.1, to VIEWER): associate, send
+/// one `field` request on the context of `abstract_syntax`, and say how the gateway answered.
+fn request_on_return_path(return_port: u16, field: u16, abstract_syntax: &'static str) -> String {
+    use pacsgate::tools::client;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let timeout = Duration::from_secs(20);
+        let conn = client::connect(&format!("127.0.0.1:{return_port}"), None, timeout)
+            .await
+            .expect("connect to the return listener");
+        let request = client::Request {
+            calling_ae: "ORTHANC".into(),
+            called_ae: "VIEWER".into(),
+            identity: client::Identity::None,
+            abstract_syntaxes: vec![abstract_syntax],
+            timeout,
+        };
+        let mut association = match client::associate(conn, &request).await {
+            Ok(a) => a,
+            Err(e) => return format!("not associated: {e}"),
+        };
+        let Some(context) = association.context_for(abstract_syntax).map(|c| c.id) else {
+            return "context not accepted".into();
+        };
+        let command = client::request_command(field, abstract_syntax, 1, false);
+        if let Err(e) = association.send_message(context, &command, None).await {
+            return format!("send failed: {e}");
+        }
+        match association.read_message("the answer").await {
+            Ok(m) => format!("answered with status {:?}", m.command.status),
+            Err(e) => format!("no answer: {e}"),
+        }
+    })
+}
+
+#[test]
+fn while_a_move_runs_only_its_archive_delivers_and_only_c_store() {
+    // storescp sleeps during each C-STORE (about 15 s for the three here, of which the intruders
+    // below take about 1): the move stays in progress while others try the return path.
+    let viewer = SlowStoreScp::start("VIEWER", 1);
+    // Every loopback address may connect to the return listener: what admits an association is
+    // the move in progress and its archive, not the listener's address list.
+    let s = setup_with(
+        viewer.port,
+        1,
+        None,
+        r#"return_allowed_addresses = ["127.0.0.0/8"]"#,
+    );
+    let data = common::tempdir("intruder");
+    let intruder = make_instances_with_uids(data.path(), &[("INTRUDER", "NOT^MOVED", 1)]);
+    let intruder_file = intruder[0].path.to_str().expect("path").to_string();
+    let return_port = s.return_port.to_string();
+
+    let (moved, tries) = std::thread::scope(|scope| {
+        let mover = scope.spawn(|| retrieve(&s, "move", &["--dest", "VIEWER"]));
+        assert!(
+            s.gateway
+                .wait_for_log("retrieval requested", Duration::from_secs(30)),
+            "{}",
+            s.gateway.log()
+        );
+        let started = Instant::now();
+        // 1. From the archive's address, with another calling AE (and a quote to escape in the log).
+        let other_ae = dcmtk(
+            "storescu",
+            &[
+                "-aet",
+                "IN\"TRUDER",
+                "-aec",
+                "VIEWER",
+                "127.0.0.1",
+                &return_port,
+                &intruder_file,
+            ],
+        );
+        // 2. From another host, calling as the archive.
+        let other_host = pyscu(&[
+            "store",
+            "--bind",
+            "127.0.0.2",
+            "--port",
+            &return_port,
+            "--aet",
+            "ORTHANC",
+            "--aec",
+            "VIEWER",
+            &intruder_file,
+        ]);
+        // 3. As the archive, but not a C-STORE.
+        let echo = request_on_return_path(s.return_port, 0x0030, VERIFICATION);
+        let find = request_on_return_path(s.return_port, 0x0020, CT_IMAGE_STORAGE);
+        let tries_took = started.elapsed();
+        let moved = mover.join().expect("mover thread");
+        (moved, (other_ae, other_host, echo, find, tries_took))
+    });
+    let (other_ae, other_host, echo, find, tries_took) = tries;
+    let log = s.gateway.log();
+    assert!(
+        !other_ae.status.success() && output_text(&other_ae).contains("Rejected"),
+        "another calling AE: {}",
+        output_text(&other_ae)
+    );
+    assert_eq!(
+        other_host["rejection"],
+        json!({"result": 1, "source": 1, "reason": 1}),
+        "another host: {other_host}"
+    );
+    assert!(
+        echo.contains("no answer") && echo.contains("abort"),
+        "C-ECHO: {echo}"
+    );
+    assert!(
+        find.contains("no answer") && find.contains("abort"),
+        "C-FIND: {find}"
+    );
+    // One log line each, naming why; the attacker's AE title escaped.
+    for needle in [
+        r#"calling_ae="IN\"TRUDER""#,
+        r#"calling AE \"IN\\\"TRUDER\" at 127.0.0.1 is not the archive of a C-MOVE to VIEWER"#,
+        r#"calling AE \"ORTHANC\" at 127.0.0.2 is not the archive of a C-MOVE to VIEWER"#,
+        "sent a C-ECHO-RQ on the return path",
+        "sent a C-FIND-RQ on the return path",
+    ] {
+        assert_eq!(
+            log.lines()
+                .filter(|l| l.contains("return association") && l.contains(needle))
+                .count(),
+            1,
+            "one return association line with {needle}:\n{log}"
+        );
+    }
+    // The move itself delivered everything, and nothing else arrived.
+    assert_eq!(
+        moved["statuses"].as_array().and_then(|v| v.last()),
+        Some(&json!(0)),
+        "{moved}"
+    );
+    let files = viewer.files();
+    assert_eq!(files.len(), 3, "storescp received {files:?}");
+    let intruder_uid = &intruder[0].sop_uid;
+    assert!(
+        !files
+            .iter()
+            .any(|f| f.to_string_lossy().contains(intruder_uid.as_str())),
+        "the intruder's instance arrived: {files:?}"
+    );
+    eprintln!("the intruders took {tries_took:?} while the move ran");
+    assert!(
+        log.contains("return association") && log.contains("instances=3"),
+        "{log}"
     );
 }

@@ -107,10 +107,14 @@ pub fn session(user_role: &str) -> Session {
         calling_ae: "VIEWER".into(),
         called_ae: "ARCHIVE".into(),
     };
+    let context = |abstract_syntax: &str, transfer_syntax: &str| pacsgate::session::Context {
+        abstract_syntax: abstract_syntax.to_string(),
+        transfer_syntax: transfer_syntax.to_string(),
+    };
     let ts = HashMap::from([
-        (1u8, "1.2.840.10008.1.2.1".to_string()),
-        (3u8, "1.2.840.10008.1.2".to_string()),
-        (5u8, "1.2.840.10008.1.2.4.50".to_string()),
+        (1u8, context("1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.1.2.1")),
+        (3u8, context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2")),
+        (5u8, context("1.2.840.10008.5.1.4.1.2.2.2", "1.2.840.10008.1.2.4.50")),
     ]);
     Session::new(
         party,

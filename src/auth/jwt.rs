@@ -7,6 +7,10 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 
 use crate::config::{Jwt, JwtKeySource};
 
+/// The most clock skew `[auth.jwt] leeway` may allow, in seconds: beyond it an expired token stays
+/// good for too long. Larger values are refused at load.
+pub const MAX_LEEWAY_SECONDS: u64 = 300;
+
 /// Why the JWT settings could not be loaded (at start or reload).
 #[derive(Debug, thiserror::Error)]
 pub enum JwtSetupError {
@@ -140,7 +144,8 @@ impl JwtVerifier {
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
             roles_claim: cfg.roles_claim.clone(),
-            leeway: cfg.leeway,
+            // The configuration refuses more; a verifier built some other way is held to it too.
+            leeway: cfg.leeway.min(MAX_LEEWAY_SECONDS),
         })
     }
 
@@ -316,5 +321,25 @@ mod tests {
         let none = format!("{}.{payload}.", "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0");
         assert!(verifier.verify(&none).is_err());
         assert!(verifier.verify("not a token").is_err());
+    }
+
+    #[test]
+    fn a_verifier_holds_leeway_to_the_bound_however_it_was_built() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (key, public) = crate::devcerts::jwt_keypair(dir.path()).expect("keys");
+        let cfg = Jwt {
+            issuer: "https://idp.test".into(),
+            audience: "pacsgate".into(),
+            key: JwtKeySource::PublicKey(public),
+            algorithms: None,
+            roles_claim: "realm_access.roles".into(),
+            leeway: 86_400,
+        };
+        let verifier = JwtVerifier::load(&cfg).expect("verifier");
+        let late =
+            mint(&key, &claims(-(MAX_LEEWAY_SECONDS as i64) - 60, "pacsgate")).expect("mint");
+        assert!(verifier.verify(&late).is_err(), "expired beyond the bound");
+        let recent = mint(&key, &claims(-60, "pacsgate")).expect("mint");
+        assert!(verifier.verify(&recent).is_ok(), "within the bound");
     }
 }

@@ -187,7 +187,7 @@ mod tests {
 
     #[test]
     fn a_store_request_is_readdressed_with_the_move_originator() {
-        let mut object = InMemDicomObject::command_from_element_iter([
+        let object = InMemDicomObject::command_from_element_iter([
             DataElement::new(
                 tags::AFFECTED_SOP_CLASS_UID,
                 VR::UI,
@@ -202,8 +202,8 @@ mod tests {
                 VR::UI,
                 PrimitiveValue::from("1.2.3.4"),
             ),
+            us(tags::STATUS, 0), // nonsense in a request, but it must survive untouched
         ]);
-        object.put(us(tags::STATUS, 0)); // nonsense in a request, but it must survive untouched
         let mut bytes = Vec::new();
         object
             .write_dataset_with_ts(&mut bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())

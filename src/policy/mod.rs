@@ -76,6 +76,23 @@ impl Limiter {
         }
     }
 
+    /// Apply a reloaded `[limits]`: new quotas and thresholds, the same records. Lockouts in force
+    /// keep their end (a reload never unlocks anyone; a restart does), failures counted so far stay
+    /// counted, open associations stay counted, and rate buckets carry over as
+    /// [`limits::KeyedRate::reconfigure`] describes.
+    pub fn reconfigure(&self, limits: &crate::config::Limits) {
+        self.rates.reconfigure(limits);
+        {
+            let mut lockout = self.lockout();
+            lockout.per_user = limits.failed_logins;
+            lockout.per_address = limits.failed_logins_per_address;
+            lockout.window = limits.failed_login_window;
+            lockout.lock = limits.lockout;
+        }
+        self.occupancy
+            .reconfigure(limits.max_associations, limits.max_associations_per_user);
+    }
+
     fn lockout(&self) -> std::sync::MutexGuard<'_, Lockout> {
         self.lockout.lock().unwrap_or_else(|p| p.into_inner())
     }

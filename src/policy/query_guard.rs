@@ -1,32 +1,90 @@
-//! The anti-enumeration guard: a C-FIND must name someone or something, not ask for everyone.
+//! The anti-enumeration guard: a C-FIND must name someone or something, not ask for everyone; a
+//! C-MOVE / C-GET must name what it retrieves. One rule for both doors (DIMSE and QIDO-RS).
 //!
-//! The rule: at least one *identifying key* of the identifier must be *specific*. Identifying keys are
-//! PatientID, PatientName, AccessionNumber, StudyID, StudyInstanceUID,
-//! SeriesInstanceUID and SOPInstanceUID. A value is specific when it has at least `min_chars`
-//! characters before its first wildcard (`*` or `?`), not counting spaces and the name separators
-//! `^` and `=`. A UID key with any value (a UID or a UID list) is specific. Empty keys, pure
-//! wildcards, dates, modalities and every other key never make a query specific.
+//! The rule for queries: at least one *identifying key* at or above the query level must be *specific*.
+//! Identifying keys, by level: PatientID, PatientName (PATIENT); AccessionNumber, StudyID,
+//! StudyInstanceUID (STUDY); SeriesInstanceUID (SERIES); SOPInstanceUID (IMAGE). A key is specific when
+//! every one of its values (a multi-valued key `A\B` is matched value by value) is: a UID key's values
+//! must be UIDs (digits and dots); any other key's values must each have at least `min_chars`
+//! characters before their first wildcard (`*` or `?`), not counting spaces and the name separators
+//! `^` and `=`. Empty keys, pure wildcards, dates, modalities and every other key never make a query
+//! specific. A UID key whose value is not a UID (a wildcard, a letter) makes the identifier malformed,
+//! whoever asks: archives differ in whether they apply wildcards to UIDs.
+//!
+//! The rule for retrievals: the unique key of the retrieve level is present and names UIDs (or, at
+//! PATIENT level, patient IDs without wildcards), and no key of the identifier holds a wildcard.
 
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
-/// The keys that can make a query specific.
-pub const IDENTIFYING_KEYS: [(Tag, &str); 7] = [
-    (tags::PATIENT_ID, "PatientID"),
-    (tags::PATIENT_NAME, "PatientName"),
-    (tags::ACCESSION_NUMBER, "AccessionNumber"),
-    (tags::STUDY_ID, "StudyID"),
-    (tags::STUDY_INSTANCE_UID, "StudyInstanceUID"),
-    (tags::SERIES_INSTANCE_UID, "SeriesInstanceUID"),
-    (tags::SOP_INSTANCE_UID, "SOPInstanceUID"),
+/// The query / retrieve level (PS3.4 C.6), in hierarchy order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Patient,
+    Study,
+    Series,
+    Image,
+}
+
+impl Level {
+    /// The value of QueryRetrieveLevel (0008,0052), padding removed.
+    pub fn parse(value: &str) -> Option<Level> {
+        match value.trim_matches([' ', '\0']) {
+            "PATIENT" => Some(Level::Patient),
+            "STUDY" => Some(Level::Study),
+            "SERIES" => Some(Level::Series),
+            "IMAGE" => Some(Level::Image),
+            _ => None,
+        }
+    }
+
+    /// The unique key of this level (PS3.4 C.6.1.1 / C.6.2.1).
+    fn unique_key(self) -> (Tag, &'static str) {
+        match self {
+            Level::Patient => (tags::PATIENT_ID, "PatientID"),
+            Level::Study => (tags::STUDY_INSTANCE_UID, "StudyInstanceUID"),
+            Level::Series => (tags::SERIES_INSTANCE_UID, "SeriesInstanceUID"),
+            Level::Image => (tags::SOP_INSTANCE_UID, "SOPInstanceUID"),
+        }
+    }
+}
+
+/// Why the guard refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GuardError {
+    /// The request asks for too much (DIMSE 0xA700 / 0xA701, HTTP 403).
+    #[error("{0}")]
+    NotSpecific(String),
+    /// The identifier cannot be judged (DIMSE 0xA900, HTTP 400).
+    #[error("{0}")]
+    Malformed(String),
+}
+
+/// The keys that can make a query specific, with their level.
+pub const IDENTIFYING_KEYS: [(Tag, &str, Level); 7] = [
+    (tags::PATIENT_ID, "PatientID", Level::Patient),
+    (tags::PATIENT_NAME, "PatientName", Level::Patient),
+    (tags::ACCESSION_NUMBER, "AccessionNumber", Level::Study),
+    (tags::STUDY_ID, "StudyID", Level::Study),
+    (tags::STUDY_INSTANCE_UID, "StudyInstanceUID", Level::Study),
+    (
+        tags::SERIES_INSTANCE_UID,
+        "SeriesInstanceUID",
+        Level::Series,
+    ),
+    (tags::SOP_INSTANCE_UID, "SOPInstanceUID", Level::Image),
 ];
 
-const UID_KEYS: [Tag; 3] = [
+/// The identifying keys whose values are UIDs.
+pub const UID_KEYS: [Tag; 3] = [
     tags::STUDY_INSTANCE_UID,
     tags::SERIES_INSTANCE_UID,
     tags::SOP_INSTANCE_UID,
 ];
+
+/// The most values one multi-valued key may carry.
+const MAX_VALUES: usize = 1000;
 
 /// Characters of `value` before its first wildcard, separators and spaces not counted.
 pub fn specific_chars(value: &str) -> usize {
@@ -37,35 +95,146 @@ pub fn specific_chars(value: &str) -> usize {
         .count()
 }
 
-/// `Ok(key)` naming the key that makes the query specific, or `Err` saying why it is not.
-pub fn check(identifier: &InMemDicomObject, min_chars: usize) -> Result<&'static str, String> {
-    check_values(|tag| crate::dimse::attribute(identifier, tag), min_chars)
+/// One UID (PS3.5 9.1): 1 to 64 characters, components of digits separated by single dots.
+pub fn is_uid(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 64
+        && value
+            .split('.')
+            .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// The same rule over any source of key values (a DIMSE identifier, QIDO-RS query parameters).
+/// A UID, or a list of UIDs separated by backslashes (DICOM's value separator).
+pub fn is_uid_list(value: &str) -> bool {
+    let values = value.trim_matches([' ', '\0']);
+    values.split('\\').count() <= MAX_VALUES && values.split('\\').all(is_uid)
+}
+
+fn values(value: &str) -> impl Iterator<Item = &str> {
+    value.split('\\').map(|v| v.trim_matches([' ', '\0']))
+}
+
+fn has_wildcard(value: &str) -> bool {
+    value.contains(['*', '?'])
+}
+
+/// UID keys that hold something other than UIDs make a request malformed (on either door).
+pub fn check_uids(value_of: &impl Fn(Tag) -> String) -> Result<(), GuardError> {
+    for (tag, name, _) in IDENTIFYING_KEYS {
+        let value = value_of(tag);
+        if UID_KEYS.contains(&tag)
+            && !value.trim_matches([' ', '\0']).is_empty()
+            && !is_uid_list(&value)
+        {
+            return Err(GuardError::Malformed(format!(
+                "{name} is not a UID or a list of UIDs"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `Ok(key)` naming the key that makes a query at `level` specific, or why it is not.
 pub fn check_values(
     value_of: impl Fn(Tag) -> String,
+    level: Level,
     min_chars: usize,
-) -> Result<&'static str, String> {
-    for (tag, name) in IDENTIFYING_KEYS {
+) -> Result<&'static str, GuardError> {
+    check_uids(&value_of)?;
+    let min_chars = min_chars.max(1);
+    for (tag, name, key_level) in IDENTIFYING_KEYS {
+        if key_level > level {
+            continue; // a lower-level key does not narrow a higher-level query
+        }
         let value = value_of(tag);
-        if value.is_empty() {
+        if value.trim_matches([' ', '\0']).is_empty() {
             continue;
         }
-        if UID_KEYS.contains(&tag) {
-            if specific_chars(&value) > 0 {
-                return Ok(name);
-            }
-            continue;
-        }
-        if specific_chars(&value) >= min_chars.max(1) {
+        let specific = if UID_KEYS.contains(&tag) {
+            true // checked above: UIDs only
+        } else {
+            values(&value).count() <= MAX_VALUES
+                && values(&value).all(|v| specific_chars(v) >= min_chars)
+        };
+        if specific {
             return Ok(name);
         }
     }
-    Err(format!(
-        "query names no patient or study: no identifying key has {} characters before a wildcard",
-        min_chars.max(1)
-    ))
+    Err(GuardError::NotSpecific(format!(
+        "query names no patient or study: no identifying key at or above the query level has \
+         {min_chars} characters before a wildcard in each of its values"
+    )))
+}
+
+/// `Ok(key)` naming the unique key a C-MOVE / C-GET at `level` retrieves by, or why it may not run.
+pub fn check_retrieve(
+    value_of: impl Fn(Tag) -> String,
+    level: Level,
+) -> Result<&'static str, GuardError> {
+    check_uids(&value_of)?;
+    for (tag, name, _) in IDENTIFYING_KEYS {
+        if has_wildcard(&value_of(tag)) {
+            return Err(GuardError::NotSpecific(format!(
+                "a retrieve names no wildcard ({name})"
+            )));
+        }
+    }
+    let (tag, name) = level.unique_key();
+    let value = value_of(tag);
+    if value.trim_matches([' ', '\0']).is_empty() || values(&value).any(str::is_empty) {
+        return Err(GuardError::NotSpecific(format!(
+            "a retrieve at this level names its {name}"
+        )));
+    }
+    Ok(name)
+}
+
+fn level_of(identifier: &InMemDicomObject) -> Result<Level, GuardError> {
+    let value = crate::dimse::attribute(identifier, tags::QUERY_RETRIEVE_LEVEL);
+    Level::parse(&value)
+        .ok_or_else(|| GuardError::Malformed("no valid QueryRetrieveLevel (0008,0052)".into()))
+}
+
+/// The query rule for a DIMSE C-FIND identifier (its level read from it).
+pub fn check(identifier: &InMemDicomObject, min_chars: usize) -> Result<&'static str, GuardError> {
+    let level = level_of(identifier)?;
+    check_values(
+        |tag| crate::dimse::attribute(identifier, tag),
+        level,
+        min_chars,
+    )
+}
+
+/// The retrieve rule for a DIMSE C-MOVE / C-GET identifier: no wildcard in any top-level string value.
+pub fn check_retrieval(identifier: &InMemDicomObject) -> Result<&'static str, GuardError> {
+    let level = level_of(identifier)?;
+    check_uids(&|tag| crate::dimse::attribute(identifier, tag))?;
+    for e in identifier.iter() {
+        if e.header().vr != dicom_core::VR::SQ && e.to_str().is_ok_and(|v| has_wildcard(&v)) {
+            return Err(GuardError::NotSpecific(format!(
+                "a retrieve names no wildcard ({})",
+                e.header().tag
+            )));
+        }
+    }
+    check_retrieve(|tag| crate::dimse::attribute(identifier, tag), level)
+}
+
+/// Every UI value of an identifier's top level is a UID list (C-FIND, whoever asks).
+pub fn check_identifier_uids(identifier: &InMemDicomObject) -> Result<(), GuardError> {
+    check_uids(&|tag| crate::dimse::attribute(identifier, tag))?;
+    for e in identifier.iter() {
+        if e.header().vr == dicom_core::VR::UI {
+            let v = e.to_str().map(|v| v.to_string()).unwrap_or_default();
+            if !v.trim_matches([' ', '\0']).is_empty() && !is_uid_list(&v) {
+                return Err(GuardError::Malformed(format!(
+                    "{} is not a UID or a list of UIDs",
+                    e.header().tag
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -80,43 +249,133 @@ mod tests {
         )
     }
 
+    const STUDY: (Tag, VR, &str) = (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "STUDY");
+
     #[test]
     fn wildcards_and_empty_keys_are_not_specific() {
-        let level = (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "STUDY");
         for q in [
-            query(&[level, (tags::PATIENT_NAME, VR::PN, "*")]),
-            query(&[level, (tags::PATIENT_NAME, VR::PN, "S*")]),
-            query(&[level, (tags::PATIENT_ID, VR::LO, "")]),
+            query(&[STUDY, (tags::PATIENT_NAME, VR::PN, "*")]),
+            query(&[STUDY, (tags::PATIENT_NAME, VR::PN, "S*")]),
+            query(&[STUDY, (tags::PATIENT_ID, VR::LO, "")]),
             query(&[
-                level,
+                STUDY,
                 (tags::PATIENT_NAME, VR::PN, "^*"),
                 (tags::STUDY_DATE, VR::DA, "20240101"),
             ]),
-            query(&[level, (tags::MODALITIES_IN_STUDY, VR::CS, "CT")]),
+            query(&[STUDY, (tags::MODALITIES_IN_STUDY, VR::CS, "CT")]),
         ] {
-            assert!(check(&q, 2).is_err());
+            assert!(matches!(check(&q, 2), Err(GuardError::NotSpecific(_))));
         }
     }
 
     #[test]
     fn a_named_patient_or_a_uid_is_specific() {
-        let level = (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "STUDY");
         assert_eq!(
-            check(&query(&[level, (tags::PATIENT_ID, VR::LO, "12345")]), 2),
+            check(&query(&[STUDY, (tags::PATIENT_ID, VR::LO, "12345")]), 2),
             Ok("PatientID")
         );
         assert_eq!(
-            check(&query(&[level, (tags::PATIENT_NAME, VR::PN, "SM*")]), 2),
+            check(&query(&[STUDY, (tags::PATIENT_NAME, VR::PN, "SM*")]), 2),
             Ok("PatientName")
         );
-        assert!(check(&query(&[level, (tags::PATIENT_NAME, VR::PN, "SM*")]), 3).is_err());
+        assert!(check(&query(&[STUDY, (tags::PATIENT_NAME, VR::PN, "SM*")]), 3).is_err());
         assert_eq!(
             check(
-                &query(&[level, (tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3")]),
+                &query(&[STUDY, (tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3")]),
+                8
+            ),
+            Ok("StudyInstanceUID")
+        );
+        assert_eq!(
+            check(
+                &query(&[STUDY, (tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3\\1.2.4")]),
                 8
             ),
             Ok("StudyInstanceUID")
         );
         assert_eq!(specific_chars("DOE^J*"), 4);
+    }
+
+    #[test]
+    fn every_value_of_a_multi_valued_key_must_be_specific() {
+        for id in ["AB\\*", "AB\\", "12345\\?", "\\12345"] {
+            assert!(
+                check(&query(&[STUDY, (tags::PATIENT_ID, VR::LO, id)]), 2).is_err(),
+                "{id}"
+            );
+        }
+        assert_eq!(
+            check(&query(&[STUDY, (tags::PATIENT_ID, VR::LO, "AB\\CD")]), 2),
+            Ok("PatientID")
+        );
+    }
+
+    #[test]
+    fn uid_keys_must_hold_uids() {
+        for uid in [
+            "*", "1.2.*", "1.2.3?", "1..2", ".1", "1.2.", "abc", "1.2\\*",
+        ] {
+            assert!(
+                matches!(
+                    check(&query(&[STUDY, (tags::STUDY_INSTANCE_UID, VR::UI, uid)]), 2),
+                    Err(GuardError::Malformed(_))
+                ),
+                "{uid}"
+            );
+        }
+        let long = "1.".repeat(32) + "1";
+        assert!(!is_uid(&long) && is_uid(&long[2..]));
+    }
+
+    #[test]
+    fn the_specific_key_must_be_at_or_above_the_query_level() {
+        // A SeriesInstanceUID does not narrow a STUDY-level query: archives ignore lower-level keys.
+        let q = query(&[STUDY, (tags::SERIES_INSTANCE_UID, VR::UI, "1.2.3")]);
+        assert!(matches!(check(&q, 2), Err(GuardError::NotSpecific(_))));
+        let q = query(&[
+            (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "PATIENT"),
+            (tags::ACCESSION_NUMBER, VR::SH, "A123"),
+        ]);
+        assert!(check(&q, 2).is_err());
+        let q = query(&[
+            (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "IMAGE"),
+            (tags::PATIENT_ID, VR::LO, "12345"),
+        ]);
+        assert_eq!(check(&q, 2), Ok("PatientID"));
+        let q = query(&[(tags::PATIENT_ID, VR::LO, "12345")]);
+        assert!(
+            matches!(check(&q, 2), Err(GuardError::Malformed(_))),
+            "no level"
+        );
+    }
+
+    #[test]
+    fn a_retrieve_names_its_unique_key_and_no_wildcard() {
+        let ok = query(&[STUDY, (tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3")]);
+        assert_eq!(check_retrieval(&ok), Ok("StudyInstanceUID"));
+        for q in [
+            query(&[STUDY, (tags::PATIENT_ID, VR::LO, "12345")]),
+            query(&[STUDY, (tags::STUDY_INSTANCE_UID, VR::UI, "")]),
+            query(&[
+                STUDY,
+                (tags::PATIENT_NAME, VR::PN, "*"),
+                (tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3"),
+            ]),
+            query(&[
+                (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "PATIENT"),
+                (tags::PATIENT_ID, VR::LO, "12*"),
+            ]),
+        ] {
+            assert!(check_retrieval(&q).is_err());
+        }
+        assert!(matches!(
+            check_retrieval(&query(&[STUDY, (tags::STUDY_INSTANCE_UID, VR::UI, "*")])),
+            Err(GuardError::Malformed(_))
+        ));
+        let patient = query(&[
+            (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "PATIENT"),
+            (tags::PATIENT_ID, VR::LO, "12345"),
+        ]);
+        assert_eq!(check_retrieval(&patient), Ok("PatientID"));
     }
 }

@@ -42,7 +42,8 @@ use crate::auth::Principal;
 use crate::config::{Http, Operation};
 use crate::metrics::metrics;
 use crate::policy::Grants;
-use crate::server::{Gateway, Pending, State};
+use crate::policy::query_guard::GuardError;
+use crate::server::{Cap, Gateway, PendingSlot, State};
 use login::{Login, Refused};
 use path::{Path, PathError};
 use query::{Qido, QueryError, WadoUri};
@@ -68,7 +69,7 @@ struct Conn {
     /// Names of the verified client certificate, if any.
     names: Vec<String>,
     /// The pending-connection slot, held until a request on this connection authenticates.
-    pending: Mutex<Option<Pending>>,
+    pending: Mutex<Option<PendingSlot>>,
 }
 
 impl Conn {
@@ -110,11 +111,20 @@ pub async fn serve(gateway: Gateway, listener: TcpListener) {
         };
         backoff = Duration::from_millis(10);
         // Connections that have not authenticated yet share the DICOM side's budget: overall and per address.
-        let pending = match door.gateway.hold_pending(peer.ip()) {
+        let state = door.gateway.current();
+        let limits = &state.config.limits;
+        let pending = match door.gateway.pending().take(
+            peer.ip(),
+            limits.max_pending_connections,
+            limits.max_pending_per_address,
+        ) {
             Ok(p) => p,
-            Err(rule) => {
-                metrics().refusal(rule);
-                tracing::debug!(peer = %peer, outcome = "dropped", reason = rule, "web connection");
+            Err(cap) => {
+                metrics().refusal(match cap {
+                    Cap::PerAddress => "pending_per_address",
+                    Cap::Total => "pending_connections",
+                });
+                tracing::debug!(peer = %peer, outcome = "dropped", reason = %cap, "web connection");
                 drop(stream);
                 continue;
             }
@@ -132,7 +142,7 @@ async fn connection(
     door: Arc<Door>,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
-    pending: Pending,
+    pending: PendingSlot,
 ) {
     let state = door.gateway.current();
     let t = state.config.timeouts;
@@ -155,7 +165,7 @@ async fn connection(
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .map(|leaf| crate::auth::certificate::names(leaf))
+        .map(|leaf| crate::auth::certificate::names_for(leaf, state.config.tls.client_identity))
         .unwrap_or_default();
     let conn = Arc::new(Conn {
         peer,
@@ -247,7 +257,7 @@ enum Refusal {
     #[error("{0} is not allowed for this user")]
     NotAuthorized(&'static str),
     #[error("{0}")]
-    Guard(String),
+    Guard(GuardError),
     #[error("{what} rate limit reached")]
     Rate { what: &'static str, retry: u64 },
     #[error("Accept {0:?}: QIDO-RS answers pass the gateway as application/dicom+json only")]
@@ -265,9 +275,10 @@ impl Refusal {
                 StatusCode::NOT_ACCEPTABLE
             }
             Refusal::Query(_) => StatusCode::BAD_REQUEST,
+            Refusal::Guard(GuardError::Malformed(_)) => StatusCode::BAD_REQUEST,
             Refusal::Route(RouteError::Denied(_))
             | Refusal::NotAuthorized(_)
-            | Refusal::Guard(_) => StatusCode::FORBIDDEN,
+            | Refusal::Guard(GuardError::NotSpecific(_)) => StatusCode::FORBIDDEN,
             Refusal::Rate { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -285,7 +296,8 @@ impl Refusal {
             Refusal::Host => "bad_host",
             Refusal::MethodOverride(_) => "method_override",
             Refusal::NotAuthorized(_) => "not_authorized",
-            Refusal::Guard(_) => "query_guard",
+            Refusal::Guard(GuardError::NotSpecific(_)) => "query_guard",
+            Refusal::Guard(GuardError::Malformed(_)) => "bad_identifier",
             Refusal::Rate { .. } => "rate_limit",
         }
     }
@@ -780,7 +792,7 @@ fn plan_fields(plan: &Plan, upstream_path: &str) -> Map<String, Value> {
                 "series_uid",
                 uid(dicom_dictionary_std::tags::SERIES_INSTANCE_UID),
             );
-            put("level", Some(qido.level.name()));
+            put("level", Some(route::level_name(qido.level)));
             f.insert("query".into(), Value::Object(qido.audit_keys(*path_uids)));
         }
         Plan::Retrieve(r) => {

@@ -269,34 +269,20 @@ impl Qido {
         Ok(q)
     }
 
-    /// The anti-enumeration guard over the decoded keys. A list (`WEB1,*`) is as specific as its
-    /// least specific value: an archive matches any of them.
-    pub fn guard(&self, min_chars: usize) -> Result<&'static str, String> {
-        let by_tag: HashMap<Tag, &str> =
-            self.keys.iter().map(|(t, _, v)| (*t, v.as_str())).collect();
-        for (tag, _) in query_guard::IDENTIFYING_KEYS {
-            let Some(value) = by_tag.get(&tag).filter(|v| !v.is_empty()) else {
-                continue;
-            };
-            let mut specific = values(value).map(|one| {
-                query_guard::check_values(
-                    |t| {
-                        if t == tag {
-                            one.to_string()
-                        } else {
-                            String::new()
-                        }
-                    },
-                    min_chars,
-                )
-            });
-            if let Some(Ok(name)) = specific.next()
-                && specific.all(|r| r.is_ok())
-            {
-                return Ok(name);
-            }
-        }
-        query_guard::check_values(|_| String::new(), min_chars)
+    /// The anti-enumeration guard (the DIMSE side's rule, at this search's level) over the decoded
+    /// keys. QIDO-RS lists are `,`-separated (Orthanc matches `WEB1,*` as WEB1 or anything): the
+    /// guard gets them as DICOM's `\`-separated values, so that it judges each of them.
+    pub fn guard(&self, min_chars: usize) -> Result<&'static str, query_guard::GuardError> {
+        let by_tag: HashMap<Tag, String> = self
+            .keys
+            .iter()
+            .map(|(t, _, v)| (*t, values(v).collect::<Vec<_>>().join("\\")))
+            .collect();
+        query_guard::check_values(
+            |t| by_tag.get(&t).cloned().unwrap_or_default(),
+            self.level,
+            min_chars,
+        )
     }
 
     /// The query string for the archive, asking for at most `limit` matches.

@@ -8,35 +8,17 @@ use hyper::Method;
 
 use super::path::Path;
 use crate::config::Http;
+/// The UID rule (digits and dots, at most 64 characters, no empty component) and the query levels
+/// are the DIMSE side's: one rule for both doors.
+pub use crate::policy::query_guard::{Level, is_uid};
 
-/// The longest UID (PS3.5 9.1).
-const UID_MAX: usize = 64;
-
-/// A UID: digits and dots, at most 64 characters, no leading, trailing or double dot (PS3.5 9.1).
-/// Anything else (a wildcard, a list, an empty value) is not a UID, whatever an archive would make of it.
-pub fn is_uid(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= UID_MAX
-        && s.split('.')
-            .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// The level a QIDO-RS search runs at (its resource), as a C-FIND's QueryRetrieveLevel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Level {
-    Study,
-    Series,
-    Instance,
-}
-
-impl Level {
-    /// The QueryRetrieveLevel value of the same C-FIND.
-    pub fn name(self) -> &'static str {
-        match self {
-            Level::Study => "STUDY",
-            Level::Series => "SERIES",
-            Level::Instance => "IMAGE",
-        }
+/// The QueryRetrieveLevel value a QIDO-RS resource corresponds to (for the audit trail).
+pub fn level_name(level: Level) -> &'static str {
+    match level {
+        Level::Patient => "PATIENT",
+        Level::Study => "STUDY",
+        Level::Series => "SERIES",
+        Level::Image => "IMAGE",
     }
 }
 
@@ -211,17 +193,17 @@ fn dicomweb(method: &Method, segs: &[&str]) -> Result<Route, RouteError> {
         // QIDO-RS
         ["studies"] => query(Level::Study, vec![]),
         ["series"] => query(Level::Series, vec![]),
-        ["instances"] => query(Level::Instance, vec![]),
+        ["instances"] => query(Level::Image, vec![]),
         ["studies", s, "series"] => query(
             Level::Series,
             vec![(tags::STUDY_INSTANCE_UID, STUDY, uid(STUDY, s)?)],
         ),
         ["studies", s, "instances"] => query(
-            Level::Instance,
+            Level::Image,
             vec![(tags::STUDY_INSTANCE_UID, STUDY, uid(STUDY, s)?)],
         ),
         ["studies", s, "series", se, "instances"] => query(
-            Level::Instance,
+            Level::Image,
             vec![
                 (tags::STUDY_INSTANCE_UID, STUDY, uid(STUDY, s)?),
                 (tags::SERIES_INSTANCE_UID, SERIES, uid(SERIES, se)?),

@@ -8,6 +8,12 @@ use std::time::{Duration, Instant};
 /// Path of the binary Cargo built for these tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_pacsgate");
 
+/// The gateway binary the tests start: this build's, or `PACSGATE_TEST_BIN` (to show that a regression
+/// test fails on an older build: `PACSGATE_TEST_BIN=/old/pacsgate cargo test --test bypass`).
+pub fn gateway_bin() -> std::path::PathBuf {
+    std::env::var_os("PACSGATE_TEST_BIN").map_or_else(|| BIN.into(), Into::into)
+}
+
 /// A running `pacsgate run --config <tempdir>/pacsgate.toml`; killed (SIGKILL) on drop.
 pub struct Gateway {
     port: u16,
@@ -25,7 +31,7 @@ impl Gateway {
         let dir = super::tempdir("gateway");
         let config_path = dir.path().join("pacsgate.toml");
         std::fs::write(&config_path, config_toml).expect("write pacsgate.toml");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(gateway_bin());
         cmd.arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -119,7 +125,7 @@ impl Gateway {
     /// Runs `pacsgate ARGS...` (e.g. `check --config F`, `hash-password`) with optional stdin,
     /// killed after 60 s. Check `status`, `stdout`, `stderr` yourself (see [`super::output_text`]).
     pub fn run_command(args: &[&str], stdin: Option<&str>) -> Output {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(gateway_bin());
         cmd.args(args).env("NO_COLOR", "1");
         run_bounded(&mut cmd, stdin.map(str::as_bytes), Duration::from_secs(60))
     }
