@@ -35,7 +35,7 @@ const MAX_ADDRESSES: usize = 100_000;
 
 /// A request that did not authenticate: the answer the client gets.
 #[derive(Debug)]
-pub enum Refused {
+pub enum NotAuthenticated {
     /// 401 with `WWW-Authenticate`.
     Unauthorized(String),
     /// 429 with `Retry-After`.
@@ -274,14 +274,14 @@ fn credential(headers: &HeaderMap) -> Credential<'_> {
 }
 
 /// The web door's authentication.
-pub struct Login {
+pub struct WebLogin {
     pub failures: Failures,
     pub basic: BasicCache,
 }
 
-impl Login {
-    pub fn new() -> Login {
-        Login {
+impl WebLogin {
+    pub fn new() -> WebLogin {
+        WebLogin {
             failures: Failures::default(),
             basic: BasicCache::new(),
         }
@@ -296,7 +296,7 @@ impl Login {
         headers: &HeaderMap,
         peer: SocketAddr,
         names: &[String],
-    ) -> Result<Principal, Refused> {
+    ) -> Result<Principal, NotAuthenticated> {
         let address = peer.ip();
         let limiter = &state.limiter;
         let locked = |l: crate::policy::lockout::Locked| {
@@ -305,7 +305,7 @@ impl Login {
                 | crate::policy::lockout::Locked::Address { seconds_left } => seconds_left,
             };
             metrics().refusal("locked_out");
-            Refused::Limited {
+            NotAuthenticated::Limited {
                 reason: l.to_string(),
                 retry_after,
             }
@@ -313,7 +313,7 @@ impl Login {
         limiter.check_locked(None, address).map_err(locked)?;
         let credential = credential(headers);
         if matches!(credential, Credential::None) && names.is_empty() {
-            return Err(Refused::Unauthorized("no credentials".into()));
+            return Err(NotAuthenticated::Unauthorized("no credentials".into()));
         }
         // A Basic login remembered under this configuration costs nothing.
         if let Credential::Basic { user, password } = &credential {
@@ -333,7 +333,7 @@ impl Login {
             .map_err(|retry_after| {
                 metrics().refusal("failed_logins_per_minute");
                 tracing::info!(peer = %peer, outcome = "rejected", reason = "failed_logins_per_minute", "web request");
-                Refused::Limited {
+                NotAuthenticated::Limited {
                     reason: "too many failed logins from this address".into(),
                     retry_after,
                 }
@@ -355,7 +355,7 @@ impl Login {
                         // Not a failure of the client's: nothing counts against it.
                         metrics().refusal("password_checks_busy");
                         tracing::warn!(peer = %peer, user = ?user, outcome = "busy", reason = "no password check slot within association_request", "web request");
-                        return Err(Refused::Busy {
+                        return Err(NotAuthenticated::Busy {
                             retry_after: wait.as_secs().max(1),
                         });
                     }
@@ -389,7 +389,7 @@ impl Login {
         user: Option<String>,
         method: Option<&'static str>,
         reason: String,
-    ) -> Refused {
+    ) -> NotAuthenticated {
         let address = peer.ip();
         state.audit.record(
             "login.failed",
@@ -405,7 +405,7 @@ impl Login {
         }
         metrics().refusal("not_authenticated");
         tracing::info!(peer = %peer, user = ?user.as_deref().unwrap_or("-"), outcome = "rejected", reason = ?reason, "web request");
-        Refused::Unauthorized(reason)
+        NotAuthenticated::Unauthorized(reason)
     }
 }
 

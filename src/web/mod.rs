@@ -44,7 +44,7 @@ use crate::metrics::metrics;
 use crate::policy::Grants;
 use crate::policy::query_guard::GuardError;
 use crate::server::{Cap, Gateway, PendingSlot, State};
-use login::{Login, Refused};
+use login::{NotAuthenticated, WebLogin};
 use path::{Path, PathError};
 use query::{Qido, QueryError, WadoUri};
 use route::{Retrieval, Route, RouteError, classify};
@@ -60,7 +60,7 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(3600);
 pub struct Door {
     gateway: Gateway,
     client: Upstream,
-    login: Login,
+    login: WebLogin,
 }
 
 /// One client connection, as its requests see it.
@@ -95,7 +95,7 @@ pub async fn serve(gateway: Gateway, listener: TcpListener) {
             .pool_idle_timeout(Duration::from_secs(30))
             .build_http(),
         gateway,
-        login: Login::new(),
+        login: WebLogin::new(),
     });
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -209,9 +209,9 @@ fn retry_after(mut r: Response<Body>, seconds: u64) -> Response<Body> {
 }
 
 /// The answer to a request that did not authenticate.
-fn not_authenticated(refused: Refused) -> Response<Body> {
+fn not_authenticated(refused: NotAuthenticated) -> Response<Body> {
     match refused {
-        Refused::Unauthorized(reason) => {
+        NotAuthenticated::Unauthorized(reason) => {
             let mut r = full(
                 StatusCode::UNAUTHORIZED,
                 format!("authentication required: {reason}\n"),
@@ -224,14 +224,14 @@ fn not_authenticated(refused: Refused) -> Response<Body> {
             );
             r
         }
-        Refused::Limited {
+        NotAuthenticated::Limited {
             reason,
             retry_after: s,
         } => retry_after(
             full(StatusCode::TOO_MANY_REQUESTS, format!("{reason}\n")),
             s,
         ),
-        Refused::Busy { retry_after: s } => retry_after(
+        NotAuthenticated::Busy { retry_after: s } => retry_after(
             full(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the gateway is busy checking passwords; try again\n",
