@@ -44,6 +44,20 @@ pub enum NotAuthenticated {
     Busy { retry_after: u64 },
 }
 
+/// The budget an address draws on: IPv4 addresses one by one, IPv6 by /64 (one subscriber's
+/// prefix: counting its addresses one by one would give an attacker 2^64 budgets).
+fn bucket(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+        v4 => v4,
+    }
+}
+
 /// Failed and unfinished credential checks per client address, over the last minute.
 #[derive(Debug, Default)]
 pub struct Failures {
@@ -74,6 +88,7 @@ impl Failures {
         per_minute: u32,
         now: Instant,
     ) -> Result<Attempt<'_>, u64> {
+        let address = bucket(address);
         let mut map = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > SWEEP_ABOVE {
             map.retain(|_, r| {
@@ -190,8 +205,8 @@ impl BasicCache {
     fn key(&self, user: &str, password: &str) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(self.salt);
+        h.update((user.len() as u64).to_le_bytes());
         h.update(user.as_bytes());
-        h.update([0u8]);
         h.update(password.as_bytes());
         h.finalize().into()
     }
@@ -442,6 +457,22 @@ mod tests {
         assert!(held.is_ok(), "the successful one freed its place");
         assert_eq!(f.begin(a, 3, later).err(), Some(15));
         assert!(f.begin(a, 3, t0 + Duration::from_secs(61)).is_ok());
+        // IPv6 counts per /64; a v4-mapped address is its IPv4 address.
+        let v6a: IpAddr = "2001:db8::1".parse().expect("ip");
+        let v6b: IpAddr = "2001:db8::ffff:2".parse().expect("ip");
+        let held: Vec<_> = (0..3)
+            .map(|_| f.begin(v6a, 3, t0).expect("in budget"))
+            .collect();
+        assert!(
+            f.begin(v6b, 3, t0).is_err(),
+            "another address of the same /64"
+        );
+        assert!(
+            f.begin("2001:db8:0:1::1".parse().expect("ip"), 3, t0)
+                .is_ok()
+        );
+        drop(held);
+        assert_eq!(bucket("::ffff:10.0.0.1".parse().expect("ip")), a);
         // 0: no limit.
         let many: Vec<_> = (0..100).map(|_| f.begin(b, 0, t0)).collect();
         assert!(many.iter().all(Result::is_ok));

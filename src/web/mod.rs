@@ -198,6 +198,11 @@ fn full(status: StatusCode, text: impl Into<String>) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    // The text may quote (escaped) what the client sent: never let a browser take it for HTML.
+    r.headers_mut().insert(
+        HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
+    );
     r
 }
 

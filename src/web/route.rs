@@ -100,7 +100,9 @@ pub enum RouteError {
 /// Classify a request under the configured DICOMweb, WADO-URI and allowed paths. Configured paths
 /// that do not parse as checked paths match nothing (fail closed).
 pub fn classify(http: &Http, method: &Method, path: &Path) -> Result<Route, RouteError> {
-    if let Ok(root) = Path::parse(&http.dicomweb_path)
+    // The configuration keeps paths without a trailing `/`: the root `/` is "".
+    let configured = |p: &str| Path::parse(if p.is_empty() { "/" } else { p });
+    if let Ok(root) = configured(&http.dicomweb_path)
         && let Some(rest) = path.strip_prefix(&root)
     {
         return dicomweb(method, &rest);
@@ -108,7 +110,7 @@ pub fn classify(http: &Http, method: &Method, path: &Path) -> Result<Route, Rout
     if let Some(wado) = http
         .wado_uri_path
         .as_deref()
-        .and_then(|p| Path::parse(p).ok())
+        .and_then(|p| configured(p).ok())
         && *path == wado
     {
         return if method == Method::GET {
@@ -120,7 +122,7 @@ pub fn classify(http: &Http, method: &Method, path: &Path) -> Result<Route, Rout
     let allowed = http
         .allow_paths
         .iter()
-        .filter_map(|p| Path::parse(p).ok())
+        .filter_map(|p| configured(p).ok())
         .any(|p| path.strip_prefix(&p).is_some());
     if allowed {
         return Ok(Route::Allowed);
@@ -388,6 +390,17 @@ mod tests {
         assert!(matches!(
             route(&Method::POST, "/wado"),
             Err(RouteError::Denied(_))
+        ));
+    }
+
+    #[test]
+    fn a_dicomweb_root_of_slash_is_the_whole_path() {
+        let mut h = http();
+        h.dicomweb_path = String::new(); // `dicomweb_path = "/"` as the configuration keeps it
+        let p = Path::parse("/studies").expect("path");
+        assert!(matches!(
+            classify(&h, &Method::GET, &p),
+            Ok(Route::Query { .. })
         ));
     }
 
