@@ -787,6 +787,14 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         if u.name.is_empty() {
             return Err(invalid(&format!("user[{i}].name"), "is empty".into()));
         }
+        if u.password_hash.is_some() {
+            crate::auth::password::check_login_name(&u.name).map_err(|m| {
+                invalid(
+                    &format!("user[{i}].name"),
+                    format!("user {:?} cannot sign in with a password: {m}", u.name),
+                )
+            })?;
+        }
         if let Some(hash) = &u.password_hash {
             crate::auth::password::check_hash_format(hash).map_err(|m| {
                 invalid(

@@ -16,11 +16,11 @@ use crate::config::Config;
 use crate::metrics::{DirectionLabels, OutcomeLabels, UpstreamLabels, metrics};
 use crate::moves::{DestinationConnectors, MovesInProgress, ReturnPeer};
 use crate::pdu::{self, PduError, Rejection, read_pdu};
-use crate::policy::{Grants, Limiter};
+use crate::policy::{Grants, Limiter, login};
 use crate::relay::{self, RelayLimits};
 use crate::session::{Party, Session};
 use crate::tls;
-use dicom_ul::pdu::{AssociationAC, AssociationRQ, UserIdentityType};
+use dicom_ul::pdu::{AssociationAC, AssociationRQ};
 use serde_json::json;
 use tokio_util::task::TaskTracker;
 
@@ -593,70 +593,34 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(reject(&mut client, Rejection::CalledAeNotRecognized, reason).await);
     };
 
-    // Phase: authentication.
+    // Phase: authentication: lock check, credential, the failed-login rule (policy::login).
     let identity = association::user_identity(&rq);
-    let claimed = identity
-        .filter(|i| i.identity_type() == UserIdentityType::UsernamePassword)
-        .and_then(|i| String::from_utf8(i.primary_field()).ok());
-    if let Err(locked) = limiter.check_locked(claimed.as_deref(), address) {
-        outcome.user = claimed;
-        return Err(reject(
-            &mut client,
-            Rejection::LocalLimitExceeded,
-            locked.to_string(),
-        )
-        .await);
-    }
     let origin = auth::Origin {
         address,
         calling_ae: &rq.calling_ae_title,
         over_tls,
     };
-    let principal: Principal = match state
-        .authenticator
-        .authenticate(identity, certificate_names, origin)
+    let door = login::Door::Dicom {
+        calling_ae: &rq.calling_ae_title,
+        called_ae: &rq.called_ae_title,
+    };
+    let principal: Principal = match login::Login::new(limiter, &state.audit, peer, door)
+        .dicom(&state.authenticator, identity, certificate_names, origin)
         .await
     {
         Ok(p) => p,
-        Err(failure) => {
-            state.audit.record(
-                "login.failed",
-                json!({
-                    "peer": peer.to_string(),
-                    "user": failure.user,
-                    "method": failure.method.map(|m| m.name()),
-                    "calling_ae": rq.calling_ae_title,
-                    "called_ae": rq.called_ae_title,
-                    "reason": failure.error.to_string(),
-                }),
-            );
-            for lock in limiter.login_failed(failure.user.as_deref(), address) {
-                state.audit.record(
-                    "lockout",
-                    json!({
-                        "peer": peer.to_string(),
-                        "user": failure.user,
-                        "scope": format!("{lock:?}"),
-                        "seconds": cfg.limits.lockout.as_secs(),
-                        "rule": "failed_logins",
-                    }),
-                );
-                tracing::warn!(
-                    peer = %peer,
-                    user = failure.user.as_deref().unwrap_or("-"),
-                    lock = ?lock,
-                    seconds = cfg.limits.lockout.as_secs(),
-                    reason = "failed logins",
-                    "lockout"
-                );
-            }
-            outcome.user = failure.user;
-            outcome.method = failure.method.map(|m| m.name());
-            let reason = failure.error.to_string();
-            return Err(reject(&mut client, Rejection::NotAuthenticated, reason).await);
+        Err(refused) => {
+            outcome.user = refused.user().map(str::to_string);
+            outcome.method = refused.method().map(|m| m.name());
+            // Failed credentials: 1/2/1. Locked out, or password checks busy: 2/3/2 (transient).
+            let rejection = if refused.is_failed_login() {
+                Rejection::NotAuthenticated
+            } else {
+                Rejection::LocalLimitExceeded
+            };
+            return Err(reject(&mut client, rejection, refused.to_string()).await);
         }
     };
-    limiter.login_succeeded(&principal.user, address);
     outcome.user = Some(principal.user.clone());
     outcome.method = Some(principal.method.name());
     let _slot = match limiter.admit(&principal.user) {

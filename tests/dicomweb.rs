@@ -1186,7 +1186,6 @@ fn connections_that_do_not_authenticate_are_bounded() {
 #[test]
 fn a_password_check_that_cannot_start_in_time_is_503_not_a_queue() {
     let w = start(Opts {
-        timeouts: "association_request = 2",
         limits: "max_pending_connections = 64\nmax_pending_per_address = 8\nfailed_logins = 100\nfailed_logins_per_address = 100",
         ..Opts::default()
     });
@@ -1229,7 +1228,8 @@ fn a_password_check_that_cannot_start_in_time_is_503_not_a_queue() {
     for (a, waited) in busy {
         let a = a.as_ref().expect("answer");
         assert!(a.header("retry-after").is_some(), "{}", a.head);
-        assert!(*waited < Duration::from_secs(6), "a 503 after {waited:?}");
+        // The bound is auth::PASSWORD_CHECK_WAIT (5 s); a queue would have taken half a minute.
+        assert!(*waited < Duration::from_secs(9), "a 503 after {waited:?}");
     }
     assert!(
         answers

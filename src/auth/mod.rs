@@ -6,12 +6,15 @@ pub mod password;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use dicom_ul::pdu::{UserIdentity, UserIdentityType};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Config, Role, User};
 use jwt::{JwtSetupError, JwtVerifier, TokenError};
+use password::NameError;
 
 /// How a peer proved who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +72,22 @@ pub enum AuthError {
     NoRole,
     #[error("identity field is not valid UTF-8")]
     BadEncoding,
+    #[error(transparent)]
+    BadName(#[from] NameError),
+    /// Nothing was checked: no password-check slot (or no turn for this name and address) came free
+    /// within the bound. Not a failed login; DICOM answers 2/3/2, the web 503.
+    #[error("password checks busy ({phase}: {why})")]
+    Busy {
+        phase: &'static str,
+        why: &'static str,
+    },
+}
+
+impl AuthError {
+    /// Busy: nothing was verified, so nothing may be counted as a failed login.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, AuthError::Busy { .. })
+    }
 }
 
 /// Where an association comes from, as far as authentication cares.
@@ -90,6 +109,88 @@ pub struct AuthFailure {
 
 /// The limit on password checks running at once: each costs ~20 MiB and tens of milliseconds of a core.
 const CONCURRENT_PASSWORD_CHECKS: usize = 4;
+/// How many password checks may wait for one of those slots; more are answered Busy at once.
+pub const QUEUED_PASSWORD_CHECKS: usize = 32;
+/// How long a password check may wait for a slot (phase `password_check`) before it is answered Busy.
+pub const PASSWORD_CHECK_WAIT: Duration = Duration::from_secs(5);
+
+/// What a User Identity claims, read once: the type 2 primary field is turned into a login name
+/// here (password::normalize_user) and nowhere else; the lock check, the password check, the count
+/// and the audit all take this one name.
+#[derive(Debug, Clone)]
+pub struct Claim<'a> {
+    identity: Option<&'a UserIdentity>,
+    name: Option<Result<String, NameError>>,
+}
+
+impl<'a> Claim<'a> {
+    pub fn read(identity: Option<&'a UserIdentity>) -> Claim<'a> {
+        let name = identity
+            .filter(|i| i.identity_type() == UserIdentityType::UsernamePassword)
+            .map(|i| password::normalize_user(&i.primary_field()));
+        Claim { identity, name }
+    }
+
+    /// The normalized login name (type 2), when the peer claimed one that can be a user name.
+    /// The JWT subject is not a login name: it is not counted per name.
+    pub fn login_name(&self) -> Option<&str> {
+        self.name.as_ref()?.as_deref().ok()
+    }
+}
+
+/// The argon2 slots shared by both doors: a bounded number of checks at once, a bounded queue in
+/// front of them, and a bounded wait in it.
+#[derive(Debug)]
+struct PasswordSlots {
+    slots: Arc<Semaphore>,
+    queued: AtomicUsize,
+    max_queued: usize,
+    wait: Duration,
+}
+
+/// One place in the queue, given back on drop.
+struct Queued<'a>(&'a AtomicUsize);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl PasswordSlots {
+    fn new(slots: usize, max_queued: usize, wait: Duration) -> PasswordSlots {
+        PasswordSlots {
+            slots: Arc::new(Semaphore::new(slots)),
+            queued: AtomicUsize::new(0),
+            max_queued,
+            wait,
+        }
+    }
+
+    /// Phase `password_check`: a slot now, or after a bounded wait in a bounded queue, or Busy.
+    /// Decided before and whatever the user name: a busy answer says nothing about the user.
+    async fn acquire(&self) -> Result<OwnedSemaphorePermit, AuthError> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        let ahead = self.queued.fetch_add(1, Ordering::AcqRel);
+        let _place = Queued(&self.queued);
+        if ahead >= self.max_queued {
+            return Err(AuthError::Busy {
+                phase: "password_check",
+                why: "queue full",
+            });
+        }
+        match tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            // The semaphore is never closed; if it were, fail closed as busy.
+            Ok(Err(_)) | Err(_) => Err(AuthError::Busy {
+                phase: "password_check",
+                why: "no slot came free in time",
+            }),
+        }
+    }
+}
 
 /// Checks credentials against the users, roles and JWT keys of one configuration.
 #[derive(Debug)]
@@ -100,7 +201,7 @@ pub struct Authenticator {
     jwt: Option<JwtVerifier>,
     /// Verified against when the user is unknown, so that failures cost the same either way.
     dummy_hash: String,
-    password_checks: Arc<Semaphore>,
+    password_checks: PasswordSlots,
 }
 
 impl Authenticator {
@@ -114,7 +215,11 @@ impl Authenticator {
             devices: cfg.devices.clone(),
             jwt,
             dummy_hash,
-            password_checks: Arc::new(Semaphore::new(CONCURRENT_PASSWORD_CHECKS)),
+            password_checks: PasswordSlots::new(
+                CONCURRENT_PASSWORD_CHECKS,
+                QUEUED_PASSWORD_CHECKS,
+                PASSWORD_CHECK_WAIT,
+            ),
         })
     }
 
@@ -127,7 +232,20 @@ impl Authenticator {
         certificate_names: &[String],
         origin: Origin<'_>,
     ) -> Result<Principal, AuthFailure> {
+        self.authenticate_claim(&Claim::read(identity), certificate_names, origin)
+            .await
+    }
+
+    /// [`Authenticator::authenticate`] with the identity already read (policy::login reads it first,
+    /// to check the lock of the very name verified here).
+    pub async fn authenticate_claim(
+        &self,
+        claim: &Claim<'_>,
+        certificate_names: &[String],
+        origin: Origin<'_>,
+    ) -> Result<Principal, AuthFailure> {
         let over_tls = origin.over_tls;
+        let identity = claim.identity;
         let fail = |method, user: Option<&str>, error| AuthFailure {
             method,
             user: user.map(str::to_string),
@@ -135,13 +253,11 @@ impl Authenticator {
         };
         match identity.map(|i| (i.identity_type(), i)) {
             Some((UserIdentityType::UsernamePassword, id)) => {
-                let user = String::from_utf8(id.primary_field())
-                    .map_err(|_| fail(Some(Method::Password), None, AuthError::BadEncoding))?;
-                let user = user.trim_end_matches(['\0', ' ']).to_string();
+                let user = claim.name.clone().unwrap_or(Err(NameError::Empty));
                 if !over_tls {
                     return Err(fail(
                         Some(Method::Password),
-                        Some(&user),
+                        user.as_deref().ok(),
                         AuthError::PasswordWithoutTls,
                     ));
                 }
@@ -187,14 +303,20 @@ impl Authenticator {
         }
     }
 
-    /// A user name and password, checked against the user's argon2id hash.
-    pub async fn password(&self, user: &str, password: Vec<u8>) -> Result<Principal, AuthFailure> {
+    /// A login name (normalized by password::normalize_user, or why it cannot be one) and a
+    /// password, checked against the user's argon2id hash. A name that cannot be a user costs the
+    /// same check and gets the same answer as a wrong password.
+    pub async fn password(
+        &self,
+        user: &Result<String, NameError>,
+        password: Vec<u8>,
+    ) -> Result<Principal, AuthFailure> {
         self.check_password(user, password)
             .await
             .and_then(|u| self.principal(&u.name, Method::Password, u.roles.clone()))
             .map_err(|error| AuthFailure {
                 method: Some(Method::Password),
-                user: Some(user.to_string()),
+                user: user.as_ref().ok().cloned(),
                 error,
             })
     }
@@ -231,24 +353,28 @@ impl Authenticator {
             .map_err(|e| fail(Some(&user.name), e))
     }
 
-    async fn check_password(&self, user: &str, password: Vec<u8>) -> Result<&User, AuthError> {
-        let found = self.users.get(user);
+    async fn check_password(
+        &self,
+        user: &Result<String, NameError>,
+        password: Vec<u8>,
+    ) -> Result<&User, AuthError> {
+        let found = user.as_ref().ok().and_then(|u| self.users.get(u));
         let hash = found
             .and_then(|u| u.password_hash.clone())
             .unwrap_or_else(|| self.dummy_hash.clone());
-        // Bounded concurrency; the semaphore is never closed, so acquire cannot fail in practice.
-        let permit = self.password_checks.clone().acquire_owned().await;
+        let permit = self.password_checks.acquire().await?;
         let ok = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             password::verify(&hash, &password)
         })
         .await
         .unwrap_or(false);
-        match found {
-            None => Err(AuthError::UnknownUser),
-            Some(u) if u.password_hash.is_none() => Err(AuthError::NoPasswordSet),
-            Some(_) if !ok => Err(AuthError::WrongPassword),
-            Some(u) => Ok(u),
+        match (user, found) {
+            (Err(e), _) => Err(AuthError::BadName(*e)),
+            (Ok(_), None) => Err(AuthError::UnknownUser),
+            (Ok(_), Some(u)) if u.password_hash.is_none() => Err(AuthError::NoPasswordSet),
+            (Ok(_), Some(_)) if !ok => Err(AuthError::WrongPassword),
+            (Ok(_), Some(u)) => Ok(u),
         }
     }
 
@@ -271,5 +397,50 @@ impl Authenticator {
             method,
             roles,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_queue_is_busy_at_once_and_a_wait_is_bounded() {
+        let slots = PasswordSlots::new(1, 1, Duration::from_millis(200));
+        let held = slots.acquire().await.expect("the free slot");
+        let started = tokio::time::Instant::now();
+        let (waiting, overflow) = tokio::join!(slots.acquire(), async {
+            tokio::task::yield_now().await;
+            let r = slots.acquire().await;
+            (r, started.elapsed())
+        });
+        assert!(
+            matches!(
+                overflow.0,
+                Err(AuthError::Busy {
+                    why: "queue full",
+                    ..
+                })
+            ),
+            "{:?}",
+            overflow.0
+        );
+        assert!(overflow.1 < Duration::from_millis(150), "{:?}", overflow.1);
+        assert!(
+            matches!(waiting, Err(AuthError::Busy { phase: "password_check", why }) if why.contains("in time"))
+        );
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert_eq!(slots.queued.load(Ordering::Acquire), 0, "places given back");
+        drop(held);
+        let again = slots.acquire().await;
+        assert!(again.is_ok(), "a freed slot is taken at once");
+        assert!(
+            AuthError::Busy {
+                phase: "password_check",
+                why: "queue full"
+            }
+            .to_string()
+            .starts_with("password checks busy")
+        );
     }
 }

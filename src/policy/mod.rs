@@ -1,7 +1,9 @@
-//! Who may do what, how fast, and how much: role grants, rate limits, lockout, occupancy, the query guard.
+//! Who may do what, how fast, and how much: role grants, rate limits, lockout and the login rule,
+//! occupancy, the query guard.
 
 pub mod limits;
 pub mod lockout;
+pub mod login;
 pub mod query_guard;
 
 use std::collections::{BTreeSet, HashSet};
@@ -11,7 +13,7 @@ use std::time::Instant;
 
 use crate::config::{Config, Operation};
 use limits::{Full, Occupancy, Rates, Slot};
-use lockout::{Locked, Lockout, NewLock};
+use lockout::{Locked, Lockout};
 
 /// What one authenticated user may do: the union of their roles.
 #[derive(Debug, Clone, Default)]
@@ -59,6 +61,8 @@ pub struct Limiter {
     pub rates: Rates,
     pub lockout: Mutex<Lockout>,
     pub occupancy: Arc<Occupancy>,
+    /// Woken whenever a login attempt ends, for the attempts waiting for their turn (login.rs).
+    turns: tokio::sync::Notify,
 }
 
 impl Limiter {
@@ -73,6 +77,7 @@ impl Limiter {
                 l.lockout,
             )),
             occupancy: Occupancy::new(l.max_associations, l.max_associations_per_user),
+            turns: tokio::sync::Notify::new(),
         }
     }
 
@@ -97,17 +102,10 @@ impl Limiter {
         self.lockout.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Is this address (or this normalized login name at it) locked? Logins go through
+    /// [`login::Login`], which checks, counts and clears; this is the early address check.
     pub fn check_locked(&self, user: Option<&str>, address: IpAddr) -> Result<(), Locked> {
         self.lockout().check(user, address, Instant::now())
-    }
-
-    /// Count a failed login; returns the locks it started, for the log.
-    pub fn login_failed(&self, user: Option<&str>, address: IpAddr) -> Vec<NewLock> {
-        self.lockout().failure(user, address, Instant::now())
-    }
-
-    pub fn login_succeeded(&self, user: &str, address: IpAddr) {
-        self.lockout().success(user, address);
     }
 
     pub fn admit(&self, user: &str) -> Result<Slot, Full> {

@@ -1,11 +1,12 @@
 //! Who is asking: a Bearer JWT, HTTP Basic (argon2id, with a short cache) or a client certificate,
 //! checked before anything else, with limits that keep anonymous clients from spending the gateway:
 //!
-//! - lockouts shared with the DICOM side (`failed_logins`, `failed_logins_per_address`);
 //! - per client address, at most `[http] failed_logins_per_minute` failed or unfinished credential
-//!   checks per minute: more are answered 429 with `Retry-After` before any password check runs;
-//! - a password check waits at most `[timeouts] association_request` for one of the argon2 slots it
-//!   shares with DICOM: a 503 with `Retry-After` rather than an unbounded queue;
+//!   checks per minute: more are answered 429 with `Retry-After` before any check runs;
+//! - then the login rule both doors share (`policy::login`): one normalized user name, lockouts
+//!   (`failed_logins`, `failed_logins_per_address`, with the attempts in flight), and a bounded wait
+//!   for a password-check slot (`auth::PASSWORD_CHECK_WAIT`): busy is a 503 with `Retry-After`,
+//!   never a failed login;
 //! - the Basic cache belongs to one configuration: after a reload it is empty, so a user removed
 //!   from the file is refused at once.
 
@@ -19,9 +20,14 @@ use hyper::header::{self, HeaderMap};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::auth::{AuthFailure, Principal};
+use crate::auth::Principal;
 use crate::metrics::metrics;
+use crate::policy;
+use crate::policy::login::{Door, Refused, normalize_user};
 use crate::server::State;
+
+/// Seconds a client told "busy" (503) is asked to wait.
+const BUSY_RETRY_AFTER: u64 = 2;
 
 /// Successful HTTP Basic logins are remembered this long, so a viewer's hundreds of requests do not
 /// each cost an argon2 computation. Keyed by a salted SHA-256 of user and password, never the password.
@@ -313,30 +319,19 @@ impl WebLogin {
         names: &[String],
     ) -> Result<Principal, NotAuthenticated> {
         let address = peer.ip();
-        let limiter = &state.limiter;
-        let locked = |l: crate::policy::lockout::Locked| {
-            let retry_after = match l {
-                crate::policy::lockout::Locked::UserAtAddress { seconds_left }
-                | crate::policy::lockout::Locked::Address { seconds_left } => seconds_left,
-            };
+        // A locked address is refused before anything else is looked at.
+        if let Err(locked) = state.limiter.check_locked(None, address) {
             metrics().refusal("locked_out");
-            NotAuthenticated::Limited {
-                reason: l.to_string(),
-                retry_after,
-            }
-        };
-        limiter.check_locked(None, address).map_err(locked)?;
+            return Err(NotAuthenticated::Limited {
+                reason: locked.to_string(),
+                retry_after: locked.seconds_left(),
+            });
+        }
         let credential = credential(headers);
         if matches!(credential, Credential::None) && names.is_empty() {
             return Err(NotAuthenticated::Unauthorized("no credentials".into()));
         }
-        // A Basic login remembered under this configuration costs nothing.
-        if let Credential::Basic { user, password } = &credential {
-            limiter.check_locked(Some(user), address).map_err(locked)?;
-            if let Some(p) = self.basic.cached(state, &self.basic.key(user, password)) {
-                return Ok(p);
-            }
-        }
+        // This address's budget of failed and unfinished checks, before any of them runs.
         let per_minute = state
             .config
             .http
@@ -353,74 +348,76 @@ impl WebLogin {
                     retry_after,
                 }
             })?;
-        let result: Result<Principal, AuthFailure> = match credential {
-            Credential::Bearer(token) => state.authenticator.token(token),
+        // The login rule both doors share: lock check, a turn among the attempts in flight, the
+        // count, the audit (policy::login).
+        let login = policy::login::Login::new(&state.limiter, &state.audit, peer, Door::Web);
+        let result = match credential {
+            Credential::Bearer(token) => {
+                login
+                    .attempt(None, async { state.authenticator.token(token) })
+                    .await
+            }
             Credential::Basic { user, password } => {
-                let key = self.basic.key(&user, &password);
-                let wait = state.config.timeouts.association_request;
-                let check = state.authenticator.password(&user, password.into_bytes());
-                match tokio::time::timeout(wait, check).await {
-                    Ok(r) => {
-                        if let Ok(p) = &r {
-                            self.basic.remember(state, &current(), key, p.clone());
-                        }
-                        r
+                let name = normalize_user(user.as_bytes());
+                let verify = async {
+                    let key = name.as_deref().ok().map(|u| self.basic.key(u, &password));
+                    if let Some(p) = key.as_ref().and_then(|k| self.basic.cached(state, k)) {
+                        return Ok(p);
                     }
-                    Err(_) => {
-                        // Not a failure of the client's: nothing counts against it.
-                        metrics().refusal("password_checks_busy");
-                        tracing::warn!(peer = %peer, user = ?user, outcome = "busy", reason = "no password check slot within association_request", "web request");
-                        return Err(NotAuthenticated::Busy {
-                            retry_after: wait.as_secs().max(1),
-                        });
+                    let result = state
+                        .authenticator
+                        .password(&name, password.as_bytes().to_vec())
+                        .await;
+                    if let (Ok(p), Some(key)) = (&result, key) {
+                        self.basic.remember(state, &current(), key, p.clone());
                     }
-                }
+                    result
+                };
+                login.attempt(name.as_deref().ok(), verify).await
             }
             Credential::Malformed(reason) => {
                 attempt.failed(Instant::now());
-                return Err(self.failed(state, peer, None, None, reason.to_string()));
+                state.audit.record(
+                    "login.failed",
+                    json!({"peer": peer.to_string(), "via": "http", "reason": reason}),
+                );
+                metrics().refusal("not_authenticated");
+                tracing::info!(peer = %peer, outcome = "rejected", reason, "web request");
+                return Err(NotAuthenticated::Unauthorized(reason.into()));
             }
-            Credential::None => state.authenticator.certificate(names),
+            Credential::None => {
+                login
+                    .attempt(None, async { state.authenticator.certificate(names) })
+                    .await
+            }
         };
-        match result {
-            Ok(p) => {
-                limiter.login_succeeded(&p.user, address);
-                Ok(p)
+        result.map_err(|refused| {
+            let reason = refused.to_string();
+            let user = refused.user().unwrap_or("-").to_string();
+            match refused {
+                Refused::Locked { locked, .. } => {
+                    metrics().refusal("locked_out");
+                    NotAuthenticated::Limited {
+                        reason,
+                        retry_after: locked.seconds_left(),
+                    }
+                }
+                Refused::Busy(_) => {
+                    // Nothing was verified: not a failure of the client's.
+                    metrics().refusal("password_checks_busy");
+                    tracing::warn!(peer = %peer, user = ?user, outcome = "busy", reason = ?reason, "web request");
+                    NotAuthenticated::Busy {
+                        retry_after: BUSY_RETRY_AFTER,
+                    }
+                }
+                Refused::Failed(_) => {
+                    attempt.failed(Instant::now());
+                    metrics().refusal("not_authenticated");
+                    tracing::info!(peer = %peer, user = ?user, outcome = "rejected", reason = ?reason, "web request");
+                    NotAuthenticated::Unauthorized(reason)
+                }
             }
-            Err(failure) => {
-                attempt.failed(Instant::now());
-                let reason = failure.error.to_string();
-                let method = failure.method.map(|m| m.name());
-                Err(self.failed(state, peer, failure.user, method, reason))
-            }
-        }
-    }
-
-    /// A credential that did not verify: audit, lockout, log, 401.
-    fn failed(
-        &self,
-        state: &State,
-        peer: SocketAddr,
-        user: Option<String>,
-        method: Option<&'static str>,
-        reason: String,
-    ) -> NotAuthenticated {
-        let address = peer.ip();
-        state.audit.record(
-            "login.failed",
-            json!({"peer": peer.to_string(), "user": user, "method": method, "via": "http", "reason": reason}),
-        );
-        for lock in state.limiter.login_failed(user.as_deref(), address) {
-            state.audit.record(
-                "lockout",
-                json!({"peer": peer.to_string(), "user": user, "scope": format!("{lock:?}"),
-                       "seconds": state.config.limits.lockout.as_secs(), "rule": "failed_logins", "via": "http"}),
-            );
-            tracing::warn!(peer = %peer, user = ?user.as_deref().unwrap_or("-"), lock = ?lock, reason = "failed logins", "lockout");
-        }
-        metrics().refusal("not_authenticated");
-        tracing::info!(peer = %peer, user = ?user.as_deref().unwrap_or("-"), outcome = "rejected", reason = ?reason, "web request");
-        NotAuthenticated::Unauthorized(reason)
+        })
     }
 }
 
