@@ -178,8 +178,8 @@ fn dicom_event(
             "E",
         ),
         "lockout" | "refused" | "association.rejected" => ("110113", "Security Alert", None, "E"),
-        "find" => ("110112", "Query", None, "E"),
-        "move" | "get" | "store" | "move.delivered" => {
+        "find" | "qido" => ("110112", "Query", None, "E"),
+        "move" | "get" | "store" | "move.delivered" | "wado" | "stow" => {
             ("110104", "DICOM Instances Transferred", None, "R")
         }
         _ => ("110100", "Application Activity", None, "E"),

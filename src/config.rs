@@ -69,6 +69,8 @@ struct FileHttp {
     cors_origins: Vec<String>,
     #[serde(default = "default_max_query_response")]
     max_query_response: usize,
+    #[serde(default = "default_failed_logins_per_minute")]
+    failed_logins_per_minute: u32,
 }
 
 fn default_dicomweb_path() -> String {
@@ -76,6 +78,9 @@ fn default_dicomweb_path() -> String {
 }
 fn default_max_query_response() -> usize {
     16 * 1024 * 1024
+}
+fn default_failed_logins_per_minute() -> u32 {
+    10
 }
 
 #[derive(Debug, Deserialize)]
@@ -355,6 +360,8 @@ pub struct Http {
     pub cors_origins: Vec<String>,
     /// The most of a QIDO-RS response the gateway reads to enforce the result cap.
     pub max_query_response: usize,
+    /// Failed (or unfinished) credential checks one client address may have per minute; 0: no limit.
+    pub failed_logins_per_minute: u32,
 }
 
 /// `[audit]`: the audit trail's destinations.
@@ -1185,6 +1192,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                 allow_paths,
                 cors_origins: h.cors_origins,
                 max_query_response: h.max_query_response.max(1024),
+                failed_logins_per_minute: h.failed_logins_per_minute,
             })
         }
     };

@@ -127,6 +127,11 @@ impl Gateway {
         &self.return_pending
     }
 
+    /// The pending-connection pool of the TLS and device listeners, which the web door shares.
+    pub(crate) fn pending(&self) -> &Arc<PendingConnections> {
+        &self.pending
+    }
+
     /// Reload, first step: re-read and validate the configuration file and build what new
     /// associations will need (users, roles, devices, JWT keys, certificates and CRLs, destinations,
     /// audit). Nothing is in force yet; an error leaves everything as it was. The limiter is the

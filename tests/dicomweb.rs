@@ -5,31 +5,64 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::*;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
 
 const PASSWORD: &str = "correct horse battery staple";
 
-struct Web {
+/// What goes into the gateway's configuration besides the defaults.
+#[derive(Default, Clone, Copy)]
+struct Opts {
+    /// Lines for `[limits]`, `[timeouts]` and `[http]`.
+    limits: &'static str,
+    timeouts: &'static str,
+    http: &'static str,
+    /// An `[audit] file` in the gateway's directory.
+    audit: bool,
+    large_mb: Option<usize>,
+}
+
+/// The archive, its data and what a gateway in front of it is configured from.
+struct Base {
     pki: Pki,
     orthanc: Orthanc,
-    gateway: Gateway,
     dimse_port: u16,
     port: u16,
     files: Vec<PathBuf>,
+    instances: Vec<Instance>,
     study: String,
+    hash: String,
+    audit: PathBuf,
     _data: tempfile::TempDir,
 }
 
+/// A [`Base`] with the gateway under test in front of it.
+struct Web {
+    base: Base,
+    gateway: Gateway,
+}
+
+impl std::ops::Deref for Web {
+    type Target = Base;
+    fn deref(&self) -> &Base {
+        &self.base
+    }
+}
+
 /// Roles: `reader` (find, get), `writer` (find, get, store, unrestricted), `harvester` (find, get, unrestricted,
-/// cap 2). `limits` goes into [limits].
-fn start(limits: &str, large_mb: Option<usize>) -> Web {
+/// cap 2). Users `reader` and `writer` (Basic, PASSWORD).
+fn start(opts: Opts) -> Web {
     let pki = Pki::generate();
     let orthanc = Orthanc::start_with("ORTHANC", &[], Orthanc::dicomweb_config());
     let data = common::tempdir("web");
-    let made = make_instances_with_uids(
+    let instances = make_instances_with_uids(
         data.path(),
         &[
             ("WEB1", "WEB^ONE", 1),
@@ -37,19 +70,49 @@ fn start(limits: &str, large_mb: Option<usize>) -> Web {
             ("WEB3", "WEB^THREE", 1),
         ],
     );
-    let study = made[0].study_uid.clone();
-    let mut files: Vec<PathBuf> = made.into_iter().map(|i| i.path).collect();
-    if let Some(mb) = large_mb {
+    let study = instances[0].study_uid.clone();
+    let mut files: Vec<PathBuf> = instances.iter().map(|i| i.path.clone()).collect();
+    if let Some(mb) = opts.large_mb {
         files.push(make_large_instance_in(data.path(), mb, "WEB1", &study));
     }
     for f in &files {
         orthanc.upload(&std::fs::read(f).expect("read"));
     }
-    let hash = password_hash(PASSWORD);
-    let dimse_port = free_port();
-    let port = free_port();
-    let config = format!(
-        r#"
+    let base = Base {
+        pki,
+        orthanc,
+        dimse_port: free_port(),
+        port: free_port(),
+        files,
+        instances,
+        study,
+        hash: password_hash(PASSWORD),
+        audit: data.path().join("audit.jsonl"),
+        _data: data,
+    };
+    let gateway = base.start_gateway(opts, base.dimse_port, base.port);
+    Web { base, gateway }
+}
+
+impl Base {
+    /// The gateway's configuration with these options, ports and users.
+    fn config(&self, opts: Opts, dimse_port: u16, port: u16, users: &[&str]) -> String {
+        let audit = if opts.audit {
+            format!("[audit]\nfile = \"{}\"\n", self.audit.display())
+        } else {
+            String::new()
+        };
+        let users: String = users
+            .iter()
+            .map(|u| {
+                format!(
+                    "[[user]]\nname = \"{u}\"\npassword_hash = \"{}\"\nroles = [\"{u}\"]\n\n",
+                    self.hash
+                )
+            })
+            .collect();
+        format!(
+            r#"
 [gateway]
 listen = "127.0.0.1:{dimse_port}"
 
@@ -63,10 +126,15 @@ listen = "127.0.0.1:{port}"
 upstream = "http://127.0.0.1:{http}"
 dicomweb_path = "/dicom-web"
 wado_uri_path = "/wado"
+{http_extra}
 
 [limits]
 {limits}
 
+[timeouts]
+{timeouts}
+
+{audit}
 [auth.jwt]
 issuer = "https://idp.test"
 audience = "pacsgate"
@@ -92,34 +160,36 @@ allow = ["find", "get"]
 unrestricted_queries = true
 max_query_results = 2
 
-[[user]]
-name = "reader"
-password_hash = "{hash}"
-roles = ["reader"]
+{users}"#,
+            cert = self.pki.server_cert.display(),
+            key = self.pki.server_key.display(),
+            ca = self.pki.ca_cert.display(),
+            jwt = self.pki.jwt_public_pem.display(),
+            http = self.orthanc.http_port,
+            dicom = self.orthanc.dicom_port,
+            http_extra = opts.http,
+            limits = opts.limits,
+            timeouts = opts.timeouts,
+        )
+    }
 
-[[user]]
-name = "writer"
-password_hash = "{hash}"
-roles = ["writer"]
-"#,
-        cert = pki.server_cert.display(),
-        key = pki.server_key.display(),
-        ca = pki.ca_cert.display(),
-        jwt = pki.jwt_public_pem.display(),
-        http = orthanc.http_port,
-        dicom = orthanc.dicom_port,
-    );
-    let mut gateway = Gateway::start(dimse_port, &config);
-    gateway.wait_listening(port);
-    Web {
-        pki,
-        orthanc,
-        gateway,
-        dimse_port,
-        port,
-        files,
-        study,
-        _data: data,
+    /// A gateway in front of this archive, listening on both ports.
+    fn start_gateway(&self, opts: Opts, dimse_port: u16, port: u16) -> Gateway {
+        let mut g = Gateway::start(
+            dimse_port,
+            &self.config(opts, dimse_port, port, &["reader", "writer"]),
+        );
+        g.wait_listening(port);
+        g
+    }
+
+    /// The audit trail so far, one JSON object per line.
+    fn audit_events(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 }
 
@@ -181,7 +251,7 @@ fn normalized(v: &Value) -> Vec<Value> {
 
 #[test]
 fn qido_with_a_token_equals_a_direct_query_and_without_one_is_401_before_the_archive() {
-    let w = start("", None);
+    let w = start(Opts::default());
     let t = token(&w.pki, "carol", &["reader"]);
     let (code, _, body) = curl(
         &w,
@@ -256,7 +326,10 @@ fn qido_with_a_token_equals_a_direct_query_and_without_one_is_401_before_the_arc
 
 #[test]
 fn wado_retrieves_a_50_mb_instance_byte_identical_with_the_gateway_memory_far_below_it() {
-    let w = start("", Some(50));
+    let w = start(Opts {
+        large_mb: Some(50),
+        ..Opts::default()
+    });
     let t = token(&w.pki, "carol", &["reader"]);
     let large = std::fs::read(w.files.last().expect("large")).expect("read");
     let id = w
@@ -364,7 +437,7 @@ fn stow_body(dir: &Path, file: &Path) -> PathBuf {
 
 #[test]
 fn stow_needs_store_and_stores_byte_identical() {
-    let w = start("", None);
+    let w = start(Opts::default());
     let data = common::tempdir("stow");
     let new = make_instances_with_uids(data.path(), &[("STOW1", "STOW^ME", 1)]).remove(0);
     let body = stow_body(data.path(), &new.path);
@@ -406,34 +479,11 @@ fn stow_needs_store_and_stores_byte_identical() {
 }
 
 #[test]
-fn the_archives_own_web_ui_and_rest_api_are_403() {
-    let w = start("", None);
-    let t = token(&w.pki, "carol", &["writer"]);
-    let before = w.orthanc.http_requests_logged();
-    for path in [
-        "/app/explorer.html",
-        "/instances",
-        "/patients",
-        "/tools/find",
-        "/system",
-        "/dicom-web/../instances",
-        "/wado-rs",
-    ] {
-        let (code, _, body) = curl(&w, &["-H", &bearer(&t)], path);
-        assert_eq!(code, 403, "{path}: {}", String::from_utf8_lossy(&body));
-    }
-    let (code, _, _) = curl(
-        &w,
-        &["-H", &bearer(&t), "-X", "DELETE"],
-        &format!("/dicom-web/studies/{}", w.study),
-    );
-    assert_eq!(code, 403, "DELETE must not pass");
-    assert_eq!(w.orthanc.http_requests_logged(), before);
-}
-
-#[test]
 fn the_guard_the_cap_and_the_shared_rate_limit_apply_to_qido() {
-    let w = start("queries_per_minute = 6\nqueries_burst = 3", None);
+    let w = start(Opts {
+        limits: "queries_per_minute = 6\nqueries_burst = 3",
+        ..Opts::default()
+    });
     // The anti-enumeration guard: a reader may not list every study.
     let reader = token(&w.pki, "carol", &["reader"]);
     let (code, _, body) = curl(&w, &["-H", &bearer(&reader)], "/dicom-web/studies");
@@ -485,4 +535,837 @@ fn the_guard_the_cap_and_the_shared_rate_limit_apply_to_qido() {
         headers.to_ascii_lowercase().contains("retry-after:"),
         "{headers}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A raw HTTPS client: TCP from a chosen loopback address, TLS with rustls, the request bytes exactly
+// as written (curl and Python normalise paths; the gateway must see `..`, `%2e`, `\`, `#` as sent).
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn tls_connector(ca: &Path) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("CA file") {
+        roots.add(cert.expect("CA cert")).expect("add CA");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+
+async fn tcp_from(source: &str, port: u16) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse().expect("source address"))?;
+    let stream = socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .await?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// TLS to the gateway from `source`; an error when the gateway drops the connection.
+async fn tls_from(source: &str, port: u16, ca: &Path) -> Result<Tls, String> {
+    let tcp = tcp_from(source, port).await.map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("localhost").expect("name").to_owned();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        tls_connector(ca).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| "TLS handshake timed out".to_string())?
+    .map_err(|e| e.to_string())
+}
+
+/// One HTTP answer as the client saw it.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}\n{}",
+                self.head,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// A request: `lines` are whole header lines; Host is `localhost:PORT` unless a line sets one.
+fn request(method: &str, target: &str, lines: &[&str], body: &str) -> Vec<u8> {
+    let mut r = format!("{method} {target} HTTP/1.1\r\n");
+    if !lines
+        .iter()
+        .any(|l| l.to_ascii_lowercase().starts_with("host:"))
+    {
+        r.push_str("Host: localhost\r\n");
+    }
+    for l in lines {
+        r.push_str(l);
+        r.push_str("\r\n");
+    }
+    if !body.is_empty() {
+        r.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    r.push_str("\r\n");
+    r.push_str(body);
+    r.into_bytes()
+}
+
+/// Read one answer: the head, then Content-Length bytes (or up to the close).
+async fn read_answer<S: AsyncRead + Unpin>(s: &mut S, within: Duration) -> Result<Answer, String> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let head_end = loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            break i + 4;
+        }
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Err(_) => return Err("no answer in time".into()),
+            Ok(Err(e)) => return Err(format!("read: {e}")),
+            Ok(Ok(0)) => return Err(format!("closed after {} bytes", buf.len())),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status in {head:?}"))?;
+    let mut answer = Answer {
+        status,
+        head,
+        body: buf[head_end..].to_vec(),
+    };
+    let length = answer
+        .header("content-length")
+        .and_then(|v| v.parse::<usize>().ok());
+    while length.is_none_or(|l| answer.body.len() < l) {
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => answer.body.extend_from_slice(&chunk[..n]),
+            Err(_) if length.is_none() => break,
+            Err(_) => return Err("the body did not arrive in time".into()),
+        }
+    }
+    Ok(answer)
+}
+
+/// True when the peer closes the connection within `within`.
+async fn closes<S: AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
+    let mut b = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(within, s.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// One request on its own connection from `source`, with `Connection: close`.
+async fn exchange(port: u16, ca: &Path, source: &str, req: &[u8]) -> Result<Answer, String> {
+    let mut tls = tls_from(source, port, ca).await?;
+    tls.write_all(req).await.map_err(|e| e.to_string())?;
+    tls.flush().await.map_err(|e| e.to_string())?;
+    read_answer(&mut tls, Duration::from_secs(60)).await
+}
+
+/// [`exchange`] from 127.0.0.1 to the gateway under test; panics when there is no answer.
+fn raw(w: &Web, method: &str, target: &str, lines: &[&str], body: &str) -> Answer {
+    let mut all = lines.to_vec();
+    all.push("Connection: close");
+    let req = request(method, target, &all, body);
+    runtime()
+        .block_on(exchange(w.port, &w.pki.ca_cert, "127.0.0.1", &req))
+        .unwrap_or_else(|e| panic!("{method} {target:?}: {e}"))
+}
+
+/// Orthanc's HTTP log lines (`--verbose`), read as bytes: a request with raw bytes in its path must
+/// not empty the log we look at.
+fn archive_lines(w: &Base) -> Vec<String> {
+    let bytes = std::fs::read(w.orthanc.dir().join("orthanc.log")).unwrap_or_default();
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .filter(|l| l.contains("(http) "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Since line `before`, the archive received nothing but one request sent now through the gateway
+/// (a fence: the refused requests were answered before it was sent, so anything they had caused
+/// upstream would be logged before it).
+fn archive_saw_nothing_since(w: &Web, before: usize, what: &str) {
+    let t = token(&w.pki, "fence", &["writer"]);
+    let a = raw(
+        w,
+        "GET",
+        "/dicom-web/studies?PatientID=FENCE",
+        &[&format!("Authorization: Bearer {t}")],
+        "",
+    );
+    assert_eq!(a.status, 200, "the fence request: {a:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut lines = archive_lines(w);
+    while lines.len() <= before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        lines = archive_lines(w);
+    }
+    let new = &lines[before.min(lines.len())..];
+    assert!(
+        new.len() == 1 && new[0].contains("(http) GET /dicom-web/studies"),
+        "{what}: the archive received {new:#?}"
+    );
+}
+
+/// A Basic credential header line.
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Authorization: Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn requests_that_decode_to_another_resource_never_reach_the_archive() {
+    let w = start(Opts::default());
+    let t = token(&w.pki, "wanda", &["writer"]);
+    let auth = format!("Authorization: Bearer {t}");
+    let auth = auth.as_str();
+    let before = archive_lines(&w).len();
+
+    // Encoded dot segments, encoded and raw separators, parameters, double and overlong encodings,
+    // empty segments and absolute-form targets: 400, whatever the target resource would have been.
+    let orthanc = format!("http://127.0.0.1:{}/patients", w.orthanc.http_port);
+    let absolute = format!(
+        "https://localhost:{}/dicom-web/studies?PatientID=WEB1",
+        w.port
+    );
+    let (orthanc, absolute) = (orthanc.as_str(), absolute.as_str());
+    let c1 = "/dicom-web/studies/\u{9b}31mX";
+    for target in [
+        "/dicom-web/studies/%2e%2e%2f%2e%2e%2fpatients",
+        "/dicom-web/studies/%2E%2E%2F%2E%2E%2Fsystem",
+        "/dicom-web/studies/%2e%2e/%2e%2e/patients",
+        "/dicom-web/studies/.%2e/.%2e/instances",
+        "/dicom-web/../patients",
+        "/dicom-web/../instances",
+        "/dicom-web/./studies",
+        "/dicom-web/studies/..%5c..%5cpatients",
+        "/dicom-web/studies/..\\..\\patients",
+        "/dicom-web/studies;x/../../patients",
+        "/dicom-web/studies/%3bx/%2e%2e/patients",
+        "/dicom-web/studies/%252e%252e/%252e%252e/patients",
+        "/dicom-web/studies/%c0%ae%c0%ae/%c0%ae%c0%ae/patients",
+        "//patients",
+        "/dicom-web//studies",
+        "/dicom-web/studies/",
+        c1,
+        orthanc,
+        absolute,
+    ] {
+        let a = raw(&w, "GET", target, &[auth], "");
+        assert_eq!(a.status, 400, "{target:?}: {a:?}");
+    }
+    // The same through curl --path-as-is, the way the issue reproduced it.
+    let (code, _, body) = curl(
+        &w,
+        &["--path-as-is", "-H", &bearer(&t)],
+        "/dicom-web/studies/%2e%2e%2f%2e%2e%2fpatients",
+    );
+    assert_eq!(code, 400, "{}", String::from_utf8_lossy(&body));
+    // POST /tools/find (every patient) by the same ways.
+    let find = r#"{"Level":"Patient","Query":{}}"#;
+    for target in [
+        "/dicom-web/studies/%2e%2e%2f%2e%2e%2ftools%2ffind",
+        "/dicom-web/%2e%2e/tools/find",
+        "/dicom-web/studies/..%5C..%5Ctools%5Cfind",
+    ] {
+        let a = raw(
+            &w,
+            "POST",
+            target,
+            &[auth, "Content-Type: application/json"],
+            find,
+        );
+        assert_eq!(a.status, 400, "POST {target}: {a:?}");
+    }
+    // A method override would make Orthanc run DELETE (it honours the header on POST).
+    let a = raw(
+        &w,
+        "POST",
+        &format!("/dicom-web/studies/{}", w.study),
+        &[
+            auth,
+            "X-HTTP-Method-Override: DELETE",
+            "Content-Type: application/dicom",
+        ],
+        "x",
+    );
+    assert_eq!(a.status, 400, "{a:?}");
+    // A Host that is not a host (the archive builds its RetrieveURLs from it).
+    for host in [
+        "Host: evil.example/x?",
+        "Host: a@evil.example",
+        "Host: evil.example:port",
+    ] {
+        let a = raw(
+            &w,
+            "GET",
+            "/dicom-web/studies?PatientID=WEB1",
+            &[auth, host],
+            "",
+        );
+        assert_eq!(a.status, 400, "{host}: {a:?}");
+    }
+    let a = raw(
+        &w,
+        "GET",
+        "/dicom-web/studies?PatientID=WEB1",
+        &[auth, "Host: localhost", "Host: evil.example"],
+        "",
+    );
+    assert_eq!(a.status, 400, "two Host headers: {a:?}");
+    // Clean paths to the archive's own UI and REST API, other methods: 403.
+    let delete = format!("/dicom-web/studies/{}", w.study);
+    for (method, target) in [
+        ("GET", "/app/explorer.html"),
+        ("GET", "/instances"),
+        ("GET", "/patients"),
+        ("GET", "/system"),
+        ("POST", "/tools/find"),
+        ("GET", "/wado-rs"),
+        ("GET", "/dicom-web/servers"),
+        ("DELETE", delete.as_str()),
+    ] {
+        let a = raw(&w, method, target, &[auth], "");
+        assert_eq!(a.status, 403, "{method} {target}: {a:?}");
+    }
+    let (code, _, _) = curl(&w, &["-H", &bearer(&t)], "/patients");
+    assert_eq!(code, 403);
+    // Attacker text in what is logged: a C1 control (CSI) in the path above, a newline in a user name.
+    let a = raw(
+        &w,
+        "GET",
+        "/dicom-web/studies?PatientID=WEB1",
+        &[&basic("mallory\nFORGED-LINE pacsgate: all is well", "x")],
+        "",
+    );
+    assert_eq!(a.status, 401, "{a:?}");
+    archive_saw_nothing_since(&w, before, "refused requests");
+
+    // What does reach the archive is what the gateway judged. A fragment is cut by the HTTP parser
+    // (never forwarded); client-supplied Forwarded / X-Forwarded-Host are replaced.
+    let a = raw(
+        &w,
+        "GET",
+        &format!(
+            "/dicom-web/studies/{}/metadata#/../../../../patients",
+            w.study
+        ),
+        &[auth],
+        "",
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let a = raw(
+        &w,
+        "GET",
+        "/dicom-web/studies?PatientID=WEB1",
+        &[
+            auth,
+            "Forwarded: host=evil.example;proto=http",
+            "X-Forwarded-Host: evil.example",
+        ],
+        "",
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let url = a.json()[0]["00081190"]["Value"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        url.starts_with("https://localhost/dicom-web/studies/"),
+        "RetrieveURL {url}"
+    );
+    // (Before `before`, the harness itself asked Orthanc for /system and stored /instances.)
+    for line in &archive_lines(&w)[before..] {
+        for leak in [
+            " /patients",
+            " /system",
+            " /tools/",
+            " /instances",
+            "faking",
+            "Unknown HTTP method",
+        ] {
+            assert!(!line.contains(leak), "the archive saw {line:?}");
+        }
+    }
+    let log = w.gateway.log();
+    assert!(
+        !log.contains('\u{9b}'),
+        "a raw C1 control is in the gateway log"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("FORGED-LINE")),
+        "a user name forged a log line"
+    );
+    assert!(log.contains("\\u{9b}31mX"), "the path is logged escaped");
+}
+
+#[test]
+fn path_uids_and_query_values_are_judged_decoded_and_forwarded_as_judged() {
+    let w = start(Opts::default());
+    let reader = format!(
+        "Authorization: Bearer {}",
+        token(&w.pki, "carol", &["reader"])
+    );
+    let harvester = format!(
+        "Authorization: Bearer {}",
+        token(&w.pki, "hugo", &["harvester"])
+    );
+    let (reader, harvester) = (reader.as_str(), harvester.as_str());
+    let before = archive_lines(&w).len();
+    let long = "1".repeat(65);
+    let s = &w.study;
+
+    // 400: UIDs that are not UIDs, on every route, in the path and in the query; keys given twice;
+    // keys the gateway does not know; encodings it cannot read.
+    for target in [
+        "/dicom-web/studies/%2A/series".to_string(),
+        "/dicom-web/studies/*/series".into(),
+        "/dicom-web/studies/1..2/series".into(),
+        format!("/dicom-web/studies/{s}/series/{long}/instances"),
+        "/dicom-web/studies/1.2./metadata".into(),
+        "/dicom-web/studies/2.25.x".into(),
+        format!("/dicom-web/studies/{s}/series/1.2/instances/.3"),
+        "/wado?requestType=WADO&studyUID=1.2*&seriesUID=1.3&objectUID=1.4".into(),
+        "/wado?requestType=WADO&objectUID=%2A".into(),
+        "/wado?requestType=WADO&objectUID=1.4&objectUID=1.5".into(),
+        "/dicom-web/studies?StudyInstanceUID=2*".into(),
+        "/dicom-web/studies?StudyInstanceUID=2%2A".into(),
+        "/dicom-web/studies?00100020=*&PatientID=WEB1".into(),
+        "/dicom-web/studies?PatientID=*&PatientID=WEB1".into(),
+        "/dicom-web/studies?patientid=*&PatientID=WEB1".into(),
+        "/dicom-web/studies?PatientID=WEB1&limit=1&limit=1000".into(),
+        "/dicom-web/studies?PatientID=WEB1&%6Cimit=1&limit=1000".into(),
+        "/dicom-web/studies?PatientID=WEB%zz".into(),
+        "/dicom-web/studies?PatientID=WEB%c0%ae".into(),
+        format!("/dicom-web/studies/{s}/series?StudyInstanceUID=1.2"),
+    ] {
+        let a = raw(&w, "GET", &target, &[reader], "");
+        assert_eq!(a.status, 400, "{target}: {a:?}");
+    }
+    // 403: the guard judges decoded values, and a list by its least specific value.
+    for target in [
+        "/dicom-web/studies?PatientID=WEB1,*",
+        "/dicom-web/studies?PatientID=WEB1%2C%2A",
+        "/dicom-web/studies?PatientID=%2A",
+        "/dicom-web/studies?PatientName=%2A",
+    ] {
+        let a = raw(&w, "GET", target, &[reader], "");
+        assert_eq!(a.status, 403, "{target}: {a:?}");
+    }
+    // 406: an answer the gateway could not count (Orthanc sends multipart XML for these).
+    for accept in [
+        "Accept: application/dicom+xml",
+        "Accept: multipart/related; type=\"application/dicom+xml\"",
+    ] {
+        let a = raw(&w, "GET", "/dicom-web/studies", &[harvester, accept], "");
+        assert_eq!(a.status, 406, "{accept}: {a:?}");
+    }
+    let a = raw(
+        &w,
+        "GET",
+        "/dicom-web/studies?accept=application/dicom%2Bxml",
+        &[harvester],
+        "",
+    );
+    assert_eq!(a.status, 406, "{a:?}");
+    archive_saw_nothing_since(&w, before, "refused searches");
+
+    // The cap holds whatever the client asks for: gzip is not passed on, the matches are counted.
+    let a = raw(
+        &w,
+        "GET",
+        "/dicom-web/studies",
+        &[
+            harvester,
+            "Accept-Encoding: gzip, deflate, br",
+            "Accept: */*",
+        ],
+        "",
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.header("content-encoding"), None, "{}", a.head);
+    assert_eq!(a.json().as_array().map(Vec::len), Some(2));
+    assert!(
+        a.header("warning")
+            .is_some_and(|v| v.contains("299 pacsgate"))
+    );
+    // A decoded `limit` is the client's limit.
+    let a = raw(&w, "GET", "/dicom-web/studies?%6Cimit=1", &[harvester], "");
+    assert_eq!(a.json().as_array().map(Vec::len), Some(1), "{a:?}");
+    // The archive gets the value the gateway judged: `%5E` is `^` to both (Orthanc does not decode
+    // query values, so a value passed on as it came would have matched nothing).
+    let a = raw(
+        &w,
+        "GET",
+        "/dicom-web/studies?PatientName=WEB%5EONE",
+        &[reader],
+        "",
+    );
+    let found = a.json();
+    assert_eq!(found.as_array().map(Vec::len), Some(1), "{found}");
+    assert_eq!(found[0]["00100020"]["Value"][0], "WEB1");
+    // A list of specific values passes; the archive matches each.
+    let a = raw(
+        &w,
+        "GET",
+        "/dicom-web/studies?PatientID=WEB1,WEB2",
+        &[reader],
+        "",
+    );
+    assert_eq!(a.json().as_array().map(Vec::len), Some(2), "{a:?}");
+}
+
+#[test]
+fn connections_that_do_not_authenticate_are_bounded() {
+    let w = start(Opts {
+        limits: "max_pending_connections = 32\nmax_pending_per_address = 8\nfailed_logins = 100\nfailed_logins_per_address = 100",
+        http: "failed_logins_per_minute = 3",
+        ..Opts::default()
+    });
+    let t = token(&w.pki, "carol", &["reader"]);
+    let bearer_line = format!("Authorization: Bearer {t}");
+    let (port, ca) = (w.port, w.pki.ca_cert.clone());
+    let rt = runtime();
+
+    // Pending connections: an address holding its 8 gets no 9th; another address does; a slot
+    // comes back when a connection goes.
+    rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            held.push(tcp_from("127.0.0.2", port).await.expect("connect"));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let ninth = tls_from("127.0.0.2", port, &ca).await;
+        assert!(
+            ninth.is_err(),
+            "a 9th pending connection from one address was served"
+        );
+        assert!(
+            tls_from("127.0.0.3", port, &ca).await.is_ok(),
+            "another address is refused"
+        );
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            tls_from("127.0.0.2", port, &ca).await.is_ok(),
+            "slots did not come back"
+        );
+    });
+
+    // A connection whose request did not authenticate is closed after the answer; one that
+    // authenticated stays open for the next request.
+    rt.block_on(async {
+        let mut tls = tls_from("127.0.0.4", port, &ca).await.expect("tls");
+        let req = request("GET", "/dicom-web/studies?PatientID=WEB1", &[], "");
+        tls.write_all(&req).await.expect("write");
+        let a = read_answer(&mut tls, Duration::from_secs(10))
+            .await
+            .expect("answer");
+        assert_eq!(a.status, 401);
+        assert_eq!(
+            a.header("connection").as_deref(),
+            Some("close"),
+            "{}",
+            a.head
+        );
+        assert!(
+            closes(&mut tls, Duration::from_secs(3)).await,
+            "kept alive without credentials"
+        );
+
+        let mut tls = tls_from("127.0.0.4", port, &ca).await.expect("tls");
+        for _ in 0..2 {
+            let req = request(
+                "GET",
+                "/dicom-web/studies?PatientID=WEB1",
+                &[&bearer_line],
+                "",
+            );
+            tls.write_all(&req).await.expect("write");
+            let a = read_answer(&mut tls, Duration::from_secs(30))
+                .await
+                .expect("answer");
+            assert_eq!(a.status, 200, "{a:?}");
+        }
+    });
+
+    // Failed credential checks per address and minute: after 3, even the right password gets 429
+    // (no password check runs); another address is not affected.
+    let one = |source: &'static str, line: String| {
+        let req = request(
+            "GET",
+            "/dicom-web/studies?PatientID=WEB1",
+            &[&line, "Connection: close"],
+            "",
+        );
+        let (ca, port) = (ca.clone(), port);
+        async move { exchange(port, &ca, source, &req).await }
+    };
+    rt.block_on(async {
+        for _ in 0..3 {
+            let a = one("127.0.0.5", basic("reader", "wrong"))
+                .await
+                .expect("answer");
+            assert_eq!(a.status, 401, "{a:?}");
+        }
+        let a = one("127.0.0.5", basic("reader", PASSWORD))
+            .await
+            .expect("answer");
+        assert_eq!(a.status, 429, "{a:?}");
+        assert!(a.header("retry-after").is_some(), "{}", a.head);
+        let a = one("127.0.0.6", basic("reader", PASSWORD))
+            .await
+            .expect("answer");
+        assert_eq!(a.status, 200, "{a:?}");
+    });
+    // Checks still running count too: of 8 at once (the address's pending connections), at most 3
+    // reach a password check.
+    let statuses: Vec<u16> = rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..8 {
+            set.spawn(one("127.0.0.7", basic("reader", &format!("wrong{i}"))));
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            out.push(r.expect("task").map(|a| a.status).unwrap_or(0));
+        }
+        out
+    });
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert!(checked <= 3 && checked + limited == 8, "{statuses:?}");
+    let failed = w.gateway.log().matches("wrong password").count();
+    assert!(failed <= 3 + 3, "{failed} password checks ran");
+}
+
+#[test]
+fn a_password_check_that_cannot_start_in_time_is_503_not_a_queue() {
+    let w = start(Opts {
+        limits: "max_pending_connections = 64\nmax_pending_per_address = 8\nfailed_logins = 100\nfailed_logins_per_address = 100",
+        ..Opts::default()
+    });
+    let (port, ca) = (w.port, w.pki.ca_cert.clone());
+    // 24 wrong passwords at once from 24 addresses (each within its own budget); 4 argon2 slots.
+    let answers: Vec<(Result<Answer, String>, Duration)> = runtime().block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 1..=24 {
+            let ca = ca.clone();
+            set.spawn(async move {
+                let source = format!("127.0.1.{i}");
+                let req = request(
+                    "GET",
+                    "/dicom-web/studies?PatientID=WEB1",
+                    &[&basic("reader", &format!("wrong{i}")), "Connection: close"],
+                    "",
+                );
+                let mut tls = tls_from(&source, port, &ca).await?;
+                let sent = Instant::now();
+                tls.write_all(&req).await.map_err(|e| e.to_string())?;
+                let a = read_answer(&mut tls, Duration::from_secs(60)).await;
+                Ok::<_, String>((a, sent.elapsed()))
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            out.push(r.expect("task").expect("connected"));
+        }
+        out
+    });
+    let busy: Vec<&(Result<Answer, String>, Duration)> = answers
+        .iter()
+        .filter(|(a, _)| a.as_ref().is_ok_and(|a| a.status == 503))
+        .collect();
+    let statuses: Vec<_> = answers
+        .iter()
+        .map(|(a, d)| (a.as_ref().map(|a| a.status), d.as_millis()))
+        .collect();
+    assert!(!busy.is_empty(), "no 503: {statuses:?}");
+    for (a, waited) in busy {
+        let a = a.as_ref().expect("answer");
+        assert!(a.header("retry-after").is_some(), "{}", a.head);
+        // The bound is auth::PASSWORD_CHECK_WAIT (5 s); a queue would have taken half a minute.
+        assert!(*waited < Duration::from_secs(9), "a 503 after {waited:?}");
+    }
+    assert!(
+        answers
+            .iter()
+            .all(|(a, _)| a.as_ref().is_ok_and(|a| a.status == 401 || a.status == 503)),
+        "{statuses:?}"
+    );
+}
+
+#[test]
+fn a_user_removed_by_a_reload_is_refused_at_once_despite_the_basic_cache() {
+    let w = start(Opts::default());
+    let q = "/dicom-web/studies?PatientID=WEB1";
+    let writer = basic("writer", PASSWORD);
+    let reader = basic("reader", PASSWORD);
+    assert_eq!(raw(&w, "GET", q, &[&writer], "").status, 200);
+    assert_eq!(raw(&w, "GET", q, &[&writer], "").status, 200, "cached");
+    std::fs::write(
+        w.gateway.config_path(),
+        w.config(Opts::default(), w.dimse_port, w.port, &["reader"]),
+    )
+    .expect("write config");
+    w.gateway.signal("HUP");
+    assert!(
+        w.gateway
+            .wait_for_log("configuration reloaded", Duration::from_secs(30)),
+        "{}",
+        w.gateway.log()
+    );
+    let a = raw(&w, "GET", q, &[&writer], "");
+    assert_eq!(
+        a.status, 401,
+        "a removed user's cached login still works: {a:?}"
+    );
+    assert_eq!(raw(&w, "GET", q, &[&reader], "").status, 200);
+}
+
+#[test]
+fn every_retrieve_and_store_is_audited_with_its_uids() {
+    let w = start(Opts {
+        audit: true,
+        ..Opts::default()
+    });
+    let t = format!(
+        "Authorization: Bearer {}",
+        token(&w.pki, "carol", &["reader"])
+    );
+    let t = t.as_str();
+    let i = &w.instances[0];
+    let (s, se, sop) = (&i.study_uid, &i.series_uid, &i.sop_uid);
+    let dicom = "Accept: multipart/related; type=\"application/dicom\"";
+    for (target, accept) in [
+        (format!("/dicom-web/studies/{s}"), dicom),
+        (format!("/dicom-web/studies/{s}/series/{se}"), dicom),
+        (
+            format!("/dicom-web/studies/{s}/series/{se}/instances/{sop}"),
+            dicom,
+        ),
+        (
+            format!("/dicom-web/studies/{s}/series/{se}/instances/{sop}/metadata"),
+            "Accept: application/dicom+json",
+        ),
+        (
+            format!("/dicom-web/studies/{s}/series/{se}/instances/{sop}/frames/1"),
+            "Accept: multipart/related; type=\"application/octet-stream\"",
+        ),
+        (
+            format!(
+                "/wado?requestType=WADO&studyUID={s}&seriesUID={se}&objectUID={sop}&contentType=application%2Fdicom"
+            ),
+            "Accept: */*",
+        ),
+    ] {
+        // Whatever the archive makes of it (its frames support varies), the retrieve is audited.
+        let a = raw(&w, "GET", &target, &[t, accept], "");
+        assert_ne!(a.status, 403, "{target}: {a:?}");
+    }
+    // STOW-RS as writer.
+    let data = common::tempdir("stow-audit");
+    let new = make_instances_with_uids(data.path(), &[("STOW2", "STOW^AUDIT", 1)]).remove(0);
+    let body = stow_body(data.path(), &new.path);
+    let at = format!("@{}", body.display());
+    let (code, _, text) = curl(
+        &w,
+        &[
+            "-u",
+            &format!("writer:{PASSWORD}"),
+            "-H",
+            "Content-Type: multipart/related; type=\"application/dicom\"; boundary=pacsgate-boundary",
+            "-H",
+            "Accept: application/dicom+json",
+            "--data-binary",
+            &at,
+        ],
+        "/dicom-web/studies",
+    );
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&text));
+
+    let events = w.audit_events();
+    let wado: Vec<&Value> = events.iter().filter(|e| e["event"] == "wado").collect();
+    let find = |service: &str, resource: Option<&str>, series: bool, instance: bool| {
+        wado.iter().any(|e| {
+            e["user"] == "carol"
+                && e["service"] == service
+                && resource.is_none_or(|r| e["resource"] == r)
+                && e["study_uid"] == json!(s)
+                && (e.get("series_uid") == series.then(|| json!(se)).as_ref())
+                && (e.get("sop_instance_uid") == instance.then(|| json!(sop)).as_ref())
+        })
+    };
+    assert!(
+        find("wado-rs", Some("instances"), false, false),
+        "study: {wado:#?}"
+    );
+    assert!(
+        find("wado-rs", Some("instances"), true, false),
+        "series: {wado:#?}"
+    );
+    assert!(
+        find("wado-rs", Some("instances"), true, true),
+        "instance: {wado:#?}"
+    );
+    assert!(
+        find("wado-rs", Some("metadata"), true, true),
+        "metadata: {wado:#?}"
+    );
+    assert!(
+        find("wado-rs", Some("frames"), true, true) && wado.iter().any(|e| e["frames"] == "1"),
+        "frames: {wado:#?}"
+    );
+    assert!(find("wado-uri", None, true, true), "WADO-URI: {wado:#?}");
+    let stow = events
+        .iter()
+        .find(|e| e["event"] == "stow")
+        .unwrap_or_else(|| panic!("no stow event: {events:#?}"));
+    assert_eq!(stow["user"], "writer");
+    assert_eq!(stow["study_uid"], json!(new.study_uid), "{stow}");
+    assert_eq!(stow["stored"], json!([new.sop_uid]), "{stow}");
 }
