@@ -26,6 +26,9 @@ pub const CAPACITY: usize = 57_344;
 const SWEEP_ABOVE: usize = 4_096;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
+/// Attempts that may start at once for a name or an address with no failure in the window.
+pub const CLEAN_BURST: u32 = 32;
+
 /// A lock in force, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Locked {
@@ -138,9 +141,19 @@ impl Record {
 
     /// Could `extra` more failures now go over `threshold` (0: no limit)? With the attempts in
     /// flight and this one as `extra`: may this attempt not start yet?
+    ///
+    /// A record with no failure in the window lets a burst of up to [`CLEAN_BURST`] attempts start at
+    /// once (a reading room behind one NAT address, a viewer's prefetch: resetting them is an outage);
+    /// once one attempt has failed, every attempt in flight counts against what is left. An attacker's
+    /// first burst is bounded by that (and by the password-check queue), then the threshold holds.
     fn exceeds(&self, now: Instant, window: Duration, threshold: u32, extra: u32) -> bool {
         let (level, w) = self.level(now, window);
-        threshold > 0 && level + u128::from(extra) * w > u128::from(threshold) * w
+        let allowance = if level == 0 {
+            threshold.max(CLEAN_BURST)
+        } else {
+            threshold
+        };
+        threshold > 0 && level + u128::from(extra) * w > u128::from(allowance) * w
     }
 
     /// Count a failure; true when it starts a lock.
@@ -633,12 +646,20 @@ mod tests {
         assert_eq!(locks, vec![NewLock::UserAtAddress]);
         assert!(matches!(l.begin(Some("gina"), a, t0), Turn::Locked(_)));
         assert!(l.in_flight.is_empty());
-        // The address threshold too.
-        let mut l = Lockout::new(0, 2, secs(300), secs(60));
+        // The address threshold too, once the address has failed.
+        let mut l = Lockout::new(0, 3, secs(300), secs(60));
+        l.failure(None, a, t0);
         assert_eq!(l.begin(None, a, t0), Turn::Go);
         assert_eq!(l.begin(Some("x"), a, t0), Turn::Go);
         assert_eq!(l.begin(Some("y"), a, t0), Turn::Wait);
         l.end(None, a);
         assert_eq!(l.begin(Some("y"), a, t0), Turn::Go);
+        // A clean record lets a burst start (one NAT address, many correct logins at once).
+        let mut l = Lockout::new(5, 50, secs(300), secs(60));
+        let started = (0..CLEAN_BURST)
+            .filter(|_| l.begin(Some("ida"), a, t0) == Turn::Go)
+            .count();
+        assert_eq!(started, CLEAN_BURST as usize);
+        assert_eq!(l.begin(Some("ida"), a, t0), Turn::Wait);
     }
 }
