@@ -534,8 +534,10 @@ impl Session {
             {
                 Ok("")
             }
-            cf::C_FIND_RQ => query_guard::check(&identifier, self.grants.query_min_chars),
-            _ => query_guard::check_retrieval(&identifier),
+            cf::C_FIND_RQ => query_guard::check_text(&identifier)
+                .and_then(|()| query_guard::check(&identifier, self.grants.query_min_chars)),
+            _ => query_guard::check_text(&identifier)
+                .and_then(|()| query_guard::check_retrieval(&identifier)),
         };
         match verdict {
             Ok(key) => tracing::debug!(user = ?self.party.user, key, "identifier allowed by key"),

@@ -530,3 +530,57 @@ fn wildcards_in_uids_and_multi_valued_keys_are_refused() {
         "the archive still holds its data"
     );
 }
+
+#[test]
+fn a_character_set_escape_does_not_hide_a_wildcard() {
+    let b = bench();
+    // With ISO 2022 code extensions, DCMTK applies `ESC ( B` (back to ASCII) and matches `*`; a reader
+    // that ignores escapes counts three characters before the wildcard.
+    let escaped = |charset: &str| {
+        [
+            text(0x0008, 0x0005, charset),
+            text(0x0008, 0x0052, "STUDY"),
+            el(0x0010, 0x0010, b"\x1b(B\x1b(B*", b' '),
+        ]
+        .concat()
+    };
+    for charset in [
+        "\\ISO 2022 IR 87",
+        "ISO 2022 IR 13\\ISO 2022 IR 87",
+        "ISO_IR 100",
+    ] {
+        let r = send(
+            &b,
+            "reader",
+            &[VERIFICATION, STUDY_FIND],
+            &[Message {
+                context: 1,
+                command: find(STUDY_FIND, 1),
+                data: Some(escaped(charset)),
+            }],
+            false,
+        );
+        assert_eq!(pending(&r), 0, "{charset}: matches came back: {r}");
+        assert_eq!(statuses(&r), vec![0xA900], "{charset}: {r}");
+    }
+    // A plain character set with a specific name still works.
+    let named = [
+        text(0x0008, 0x0005, "ISO_IR 192"),
+        text(0x0008, 0x0052, "STUDY"),
+        text(0x0010, 0x0020, "BYPASS1"),
+    ]
+    .concat();
+    let r = send(
+        &b,
+        "reader",
+        &[VERIFICATION, STUDY_FIND],
+        &[Message {
+            context: 1,
+            command: find(STUDY_FIND, 2),
+            data: Some(named),
+        }],
+        false,
+    );
+    // Three studies match; the result cap (2) ends the query with 0xFE00.
+    assert_eq!((pending(&r), statuses(&r).last()), (2, Some(&0xFE00)), "{r}");
+}

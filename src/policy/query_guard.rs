@@ -220,6 +220,68 @@ pub fn check_retrieval(identifier: &InMemDicomObject) -> Result<&'static str, Gu
     check_retrieve(|tag| crate::dimse::attribute(identifier, tag), level)
 }
 
+/// Character sets in which every ASCII byte means its ASCII character, so that the wildcards and the
+/// value separator the guard judges are the bytes the archive matches on (PS3.3 C.12.1.1.2).
+const PLAIN_CHARACTER_SETS: [&str; 13] = [
+    "ISO_IR 6",
+    "ISO_IR 100",
+    "ISO_IR 101",
+    "ISO_IR 109",
+    "ISO_IR 110",
+    "ISO_IR 144",
+    "ISO_IR 127",
+    "ISO_IR 126",
+    "ISO_IR 138",
+    "ISO_IR 148",
+    "ISO_IR 166",
+    "ISO_IR 203",
+    "ISO_IR 192",
+];
+
+/// The text of a guarded identifier must read the same to the gateway and to the archive: one
+/// Specific Character Set (0008,0005) without code extensions (ISO 2022 escape sequences are applied by
+/// DCMTK and ignored by dicom-rs: `ESC ( B *` is three characters to one and `*` to the other), none of
+/// the multi-byte sets whose bytes can look like `*`, `?` or `\`, and no control character in any value.
+pub fn check_text(identifier: &InMemDicomObject) -> Result<(), GuardError> {
+    if let Some(e) = identifier.get(tags::SPECIFIC_CHARACTER_SET) {
+        let sets: Vec<String> = e
+            .to_multi_str()
+            .map(|v| {
+                v.iter()
+                    .map(|s| s.trim_matches([' ', '\0']).to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let plain = match sets.as_slice() {
+            [] => true,
+            [one] => one.is_empty() || PLAIN_CHARACTER_SETS.contains(&one.as_str()),
+            _ => false,
+        };
+        if !plain {
+            return Err(GuardError::Malformed(format!(
+                "Specific Character Set {sets:?} is not supported in queries through the gateway \
+                 (one of ISO_IR 6, 100-166, 203 or 192, without ISO 2022 code extensions)"
+            )));
+        }
+    }
+    for e in identifier.iter() {
+        if e.header().vr == dicom_core::VR::SQ {
+            continue;
+        }
+        if let Ok(v) = e.to_str()
+            && v.trim_end_matches(['\0', ' '])
+                .chars()
+                .any(char::is_control)
+        {
+            return Err(GuardError::Malformed(format!(
+                "{} holds a control character",
+                e.header().tag
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Every UI value of an identifier's top level is a UID list (C-FIND, whoever asks).
 pub fn check_identifier_uids(identifier: &InMemDicomObject) -> Result<(), GuardError> {
     check_uids(&|tag| crate::dimse::attribute(identifier, tag))?;
