@@ -582,5 +582,9 @@ fn a_character_set_escape_does_not_hide_a_wildcard() {
         false,
     );
     // Three studies match; the result cap (2) ends the query with 0xFE00.
-    assert_eq!((pending(&r), statuses(&r).last()), (2, Some(&0xFE00)), "{r}");
+    assert_eq!(
+        (pending(&r), statuses(&r).last()),
+        (2, Some(&0xFE00)),
+        "{r}"
+    );
 }

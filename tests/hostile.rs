@@ -952,7 +952,7 @@ fn failing_archives_never_turn_into_success_and_the_gateway_stays_up() {
     assert_eq!(rejection(&slow), Some((2, 3, 1)), "{slow}");
     let d_slow = duration_ms(&log, "SLOW");
     assert!(
-        (2000..6000).contains(&d_slow),
+        (2000..10_000).contains(&d_slow), // 2 s bound + argon2id of a debug build on a loaded machine
         "slow archive: {d_slow} ms ({t_slow:?} for the client)"
     );
     // Silent after accepting: the idle timeout aborts the client.
