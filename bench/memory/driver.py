@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""pacsgate resource figures: gateway memory with idle authenticated associations and with pending TLS
-handshakes, and a connection flood from one address while another client is served. Run by
-bench/memory.sh (which builds the binary and raises `ulimit -n`); see docs/security.md.
+"""pacsgate resource figures: gateway memory idle after rounds of password logins and stores, with idle
+authenticated associations and with pending TLS handshakes, and a connection flood from one address while
+another client is served. Run by bench/memory.sh (which builds the binary and raises `ulimit -n`); see
+docs/security.md.
 
   driver.py --bin target/release/pacsgate [--idle 1000] [--pending 5000] [--flood-seconds 10]
+            [--rounds 3 --round-logins 24 --round-stores 10 --idle-seconds 15] [--only rounds,idle,pending,flood]
 
 Everything runs on loopback: the gateway, a tiny asyncio archive (accepts every association, answers
 C-ECHO), and the clients. Authenticated associations sign in with a client certificate (no argon2id cost
-per login, so the figures are the association's own memory). Memory is the gateway's VmRSS from
+per login, so the figures are the association's own memory), except in the rounds of load, which sign in
+with a password on purpose (argon2id's 19 MiB per check is what an allocator may keep). Memory is the gateway's VmRSS from
 /proc/PID/status. Every process started here is killed by its own PID on exit.
 """
 
