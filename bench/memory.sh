@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# pacsgate resource figures (docs/security.md): the gateway's memory with 1,000 idle authenticated
-# associations and with 5,000 pending TLS handshakes (at the default max_pending_connections = 256 and
-# with it raised), per-association memory, and a connection flood from one address while another
-# address is served. Loopback only; about a minute.
+# pacsgate resource figures (docs/security.md): the gateway's idle memory after rounds of password logins
+# (argon2id) and stores, its memory with 1,000 idle authenticated associations and with 5,000 pending TLS
+# handshakes (at the default max_pending_connections = 256 and with it raised), per-association memory, and
+# a connection flood from one address while another address is served. Loopback only; about two minutes.
 #
 #   bench/memory.sh                              the figures above
+#   bench/memory.sh --only rounds                idle RSS after load only (--rounds 3 --round-logins 24
+#                                                --round-stores 10 --idle-seconds 15 are the defaults)
 #   bench/memory.sh --idle 200 --pending 1000    smaller counts
 #   bench/memory.sh --json out.json              also write the figures as JSON
 #

@@ -40,6 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 DICOM_UL = os.path.join(HERE, "dicom_ul.py")
 MAKE_DICOM = os.path.join(REPO, "tests", "peers", "make_dicom.py")
+MEMORY_DRIVER = os.path.join(REPO, "bench", "memory", "driver.py")
 
 CLIENT_PROCESSES = 4  # for workload (5)
 PATHS = ["direct", "direct_tls", "stunnel", "socat", "pacsgate"]
@@ -47,9 +48,9 @@ PATH_NAMES = {"direct": "direct TCP", "direct_tls": "direct TLS", "stunnel": "st
               "socat": "socat", "pacsgate": "pacsgate"}
 
 FULL = dict(small=1000, large_mb=200, setup=500, password=100, finds=500, concurrent=200,
-            per_assoc=20, idle=1000, archive_small=300, rounds=5)
+            per_assoc=20, idle=1000, archive_small=300, rounds=5, memory_rounds=3, memory_logins=24)
 SMOKE = dict(small=20, large_mb=4, setup=20, password=4, finds=20, concurrent=10,
-             per_assoc=4, idle=20, archive_small=10, rounds=1)
+             per_assoc=4, idle=20, archive_small=10, rounds=1, memory_rounds=1, memory_logins=4)
 
 
 def log(msg):
@@ -657,6 +658,26 @@ def workload_concurrent(e, p, res):
                 f"stored={r.get('stored')}/{r.get('expected')} errors={r['errors']} {r.get('first_errors', '')}")
 
 
+def workload_memory(e, p, res):
+    """(7) Idle RSS after rounds of load: bench/memory/driver.py on a gateway of its own (password logins with
+    argon2id, ~19 MiB each, plus C-STOREs), then idle; start, after each round, after the idle time."""
+    out = os.path.join(e.dir, "memory-rounds.json")
+    idle_seconds = 3 if p.smoke else 15
+    argv = [sys.executable, MEMORY_DRIVER, "--bin", e.bin, "--only", "rounds", "--rounds", str(p.memory_rounds),
+            "--round-logins", str(p.memory_logins), "--idle-seconds", str(idle_seconds), "--json", out]
+    r = run(argv, 600, check=False)
+    try:
+        with open(out) as f:
+            fig = json.load(f)["idle_after_load"]
+        fig["errors"] = fig.get("failed", 0)
+    except (OSError, KeyError, ValueError):
+        fig = {"errors": 1, "first_errors": [(r.stdout + r.stderr).decode(errors="replace")[-800:]]}
+    res.add("idle_after_load", "pacsgate", fig)
+    log(f"  idle RSS after load: start {fig.get('rss_start_kib')} KiB, after rounds {fig.get('rss_after_round_kib')} KiB, "
+        f"after {idle_seconds} s idle {fig.get('rss_idle_after_load_kib')} KiB; errors={fig['errors']} "
+        f"{fig.get('first_errors', '')}")
+
+
 def workload_idle(e, p, res):
     for path, pid in (("pacsgate", e.gateway.pid), ("stunnel", e.stunnel.pid)):
         r = ul_client(e, "idle", path, "hold", ["-n", str(p.idle), "--pid", str(pid), "--warmup", "10"], 600)
@@ -740,6 +761,17 @@ def summarize(e, p, res):
     held = median([r.get("held") for r in res.get("idle", "pacsgate")]) or 0
     rows.append((f"(6) RSS per idle authenticated association ({held:.0f} held; process RSS delta / count)",
                  "KiB", "lower", idle, errs))
+
+    runs = res.get("idle_after_load", "pacsgate")
+    fig = runs[-1] if runs else {}
+    mib = lambda kib: kib / 1024 if kib is not None else None
+    after = fig.get("rss_after_round_kib") or [None]
+    rows.append((f"(7) idle RSS after {p.memory_rounds} round{'s' if p.memory_rounds != 1 else ''} of "
+                 f"{p.memory_logins} password logins x "
+                 f"{fig.get('stores_per_login', '?')} C-STOREs, {fig.get('idle_seconds', '?')} s idle "
+                 f"(start {fmt(mib(fig.get('rss_start_kib')), 'MiB')} MiB, after the last round "
+                 f"{fmt(mib(after[-1]), 'MiB')} MiB)", "MiB", "lower",
+                 {"pacsgate": mib(fig.get("rss_idle_after_load_kib"))}, sum(r.get("errors", 0) for r in runs)))
     return rows
 
 
@@ -797,7 +829,7 @@ def report(e, p, res, started, finished):
     rows = summarize(e, p, res)
     keys = ["small", "large", "cpu_small", "cpu_large", "setup_p50", "setup_p99", "setup_certificate_p50", "setup_certificate_p99",
             "setup_password_p50", "setup_password_p99", "find_p50", "find_p99", "concurrent", "concurrent_errors",
-            "archive", "idle"]
+            "archive", "idle", "idle_after_load"]
     by_key = dict(zip(keys, rows))
     lines = []
     lines.append(f"# pacsgate benchmark, {started.strftime('%Y-%m-%d %H:%M')}{' (smoke)' if p.smoke else ''}")
@@ -928,13 +960,15 @@ def main():
                 setup="(3) associations per path", password="(3c) password logins", finds="(4) C-FIND requests per path",
                 concurrent="(5) concurrent associations", per_assoc="(5) C-STOREs per concurrent association",
                 idle="(6) idle associations held", archive_small="(1b) instances stored into Orthanc",
+                memory_rounds="(7) rounds of password logins + stores before the idle RSS",
+                memory_logins="(7) password logins per round, all at once",
                 rounds="rounds: each workload is repeated, paths interleaved, order rotated")
     for k, default in FULL.items():
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=None, metavar="N",
                         help=f"{what[k]}; default {default} (smoke {SMOKE[k]})")
     ap.add_argument("--pdu", type=int, default=16384, help="receivers' max PDU (DCMTK and Orthanc default: 16384)")
     ap.add_argument("--socat-buffer", type=int, default=131072, help="socat -b (its default, 8192, is slower)")
-    ap.add_argument("--only", default="", help="comma list of workloads: small,large,setup,find,concurrent,archive,idle")
+    ap.add_argument("--only", default="", help="comma list of workloads: small,large,setup,find,concurrent,archive,idle,memory")
     ap.add_argument("--results", default=os.path.join(REPO, "bench", "results"),
                     help="folder for <date>-<time>.md and .json (default bench/results; a smoke run writes none "
                          "unless this is given)")
@@ -1010,6 +1044,9 @@ def main():
         if want("archive"):
             log(f"(1b) into Orthanc: {e.archive_files} instances")
             workload_store(e, p, res, "archive", "orthanc", e.archive_dir, e.archive_files, 600)
+        if want("memory"):
+            log(f"(7) idle RSS after {p.memory_rounds} rounds of {p.memory_logins} password logins + stores")
+            workload_memory(e, p, res)
         gateway_alive = e.gateway.poll() is None
         if perf is not None:
             perf.send_signal(signal.SIGINT)

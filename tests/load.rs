@@ -1,0 +1,273 @@
+//! Load on a busy machine (issue 13): 40 TLS clients storing 25 small CT objects each, all at once, through
+//! the gateway to a `storescp --fork` sink, with a CPU hog on every core, several rounds. A slow machine may
+//! make the relay slow, never stuck: every store must succeed and the sink must hold every object.
+//!
+//! The clients are DCMTK's storescu (one process per association, TLS with a client certificate: no argon2id
+//! per login, which takes ~1 s in a debug build). pynetdicom 3.0.4 clients are not used here: under CPU
+//! starvation its reactor thread now and then takes the C-STORE-RSP that `send_c_store` waits for ("Received
+//! unexpected C-STORE service message", then a DIMSE timeout), through stunnel exactly as through the gateway.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const CLIENTS: usize = 40;
+const STORES_PER_CLIENT: usize = 25;
+const ROUNDS: usize = 5;
+/// A client that takes longer than this is stuck (a round takes seconds, even with the hogs).
+const CLIENT_LIMIT: Duration = Duration::from_secs(60);
+/// How long the sink may take to have written the last file after the last response.
+const SINK_SETTLE: Duration = Duration::from_secs(10);
+
+/// Busy loops (`yes > /dev/null`), one per core plus one; killed by their own handles on drop.
+struct CpuHogs(Vec<Child>);
+
+impl CpuHogs {
+    fn start() -> CpuHogs {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        CpuHogs(
+            (0..=cores)
+                .map(|_| {
+                    Command::new("yes")
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("start yes(1) as a CPU hog")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for CpuHogs {
+    fn drop(&mut self) {
+        for hog in &mut self.0 {
+            let _ = hog.kill();
+            let _ = hog.wait();
+        }
+    }
+}
+
+/// `storescp --fork` writing every object it receives into a temp dir; killed on drop.
+struct ForkingSink {
+    port: u16,
+    dir: tempfile::TempDir,
+    _proc: Spawned,
+    _log: tempfile::TempDir,
+}
+
+impl ForkingSink {
+    fn start() -> ForkingSink {
+        let mut last_err = String::new();
+        for _ in 0..3 {
+            let dir = tempdir("load-sink");
+            let log = tempdir("load-sink-log");
+            let port = free_port();
+            let mut cmd = Command::new("/usr/bin/storescp");
+            cmd.env("TCP_NODELAY", "1")
+                .args(["--fork", "-aet", "SINK", "-od"])
+                .arg(dir.path())
+                .arg(port.to_string());
+            let mut proc = Spawned::spawn(cmd, &log.path().join("storescp.log"));
+            match proc.wait_until(Duration::from_secs(20), "listening", |p| {
+                is_listening(p.pid(), port)
+            }) {
+                Ok(()) => {
+                    return ForkingSink {
+                        port,
+                        dir,
+                        _proc: proc,
+                        _log: log,
+                    };
+                }
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("storescp --fork did not start: {last_err}");
+    }
+
+    fn file_count(&self) -> usize {
+        std::fs::read_dir(self.dir.path()).map_or(0, |rd| rd.flatten().count())
+    }
+
+    /// Waits (bounded) until the sink holds `n` files; returns how many it holds.
+    fn wait_for_files(&self, n: usize) -> usize {
+        let deadline = Instant::now() + SINK_SETTLE;
+        loop {
+            let count = self.file_count();
+            if count >= n || Instant::now() >= deadline {
+                return count;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn config(port: u16, pki: &Pki, sink_port: u16) -> String {
+    format!(
+        r#"
+[gateway]
+listen = "127.0.0.1:{port}"
+
+[tls]
+certificate = "{cert}"
+private_key = "{key}"
+client_ca = "{ca}"
+
+[timeouts]
+idle = 60
+
+[[upstream]]
+called_ae = "SINK"
+address = "127.0.0.1:{sink_port}"
+ae_title = "SINK"
+
+[limits]
+associations_per_minute = 0
+max_pending_per_address = 64
+max_associations_per_user = 64
+
+[[role]]
+name = "modality"
+allow = ["echo", "store"]
+
+[[user]]
+name = "loader"
+roles = ["modality"]
+"#,
+        cert = pki.server_cert.display(),
+        key = pki.server_key.display(),
+        ca = pki.ca_cert.display(),
+    )
+}
+
+/// One client's result: stores acknowledged with Success, and storescu's output when that is not all of them.
+struct ClientRun {
+    succeeded: usize,
+    took: Duration,
+    report: Option<String>,
+}
+
+fn store_all(port: u16, pki: &Pki, key: &Path, cert: &Path, files: &[PathBuf]) -> ClientRun {
+    let port = port.to_string();
+    let mut args: Vec<&str> = vec![
+        "-v",
+        "-aec",
+        "SINK",
+        "-aet",
+        "LOADSCU",
+        "+tls",
+        key.to_str().expect("UTF-8 path"),
+        cert.to_str().expect("UTF-8 path"),
+        "+cf",
+        pki.ca_cert.to_str().expect("UTF-8 path"),
+        // The same 30 s the issue's clients gave up after.
+        "-to",
+        "30",
+        "-ta",
+        "30",
+        "-td",
+        "30",
+        "127.0.0.1",
+        &port,
+    ];
+    args.extend(files.iter().map(|f| f.to_str().expect("UTF-8 path")));
+    let started = Instant::now();
+    let out = dcmtk_with_timeout("storescu", &args, CLIENT_LIMIT);
+    let took = started.elapsed();
+    let text = output_text(&out);
+    let succeeded = text.matches("Received Store Response (Success)").count();
+    let complete = out.status.success() && succeeded == files.len();
+    ClientRun {
+        succeeded,
+        took,
+        report: (!complete).then(|| tail(&text, 15)),
+    }
+}
+
+#[test]
+fn forty_tls_clients_store_through_the_gateway_with_cpu_hogs_every_round() {
+    let pki = Pki::generate();
+    let (cert, key) = pki.client("loader");
+    let data = tempdir("load-data");
+    let spec: Vec<(String, String, usize)> = (0..CLIENTS)
+        .map(|c| (format!("LOAD{c}"), format!("LOAD^{c}"), STORES_PER_CLIENT))
+        .collect();
+    let spec: Vec<(&str, &str, usize)> = spec
+        .iter()
+        .map(|(id, name, n)| (id.as_str(), name.as_str(), *n))
+        .collect();
+    let instances = make_instances_with_uids(data.path(), &spec);
+    let per_client: Vec<Vec<PathBuf>> = (0..CLIENTS)
+        .map(|c| {
+            let id = format!("LOAD{c}");
+            instances
+                .iter()
+                .filter(|i| i.patient_id == id)
+                .map(|i| i.path.clone())
+                .collect()
+        })
+        .collect();
+    let expected = CLIENTS * STORES_PER_CLIENT;
+    assert_eq!(
+        per_client.iter().map(Vec::len).sum::<usize>(),
+        expected,
+        "test data"
+    );
+
+    let mut failures = Vec::new();
+    for round in 1..=ROUNDS {
+        // A fresh sink and gateway per round: each round counts its own files and log lines.
+        let sink = ForkingSink::start();
+        let port = free_port();
+        let gw = Gateway::start(port, &config(port, &pki, sink.port));
+        let hogs = CpuHogs::start();
+        let started = Instant::now();
+        let runs: Vec<ClientRun> = std::thread::scope(|s| {
+            let handles: Vec<_> = per_client
+                .iter()
+                .map(|files| s.spawn(|| store_all(port, &pki, &key, &cert, files)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("client thread"))
+                .collect()
+        });
+        let took = started.elapsed();
+        drop(hogs);
+        let succeeded: usize = runs.iter().map(|r| r.succeeded).sum();
+        let slowest = runs.iter().map(|r| r.took).max().unwrap_or_default();
+        let files = sink.wait_for_files(expected);
+        let released = gw.log().matches("outcome=\"released\"").count();
+        eprintln!(
+            "round {round}: {succeeded}/{expected} stores acknowledged, {files} files in the sink, \
+             {released}/{CLIENTS} associations released, {took:.1?} (slowest client {slowest:.1?})"
+        );
+        for (c, run) in runs.iter().enumerate() {
+            if let Some(report) = &run.report {
+                failures.push(format!(
+                    "round {round}, client {c}: {}/{STORES_PER_CLIENT} stores in {:.1?}\n{report}",
+                    run.succeeded, run.took
+                ));
+            }
+        }
+        if files != expected || released != CLIENTS {
+            failures.push(format!(
+                "round {round}: the sink holds {files} of {expected} objects; {released} of {CLIENTS} \
+                 associations released; gateway log:\n{}",
+                tail(&gw.log(), 40)
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
