@@ -190,6 +190,24 @@ fn store_all(port: u16, pki: &Pki, key: &Path, cert: &Path, files: &[PathBuf]) -
     }
 }
 
+/// The largest `duration_ms` of the association log lines (accept to close, as the gateway saw it).
+fn longest_association(log: &str) -> Duration {
+    let ms = log
+        .lines()
+        .filter(|l| l.contains("outcome="))
+        .filter_map(|l| {
+            l.split_once("duration_ms=")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0);
+    Duration::from_millis(ms)
+}
+
 #[test]
 fn forty_tls_clients_store_through_the_gateway_with_cpu_hogs_every_round() {
     let pki = Pki::generate();
@@ -243,10 +261,13 @@ fn forty_tls_clients_store_through_the_gateway_with_cpu_hogs_every_round() {
         let succeeded: usize = runs.iter().map(|r| r.succeeded).sum();
         let slowest = runs.iter().map(|r| r.took).max().unwrap_or_default();
         let files = sink.wait_for_files(expected);
-        let released = gw.log().matches("outcome=\"released\"").count();
+        let log = gw.log();
+        let released = log.matches("outcome=\"released\"").count();
         eprintln!(
             "round {round}: {succeeded}/{expected} stores acknowledged, {files} files in the sink, \
-             {released}/{CLIENTS} associations released, {took:.1?} (slowest client {slowest:.1?})"
+             {released}/{CLIENTS} associations released, {took:.1?} (slowest client {slowest:.1?}); \
+             longest association in the gateway's log {:.1?}",
+            longest_association(&log)
         );
         for (c, run) in runs.iter().enumerate() {
             if let Some(report) = &run.report {
