@@ -220,6 +220,16 @@ fn send(b: &Bench, user: &str, contexts: &[&str], messages: &[Message], all_firs
         .unwrap_or_else(|_| panic!("raw_dimse.py gave no report:\n{}", output_text(&out)))
 }
 
+/// One request (command and data set) on the second context, then a C-ECHO on Verification.
+fn ask(b: &Bench, user: &str, sop_class: &str, command: Vec<u8>, data: Vec<u8>) -> Value {
+    let message = Message {
+        context: 1,
+        command,
+        data: Some(data),
+    };
+    send(b, user, &[VERIFICATION, sop_class], &[message], false)
+}
+
 fn statuses(report: &Value) -> Vec<u64> {
     report["responses"]
         .as_array()
@@ -251,16 +261,12 @@ fn a_repeated_command_field_does_not_turn_a_find_into_a_move() {
     // DCMTK (Orthanc) keeps the first CommandField (C-MOVE), a last-wins reader the second (C-FIND).
     let mut e = move_rq(1, "EVIL");
     e.insert(2, us(0x0100, 0x0020));
-    let r = send(
+    let r = ask(
         &b,
         "reader",
-        &[VERIFICATION, STUDY_MOVE],
-        &[Message {
-            context: 1,
-            command: command(&e),
-            data: Some(study_identifier(&b.study)),
-        }],
-        false,
+        STUDY_MOVE,
+        command(&e),
+        study_identifier(&b.study),
     );
     assert!(
         r["aborted"] == json!(true) || r["closed"] == json!(true),
@@ -285,16 +291,12 @@ fn a_repeated_move_destination_does_not_defeat_destination_binding() {
     // First copy EVIL (what the archive reads), second VIEWER (what a last-wins check would allow).
     let mut e = move_rq(1, "EVIL");
     e.insert(4, text(0, 0x0600, "VIEWER"));
-    let r = send(
+    let r = ask(
         &b,
         "clinician",
-        &[VERIFICATION, STUDY_MOVE],
-        &[Message {
-            context: 1,
-            command: command(&e),
-            data: Some(study_identifier(&b.study)),
-        }],
-        false,
+        STUDY_MOVE,
+        command(&e),
+        study_identifier(&b.study),
     );
     assert!(
         r["aborted"] == json!(true) || r["closed"] == json!(true),
@@ -307,16 +309,12 @@ fn a_repeated_move_destination_does_not_defeat_destination_binding() {
     );
 
     // The honest move still works, and is an audit event with its counts.
-    let r = send(
+    let r = ask(
         &b,
         "clinician",
-        &[VERIFICATION, STUDY_MOVE],
-        &[Message {
-            context: 1,
-            command: command(&move_rq(2, "VIEWER")),
-            data: Some(study_identifier(&b.study)),
-        }],
-        false,
+        STUDY_MOVE,
+        command(&move_rq(2, "VIEWER")),
+        study_identifier(&b.study),
     );
     assert_eq!(statuses(&r).last(), Some(&0), "{r}");
     assert_eq!(b.viewer.files().len(), 3, "{r}");
@@ -345,17 +343,7 @@ fn a_repeated_patient_name_does_not_pass_the_guard() {
         text(0x0010, 0x0010, "DOE^JOHN"),
     ]
     .concat();
-    let r = send(
-        &b,
-        "reader",
-        &[VERIFICATION, STUDY_FIND],
-        &[Message {
-            context: 1,
-            command: find(STUDY_FIND, 1),
-            data: Some(id),
-        }],
-        false,
-    );
+    let r = ask(&b, "reader", STUDY_FIND, find(STUDY_FIND, 1), id);
     assert_eq!(pending(&r), 0, "matches came back: {r}");
     assert_eq!(statuses(&r), vec![0xA900], "{r}");
     assert_eq!(r["echo"], json!(0), "the association stays usable: {r}");
@@ -381,17 +369,7 @@ fn deep_nesting_is_refused_and_the_gateway_stays_up() {
     ]
     .concat();
     assert!(id.len() < 64 * 1024);
-    let r = send(
-        &b,
-        "reader",
-        &[VERIFICATION, STUDY_FIND],
-        &[Message {
-            context: 1,
-            command: find(STUDY_FIND, 1),
-            data: Some(id),
-        }],
-        false,
-    );
+    let r = ask(&b, "reader", STUDY_FIND, find(STUDY_FIND, 1), id);
     assert_eq!(statuses(&r), vec![0xA900], "{r}");
     assert_eq!(r["echo"], json!(0), "{r}");
     assert_gateway_up(&b);
@@ -435,17 +413,7 @@ fn a_command_on_another_context_is_refused() {
     // A worklist SOP class on the Study Root context: the guard would skip it, Orthanc would run a
     // Study Root query for every patient.
     let id = [text(0x0008, 0x0052, "STUDY"), text(0x0010, 0x0010, "*")].concat();
-    let r = send(
-        &b,
-        "reader",
-        &[VERIFICATION, STUDY_FIND],
-        &[Message {
-            context: 1,
-            command: find(WORKLIST_FIND, 1),
-            data: Some(id),
-        }],
-        false,
-    );
+    let r = ask(&b, "reader", STUDY_FIND, find(WORKLIST_FIND, 1), id);
     assert_eq!(pending(&r), 0, "matches came back: {r}");
     assert_eq!(statuses(&r), vec![0x0122], "{r}");
     assert_eq!(r["echo"], json!(0), "{r}");
@@ -477,17 +445,7 @@ fn wildcards_in_uids_and_multi_valued_keys_are_refused() {
         ),
     ];
     for (what, id, status) in cases {
-        let r = send(
-            &b,
-            "reader",
-            &[VERIFICATION, STUDY_FIND],
-            &[Message {
-                context: 1,
-                command: find(STUDY_FIND, 1),
-                data: Some(id),
-            }],
-            false,
-        );
+        let r = ask(&b, "reader", STUDY_FIND, find(STUDY_FIND, 1), id);
         assert_eq!(pending(&r), 0, "{what}: matches came back: {r}");
         assert_eq!(statuses(&r), vec![status], "{what}: {r}");
     }
@@ -499,28 +457,14 @@ fn wildcards_in_uids_and_multi_valued_keys_are_refused() {
     .concat();
     let mut get = request(STUDY_GET, 0x0010, 1, &[us(0x0700, 0)]);
     get.push(us(0x0800, 0));
-    let r = send(
-        &b,
-        "clinician",
-        &[VERIFICATION, STUDY_GET],
-        &[Message {
-            context: 1,
-            command: command(&get),
-            data: Some(patient),
-        }],
-        false,
-    );
+    let r = ask(&b, "clinician", STUDY_GET, command(&get), patient);
     assert_eq!(statuses(&r), vec![0xA701], "{r}");
-    let r = send(
+    let r = ask(
         &b,
         "clinician",
-        &[VERIFICATION, STUDY_MOVE],
-        &[Message {
-            context: 1,
-            command: command(&move_rq(1, "VIEWER")),
-            data: Some(study(&[text(0x0010, 0x0020, "BYPASS1")])),
-        }],
-        false,
+        STUDY_MOVE,
+        command(&move_rq(1, "VIEWER")),
+        study(&[text(0x0010, 0x0020, "BYPASS1")]),
     );
     assert_eq!(statuses(&r), vec![0xA701], "{r}");
     assert_eq!(received_after_a_while(&b.viewer), 0);
@@ -549,16 +493,12 @@ fn a_character_set_escape_does_not_hide_a_wildcard() {
         "ISO 2022 IR 13\\ISO 2022 IR 87",
         "ISO_IR 100",
     ] {
-        let r = send(
+        let r = ask(
             &b,
             "reader",
-            &[VERIFICATION, STUDY_FIND],
-            &[Message {
-                context: 1,
-                command: find(STUDY_FIND, 1),
-                data: Some(escaped(charset)),
-            }],
-            false,
+            STUDY_FIND,
+            find(STUDY_FIND, 1),
+            escaped(charset),
         );
         assert_eq!(pending(&r), 0, "{charset}: matches came back: {r}");
         assert_eq!(statuses(&r), vec![0xA900], "{charset}: {r}");
@@ -570,17 +510,7 @@ fn a_character_set_escape_does_not_hide_a_wildcard() {
         text(0x0010, 0x0020, "BYPASS1"),
     ]
     .concat();
-    let r = send(
-        &b,
-        "reader",
-        &[VERIFICATION, STUDY_FIND],
-        &[Message {
-            context: 1,
-            command: find(STUDY_FIND, 2),
-            data: Some(named),
-        }],
-        false,
-    );
+    let r = ask(&b, "reader", STUDY_FIND, find(STUDY_FIND, 2), named);
     // Three studies match; the result cap (2) ends the query with 0xFE00.
     assert_eq!(
         (pending(&r), statuses(&r).last()),
