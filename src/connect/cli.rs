@@ -29,6 +29,10 @@ const DEFAULT_KEEPALIVE_S: f64 = 60.0;
 /// performs such a C-MOVE as a C-GET through the gateway (your role needs `get`) and hands the
 /// instances to that storage SCP.
 ///
+/// Only the local user who started connect may use it (its UID is checked on every connection:
+/// the kernel's socket table for TCP, peer credentials for --socket); --allow-user UID admits
+/// another. Anyone else gets A-ASSOCIATE-RJ 1/1/1 and nothing reaches the gateway.
+///
 /// Examples:
 ///   PW='...' pacsgate connect --gateway pacs-gw.example.org:2762 --ca ca.crt --user dr.house --password-env PW
 ///   pacsgate connect --gateway pacs-gw:2762 --ca ca.crt --token-file ~/.cache/pacs.jwt --listen 127.0.0.1:11114
@@ -49,6 +53,12 @@ pub struct ConnectArgs {
     /// Allow a --listen address other than loopback: anyone who reaches it uses your credentials.
     #[arg(long)]
     pub allow_remote: bool,
+    /// Also listen on a Unix domain socket at this path (mode 0600, peer credentials checked).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Admit this local user (numeric UID) too, besides the one who started connect (repeatable).
+    #[arg(long = "allow-user", value_name = "UID")]
+    pub allow_user: Vec<u32>,
     /// CA certificate (PEM) the gateway's certificate must be signed by [default: the system CA bundle].
     #[arg(long)]
     pub ca: Option<PathBuf>,
@@ -76,9 +86,20 @@ pub struct ConnectArgs {
     /// Perform a C-MOVE to a --local-store destination as a C-GET through the gateway.
     #[arg(long)]
     pub move_as_get: bool,
-    /// A local storage SCP as AE@HOST:PORT, e.g. the viewer's own (repeatable).
+    /// A local storage SCP as AE@HOST:PORT, e.g. the viewer's own (repeatable). Loopback (or
+    /// localhost) only unless --allow-remote-store.
     #[arg(long = "local-store", value_name = "AE@HOST:PORT")]
     pub local_store: Vec<String>,
+    /// Allow a --local-store on another machine: its instances then leave this one in plain DICOM.
+    #[arg(long)]
+    pub allow_remote_store: bool,
+    /// Bytes move-as-get may hold for one local association (C-MOVE identifiers, command fragments
+    /// and failed-instance lists); a C-MOVE past it is refused 0xA701 [default: 1MiB].
+    #[arg(long, value_name = "BYTES")]
+    pub move_buffer: Option<String>,
+    /// Bytes move-as-get may hold for all local associations together [default: 16MiB].
+    #[arg(long, value_name = "BYTES")]
+    pub move_buffer_total: Option<String>,
     /// Seconds to wait for each step: connect, TLS handshake, each answer [default: 30].
     #[arg(long)]
     pub timeout: Option<f64>,
@@ -105,6 +126,8 @@ struct FileConnect {
     gateway: Option<String>,
     listen: Option<String>,
     allow_remote: Option<bool>,
+    socket: Option<PathBuf>,
+    allow_user: Option<Vec<u32>>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
@@ -115,6 +138,9 @@ struct FileConnect {
     token_file: Option<PathBuf>,
     move_as_get: Option<bool>,
     local_store: Option<Vec<String>>,
+    allow_remote_store: Option<bool>,
+    move_buffer: Option<String>,
+    move_buffer_total: Option<String>,
     timeout: Option<f64>,
     idle_timeout: Option<f64>,
     keepalive: Option<f64>,
@@ -141,12 +167,17 @@ pub struct Settings {
     pub gateway: String,
     pub server_name: String,
     pub listen: SocketAddr,
+    /// true when --listen was not given (the default port): a port in use then says "use --listen".
+    pub default_listen: bool,
     pub allow_remote: bool,
+    pub socket: Option<PathBuf>,
+    pub allow_users: Vec<u32>,
     pub ca: Option<PathBuf>,
     pub client_certificate: Option<(PathBuf, PathBuf)>,
     pub identity: IdentitySource,
     pub move_as_get: bool,
     pub local_stores: Vec<LocalStore>,
+    pub buffer: move_as_get::BufferLimits,
     pub timeout: Duration,
     pub idle: Duration,
     /// None: no keep-alive.
@@ -181,6 +212,7 @@ fn read_file(path: &Path) -> Result<FileConnect, ConnectError> {
         &mut c.key,
         &mut c.password_file,
         &mut c.token_file,
+        &mut c.socket,
     ]
     .into_iter()
     .flatten()
@@ -190,6 +222,54 @@ fn read_file(path: &Path) -> Result<FileConnect, ConnectError> {
         }
     }
     Ok(c)
+}
+
+/// A byte count: digits with an optional K, KiB, M, MiB, G or GiB (K and KiB both 1024).
+fn bytes(key: &str, value: Option<&str>, default: usize) -> Result<usize, ConnectError> {
+    let Some(text) = value.map(str::trim) else {
+        return Ok(default);
+    };
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let factor: usize = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        _ => {
+            return Err(usage(format!(
+                "{key}: {text:?} is not a size (e.g. 65536, 512KiB, 4MiB)"
+            )));
+        }
+    };
+    let n: usize = digits.parse().map_err(|_| {
+        usage(format!(
+            "{key}: {text:?} is not a size (e.g. 65536, 512KiB, 4MiB)"
+        ))
+    })?;
+    let n = n.saturating_mul(factor);
+    if n < move_as_get::MIN_BUFFER {
+        return Err(usage(format!(
+            "{key}: {text} is below {} bytes, the largest command set",
+            move_as_get::MIN_BUFFER
+        )));
+    }
+    Ok(n)
+}
+
+/// A --local-store host is this machine: a loopback address or `localhost`.
+fn is_local_host(address: &str) -> bool {
+    let host = address
+        .rsplit_once(':')
+        .map_or(address, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn seconds(key: &str, value: Option<f64>, default: f64) -> Result<Duration, ConnectError> {
@@ -228,6 +308,7 @@ impl Settings {
             .or(file.server_name)
             .unwrap_or(host);
 
+        let default_listen = args.listen.is_none() && file.listen.is_none();
         let listen = match (args.listen, file.listen) {
             (Some(l), _) => l,
             (None, Some(text)) => text
@@ -292,6 +373,12 @@ impl Settings {
             }
         };
 
+        let mut allow_users = args.allow_user.clone();
+        if allow_users.is_empty() {
+            allow_users = file.allow_user.unwrap_or_default();
+        }
+        let allow_remote_store =
+            args.allow_remote_store || file.allow_remote_store.unwrap_or(false);
         let move_as_get = args.move_as_get || file.move_as_get.unwrap_or(false);
         let stores = if args.local_store.is_empty() {
             file.local_store.unwrap_or_default()
@@ -307,7 +394,31 @@ impl Settings {
                     store.ae_title
                 )));
             }
+            if !allow_remote_store && !is_local_host(&store.address) {
+                return Err(usage(format!(
+                    "local_store: {store} is not on this machine: its instances would leave it in plain DICOM. \
+                     Use a loopback address (127.0.0.1, [::1], localhost), or pass --allow-remote-store \
+                     (allow_remote_store = true) if you really mean it"
+                )));
+            }
             local_stores.push(store);
+        }
+        let per_association = bytes(
+            "move_buffer",
+            args.move_buffer.as_deref().or(file.move_buffer.as_deref()),
+            move_as_get::DEFAULT_BUFFER,
+        )?;
+        let total = bytes(
+            "move_buffer_total",
+            args.move_buffer_total
+                .as_deref()
+                .or(file.move_buffer_total.as_deref()),
+            move_as_get::DEFAULT_BUFFER_TOTAL,
+        )?;
+        if total < per_association {
+            return Err(usage(format!(
+                "move_buffer_total: {total} bytes is less than move_buffer ({per_association})"
+            )));
         }
         if move_as_get && local_stores.is_empty() {
             return Err(usage(
@@ -324,12 +435,19 @@ impl Settings {
             gateway,
             server_name,
             listen,
+            default_listen,
             allow_remote,
+            socket: args.socket.clone().or(file.socket),
+            allow_users,
             ca: args.ca.clone().or(file.ca),
             client_certificate,
             identity,
             move_as_get,
             local_stores,
+            buffer: move_as_get::BufferLimits {
+                per_association,
+                total,
+            },
             timeout: seconds("timeout", args.timeout.or(file.timeout), DEFAULT_TIMEOUT_S)?,
             idle: seconds(
                 "idle_timeout",
@@ -366,6 +484,7 @@ impl Settings {
 
     /// The tunnel these settings describe, with `credentials`.
     pub fn tunnel(&self, credentials: Credentials) -> Result<Tunnel, ConnectError> {
+        let callers = super::local::Callers::new(super::local::own_uid()?, &self.allow_users);
         let gateway = Gateway::new(
             self.gateway.clone(),
             &self.server_name,
@@ -387,10 +506,12 @@ impl Settings {
                     timeout: self.timeout,
                     archive_wait: self.idle,
                     keepalive: self.keepalive,
+                    buffer: move_as_get::Buffer::new(self.buffer),
                 })
             }),
             request_timeout: self.timeout.min(Duration::from_secs(30)),
             idle: self.idle,
+            callers,
         })
     }
 }
@@ -413,14 +534,40 @@ pub async fn run(args: ConnectArgs) -> Result<(), ConnectError> {
             "listening beyond loopback (--allow-remote): anyone who reaches this port uses your credentials"
         );
     }
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .map_err(|source| ConnectError::Listen {
-            address: settings.listen,
-            source,
-        })?;
+    let tcp = match tokio::net::TcpListener::bind(settings.listen).await {
+        Ok(l) => l,
+        Err(source)
+            if source.kind() == std::io::ErrorKind::AddrInUse && settings.default_listen =>
+        {
+            return Err(usage(format!(
+                "cannot listen on {} (the default): the port is in use, perhaps by another connect; \
+                 use --listen 127.0.0.1:PORT with a free port",
+                settings.listen
+            )));
+        }
+        Err(source) => {
+            return Err(ConnectError::Listen {
+                address: settings.listen,
+                source,
+            });
+        }
+    };
+    let unix = match &settings.socket {
+        Some(path) => Some((
+            super::local::bind_unix(path).map_err(|source| ConnectError::ListenUnix {
+                path: path.clone(),
+                source,
+            })?,
+            path.clone(),
+        )),
+        None => None,
+    };
+    let listeners = super::local::Listeners { tcp, unix };
     tracing::info!(
         listen = %settings.listen,
+        socket = ?settings.socket,
+        owner_uid = tunnel.callers.owner,
+        allowed_uids = %tunnel.callers.describe(),
         gateway = %settings.gateway,
         trust = %tunnel.gateway.trust,
         credentials = ?tunnel.gateway.credentials,
@@ -439,7 +586,7 @@ pub async fn run(args: ConnectArgs) -> Result<(), ConnectError> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    super::serve(tunnel, listener, stop).await;
+    super::serve(tunnel, listeners, stop).await;
     Ok(())
 }
 
@@ -517,6 +664,48 @@ mod tests {
         );
         let mut a = args();
         a.gateway = Some("no-port".into());
+        assert!(Settings::from_args(&a).is_err());
+    }
+
+    #[test]
+    fn a_remote_local_store_needs_the_explicit_flag_and_buffers_parse() {
+        let mut a = args();
+        a.move_as_get = true;
+        for local in [
+            "V@127.0.0.1:1",
+            "V@[::1]:1",
+            "V@localhost:1",
+            "V@127.1.2.3:1",
+        ] {
+            a.local_store = vec![local.into()];
+            assert!(Settings::from_args(&a).is_ok(), "{local}");
+        }
+        a.local_store = vec!["V@10.1.2.3:104".into()];
+        let err = Settings::from_args(&a).unwrap_err().to_string();
+        assert!(
+            err.contains("not on this machine") && err.contains("--allow-remote-store"),
+            "{err}"
+        );
+        a.local_store = vec!["V@viewer.example.org:104".into()];
+        assert!(Settings::from_args(&a).is_err());
+        a.allow_remote_store = true;
+        assert!(Settings::from_args(&a).is_ok());
+
+        let s = Settings::from_args(&a).expect("valid");
+        assert_eq!(s.buffer, move_as_get::BufferLimits::default());
+        a.move_buffer = Some("256KiB".into());
+        a.move_buffer_total = Some("4M".into());
+        let s = Settings::from_args(&a).expect("valid");
+        assert_eq!(s.buffer.per_association, 256 * 1024);
+        assert_eq!(s.buffer.total, 4 << 20);
+        a.move_buffer = Some("8MiB".into());
+        assert!(
+            Settings::from_args(&a).is_err(),
+            "total below per association"
+        );
+        a.move_buffer = Some("1K".into());
+        assert!(Settings::from_args(&a).is_err(), "below a command set");
+        a.move_buffer = Some("lots".into());
         assert!(Settings::from_args(&a).is_err());
     }
 

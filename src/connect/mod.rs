@@ -6,6 +6,7 @@
 //! - `mod.rs`             the accept loop and one association's way: request, gateway, answer, relay
 //! - `move_as_get.rs`     C-MOVE to a local storage SCP taken out of the relay ...
 //! - `retrieve.rs`        ... and performed as a C-GET whose C-STOREs are forwarded to that SCP
+//! - `local.rs`           the local listeners (TCP on loopback, Unix socket) and who is calling (UID)
 //! - `link.rs`            the associations connect requests itself (C-GET, local storage)
 //! - `dimse_extra.rs`     C-MOVE-RSP with counts, C-STORE-RQ re-addressed
 //! - `storage_classes.rs` the storage SOP classes proposed for C-GET
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod dimse_extra;
 pub mod gateway;
 pub mod link;
+pub mod local;
 pub mod move_as_get;
 pub mod retrieve;
 pub mod storage_classes;
@@ -27,8 +29,8 @@ use dicom_ul::pdu::{
     AssociationAC, AssociationRQ, Pdu, PresentationContextProposed,
     PresentationContextResultReason, UserVariableItem,
 };
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::client::TlsStream;
 use tokio_util::task::TaskTracker;
@@ -38,6 +40,7 @@ use crate::pdu::{self, PduError, Rejection, read_pdu};
 use crate::relay::{self, PassThrough, RelayEnd, RelayLimits, RelayStats};
 use gateway::{Gateway, OpenError};
 use link::Answer;
+use local::{Caller, Callers, Listeners};
 
 /// What stops `connect` from starting, or from building a request; each variant names its cause.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +69,13 @@ pub enum ConnectError {
         address: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on the Unix socket {path}: {source}")]
+    ListenUnix {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Owner(#[from] local::OwnerError),
     #[error("cannot encode the A-ASSOCIATE-RQ for the gateway: {0}")]
     Encode(String),
     #[error("cannot install a signal handler: {0}")]
@@ -90,13 +100,20 @@ pub struct Tunnel {
     pub request_timeout: Duration,
     /// No PDU either way for this long: both sides get an A-ABORT.
     pub idle: Duration,
+    /// The local users who may use the tunnel.
+    pub callers: Callers,
 }
+
+/// The rejection a local caller who is not the tunnel's owner (nor an --allow-user) gets:
+/// 1/1/1, permanent, service-user, no reason given. It differs from the gateway's 1/2/1 for
+/// failed credentials, so the two are told apart.
+pub const REFUSED_CALLER: Rejection = Rejection::NotExpected;
 
 /// Accept local associations until `stop` completes; then let those in flight finish for a
 /// few seconds before aborting them.
 pub async fn serve(
     tunnel: Arc<Tunnel>,
-    listener: TcpListener,
+    listeners: Listeners,
     stop: impl std::future::Future<Output = ()>,
 ) {
     let tasks = TaskTracker::new();
@@ -105,18 +122,18 @@ pub async fn serve(
     let accept = async {
         let mut backoff = Duration::from_millis(10);
         loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
+            match listeners.accept().await {
+                Ok(caller) => {
                     backoff = Duration::from_millis(10);
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        tracing::warn!(peer = %peer, "{MAX_ASSOCIATIONS} associations open: connection refused");
-                        drop(stream);
+                        tracing::warn!(peer = %caller.peer, "{MAX_ASSOCIATIONS} associations open: connection refused");
+                        drop(caller);
                         continue;
                     };
                     let tunnel = tunnel.clone();
                     let aborted = aborted.clone();
                     tasks.spawn(async move {
-                        handle(&tunnel, stream, peer, aborted).await;
+                        handle(&tunnel, caller, aborted).await;
                         drop(slot);
                     });
                 }
@@ -132,7 +149,7 @@ pub async fn serve(
         _ = accept => {}
         _ = stop => {}
     }
-    drop(listener);
+    drop(listeners);
     tasks.close();
     if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
         .await
@@ -170,14 +187,51 @@ struct Seen {
     move_as_get: bool,
 }
 
-async fn handle(
-    tunnel: &Tunnel,
-    stream: TcpStream,
-    peer: SocketAddr,
-    aborted: watch::Receiver<bool>,
-) {
+async fn handle(tunnel: &Tunnel, caller: Caller, aborted: watch::Receiver<bool>) {
     let started = Instant::now();
     let mut seen = Seen::default();
+    let Caller {
+        mut stream,
+        peer,
+        uid,
+    } = caller;
+    let owner_uid = tunnel.callers.owner;
+    let uid = match uid {
+        Ok(uid) if tunnel.callers.admits(uid) => uid,
+        refused => {
+            // Phase: the refused caller's A-ASSOCIATE-RQ (ARTIM), answered 1/1/1; nothing reaches the gateway.
+            let (local_uid, reason) = match &refused {
+                Ok(uid) => (
+                    Some(*uid),
+                    format!(
+                        "local user {uid} is not the user who started connect ({owner_uid}) nor an --allow-user"
+                    ),
+                ),
+                Err(e) => (None, format!("the calling local user is unknown: {e}")),
+            };
+            let answered = match read_request(&mut stream, tunnel.request_timeout).await {
+                Ok(rq) => {
+                    seen.calling_ae = rq.calling_ae_title.trim().to_string();
+                    seen.called_ae = rq.called_ae_title.trim().to_string();
+                    refuse(&mut stream, &REFUSED_CALLER.pdu()).await;
+                    "A-ASSOCIATE-RJ 1/1/1"
+                }
+                Err(s) => s.outcome,
+            };
+            tracing::warn!(
+                peer = %peer,
+                local_uid = ?local_uid,
+                owner_uid,
+                calling_ae = ?seen.calling_ae,
+                called_ae = ?seen.called_ae,
+                outcome = "refused_local_user",
+                reason = %format!("{reason} ({answered})"),
+                duration_ms = started.elapsed().as_millis() as u64,
+                "association"
+            );
+            return;
+        }
+    };
     let result = associate(tunnel, stream, &mut seen, aborted).await;
     let (outcome, reason, stats) = match result {
         Ok((end, stats)) => (
@@ -195,6 +249,8 @@ async fn handle(
     if matches!(outcome, "released" | "aborted" | "closed") {
         tracing::info!(
             peer = %peer,
+            local_uid = uid,
+            owner_uid,
             calling_ae = %seen.calling_ae,
             called_ae = %seen.called_ae,
             outcome,
@@ -209,6 +265,8 @@ async fn handle(
     } else {
         tracing::warn!(
             peer = %peer,
+            local_uid = uid,
+            owner_uid,
             calling_ae = %seen.calling_ae,
             called_ae = %seen.called_ae,
             outcome,
@@ -219,19 +277,25 @@ async fn handle(
     }
 }
 
+/// What a local client's connection is: TCP or the Unix socket.
+trait Local: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Local for T {}
+
 /// Send a last PDU to the local client and close (bounded).
-async fn refuse(stream: &mut TcpStream, bytes: &[u8]) {
+async fn refuse(stream: &mut impl Local, bytes: &[u8]) {
     crate::server::send(stream, bytes).await;
 }
 
 /// One local association: its request, the gateway's answer, the accept, then the relay.
 async fn associate(
     tunnel: &Tunnel,
-    mut local: TcpStream,
+    mut local: local::LocalStream,
     seen: &mut Seen,
     aborted: watch::Receiver<bool>,
 ) -> Result<(RelayEnd, RelayStats), Stop> {
-    let _ = local.set_nodelay(true);
+    if let local::LocalStream::Tcp(tcp) = &local {
+        let _ = tcp.set_nodelay(true);
+    }
     let rq = read_request(&mut local, tunnel.request_timeout).await?;
     seen.calling_ae = rq.calling_ae_title.trim().to_string();
     seen.called_ae = rq.called_ae_title.trim().to_string();
@@ -300,7 +364,7 @@ async fn associate(
 }
 
 /// Phase: the local A-ASSOCIATE-RQ, bounded in size and time (ARTIM), parsed.
-async fn read_request(local: &mut TcpStream, within: Duration) -> Result<AssociationRQ, Stop> {
+async fn read_request(local: &mut impl Local, within: Duration) -> Result<AssociationRQ, Stop> {
     let mut buf = Vec::new();
     let pdu_type =
         match tokio::time::timeout(within, read_pdu(local, &mut buf, MAX_REQUEST_LENGTH)).await {
@@ -366,7 +430,7 @@ fn with_keepalive_context(tunnel: &Tunnel, rq: &AssociationRQ) -> (AssociationRQ
 /// reached, or whose certificate does not verify, gets the local client a 2/3/1.
 async fn open_gateway(
     tunnel: &Tunnel,
-    local: &mut TcpStream,
+    local: &mut impl Local,
     rq: &AssociationRQ,
 ) -> Result<(TlsStream<TcpStream>, AssociationAC), Stop> {
     let request = match tunnel.gateway.request(rq) {
@@ -499,7 +563,7 @@ fn relay_limit(receiver: &[UserVariableItem]) -> u32 {
         .min(MAX_RELAY_PDU)
 }
 
-async fn write_flush(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+async fn write_flush(stream: &mut impl Local, bytes: &[u8]) -> std::io::Result<()> {
     stream.write_all(bytes).await?;
     stream.flush().await
 }

@@ -3,7 +3,8 @@
 //! a pump that lets those tasks write their C-MOVE responses to the local client between whole PDUs.
 //! While a retrieval runs, the viewer's own association is silent: a C-ECHO on a presentation context
 //! of connect's own (never shown to the viewer) keeps it from idling out. Everything else passes
-//! to the gateway unchanged.
+//! to the gateway unchanged. What it holds for the client (identifiers, command fragments, failed-instance
+//! lists) is counted against a [`Buffer`]: a cap per association and one for all associations together.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -30,12 +31,141 @@ const IDENTIFIER_DOES_NOT_MATCH: u16 = 0xA900;
 const MAX_RETRIEVALS: usize = 4;
 /// C-MOVE status: refused, unable to perform sub-operations.
 const UNABLE_TO_PERFORM: u16 = 0xA702;
+/// C-MOVE status: refused, out of resources (unable to calculate number of matches): the identifier
+/// cannot be held within the move-as-get buffer.
+const OUT_OF_RESOURCES_MATCHES: u16 = 0xA701;
 /// C-MOVE status: move destination unknown.
 const MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
 /// Status: SOP class not supported.
 const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
 /// Buffer of the in-process pipe between the relay and the local client's socket.
 const PIPE: usize = 256 * 1024;
+
+/// Default of --move-buffer: bytes held for one association.
+pub const DEFAULT_BUFFER: usize = 1 << 20;
+/// Default of --move-buffer-total: bytes held for all associations together.
+pub const DEFAULT_BUFFER_TOTAL: usize = 16 << 20;
+/// The smallest buffer accepted: one whole command set.
+pub const MIN_BUFFER: usize = dimse::MAX_COMMAND_LENGTH;
+
+/// How many bytes move-as-get may hold for local clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferLimits {
+    pub per_association: usize,
+    pub total: usize,
+}
+
+impl Default for BufferLimits {
+    fn default() -> BufferLimits {
+        BufferLimits {
+            per_association: DEFAULT_BUFFER,
+            total: DEFAULT_BUFFER_TOTAL,
+        }
+    }
+}
+
+/// The account of everything move-as-get holds, for the whole process.
+#[derive(Debug)]
+pub struct Buffer {
+    limits: BufferLimits,
+    held: AtomicUsize,
+}
+
+/// A reservation would pass a cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Exceeded {
+    #[error("the move-as-get buffer of this association ({0} bytes, --move-buffer) is full")]
+    Association(usize),
+    #[error("the move-as-get buffer of all associations ({0} bytes, --move-buffer-total) is full")]
+    Total(usize),
+}
+
+impl Buffer {
+    pub fn new(limits: BufferLimits) -> Arc<Buffer> {
+        Arc::new(Buffer {
+            limits,
+            held: AtomicUsize::new(0),
+        })
+    }
+
+    /// Bytes held now, by all associations.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// A new association's account.
+    pub fn association(self: &Arc<Buffer>) -> Account {
+        Account {
+            buffer: self.clone(),
+            held: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+/// Add `n` to `counter` unless that passes `limit`.
+fn add_within(counter: &AtomicUsize, n: usize, limit: usize) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |h| {
+            h.checked_add(n).filter(|t| *t <= limit)
+        })
+        .is_ok()
+}
+
+/// One association's share of the [`Buffer`].
+#[derive(Debug, Clone)]
+pub struct Account {
+    buffer: Arc<Buffer>,
+    held: Arc<AtomicUsize>,
+}
+
+impl Account {
+    /// Nothing reserved yet; grow it as bytes arrive.
+    pub fn reservation(&self) -> Reservation {
+        Reservation {
+            account: self.clone(),
+            bytes: 0,
+        }
+    }
+
+    fn take(&self, n: usize) -> Result<(), Exceeded> {
+        let limits = self.buffer.limits;
+        if !add_within(&self.held, n, limits.per_association) {
+            return Err(Exceeded::Association(limits.per_association));
+        }
+        if !add_within(&self.buffer.held, n, limits.total) {
+            self.held.fetch_sub(n, Ordering::SeqCst);
+            return Err(Exceeded::Total(limits.total));
+        }
+        Ok(())
+    }
+
+    fn give_back(&self, n: usize) {
+        self.held.fetch_sub(n, Ordering::SeqCst);
+        self.buffer.held.fetch_sub(n, Ordering::SeqCst);
+    }
+}
+
+/// Bytes held for one purpose (an identifier, a command), given back when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    account: Account,
+    bytes: usize,
+}
+
+impl Reservation {
+    /// Hold `n` more bytes, or say which cap that would pass (holding nothing more).
+    pub fn grow(&mut self, n: usize) -> Result<(), Exceeded> {
+        self.account.take(n)?;
+        self.bytes += n;
+        Ok(())
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.account.give_back(self.bytes);
+    }
+}
 
 /// Verification SOP class (C-ECHO).
 pub const VERIFICATION: &str = "1.2.840.10008.1.1";
@@ -49,6 +179,8 @@ pub struct Settings {
     pub timeout: Duration,
     pub archive_wait: Duration,
     pub keepalive: Option<Duration>,
+    /// Shared by every association of this connect.
+    pub buffer: Arc<Buffer>,
 }
 
 /// The association the interceptor watches.
@@ -72,6 +204,7 @@ struct Held {
     command: Command,
     store: LocalStore,
     identifier: Vec<u8>,
+    reservation: Reservation,
 }
 
 enum Decision {
@@ -92,8 +225,10 @@ pub struct Interceptor {
     gateway: Arc<Gateway>,
     association: Association,
     out: mpsc::Sender<Vec<u8>>,
+    /// This association's share of the move-as-get buffer.
+    account: Account,
     /// Command fragments still being assembled, by presentation context.
-    partial: HashMap<u8, Vec<u8>>,
+    partial: HashMap<u8, (Vec<u8>, Reservation)>,
     held: HashMap<u8, Held>,
     /// Requests answered locally on a local-only context whose data set is still arriving: the
     /// answer (PDUs) goes out once it is complete.
@@ -127,11 +262,13 @@ impl Interceptor {
         association: Association,
         out: mpsc::Sender<Vec<u8>>,
     ) -> Interceptor {
+        let account = settings.buffer.association();
         Interceptor {
             settings,
             gateway,
             association,
             out,
+            account,
             partial: HashMap::new(),
             held: HashMap::new(),
             refusing: HashMap::new(),
@@ -204,6 +341,8 @@ impl Interceptor {
             to_client_max: a.to_client_max,
             timeout: self.settings.timeout,
             archive_wait: self.settings.archive_wait,
+            held: held.reservation,
+            account: self.account.clone(),
         };
         let running = Running::new(&self.running);
         let out = self.out.clone();
@@ -261,8 +400,40 @@ impl Interceptor {
                     continue;
                 };
                 changed = true;
-                if held.identifier.len() + pdv.data.len() > MAX_IDENTIFIER {
-                    return Err(format!("a C-MOVE identifier over {MAX_IDENTIFIER} bytes"));
+                let room = if held.identifier.len() + pdv.data.len() > MAX_IDENTIFIER {
+                    Err(format!("a C-MOVE identifier over {MAX_IDENTIFIER} bytes"))
+                } else {
+                    held.reservation
+                        .grow(pdv.data.len())
+                        .map_err(|e| e.to_string())
+                };
+                if let Err(reason) = room {
+                    // Refused 0xA701 once the rest of the identifier has gone by (unread, unheld).
+                    let Some(held) = self.held.remove(&pc) else {
+                        continue;
+                    };
+                    tracing::warn!(
+                        calling_ae = ?self.association.calling_ae,
+                        destination = %held.store,
+                        held_total = self.settings.buffer.held(),
+                        reason = %reason,
+                        "move-as-get: C-MOVE refused 0xA701"
+                    );
+                    let rsp = dimse_extra::move_response(
+                        &held.command,
+                        OUT_OF_RESOURCES_MATCHES,
+                        &SubOperations::default(),
+                        false,
+                        "move-as-get: identifier over the memory cap",
+                    );
+                    let mut w = PDataWriter::new(self.association.to_client_max);
+                    w.push(pc, true, true, &rsp);
+                    if pdv.is_last {
+                        back.extend_from_slice(&w.into_bytes());
+                    } else {
+                        self.refusing.insert(pc, w.into_bytes());
+                    }
+                    continue;
                 }
                 held.identifier.extend_from_slice(pdv.data);
                 if pdv.is_last
@@ -276,18 +447,22 @@ impl Interceptor {
                 return Err("a command set before the previous data set was complete".into());
             }
             let partial = self.partial.remove(&pc);
-            let size = partial.as_ref().map_or(0, Vec::len) + pdv.data.len();
+            let size = partial.as_ref().map_or(0, |(b, _)| b.len()) + pdv.data.len();
             if size > dimse::MAX_COMMAND_LENGTH {
                 return Err(format!("a command set over {size} bytes"));
             }
             if !pdv.is_last {
-                let mut buf = partial.unwrap_or_default();
+                let (mut buf, mut reservation) =
+                    partial.unwrap_or_else(|| (Vec::new(), self.account.reservation()));
+                reservation
+                    .grow(pdv.data.len())
+                    .map_err(|e| format!("command fragments: {e}"))?;
                 buf.extend_from_slice(pdv.data);
-                self.partial.insert(pc, buf);
+                self.partial.insert(pc, (buf, reservation));
                 changed = true;
                 continue;
             }
-            let bytes: Cow<'_, [u8]> = match partial {
+            let bytes: Cow<'_, [u8]> = match partial.map(|(b, _)| b) {
                 Some(mut buf) => {
                     buf.extend_from_slice(pdv.data);
                     changed = true;
@@ -336,6 +511,7 @@ impl Interceptor {
                                 command: *command,
                                 store,
                                 identifier: Vec::new(),
+                                reservation: self.account.reservation(),
                             },
                         );
                     } else {
@@ -577,6 +753,10 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 archive_wait: Duration::from_secs(1),
                 keepalive: None,
+                buffer: Buffer::new(BufferLimits {
+                    per_association: 100 * 1024,
+                    total: 150 * 1024,
+                }),
             }),
             Arc::new(gateway),
             Association {
@@ -672,6 +852,67 @@ mod tests {
         assert_eq!(
             out.forward,
             Forward::Rebuilt(pdata(&[(3, true, true, &echo)]))
+        );
+    }
+
+    #[tokio::test]
+    async fn identifiers_past_the_buffer_are_refused_a701_and_given_back() {
+        // The test interceptor's buffer: 100 KiB per association, 150 KiB in all.
+        let (mut i, _rx) = interceptor();
+        let (mut j, _rx2) = interceptor();
+        let chunk = vec![0u8; 60 * 1024];
+        let status_of = |back: &[u8]| {
+            let item = dimse::pdv_items(back).next().expect("a response");
+            dimse::decode_command(item.data).expect("decode").status
+        };
+        // First association: one 60 KiB fragment held, the second passes 100 KiB: refused.
+        let mv = move_command("VIEWER", 1, true);
+        let out = i
+            .inspect(
+                Side::Client,
+                &pdata(&[(1, true, true, &mv), (1, false, false, &chunk)]),
+            )
+            .expect("ok");
+        assert!(out.back.is_empty());
+        assert_eq!(i.settings.buffer.held(), 60 * 1024);
+        let out = i
+            .inspect(Side::Client, &pdata(&[(1, false, false, &chunk)]))
+            .expect("ok");
+        assert!(
+            out.back.is_empty(),
+            "the answer waits for the last fragment"
+        );
+        assert_eq!(i.settings.buffer.held(), 0, "nothing of it is held");
+        let out = i
+            .inspect(Side::Client, &pdata(&[(1, false, true, &chunk)]))
+            .expect("ok");
+        assert_eq!(status_of(&out.back), Some(OUT_OF_RESOURCES_MATCHES));
+
+        // Two associations sharing one buffer: 2 x 90 KiB fit 100 KiB each, but not 150 KiB in all.
+        let chunk = vec![0u8; 90 * 1024];
+        let shared = i.settings.clone();
+        j.settings = shared.clone();
+        j.account = shared.buffer.association();
+        i.account = shared.buffer.association();
+        let mv = move_command("VIEWER", 2, true);
+        i.inspect(
+            Side::Client,
+            &pdata(&[(1, true, true, &mv), (1, false, false, &chunk)]),
+        )
+        .expect("ok");
+        let out = j
+            .inspect(
+                Side::Client,
+                &pdata(&[(1, true, true, &mv), (1, false, true, &chunk)]),
+            )
+            .expect("ok");
+        assert_eq!(status_of(&out.back), Some(OUT_OF_RESOURCES_MATCHES));
+        assert_eq!(shared.buffer.held(), 90 * 1024);
+        drop(i);
+        assert_eq!(
+            shared.buffer.held(),
+            0,
+            "an association's bytes are given back"
         );
     }
 

@@ -99,6 +99,10 @@ pub struct Retrieval {
     pub timeout: Duration,
     /// The longest wait for the archive's next message on the C-GET association.
     pub archive_wait: Duration,
+    /// The identifier's bytes in the move-as-get buffer, given back when the retrieval ends.
+    pub held: super::move_as_get::Reservation,
+    /// The association's account, for a C-GET response's data set (failed-instance list).
+    pub account: super::move_as_get::Account,
 }
 
 /// Why a retrieval ended early, and what the local client is told.
@@ -364,10 +368,7 @@ async fn perform(
             mine
         };
         let data = if command.has_data_set {
-            Some(
-                get.read_data(pc, MAX_RESPONSE_IDENTIFIER, "reading a C-GET response")
-                    .await?,
-            )
+            read_held(&mut get, pc, &r.account).await?
         } else {
             None
         };
@@ -377,7 +378,7 @@ async fn perform(
         }
         counts.remaining = None;
         // The Failed SOP Instance UID List goes along when it is in the client's transfer syntax.
-        let data = data.filter(|_| get_ts == r.identifier_ts);
+        let data = data.filter(|_| get_ts == r.identifier_ts).map(|(d, _)| d);
         let comment = dimse::attribute(&command.object, dicom_dictionary_std::tags::ERROR_COMMENT);
         respond(r, out, st, &counts, data.as_deref(), &comment).await?;
         result = Ok(Finished {
@@ -394,6 +395,44 @@ async fn perform(
     }
     local.close().await;
     result
+}
+
+/// A C-GET response's data set (a Failed SOP Instance UID List), held within the move-as-get buffer:
+/// past the buffer (or [`MAX_RESPONSE_IDENTIFIER`]) the rest is read and dropped, and the response
+/// goes to the client without it.
+async fn read_held<G: AsyncRead + AsyncWrite + Unpin>(
+    get: &mut Link<G>,
+    pc: u8,
+    account: &super::move_as_get::Account,
+) -> Result<Option<(Vec<u8>, super::move_as_get::Reservation)>, LinkError> {
+    let mut data = Vec::new();
+    let mut reservation = Some(account.reservation());
+    loop {
+        let pdv = get
+            .read_data_pdv(pc, "reading a C-GET response's data set")
+            .await?;
+        if let Some(r) = reservation.as_mut() {
+            let room = if data.len() + pdv.data.len() > MAX_RESPONSE_IDENTIFIER {
+                Err(format!("over {MAX_RESPONSE_IDENTIFIER} bytes"))
+            } else {
+                r.grow(pdv.data.len()).map_err(|e| e.to_string())
+            };
+            match room {
+                Ok(()) => data.extend_from_slice(&pdv.data),
+                Err(reason) => {
+                    tracing::warn!(
+                        reason = %reason,
+                        "move-as-get: a C-GET response's data set is dropped"
+                    );
+                    reservation = None;
+                    data = Vec::new();
+                }
+            }
+        }
+        if pdv.is_last {
+            return Ok(reservation.map(|r| (data, r)));
+        }
+    }
 }
 
 /// One C-STORE sub-operation from the gateway: forward it to the local SCP, data set fragment by
