@@ -578,3 +578,353 @@ fn keepalives_carry_a_slow_move_as_get_past_the_gateways_idle_timeout() {
         "{log}"
     );
 }
+
+/// The second local user of the tests (created once, idempotent): its UID.
+fn other_user() -> u32 {
+    const NAME: &str = "pacsgate-test-other";
+    let id = |name: &str| {
+        Command::new("id")
+            .args(["-u", name])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+    };
+    if let Some(uid) = id(NAME) {
+        return uid;
+    }
+    let out = Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            NAME,
+        ])
+        .output()
+        .expect("run useradd (the tests run as root)");
+    // Another test may have created it meanwhile (exit 9: already exists).
+    assert!(
+        out.status.success() || out.status.code() == Some(9),
+        "useradd: {}",
+        output_text(&out)
+    );
+    id(NAME).expect("the test user exists")
+}
+
+/// `program ARGS...` run as the other local user (runuser), killed after 60 s.
+fn as_other(program: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", "pacsgate-test-other", "--", program])
+        .args(args)
+        .env("TCP_NODELAY", "1")
+        .current_dir("/");
+    run_bounded(&mut cmd, None, Duration::from_secs(60))
+}
+
+/// An A-ASSOCIATE-RQ for Verification over the Unix socket at `path`: "accepted" (then released),
+/// "rejected R/S/REASON", or the error. `script` is where to write the client (readable by all).
+fn unix_echo_association(script: &Path, path: &Path, other: bool) -> String {
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/lib");
+    std::fs::write(
+        script,
+        format!(
+            r#"import socket, sys
+sys.path.insert(0, {lib:?})
+import dicom_ul as ul
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(20)
+try:
+    s.connect(sys.argv[1])
+    s.sendall(ul.associate_rq("ARCHIVE", "UNIXSCU", [("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])], 16384))
+    kind, body = ul.Reader(s).pdu()
+except OSError as e:
+    print("error", e)
+    sys.exit(0)
+if kind == 3:
+    print("rejected %d/%d/%d" % (body[1], body[2], body[3]))
+elif kind == 2:
+    s.sendall(ul.pdu(5, bytes(4)))
+    ul.Reader(s).pdu()
+    print("accepted")
+else:
+    print("pdu", kind)
+"#,
+            lib = lib.display().to_string()
+        ),
+    )
+    .expect("write the client");
+    let args = [script.to_str().expect("path"), path.to_str().expect("path")];
+    let out = if other {
+        as_other("/usr/bin/python3", &args)
+    } else {
+        run_bounded(
+            Command::new("/usr/bin/python3").args(args),
+            None,
+            Duration::from_secs(60),
+        )
+    };
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn connect_serves_only_the_user_who_started_it_unless_allow_user() {
+    let other = other_user();
+    let pki = Pki::generate();
+    let archive = PyArchive::start("ORTHANC");
+    let gw = gateway(&pki, archive.port);
+    let ca = pki.ca_cert.to_str().expect("path");
+    let shared = common::tempdir("connect-socket");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    let socket = shared.path().join("connect.sock");
+    let connect = Connect::start(
+        gw.port(),
+        &[
+            "--ca",
+            ca,
+            "--user",
+            "clinician",
+            "--password-env",
+            "CONNECT_TEST_PW",
+            "--socket",
+            socket.to_str().expect("path"),
+        ],
+        &[("CONNECT_TEST_PW", PASSWORD)],
+    );
+    let port = connect.port();
+    let find_args = [
+        "-S",
+        "-aec",
+        "ARCHIVE",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "PatientName=*",
+        "127.0.0.1",
+        &port,
+    ];
+
+    // Another local user, over TCP: rejected 1/1/1 by connect; neither gateway nor archive see it.
+    for tool in ["/usr/bin/echoscu", "/usr/bin/findscu"] {
+        let args: Vec<&str> = if tool.ends_with("echoscu") {
+            vec!["-aec", "ARCHIVE", "127.0.0.1", &port]
+        } else {
+            find_args.to_vec()
+        };
+        let out = as_other(tool, &args);
+        let text = output_text(&out);
+        assert!(!out.status.success(), "{tool} as another user: {text}");
+        assert!(
+            text.contains("Association Rejected")
+                && text.contains("Rejected Permanent")
+                && text.contains("Service User")
+                && text.contains("No Reason"),
+            "{tool}: {text}"
+        );
+    }
+    let log = connect.wait_for_log(&["refused_local_user"], Duration::from_secs(5));
+    assert_eq!(log.matches("refused_local_user").count(), 2, "{log}");
+    assert!(
+        log.contains(&format!("local_uid=Some({other})")) && log.contains("owner_uid=0"),
+        "{log}"
+    );
+    assert!(log.contains("A-ASSOCIATE-RJ 1/1/1"), "{log}");
+    assert!(archive.associations().is_empty(), "{:?}", archive.records());
+    assert!(
+        !gw.log().contains("clinician"),
+        "the gateway saw the clinician:\n{}",
+        gw.log()
+    );
+
+    // The owner (root here), over TCP: accepted, the query reaches the archive, the log names the UID.
+    let out = dcmtk("findscu", &find_args);
+    assert_success(&out, "findscu as the owner");
+    assert_eq!(archive.associations().len(), 1, "{:?}", archive.records());
+    let log = connect.wait_for_log(&["local_uid=0"], Duration::from_secs(5));
+    assert!(log.contains("local_uid=0 owner_uid=0"), "{log}");
+
+    // The Unix socket: mode 0600; the owner is served, the other user cannot even connect.
+    {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let meta = std::fs::symlink_metadata(&socket).expect("socket");
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    }
+    let script = shared.path().join("unix_echo.py");
+    assert_eq!(unix_echo_association(&script, &socket, false), "accepted");
+    assert_eq!(archive.associations().len(), 2);
+    let text = unix_echo_association(&script, &socket, true);
+    assert!(text.contains("Permission denied"), "{text}");
+    // Even with the mode widened, the peer credentials (SO_PEERCRED) refuse the other user.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    }
+    assert_eq!(
+        unix_echo_association(&script, &socket, true),
+        "rejected 1/1/1"
+    );
+    let log = connect.wait_for_log(&["peer=unix:"], Duration::from_secs(5));
+    assert_eq!(log.matches("refused_local_user").count(), 3, "{log}");
+    assert_eq!(archive.associations().len(), 2, "{:?}", archive.records());
+    drop(connect);
+
+    // --allow-user admits the other user on purpose.
+    let uid = other.to_string();
+    let widened = Connect::start(
+        gw.port(),
+        &[
+            "--ca",
+            ca,
+            "--user",
+            "clinician",
+            "--password-env",
+            "CONNECT_TEST_PW",
+            "--allow-user",
+            &uid,
+        ],
+        &[("CONNECT_TEST_PW", PASSWORD)],
+    );
+    let wport = widened.port();
+    let out = as_other(
+        "/usr/bin/echoscu",
+        &["-aec", "ARCHIVE", "127.0.0.1", &wport],
+    );
+    assert_success(&out, "echoscu as the allowed user");
+    assert_eq!(archive.associations().len(), 3, "{:?}", archive.records());
+    let log = widened.wait_for_log(&[&format!("local_uid={other}")], Duration::from_secs(5));
+    assert!(
+        log.contains(&format!("allowed_uids=0,{other}"))
+            && log.contains(&format!("local_uid={other} ")),
+        "{log}"
+    );
+}
+
+/// VmHWM (peak resident set) of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[test]
+fn move_as_get_holds_at_most_its_buffer_and_refuses_a701_past_it() {
+    let pki = Pki::generate();
+    let archive = PyArchive::start("ORTHANC");
+    let gw = gateway(&pki, archive.port);
+    let viewer = StoreScp::start("VIEWER");
+    let store = format!("VIEWER@127.0.0.1:{}", viewer.port);
+    let connect = Connect::start(
+        gw.port(),
+        &[
+            "--ca",
+            pki.ca_cert.to_str().expect("path"),
+            "--user",
+            "clinician",
+            "--password-env",
+            "CONNECT_TEST_PW",
+            "--move-as-get",
+            "--local-store",
+            &store,
+        ],
+        &[("CONNECT_TEST_PW", PASSWORD)],
+    );
+    let before = peak_rss_kib(connect.proc.pid());
+    // 4 associations x 40 C-MOVE contexts x an identifier of 1,000,000 bytes left incomplete:
+    // 160 MB if held; the default buffer (1 MiB per association, 16 MiB in all) holds one each.
+    let (associations, contexts, chunk) = (4usize, 40usize, 1_000_000usize);
+    let mut cmd = Command::new(python());
+    cmd.arg(peers_dir().join("move_hold.py")).args([
+        connect.port(),
+        associations.to_string(),
+        contexts.to_string(),
+        chunk.to_string(),
+        "VIEWER".to_string(),
+    ]);
+    let out = run_bounded(&mut cmd, None, Duration::from_secs(120));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("move_hold.py: {e}\n{}", output_text(&out)));
+    assert!(report["error"].is_null(), "{report}");
+    let peak = peak_rss_kib(connect.proc.pid());
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    eprintln!("connect peak RSS {before} KiB -> {peak} KiB (+{grown_mib} MiB)");
+    assert!(
+        grown_mib < 48,
+        "connect grew by {grown_mib} MiB holding C-MOVE identifiers"
+    );
+    let statuses = report["statuses"].as_array().expect("statuses");
+    assert_eq!(statuses.len(), associations, "{report}");
+    for s in statuses {
+        let s: Vec<u64> = s
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .collect();
+        assert_eq!(s.len(), contexts, "{report}");
+        let refused = s.iter().filter(|&&st| st == 0xA701).count();
+        assert!(refused >= contexts - 1, "{s:x?}");
+    }
+    let log = connect.wait_for_log(&["refused 0xA701"], Duration::from_secs(5));
+    assert!(
+        log.contains("--move-buffer") && log.contains("move-as-get: C-MOVE refused 0xA701"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_remote_local_store_needs_allow_remote_store_and_a_taken_default_port_says_use_listen() {
+    let out = Gateway::run_command(
+        &[
+            "connect",
+            "--gateway",
+            "127.0.0.1:1",
+            "--user",
+            "u",
+            "--password-env",
+            "CONNECT_TEST_UNSET",
+            "--move-as-get",
+            "--local-store",
+            "VIEWER@192.0.2.10:104",
+        ],
+        None,
+    );
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("not on this machine") && text.contains("--allow-remote-store"),
+        "{text}"
+    );
+
+    // The default port (11114) held by someone else: connect says to use --listen.
+    let holder = std::net::TcpListener::bind("127.0.0.1:11114");
+    let pki = Pki::generate();
+    let mut cmd = Command::new(common::gateway::BIN);
+    cmd.args([
+        "connect",
+        "--gateway",
+        "127.0.0.1:1",
+        "--ca",
+        pki.ca_cert.to_str().expect("path"),
+        "--user",
+        "u",
+        "--password-env",
+        "CONNECT_TEST_PW",
+    ])
+    .env("CONNECT_TEST_PW", "x");
+    let out = run_bounded(&mut cmd, None, Duration::from_secs(30));
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("127.0.0.1:11114") && text.contains("in use") && text.contains("--listen"),
+        "{text}"
+    );
+    drop(holder);
+}
