@@ -25,6 +25,10 @@ pub enum CertsError {
     },
     #[error("{what}: {message}")]
     Generate { what: String, message: String },
+    #[error(
+        "{0} is a symbolic link: refusing to write through it (remove it, or choose another folder)"
+    )]
+    Symlink(PathBuf),
 }
 
 /// The files `generate` wrote.
@@ -61,27 +65,73 @@ fn time_now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }
 
-/// Write a file; private keys get mode 0600 from the start, never a wider one.
+/// Write a file without ever following a symbolic link: a planted symlink at `path` is refused; the
+/// bytes go to a new file (O_CREAT | O_EXCL | O_NOFOLLOW) beside it, which then replaces `path` by
+/// rename (which replaces a directory entry, never the target of a link). Private keys get mode
+/// 0600 from their creation, never a wider one.
 pub fn write_file(path: &Path, contents: &[u8], private: bool) -> Result<(), CertsError> {
     let err = |source| CertsError::Write {
         path: path.to_path_buf(),
         source,
     };
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    if private {
-        options.mode(0o600);
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(CertsError::Symlink(path.to_path_buf()));
+        }
+        Ok(m) if !m.file_type().is_file() => {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a regular file",
+            )));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
     }
-    let mut f = options.open(path).map_err(err)?;
-    f.write_all(contents).map_err(err)?;
-    if private {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| err(std::io::Error::other("no file name")))?;
+    let temporary = path.with_file_name(format!(
+        ".{}.new-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let mut options = std::fs::OpenOptions::new();
+    options
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(if private { 0o600 } else { 0o644 });
+    let mut f = options
+        .open(&temporary)
+        .map_err(|source| CertsError::Write {
+            path: temporary.clone(),
+            source,
+        })?;
+    let written = f
+        .write_all(contents)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(err(e));
     }
     Ok(())
 }
 
+/// Create a folder (and its parents) and refuse one that is a symbolic link.
+fn make_folder(dir: &Path) -> Result<(), CertsError> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_symlink() => Err(CertsError::Symlink(dir.to_path_buf())),
+        _ => std::fs::create_dir_all(dir).map_err(|source| CertsError::Write {
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 fn load_or_make_ca(dir: &Path) -> Result<(Issuer<'static, KeyPair>, bool), CertsError> {
+    make_folder(dir)?;
     let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
     if cert_path.exists() && key_path.exists() {
         let read = |p: &Path| {
@@ -119,11 +169,27 @@ fn load_or_make_ca(dir: &Path) -> Result<(Issuer<'static, KeyPair>, bool), Certs
 /// the server certificate (RSA 2048, so that old TLS 1.2 peers find a suite) names `hosts`, and each
 /// client certificate (ECDSA P-256) carries the client's name as subject CN and SAN.
 pub fn generate(dir: &Path, hosts: &[String], clients: &[String]) -> Result<DevCerts, CertsError> {
-    std::fs::create_dir_all(dir).map_err(|source| CertsError::Write {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let (ca, reused_ca) = load_or_make_ca(dir)?;
+    generate_with_ca(dir, dir, hosts, clients)
+}
+
+/// [`generate`] with the CA (ca.crt, ca.key) kept in `ca_dir`, e.g. off the gateway's folder: `dir`
+/// gets a copy of ca.crt (what the gateway and clients trust), never the CA's key.
+pub fn generate_with_ca(
+    dir: &Path,
+    ca_dir: &Path,
+    hosts: &[String],
+    clients: &[String],
+) -> Result<DevCerts, CertsError> {
+    make_folder(dir)?;
+    let (ca, reused_ca) = load_or_make_ca(ca_dir)?;
+    if ca_dir != dir {
+        let ca_cert = ca_dir.join("ca.crt");
+        let pem = std::fs::read(&ca_cert).map_err(|source| CertsError::Read {
+            path: ca_cert.clone(),
+            source,
+        })?;
+        write_file(&dir.join("ca.crt"), &pem, false)?;
+    }
 
     let server_key = KeyPair::generate_for(&PKCS_RSA_SHA256).map_err(gen_err("server key"))?;
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("server"))?;
@@ -195,7 +261,7 @@ pub fn generate(dir: &Path, hosts: &[String], clients: &[String]) -> Result<DevC
     }
     Ok(DevCerts {
         ca_cert: dir.join("ca.crt"),
-        ca_key: dir.join("ca.key"),
+        ca_key: ca_dir.join("ca.key"),
         server_cert,
         server_key: server_key_path,
         clients: out_clients,
@@ -241,5 +307,63 @@ mod tests {
             rustls::pki_types::CertificateDer::from_pem_file(&second.clients[0].1).expect("pem");
         assert_eq!(crate::auth::certificate::names(&der)[0], "bob");
         let _ = crate::tls::load_roots("CA", &second.ca_cert).expect("roots");
+    }
+
+    #[test]
+    fn a_planted_symlink_is_refused_and_its_target_untouched() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("precious");
+        std::fs::write(&target, "precious").expect("write");
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).expect("mkdir");
+        std::os::unix::fs::symlink(&target, out.join("server.key")).expect("symlink");
+        let err = generate(&out, &["localhost".into()], &[]).unwrap_err();
+        assert!(matches!(err, CertsError::Symlink(_)), "{err}");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read_to_string(&target).expect("read"), "precious");
+        let mode = std::fs::metadata(&target)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644, "the target's mode is untouched");
+
+        // A folder that is a symlink is refused too; a regular file is replaced, not written through.
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("linked")).expect("symlink");
+        assert!(matches!(
+            generate(&dir.path().join("linked"), &["localhost".into()], &[]),
+            Err(CertsError::Symlink(_))
+        ));
+        let plain = dir.path().join("plain.txt");
+        std::fs::write(&plain, "old").expect("write");
+        write_file(&plain, b"new", true).expect("replace");
+        assert_eq!(std::fs::read_to_string(&plain).expect("read"), "new");
+        let mode = std::fs::metadata(&plain)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn the_ca_key_can_live_in_another_folder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (gw, ca) = (dir.path().join("gateway"), dir.path().join("ca"));
+        let made =
+            generate_with_ca(&gw, &ca, &["localhost".into()], &["alice".into()]).expect("generate");
+        assert!(
+            !gw.join("ca.key").exists(),
+            "no CA key in the gateway's folder"
+        );
+        assert!(ca.join("ca.key").exists() && gw.join("ca.crt").exists());
+        assert_eq!(made.ca_key, ca.join("ca.key"));
+        assert_eq!(
+            std::fs::read(gw.join("ca.crt")).expect("copy"),
+            std::fs::read(ca.join("ca.crt")).expect("ca")
+        );
+        let again =
+            generate_with_ca(&gw, &ca, &["localhost".into()], &["bob".into()]).expect("again");
+        assert!(again.reused_ca);
     }
 }

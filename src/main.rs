@@ -68,6 +68,10 @@ enum Command {
         /// Client certificate to issue, with this name as subject CN (repeatable).
         #[arg(long = "client")]
         clients: Vec<String>,
+        /// Folder of the development CA (ca.crt, ca.key) [default: --out]. Keep it off the gateway
+        /// host: --out then gets a copy of ca.crt only, never the CA's key.
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
     },
     /// Mint a JWT for testing, signed with a PEM private key (EC, RSA or Ed25519).
     ///
@@ -110,9 +114,10 @@ enum Command {
         /// Folder for the demo's certificates, keys, token and pacsgate.toml.
         #[arg(long, default_value = "pacsgate-demo")]
         dir: PathBuf,
-        /// Where the gateway listens (loopback addresses only).
-        #[arg(long, default_value = "127.0.0.1:11112")]
-        listen: std::net::SocketAddr,
+        /// Where the gateway listens (loopback addresses only) [default: 127.0.0.1:11112 when
+        /// free, otherwise a free loopback port].
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Send a C-ECHO over TLS with a user identity: check that a deployment lets you in
     ///
@@ -272,7 +277,8 @@ fn main() -> std::process::ExitCode {
             out,
             hosts,
             clients,
-        } => certs(&out, &hosts, &clients),
+            ca_dir,
+        } => certs(&out, ca_dir.as_deref(), &hosts, &clients),
         Command::Token {
             key,
             sub,
@@ -461,8 +467,13 @@ fn hash_password() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn certs(out: &Path, hosts: &[String], clients: &[String]) -> anyhow::Result<()> {
-    let made = pacsgate::devcerts::generate(out, hosts, clients)?;
+fn certs(
+    out: &Path,
+    ca_dir: Option<&Path>,
+    hosts: &[String],
+    clients: &[String],
+) -> anyhow::Result<()> {
+    let made = pacsgate::devcerts::generate_with_ca(out, ca_dir.unwrap_or(out), hosts, clients)?;
     let ca = if made.reused_ca { "reused" } else { "new" };
     println!(
         "CA ({ca}):      {}  (key {})",
@@ -481,6 +492,13 @@ fn certs(out: &Path, hosts: &[String], clients: &[String]) -> anyhow::Result<()>
     println!(
         "Private keys are mode 600. These are development certificates: see certs/README.md for production."
     );
+    if ca_dir.is_none_or(|d| d == out) {
+        println!(
+            "The CA's key {} can issue certificates the gateway trusts: keep it off the gateway host \
+             (next time: --ca-dir on the machine where you issue certificates).",
+            made.ca_key.display()
+        );
+    }
     Ok(())
 }
 
@@ -526,7 +544,7 @@ fn token(
     Ok(())
 }
 
-fn demo(dir: &Path, listen: std::net::SocketAddr) -> anyhow::Result<()> {
+fn demo(dir: &Path, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut progress = |line: &str| eprintln!("pacsgate demo: {line}");
         let demo = pacsgate::demo::start(dir, listen, &mut progress).await?;
@@ -544,8 +562,12 @@ fn demo(dir: &Path, listen: std::net::SocketAddr) -> anyhow::Result<()> {
         use std::io::Write;
         let _ = std::io::stdout().flush();
         let mut demo = demo;
+        let mut show = |lines: &str| {
+            print!("{lines}");
+            let _ = std::io::stdout().flush();
+        };
         tokio::select! {
-            _ = demo.serve() => {}
+            _ = demo.serve_showing_the_guard(&mut show) => {}
             _ = shutdown_signal() => eprintln!("pacsgate demo: stopped"),
         }
         Ok(())

@@ -30,11 +30,17 @@ pub const ARCHIVE_AE: &str = "DEMO-ARCHIVE";
 /// The password user and its obviously-demo password.
 pub const PASSWORD_USER: &str = "demo";
 pub const PASSWORD: &str = "demo-password";
+/// The reading user: a role without `unrestricted_queries`, so the query guard applies to it.
+pub const READER_USER: &str = "reader";
+pub const READER_PASSWORD: &str = "reader-password";
+pub const READER_ROLE: &str = "reader";
+/// The port the demo keeps when it is free (the usual DICOM port; otherwise a free loopback port).
+pub const DEFAULT_PORT: u16 = 11112;
 /// The user of the client certificate (its subject CN).
 pub const CERTIFICATE_USER: &str = "demo-cert";
 /// The subject of the demo token.
 pub const TOKEN_USER: &str = "demo-token";
-/// The role all demo users have.
+/// The role of the demo users but the reader (it may list everything: demo data only).
 pub const ROLE: &str = "demo";
 /// Issuer and audience of the demo token.
 pub const TOKEN_ISSUER: &str = "pacsgate-demo";
@@ -100,6 +106,8 @@ pub struct DemoFiles {
 pub struct Demo {
     pub files: DemoFiles,
     pub listen: SocketAddr,
+    /// Why the demo does not listen on the default port, when it does not.
+    pub port_note: Option<String>,
     pub archive_address: SocketAddr,
     pub instances: usize,
     pub gateway: Gateway,
@@ -116,6 +124,9 @@ impl Drop for Demo {
 /// Refuse a folder that has files but was not made by the demo, so that `--dir /etc/pacsgate`
 /// cannot overwrite a real server key. Creates the folder (mode 700) when missing.
 fn claim_folder(dir: &Path) -> Result<(), DemoError> {
+    if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(CertsError::Symlink(dir.to_path_buf()).into());
+    }
     if dir.exists() {
         let mut entries = std::fs::read_dir(dir).map_err(io("cannot read the folder", dir))?;
         let empty = entries.next().is_none();
@@ -264,12 +275,19 @@ fn write_sample(path: &Path) -> Result<(), DemoError> {
                 .media_storage_sop_instance_uid(uid),
         )
         .map_err(|e| DemoError::Other(format!("sample file meta: {e}")))?;
-    file.write_to_file(path)
-        .map_err(|e| DemoError::Other(format!("cannot write {}: {e}", path.display())))
+    let mut bytes = Vec::new();
+    file.write_all(&mut bytes)
+        .map_err(|e| DemoError::Other(format!("cannot encode {}: {e}", path.display())))?;
+    Ok(devcerts::write_file(path, &bytes, false)?)
 }
 
 /// The generated configuration.
-pub fn config_text(listen: SocketAddr, archive: SocketAddr, password_hash: &str) -> String {
+pub fn config_text(
+    listen: SocketAddr,
+    archive: SocketAddr,
+    password_hash: &str,
+    reader_hash: &str,
+) -> String {
     format!(
         r#"# pacsgate.toml of `pacsgate demo`, rewritten at each start (the archive's port changes).
 # Development certificates, demo users and a demo password: never use any of this for real data.
@@ -303,10 +321,21 @@ name = "{ROLE}"
 allow = ["echo", "find", "get", "move", "store"]   # the demo archive has no C-MOVE
 unrestricted_queries = true            # allow wildcard queries such as PatientName=* (demo data only)
 
+# A reading role as a hospital would have it: the query guard applies (PatientName=* is refused
+# 0xA700; a query naming a patient, an accession number or a study works).
+[[role]]
+name = "{READER_ROLE}"
+allow = ["echo", "find", "get"]
+
 [[user]]
 name = "{PASSWORD_USER}"                        # password "{PASSWORD}"
 password_hash = "{password_hash}"
 roles = ["{ROLE}"]
+
+[[user]]
+name = "{READER_USER}"                      # password "{READER_PASSWORD}"
+password_hash = "{reader_hash}"
+roles = ["{READER_ROLE}"]
 
 [[user]]
 name = "{CERTIFICATE_USER}"                   # signs in with {CERTIFICATE_USER}.crt and {CERTIFICATE_USER}.key
@@ -317,15 +346,71 @@ roles = ["{ROLE}"]
     )
 }
 
-/// Start the archive on 127.0.0.1:0, write the folder and configuration, load it, and bind the
-/// gateway on `listen` (loopback only).
+/// The gateway's listener: `listen` when given (loopback only); else port 11112 on loopback when
+/// free, otherwise a free loopback port (and a note saying so).
+async fn bind(listen: Option<SocketAddr>) -> Result<(TcpListener, Option<String>), DemoError> {
+    let in_use = |address: SocketAddr| {
+        DemoError::Other(format!(
+            "cannot listen on {address}: it is in use; choose another port with --listen 127.0.0.1:PORT"
+        ))
+    };
+    let bind_err = |address: SocketAddr| {
+        move |source: std::io::Error| {
+            if source.kind() == std::io::ErrorKind::AddrInUse {
+                in_use(address)
+            } else {
+                DemoError::Server(ServerError::Listen { address, source })
+            }
+        }
+    };
+    if let Some(address) = listen {
+        if !address.ip().is_loopback() {
+            return Err(DemoError::NotLoopback(address));
+        }
+        let l = TcpListener::bind(address)
+            .await
+            .map_err(bind_err(address))?;
+        return Ok((l, None));
+    }
+    let default = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT));
+    match TcpListener::bind(default).await {
+        Ok(l) => Ok((l, None)),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let any = SocketAddr::from(([127, 0, 0, 1], 0));
+            let l = TcpListener::bind(any).await.map_err(bind_err(any))?;
+            let port = l.local_addr().map(|a| a.port()).unwrap_or_default();
+            Ok((
+                l,
+                Some(format!(
+                    "port {DEFAULT_PORT} is in use (another DICOM server?): the demo listens on 127.0.0.1:{port} instead"
+                )),
+            ))
+        }
+        Err(e) => Err(bind_err(default)(e)),
+    }
+}
+
+/// Bind the gateway's listener (see [`bind`]), start the archive on 127.0.0.1:0, write the folder
+/// and configuration, and load it.
 pub async fn start(
     dir: &Path,
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Demo, DemoError> {
-    if !listen.ip().is_loopback() {
-        return Err(DemoError::NotLoopback(listen));
+    if let Some(address) = listen
+        && !address.ip().is_loopback()
+    {
+        return Err(DemoError::NotLoopback(address));
+    }
+    let (listener, port_note) = bind(listen).await?;
+    let listen = listener.local_addr().map_err(|source| {
+        DemoError::Server(ServerError::Listen {
+            address: listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))),
+            source,
+        })
+    })?;
+    if let Some(note) = &port_note {
+        progress(note);
     }
     let files = prepare_files(dir, listen, progress)?;
 
@@ -345,37 +430,82 @@ pub async fn start(
     ));
 
     let hash = crate::auth::password::hash_password(PASSWORD).map_err(DemoError::Other)?;
-    let text = config_text(listen, archive_address, &hash);
-    devcerts::write_file(&files.config, text.as_bytes(), false)?;
-    let config = Config::load(&files.config)?;
-    let state = State::new(config)?;
-    let gateway = Gateway::new(state);
-    let listener = match gateway.bind().await {
-        Ok(l) => l,
+    let reader_hash =
+        crate::auth::password::hash_password(READER_PASSWORD).map_err(DemoError::Other)?;
+    let text = config_text(listen, archive_address, &hash, &reader_hash);
+    let loaded = devcerts::write_file(&files.config, text.as_bytes(), false)
+        .map_err(DemoError::from)
+        .and_then(|()| Ok(Config::load(&files.config)?))
+        .and_then(|config| Ok(State::new(config)?));
+    let state = match loaded {
+        Ok(s) => s,
         Err(e) => {
             archive_task.abort();
-            return Err(match e {
-                ServerError::Listen { address, source }
-                    if source.kind() == std::io::ErrorKind::AddrInUse =>
-                {
-                    DemoError::Other(format!(
-                        "cannot listen on {address}: it is in use; choose another port with --listen 127.0.0.1:PORT"
-                    ))
-                }
-                other => other.into(),
-            });
+            return Err(e);
         }
     };
-    let listen = listener.local_addr().unwrap_or(listen);
+    let gateway = Gateway::new(state);
     Ok(Demo {
         files,
         listen,
+        port_note,
         archive_address,
         instances,
         gateway,
         listener: Some(listener),
         archive_task,
     })
+}
+
+/// What one query of the reader gave.
+#[derive(Debug, Clone)]
+pub struct Tried {
+    /// The -k keys, as typed.
+    pub keys: Vec<String>,
+    pub result: Result<crate::tools::client::FindOutcome, String>,
+    /// PatientName of each match.
+    pub names: Vec<String>,
+}
+
+impl Tried {
+    /// The -k words as typed.
+    fn keys_typed(&self) -> String {
+        self.keys
+            .iter()
+            .map(|k| format!("-k {}", shell_quote(k)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// One line: the keys (padded to `width`), then the status in words and what matched.
+    pub fn line(&self, width: usize) -> String {
+        use crate::tools::client::status_words;
+        let keys = self.keys_typed();
+        let result = match &self.result {
+            Ok(o) if o.status == 0 => {
+                let mut names = self.names.clone();
+                names.dedup();
+                format!(
+                    "works: {} match{} ({}), status 0x0000",
+                    o.matches,
+                    if o.matches == 1 { "" } else { "es" },
+                    names.join(", ")
+                )
+            }
+            Ok(o) => format!(
+                "refused 0x{:04X} ({}){}",
+                o.status,
+                status_words(o.status),
+                if o.error_comment.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", o.error_comment)
+                }
+            ),
+            Err(e) => format!("failed: {e}"),
+        };
+        format!("{keys:<width$}  {result}")
+    }
 }
 
 impl Demo {
@@ -385,6 +515,100 @@ impl Demo {
             self.gateway.serve(listener, true).await;
         }
     }
+
+    /// Serve, and meanwhile try the query guard as the reader (a wildcard query, then a specific
+    /// one) and hand the lines that show the result to `show`.
+    pub async fn serve_showing_the_guard(&mut self, show: &mut dyn FnMut(&str)) {
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
+        let this = &*self;
+        let serve = this.gateway.serve(listener, true);
+        tokio::pin!(serve);
+        tokio::select! {
+            _ = &mut serve => return,
+            tried = this.try_the_guard() => show(&guard_lines(this.listen, &tried)),
+        }
+        serve.await;
+    }
+
+    /// The reader's two queries through the running gateway: `PatientName=*` (refused 0xA700)
+    /// and one naming a patient (works).
+    pub async fn try_the_guard(&self) -> Vec<Tried> {
+        let mut out = Vec::new();
+        for keys in [
+            &["PatientName=*", "PatientID", "StudyDescription"][..],
+            &["PatientID=DEMO-0002", "PatientName", "StudyDescription"][..],
+        ] {
+            let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+            let mut names = Vec::new();
+            let result = self
+                .reader_find(&keys, &mut names)
+                .await
+                .map_err(|e| e.to_string());
+            out.push(Tried {
+                keys,
+                result,
+                names,
+            });
+        }
+        out
+    }
+
+    async fn reader_find(
+        &self,
+        keys: &[String],
+        names: &mut Vec<String>,
+    ) -> Result<crate::tools::client::FindOutcome, crate::tools::ToolError> {
+        use crate::tools::client::{self, Identity, Request, TlsClient};
+        let timeout = Duration::from_secs(10);
+        let tls = TlsClient::new(&self.files.ca_cert, None, &self.listen.ip().to_string())?;
+        let conn = client::connect(&self.listen.to_string(), Some(&tls), timeout).await?;
+        let find = crate::tools::query::Find::new(false, "STUDY", keys)?;
+        let request = Request {
+            calling_ae: "DEMO-GUARD".into(),
+            called_ae: CALLED_AE.into(),
+            identity: Identity::Password {
+                user: READER_USER.into(),
+                password: READER_PASSWORD.into(),
+            },
+            abstract_syntaxes: vec![find.model()],
+            timeout,
+        };
+        let mut assoc = client::associate(conn, &request).await?;
+        let outcome = assoc
+            .find(find.model(), &find.identifier()?, |m| {
+                names.push(crate::dimse::attribute(&m, tags::PATIENT_NAME));
+                true
+            })
+            .await;
+        match outcome {
+            Ok(o) => {
+                assoc.release().await?;
+                Ok(o)
+            }
+            Err(e) => {
+                assoc.abort().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The lines printed after the reader's two queries.
+pub fn guard_lines(listen: SocketAddr, tried: &[Tried]) -> String {
+    let mut text = format!(
+        "The query guard, tried just now on {listen} as user {READER_USER} (role {READER_ROLE}, no unrestricted_queries):\n"
+    );
+    let width = tried
+        .iter()
+        .map(|t| t.keys_typed().len())
+        .max()
+        .unwrap_or(0);
+    for t in tried {
+        text.push_str(&format!("  {}\n", t.line(width)));
+    }
+    text
 }
 
 /// Quote a word for a POSIX shell when it needs it.
@@ -468,13 +692,14 @@ pub fn instructions(demo: &Demo, exe: &str) -> String {
     let snippet: String = snippet.lines().map(|l| format!("    {l}\n")).collect();
     format!(
         r#"pacsgate demo: pacsgate in front of an in-memory demo archive, on loopback only.
-
+{note}
   gateway   {addr}  DICOM over TLS, called AE title {CALLED_AE}
   archive   {archive}  the embedded demo archive ({instances} synthetic instances; plain DICOM, reached through the gateway)
   folder    {dir}  certificates, keys, demo users, pacsgate.toml ({reused})
 
 Demo credentials (for this demo only, never for real data):
-  password      user {PASSWORD_USER}, password {PASSWORD}
+  password      user {PASSWORD_USER}, password {PASSWORD} (role {ROLE}: may list every patient, demo data only)
+  reader        user {READER_USER}, password {READER_PASSWORD} (role {READER_ROLE}: the query guard applies)
   certificate   user {CERTIFICATE_USER}: {cert} with key {key}
   token         user {TOKEN_USER}: {token} (valid until {expires})
   server CA     {ca} (the server certificate names localhost, 127.0.0.1 and ::1)
@@ -483,6 +708,10 @@ With pacsgate's own clients:
   DEMO_PASSWORD={PASSWORD} {exe} echo --ca {ca} --user {PASSWORD_USER} --password-env DEMO_PASSWORD --aec {CALLED_AE} {addr}
   {exe} find --ca {ca} --token-file {token} --aec {CALLED_AE} -k 'PatientName=*' -k PatientID -k StudyDescription {addr}
   {exe} find --ca {ca} --cert {cert} --key {key} --aec {CALLED_AE} --patient-root --level PATIENT --json -k 'PatientName=*' -k PatientID {addr}
+
+As the reader, a wildcard query is refused (0xA700) and a query naming a patient works:
+  DEMO_PASSWORD={READER_PASSWORD} {exe} find --ca {ca} --user {READER_USER} --password-env DEMO_PASSWORD --aec {CALLED_AE} -k 'PatientName=*' -k PatientID {addr}
+  DEMO_PASSWORD={READER_PASSWORD} {exe} find --ca {ca} --user {READER_USER} --password-env DEMO_PASSWORD --aec {CALLED_AE} -k PatientID=DEMO-0002 -k PatientName -k StudyDescription {addr}
 
 With DCMTK (apt-get install dcmtk):
   echoscu -aec {CALLED_AE} +tls {key} {cert} +cf {ca} {host} {port}
@@ -494,6 +723,10 @@ With pynetdicom (pip install pynetdicom): python3 {script}, which is:
 {snippet}
 Press Ctrl-C to stop. One log line per association follows.
 "#,
+        note = match &demo.port_note {
+            Some(n) => format!("  note      {n}\n"),
+            None => String::new(),
+        },
         archive = demo.archive_address,
         instances = demo.instances,
         dir = q(&f.dir),
@@ -521,12 +754,18 @@ mod tests {
             "127.0.0.1:11112".parse().expect("addr"),
             "127.0.0.1:40000".parse().expect("addr"),
             &hash,
+            &hash,
         );
         let config = Config::parse(&text, &dir.path().join("pacsgate.toml")).expect("valid");
         assert_eq!(config.upstreams[0].called_ae, CALLED_AE);
         assert!(config.users.contains_key(PASSWORD_USER));
         assert!(config.users.contains_key(CERTIFICATE_USER));
         assert!(config.roles[ROLE].unrestricted_queries);
+        assert!(!config.roles[READER_ROLE].unrestricted_queries);
+        assert_eq!(
+            config.users[READER_USER].roles,
+            vec![READER_ROLE.to_string()]
+        );
     }
 
     #[test]

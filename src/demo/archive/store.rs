@@ -44,9 +44,143 @@ pub(crate) struct Instance {
     pub data_set: Vec<u8>,
 }
 
+/// Transfer syntaxes whose bytes the nesting walk cannot read: deflated, and big endian (retired).
+const UNWALKABLE: [&str; 3] = [
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.4.95",
+];
+
+/// Before dicom-object's (recursive) reader sees a stored data set: walk it once, without recursion,
+/// and refuse sequences nested deeper than the gateway's bound ([`crate::dimse::MAX_NESTING`]), so
+/// that a deeply nested C-STORE gets a failure status instead of overflowing the stack. Only the
+/// nesting is judged here (the store keeps what it receives); encapsulated pixel data is skipped.
+pub(crate) fn check_nesting(b: &[u8], explicit: bool) -> Result<(), String> {
+    use dicom_core::dictionary::DataDictionary;
+    const UNDEFINED: u32 = 0xFFFF_FFFF;
+    const ITEM: Tag = Tag(0xFFFE, 0xE000);
+    const ITEM_END: Tag = Tag(0xFFFE, 0xE00D);
+    const SEQUENCE_END: Tag = Tag(0xFFFE, 0xE0DD);
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        Elements,
+        Sequence,
+        Fragments,
+    }
+    let max = crate::dimse::MAX_NESTING;
+    // (kind, where a defined-length frame ends)
+    let mut stack: Vec<(Kind, Option<usize>)> = vec![(Kind::Elements, Some(b.len()))];
+    let mut at = 0usize;
+    let le16 = |at: usize| b.get(at..at + 2).map(|x| u16::from_le_bytes([x[0], x[1]]));
+    let le32 = |at: usize| {
+        b.get(at..at + 4)
+            .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
+    };
+    loop {
+        while let Some(&(_, Some(end))) = stack.last() {
+            if at < end {
+                break;
+            }
+            stack.pop();
+        }
+        if at >= b.len() || stack.is_empty() {
+            return Ok(());
+        }
+        let (Some(group), Some(element)) = (le16(at), le16(at + 2)) else {
+            return Err("truncated element header".into());
+        };
+        let tag = Tag(group, element);
+        let top = stack.last().map_or(Kind::Elements, |f| f.0);
+        let (vr, len, header) = if group == 0xFFFE || !explicit {
+            let len = le32(at + 4).ok_or("truncated element header")?;
+            let vr = if group == 0xFFFE {
+                VR::UN
+            } else {
+                dicom_dictionary_std::StandardDataDictionary
+                    .by_tag(tag)
+                    .map_or(VR::UN, |e| e.vr.relaxed())
+            };
+            (vr, len, 8)
+        } else {
+            let code = b.get(at + 4..at + 6).ok_or("truncated element header")?;
+            let vr = VR::from_binary([code[0], code[1]])
+                .ok_or_else(|| format!("element {tag} has no standard VR"))?;
+            let long = matches!(
+                vr,
+                VR::OB
+                    | VR::OW
+                    | VR::OF
+                    | VR::SQ
+                    | VR::UT
+                    | VR::UN
+                    | VR::UC
+                    | VR::UR
+                    | VR::OD
+                    | VR::OL
+                    | VR::OV
+                    | VR::SV
+                    | VR::UV
+            );
+            if long {
+                (vr, le32(at + 8).ok_or("truncated element header")?, 12)
+            } else {
+                (vr, u32::from(le16(at + 6).ok_or("truncated")?), 8)
+            }
+        };
+        let defined_end = |len: u32| at + header + len as usize;
+        match tag {
+            ITEM if top == Kind::Fragments => at = defined_end(len.min(b.len() as u32)),
+            ITEM => {
+                let end = (len != UNDEFINED).then(|| defined_end(len));
+                stack.push((Kind::Elements, end));
+                at += header;
+            }
+            // A delimiter closes only the undefined-length frame it belongs to; one out of place
+            // closes nothing (so the depth counted here is never below a reader's).
+            ITEM_END => {
+                if stack.len() > 1 && stack.last() == Some(&(Kind::Elements, None)) {
+                    stack.pop();
+                }
+                at += header;
+            }
+            SEQUENCE_END => {
+                if matches!(
+                    stack.last(),
+                    Some(&(Kind::Sequence | Kind::Fragments, None))
+                ) {
+                    stack.pop();
+                }
+                at += header;
+            }
+            _ if tag == tags::PIXEL_DATA && len == UNDEFINED => {
+                stack.push((Kind::Fragments, None));
+                at += header;
+            }
+            // A sequence, or anything of undefined length (which readers take as one).
+            _ if vr == VR::SQ || len == UNDEFINED => {
+                let depth = stack.iter().filter(|f| f.0 == Kind::Sequence).count();
+                if depth >= max {
+                    return Err(format!("sequences nested deeper than {max} levels"));
+                }
+                let end = (len != UNDEFINED).then(|| defined_end(len));
+                stack.push((Kind::Sequence, end));
+                at += header;
+            }
+            _ => at = defined_end(len),
+        }
+    }
+}
+
 impl Instance {
     /// Index a data set (read up to the pixel data) in the given transfer syntax.
     pub fn from_data_set(data_set: Vec<u8>, ts_uid: &str) -> Result<Instance, DemoArchiveError> {
+        if UNWALKABLE.contains(&ts_uid) {
+            return Err(DemoArchiveError::DataSet(format!(
+                "the demo archive does not store data sets in {ts_uid} (deflated or big endian)"
+            )));
+        }
+        check_nesting(&data_set, ts_uid != uids::IMPLICIT_VR_LITTLE_ENDIAN)
+            .map_err(DemoArchiveError::DataSet)?;
         let mut collector = DicomCollectorOptions::new()
             .read_preamble(ReadPreamble::Never)
             .expected_ts(ts_uid.to_string())
