@@ -409,3 +409,367 @@ fn hostile_bytes_get_an_abort_not_an_allocation() {
     let echo = pyscu(&["echo", "--port", &server.port.to_string(), "--aec", AE]);
     assert_eq!(echo["statuses"], json!([0]), "{echo}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// `pacsgate demo` as a whole (the binary): nesting bound, port choice, the query guard, symlinks.
+
+/// A running `pacsgate demo` (killed on drop) and the port it printed.
+struct RunningDemo {
+    proc: Spawned,
+    port: u16,
+    dir: std::path::PathBuf,
+    _work: tempfile::TempDir,
+}
+
+impl RunningDemo {
+    /// `pacsgate demo --dir WORK/demo EXTRA...`; waits (≤ 90 s) for the query guard's lines.
+    fn start(extra: &[&str]) -> RunningDemo {
+        let work = common::tempdir("demo-run");
+        let dir = work.path().join("demo");
+        let mut cmd = std::process::Command::new(common::gateway::BIN);
+        cmd.arg("demo")
+            .arg("--dir")
+            .arg(&dir)
+            .args(extra)
+            .current_dir(work.path())
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info");
+        let mut proc = Spawned::spawn(cmd, &work.path().join("demo.log"));
+        if let Err(e) = proc.wait_until(Duration::from_secs(90), "showing the query guard", |p| {
+            p.log().contains("The query guard, tried just now") && p.log().contains("works:")
+        }) {
+            panic!("pacsgate demo did not start: {e}");
+        }
+        let log = proc.log();
+        let port = log
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("gateway   127.0.0.1:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no gateway line:\n{log}"));
+        RunningDemo {
+            proc,
+            port,
+            dir,
+            _work: work,
+        }
+    }
+
+    fn log(&self) -> String {
+        self.proc.log()
+    }
+}
+
+impl Drop for RunningDemo {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- pacsgate demo log -----\n{}\n-----", self.log());
+        }
+    }
+}
+
+/// An Implicit VR Little Endian element.
+fn el(group: u16, element: u16, value: &[u8]) -> Vec<u8> {
+    let mut v = value.to_vec();
+    if v.len() % 2 == 1 {
+        v.push(0);
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(&group.to_le_bytes());
+    out.extend_from_slice(&element.to_le_bytes());
+    out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    out.extend(v);
+    out
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A C-STORE through the demo gateway (TLS, user demo) by tests/peers/raw_dimse.py, then a C-ECHO.
+fn store_through_demo(demo: &RunningDemo, command: &[u8], data: &[u8]) -> serde_json::Value {
+    let plan = json!({
+        "port": demo.port,
+        "ca": demo.dir.join("ca.crt"),
+        "user": "demo",
+        "password": "demo-password",
+        "called": "DEMO",
+        "contexts": ["1.2.840.10008.1.1", uids::CT_IMAGE_STORAGE],
+        "send_all_first": false,
+        "then_echo": true,
+        "messages": [{"context": 1, "command": hex(command), "data": hex(data)}],
+        "timeout": 60,
+    });
+    let path = demo.dir.join("plan.json");
+    std::fs::write(&path, plan.to_string()).expect("write plan");
+    let mut cmd = std::process::Command::new(python());
+    cmd.arg(peers_dir().join("raw_dimse.py")).arg(&path);
+    let out = run_bounded(&mut cmd, None, Duration::from_secs(120));
+    serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim())
+        .unwrap_or_else(|_| panic!("raw_dimse.py gave no report:\n{}", output_text(&out)))
+}
+
+#[test]
+fn a_deeply_nested_c_store_through_the_demo_is_refused_and_the_demo_stays_up() {
+    let mut demo = RunningDemo::start(&["--listen", &format!("127.0.0.1:{}", free_port())]);
+    let instance = format!("{DEMO_UID_ROOT}.9.9.1");
+    let command = {
+        let body = [
+            el(0x0000, 0x0002, uids::CT_IMAGE_STORAGE.as_bytes()),
+            el(0x0000, 0x0100, &0x0001u16.to_le_bytes()),
+            el(0x0000, 0x0110, &7u16.to_le_bytes()),
+            el(0x0000, 0x0700, &0u16.to_le_bytes()),
+            el(0x0000, 0x0800, &0u16.to_le_bytes()),
+            el(0x0000, 0x1000, instance.as_bytes()),
+        ]
+        .concat();
+        [el(0x0000, 0x0000, &(body.len() as u32).to_le_bytes()), body].concat()
+    };
+    // SOP Class and Instance UIDs, then Content Sequence inside Content Sequence, 50,000 deep
+    // (undefined lengths), each closed properly.
+    let depth = 50_000;
+    let mut data = [
+        el(0x0008, 0x0016, uids::CT_IMAGE_STORAGE.as_bytes()),
+        el(0x0008, 0x0018, instance.as_bytes()),
+    ]
+    .concat();
+    for _ in 0..depth {
+        data.extend_from_slice(&[0x40, 0x00, 0x30, 0xA7, 0xFF, 0xFF, 0xFF, 0xFF]);
+        data.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+    }
+    for _ in 0..depth {
+        data.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        data.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+    }
+    let report = store_through_demo(&demo, &command, &data);
+    assert!(
+        demo.proc.exited().is_none(),
+        "the demo died:\n{}",
+        demo.log()
+    );
+    let responses = report["responses"].as_array().expect("responses");
+    assert_eq!(responses.len(), 1, "{report}");
+    assert_eq!(responses[0]["status"], json!(0xC000), "{report}");
+    assert_eq!(report["echo"], json!(0), "the demo still answers: {report}");
+    assert!(demo.log().contains("nested deeper than"), "{}", demo.log());
+
+    // The same at a depth within the bound is stored.
+    let depth = 8;
+    let instance = format!("{DEMO_UID_ROOT}.9.9.2");
+    let command = {
+        let body = [
+            el(0x0000, 0x0002, uids::CT_IMAGE_STORAGE.as_bytes()),
+            el(0x0000, 0x0100, &0x0001u16.to_le_bytes()),
+            el(0x0000, 0x0110, &8u16.to_le_bytes()),
+            el(0x0000, 0x0700, &0u16.to_le_bytes()),
+            el(0x0000, 0x0800, &0u16.to_le_bytes()),
+            el(0x0000, 0x1000, instance.as_bytes()),
+        ]
+        .concat();
+        [el(0x0000, 0x0000, &(body.len() as u32).to_le_bytes()), body].concat()
+    };
+    let mut data = [
+        el(0x0008, 0x0016, uids::CT_IMAGE_STORAGE.as_bytes()),
+        el(0x0008, 0x0018, instance.as_bytes()),
+    ]
+    .concat();
+    for _ in 0..depth {
+        data.extend_from_slice(&[0x40, 0x00, 0x30, 0xA7, 0xFF, 0xFF, 0xFF, 0xFF]);
+        data.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+    }
+    for _ in 0..depth {
+        data.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        data.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+    }
+    let report = store_through_demo(&demo, &command, &data);
+    assert_eq!(report["responses"][0]["status"], json!(0), "{report}");
+}
+
+/// The lines of the demo's instructions that run a client.
+fn command_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .map(str::trim)
+        .filter(|l| {
+            l.contains(" echo ")
+                || l.contains(" find ")
+                || l.starts_with("echoscu")
+                || l.starts_with("findscu")
+                || l.starts_with("storescu")
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_demo_takes_a_free_port_when_11112_is_taken_and_shows_the_query_guard() {
+    // 11112 held by the test (or by someone else already: either way, taken).
+    let holder = std::net::TcpListener::bind("127.0.0.1:11112");
+    let demo = RunningDemo::start(&[]);
+    let log = demo.log();
+    assert_ne!(demo.port, 11112, "{log}");
+    assert!(
+        log.contains(&format!(
+            "port 11112 is in use (another DICOM server?): the demo listens on 127.0.0.1:{} instead",
+            demo.port
+        )),
+        "{log}"
+    );
+    let port = demo.port.to_string();
+    let lines = command_lines(&log);
+    assert!(lines.len() >= 8, "{lines:#?}");
+    for line in &lines {
+        assert!(
+            line.contains(&format!("127.0.0.1:{port}"))
+                || line.ends_with(&format!(" {port}"))
+                || line.contains(&format!(" {port} ")),
+            "a printed command without the port {port}: {line}"
+        );
+        assert!(!line.contains("11112"), "{line}");
+    }
+    // The printed pacsgate echo works as printed.
+    let echo = lines
+        .iter()
+        .find(|l| l.contains(" echo "))
+        .expect("an echo line");
+    let out = run_bounded(
+        std::process::Command::new("sh").arg("-c").arg(echo),
+        None,
+        Duration::from_secs(60),
+    );
+    assert_success(&out, "the printed echo");
+
+    // The query guard: the reader's PatientName=* refused 0xA700, the specific query works; both
+    // really ran (the gateway logged them).
+    let guard: Vec<&str> = log
+        .lines()
+        .skip_while(|l| !l.starts_with("The query guard, tried just now"))
+        .take(3)
+        .collect();
+    assert!(guard[0].contains("as user reader"), "{guard:#?}");
+    assert!(
+        guard[1].contains("-k 'PatientName=*'") && guard[1].contains("refused 0xA700"),
+        "{guard:#?}"
+    );
+    assert!(
+        guard[2].contains("-k PatientID=DEMO-0002")
+            && guard[2].contains("works: 1 match (SMITH^JANE)"),
+        "{guard:#?}"
+    );
+    assert!(
+        log.contains("user=\"reader\"") && log.contains("status=0xa700"),
+        "{log}"
+    );
+    // The printed reader commands give the same answers.
+    let reader: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("--user reader"))
+        .collect();
+    assert_eq!(reader.len(), 2, "{lines:#?}");
+    let out = run_bounded(
+        std::process::Command::new("sh").arg("-c").arg(reader[0]),
+        None,
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    assert!(
+        output_text(&out).contains("0xa700"),
+        "{}",
+        output_text(&out)
+    );
+    let out = run_bounded(
+        std::process::Command::new("sh").arg("-c").arg(reader[1]),
+        None,
+        Duration::from_secs(60),
+    );
+    let text = assert_success(&out, "the reader's specific query");
+    assert!(text.contains("SMITH^JANE"), "{text}");
+    drop(demo);
+
+    // With 11112 free (when this test was the one holding it), the demo keeps it.
+    if let Ok(l) = holder {
+        drop(l);
+        let demo = RunningDemo::start(&[]);
+        assert_eq!(demo.port, 11112, "{}", demo.log());
+        assert!(!demo.log().contains("is in use"), "{}", demo.log());
+    }
+}
+
+#[test]
+fn certs_and_demo_refuse_a_planted_symlink_and_leave_its_target_untouched() {
+    use std::os::unix::fs::PermissionsExt;
+    let work = common::tempdir("symlinks");
+    let target = work.path().join("precious.txt");
+    std::fs::write(&target, "precious").expect("write");
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let untouched = |what: &str| {
+        assert_eq!(
+            std::fs::read_to_string(&target).expect("read"),
+            "precious",
+            "{what}"
+        );
+        let mode = std::fs::metadata(&target)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644, "{what}");
+    };
+
+    // certs: server.key planted as a symlink.
+    let out_dir = work.path().join("certs");
+    std::fs::create_dir(&out_dir).expect("mkdir");
+    std::os::unix::fs::symlink(&target, out_dir.join("server.key")).expect("symlink");
+    let out = Gateway::run_command(&["certs", "--out", out_dir.to_str().expect("path")], None);
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("server.key is a symbolic link: refusing to write through it"),
+        "{text}"
+    );
+    untouched("certs");
+
+    // demo: a demo folder with its marker, demo.jwt planted as a symlink.
+    let demo_dir = work.path().join("demo");
+    std::fs::create_dir(&demo_dir).expect("mkdir");
+    std::fs::write(
+        demo_dir.join("README.txt"),
+        "This folder was made by `pacsgate demo`.\n",
+    )
+    .expect("marker");
+    std::os::unix::fs::symlink(&target, demo_dir.join("demo.jwt")).expect("symlink");
+    let out = Gateway::run_command(
+        &[
+            "demo",
+            "--dir",
+            demo_dir.to_str().expect("path"),
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ],
+        None,
+    );
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("demo.jwt is a symbolic link"), "{text}");
+    untouched("demo");
+
+    // certs --ca-dir: the CA key stays in its own folder, the gateway's gets ca.crt only.
+    let (gw, ca) = (work.path().join("gw"), work.path().join("ca"));
+    let out = Gateway::run_command(
+        &[
+            "certs",
+            "--out",
+            gw.to_str().expect("path"),
+            "--ca-dir",
+            ca.to_str().expect("path"),
+            "--client",
+            "dr.house",
+        ],
+        None,
+    );
+    assert_success(&out, "certs --ca-dir");
+    assert!(gw.join("ca.crt").exists() && gw.join("server.key").exists());
+    assert!(
+        !gw.join("ca.key").exists(),
+        "the CA key in the gateway's folder"
+    );
+    assert!(ca.join("ca.key").exists());
+}

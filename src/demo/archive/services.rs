@@ -232,7 +232,10 @@ impl<'a> Session<'a> {
         };
         let instance = match Instance::from_data_set(data, &context.transfer_syntax) {
             Ok(instance) => instance,
-            Err(e) => return (status::UNABLE_TO_PROCESS, Some(e.to_string())),
+            Err(e) => {
+                tracing::warn!(reason = %e, "demo archive: C-STORE refused 0xC000");
+                return (status::UNABLE_TO_PROCESS, Some(e.to_string()));
+            }
         };
         let affected_class = message.command.string(tags::AFFECTED_SOP_CLASS_UID);
         let affected_instance = message.command.string(tags::AFFECTED_SOP_INSTANCE_UID);
