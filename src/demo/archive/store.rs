@@ -554,3 +554,58 @@ mod synthetic {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::check_nesting;
+
+    fn header(group: u16, element: u16, vr: &[u8; 2], len: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&group.to_le_bytes());
+        out.extend_from_slice(&element.to_le_bytes());
+        out.extend_from_slice(vr);
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&len.to_le_bytes());
+        out
+    }
+
+    fn item(len: u32) -> Vec<u8> {
+        let mut out = vec![0xFE, 0xFF, 0x00, 0xE0];
+        out.extend_from_slice(&len.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn encapsulated_pixel_data_is_not_nesting_and_deep_sequences_are_refused() {
+        // Explicit VR LE: encapsulated pixel data with 40 fragments (each an item) passes.
+        let mut b = header(0x7FE0, 0x0010, b"OB", 0xFFFF_FFFF);
+        for _ in 0..40 {
+            b.extend(item(4));
+            b.extend_from_slice(&[1, 2, 3, 4]);
+        }
+        b.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        assert_eq!(check_nesting(&b, true), Ok(()));
+
+        // Sequences of defined length nested 16 deep pass, 17 deep do not.
+        let nested = |depth: usize| {
+            let mut inner: Vec<u8> = Vec::new();
+            for _ in 0..depth {
+                let mut item_bytes = item(inner.len() as u32);
+                item_bytes.extend(&inner);
+                let mut seq = header(0x0040, 0xA730, b"SQ", item_bytes.len() as u32);
+                seq.extend(item_bytes);
+                inner = seq;
+            }
+            inner
+        };
+        assert_eq!(check_nesting(&nested(16), true), Ok(()));
+        assert!(check_nesting(&nested(17), true).is_err());
+        // Undefined lengths in Implicit VR: the same bound.
+        let mut b = Vec::new();
+        for _ in 0..17 {
+            b.extend_from_slice(&[0x40, 0x00, 0x30, 0xA7, 0xFF, 0xFF, 0xFF, 0xFF]);
+            b.extend(item(0xFFFF_FFFF));
+        }
+        assert!(check_nesting(&b, false).is_err());
+    }
+}
