@@ -645,11 +645,18 @@ impl Door {
             Err(_) => return Err(full(StatusCode::BAD_REQUEST, "malformed request path\n")),
         };
         strip(&mut parts.headers, true);
-        // The gateway's origin as the client addressed it, for the RetrieveURLs of a QIDO-RS answer.
+        // The gateway's origin as the client addressed it, for the RetrieveURLs of a QIDO-RS answer:
+        // the Host header's name and port; without a port there (dicomweb-client sends none), the
+        // port of `[http] listen`.
         let origin_authority = host
             .as_ref()
             .and_then(|h| h.to_str().ok())
-            .map(str::to_string);
+            .and_then(|h| h.parse::<hyper::http::uri::Authority>().ok())
+            .map(|a| match a.port_u16() {
+                Some(_) => a.as_str().to_string(),
+                None if http.listen.port() == 443 => a.host().to_string(),
+                None => format!("{}:{}", a.host(), http.listen.port()),
+            });
         if let Some(host) = host {
             parts.headers.insert(header::HOST, host);
         }
