@@ -768,7 +768,9 @@ fn certs(out: &Path, hosts: &[String], clients: &[String]) -> anyhow::Result<()>
         println!("client {name}: {}  (key {})", cert.display(), key.display());
     }
     println!(
-        "Private keys are mode 600. These are development certificates: see certs/README.md for production."
+        "Private keys are mode 600, owned by you: for a service user, chown root:pacsgate KEY && chmod 640 KEY \
+         (docs/operations.md). Keep ca.key off the gateway host. These are development certificates: see \
+         certs/README.md for production."
     );
     Ok(())
 }

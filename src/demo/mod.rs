@@ -346,7 +346,8 @@ pub async fn start(
 
     let hash = crate::auth::password::hash_password(PASSWORD).map_err(DemoError::Other)?;
     let text = config_text(listen, archive_address, &hash);
-    devcerts::write_file(&files.config, text.as_bytes(), false)?;
+    // Mode 600: it holds the demo password's hash (a readable one is refused by Config::load).
+    devcerts::write_file(&files.config, text.as_bytes(), true)?;
     let config = Config::load(&files.config)?;
     let state = State::new(config)?;
     let gateway = Gateway::new(state);
