@@ -453,3 +453,40 @@ fn toml_errors_quote_the_line_and_error_chains_say_each_cause_once() {
         "{said}"
     );
 }
+
+#[test]
+fn a_reload_that_adds_http_and_admin_binds_them_and_names_them() {
+    let pki = Pki::generate();
+    let port = free_port();
+    let (http, admin) = (free_port(), free_port());
+    let base = config(&pki, port, dead_port(), "");
+    let mut gw = Gateway::start(port, &base);
+    let added = config(
+        &pki,
+        port,
+        dead_port(),
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[http]\nlisten = \"127.0.0.1:{http}\"\nupstream = \"http://127.0.0.1:8042/dicom-web\"\n"
+        ),
+    );
+    std::fs::write(gw.config_path(), &added).expect("rewrite");
+    let (code, text) = check(gw.config_path(), true);
+    assert_eq!(code, Some(0), "{text}");
+    gw.signal("HUP");
+    assert!(
+        gw.wait_for_log("configuration reloaded", Duration::from_secs(10)),
+        "{}",
+        gw.log()
+    );
+    gw.wait_listening(http);
+    gw.wait_listening(admin);
+    let log = gw.log();
+    for key in ["http.listen", "admin.listen"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("listener open") && l.contains(&format!("listener=\"{key}\""))),
+            "no listener open line for {key}:\n{log}"
+        );
+    }
+    assert!(!log.contains("next restart"), "{log}");
+}
