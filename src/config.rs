@@ -15,8 +15,20 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Not TOML, or not the keys pacsgate knows. `message` is one line (for logs); `rendering` is
+    /// toml's own multi-line rendering with the line quoted and the column marked (for the terminal).
     #[error("configuration file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        path: PathBuf,
+        message: String,
+        rendering: String,
+    },
+    /// A private key, or the configuration file holding password hashes, that other local users can read.
+    #[error(
+        "configuration file {path}: {} (refused unless [gateway] allow_readable_keys = true)",
+        file.describe()
+    )]
+    Readable { path: PathBuf, file: ReadableFile },
     #[error("configuration file {path}: {key}: {message}")]
     Invalid {
         path: PathBuf,
@@ -60,8 +72,7 @@ struct FileConfig {
 struct FileHttp {
     listen: String,
     upstream: String,
-    #[serde(default = "default_dicomweb_path")]
-    dicomweb_path: String,
+    dicomweb_path: Option<String>,
     wado_uri_path: Option<String>,
     #[serde(default)]
     allow_paths: Vec<String>,
@@ -73,9 +84,7 @@ struct FileHttp {
     failed_logins_per_minute: u32,
 }
 
-fn default_dicomweb_path() -> String {
-    "/dicom-web".to_string()
-}
+const DEFAULT_DICOMWEB_PATH: &str = "/dicom-web";
 fn default_max_query_response() -> usize {
     16 * 1024 * 1024
 }
@@ -133,6 +142,8 @@ struct FileGateway {
     device_listen: Option<String>,
     return_listen: Option<String>,
     return_allowed_addresses: Option<Vec<String>>,
+    #[serde(default)]
+    allow_readable_keys: bool,
 }
 
 fn default_ae_title() -> String {
@@ -350,9 +361,10 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct Http {
     pub listen: SocketAddr,
-    /// The archive's HTTP server: scheme, host and port (`http://10.0.0.20:8042`).
+    /// The archive's HTTP server: scheme, host and port (`http://10.0.0.20:8042`), without a path:
+    /// a base URL's path (`http://10.0.0.20:8042/dicom-web`) became `dicomweb_path`.
     pub upstream: String,
-    /// DICOMweb root path, the same on the gateway and the archive (`/dicom-web`).
+    /// DICOMweb root path, the same on the gateway and the archive (`/dicom-web`); `""` is `/`.
     pub dicomweb_path: String,
     pub wado_uri_path: Option<String>,
     /// Other path prefixes passed through for any authenticated user with a role.
@@ -414,6 +426,8 @@ pub struct Gateway {
     pub ae_title: String,
     pub max_pdu_length: u32,
     pub max_association_request_length: u32,
+    /// Start (and reload) even when private keys or the configuration file are readable by other users.
+    pub allow_readable_keys: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -591,21 +605,208 @@ pub fn unmapped(address: std::net::IpAddr) -> std::net::IpAddr {
 /// The largest AE title the standard allows.
 const AE_TITLE_MAX: usize = 16;
 
+/// A file holding a secret that local users other than the owner and the group can read or write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadableFile {
+    /// What it is: `tls.private_key`, `destination[0].tls.private_key`, or the configuration file.
+    pub what: String,
+    pub file: PathBuf,
+    /// Its permission bits.
+    pub mode: u32,
+}
+
+impl ReadableFile {
+    /// One sentence: which file, its mode, and the fix.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {} can be read by other users (mode {:o}, in folders they can enter): chmod o-rwx it; \
+             640 with the service's group (chown root:pacsgate) is fine",
+            self.what,
+            self.file.display(),
+            self.mode & 0o777
+        )
+    }
+}
+
+/// Can users other than the owner and the group read or write `file`? Only when its mode lets
+/// "others" in and every folder above it lets them pass (`o+x`): a key in a 700 folder is safe.
+/// A file that cannot be inspected is left to the loader that reads it (which names the error).
+fn readable_by_others(file: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(file).ok()?.permissions().mode();
+    if mode & 0o006 == 0 {
+        return None;
+    }
+    let real = std::fs::canonicalize(file).ok()?;
+    for folder in real.ancestors().skip(1) {
+        let m = std::fs::metadata(folder).ok()?.permissions().mode();
+        if m & 0o001 == 0 {
+            return None;
+        }
+    }
+    Some(mode)
+}
+
 impl Config {
-    /// Read and validate a configuration file.
+    /// Read and validate a configuration file, and refuse it when a private key it names, or the
+    /// file itself while it holds password hashes, can be read by other users (unless
+    /// `[gateway] allow_readable_keys = true`). `run`, `check` and every reload load through here.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text, path)
+        let config = Config::parse(&text, path)?;
+        if !config.gateway.allow_readable_keys
+            && let Some(file) = config.readable_secret_files().into_iter().next()
+        {
+            return Err(ConfigError::Readable {
+                path: path.to_path_buf(),
+                file,
+            });
+        }
+        Ok(config)
+    }
+
+    /// The files holding secrets: the server's private key, the gateway's client keys for
+    /// destinations, and the configuration file itself when it holds a password hash.
+    pub fn secret_files(&self) -> Vec<(String, PathBuf)> {
+        let mut files = vec![("tls.private_key".to_string(), self.tls.private_key.clone())];
+        for (i, d) in self.destinations.iter().enumerate() {
+            if let Some(key) = d.tls.as_ref().and_then(|t| t.private_key.as_ref()) {
+                files.push((format!("destination[{i}].tls.private_key"), key.clone()));
+            }
+        }
+        if self.users.values().any(|u| u.password_hash.is_some()) {
+            files.push((
+                "the configuration file (it holds password hashes)".to_string(),
+                self.path.clone(),
+            ));
+        }
+        files
+    }
+
+    /// What `check` warns about: settings that load but leave a door nobody can pass, roles nobody
+    /// holds, or a protection switched off without a word.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.users.is_empty() && self.jwt.is_none() && self.devices.is_empty() {
+            out.push(
+                "nobody can pass: there is no [[user]], no [auth.jwt] and no [[device]], so every association and web request is refused"
+                    .to_string(),
+            );
+        }
+        let mut users: Vec<&User> = self.users.values().collect();
+        users.sort_by(|a, b| a.name.cmp(&b.name));
+        for u in &users {
+            if u.password_hash.is_none() && self.tls.client_ca.is_none() {
+                out.push(format!(
+                    "user {:?} has no password_hash and [tls] client_ca is not set: they cannot sign in",
+                    u.name
+                ));
+            }
+            if u.roles.is_empty() {
+                out.push(format!(
+                    "user {:?} holds no role: once signed in they may do nothing",
+                    u.name
+                ));
+            }
+        }
+        let mut roles: Vec<&Role> = self.roles.values().collect();
+        roles.sort_by(|a, b| a.name.cmp(&b.name));
+        for r in roles {
+            let holders: Vec<String> = users
+                .iter()
+                .filter(|u| u.roles.contains(&r.name))
+                .map(|u| format!("user {:?}", u.name))
+                .chain(
+                    self.devices
+                        .iter()
+                        .filter(|d| d.roles.contains(&r.name))
+                        .map(|d| format!("device {:?}", d.ae_title)),
+                )
+                .collect();
+            if holders.is_empty() {
+                out.push(match self.jwt {
+                    Some(_) => format!(
+                        "role {:?}: no [[user]] or [[device]] holds it (only a token's {:?} claim can give it)",
+                        r.name,
+                        self.jwt.as_ref().map_or("roles", |j| j.roles_claim.as_str())
+                    ),
+                    None => format!("role {:?}: nobody holds it", r.name),
+                });
+            }
+            if r.unrestricted_queries {
+                out.push(format!(
+                    "role {:?} has unrestricted_queries = true: the anti-enumeration guard is off for its holders ({}), who may list every patient (PatientName=*)",
+                    r.name,
+                    if holders.is_empty() {
+                        "tokens only".to_string()
+                    } else {
+                        holders.join(", ")
+                    }
+                ));
+            }
+        }
+        let l = &self.limits;
+        if l.failed_logins == 0 {
+            out.push(if l.failed_logins_per_address == 0 {
+                "[limits] failed_logins = 0 and failed_logins_per_address = 0: nobody is ever locked out, passwords can be guessed without limit".to_string()
+            } else {
+                format!(
+                    "[limits] failed_logins = 0: no user name is ever locked out; only failed_logins_per_address ({} per {} s) limits password guessing",
+                    l.failed_logins_per_address,
+                    l.failed_login_window.as_secs()
+                )
+            });
+        } else if l.failed_logins_per_address == 0 {
+            out.push(
+                "[limits] failed_logins_per_address = 0: one address may try any number of user names"
+                    .to_string(),
+            );
+        }
+        if l.lockout == Duration::ZERO && (l.failed_logins > 0 || l.failed_logins_per_address > 0) {
+            out.push("[limits] lockout_seconds = 0: a lockout ends at once".to_string());
+        }
+        out
+    }
+
+    /// Those of [`Config::secret_files`] that other users can read or write.
+    pub fn readable_secret_files(&self) -> Vec<ReadableFile> {
+        self.secret_files()
+            .into_iter()
+            .filter_map(|(what, file)| {
+                readable_by_others(&file).map(|mode| ReadableFile { what, file, mode })
+            })
+            .collect()
     }
 
     /// Parse and validate configuration text; `path` names the file in errors and anchors relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().replace('\n', " "),
+        let file: FileConfig = toml::from_str(text).map_err(|e| {
+            let at = e.span().map(|span| {
+                let before = text.get(..span.start).unwrap_or(text);
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                let quoted: String = text
+                    .lines()
+                    .nth(line - 1)
+                    .unwrap_or("")
+                    .trim()
+                    .chars()
+                    .take(80)
+                    .collect();
+                format!(" (line {line}, column {column}: {quoted:?})")
+            });
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!(
+                    "{}{}",
+                    e.message().trim_end().replace('\n', " "),
+                    at.unwrap_or_default()
+                ),
+                rendering: e.to_string().trim_end().to_string(),
+            }
         })?;
         validate(file, path)
     }
@@ -1148,32 +1349,34 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                     format!("{:?} is not an address:port ({e})", h.listen),
                 )
             })?;
-            let upstream = h.upstream.trim_end_matches('/').to_string();
-            let authority = upstream.strip_prefix("http://").ok_or_else(|| {
-                invalid(
-                    "http.upstream",
-                    format!(
-                        "{:?}: expected http://HOST:PORT (the archive's plain HTTP port)",
-                        h.upstream
-                    ),
-                )
-            })?;
-            if authority.is_empty() || authority.contains('/') {
-                return Err(invalid(
-                    "http.upstream",
-                    format!(
-                        "{:?}: give scheme, host and port only; the path goes in dicomweb_path",
-                        h.upstream
-                    ),
-                ));
-            }
+            let (upstream, base_path) = upstream_base_url(&h.upstream)
+                .map_err(|m| invalid("http.upstream", format!("{:?}: {m}", h.upstream)))?;
             let path = |key: &str, p: &str| -> Result<String, ConfigError> {
                 if !p.starts_with('/') || p.contains("..") {
                     return Err(invalid(key, format!("{p:?} must be an absolute path")));
                 }
                 Ok(p.trim_end_matches('/').to_string())
             };
-            let dicomweb_path = path("http.dicomweb_path", &h.dicomweb_path)?;
+            let configured = h
+                .dicomweb_path
+                .as_deref()
+                .map(|p| path("http.dicomweb_path", p))
+                .transpose()?;
+            let base_path = base_path.map(|p| path("http.upstream", &p)).transpose()?;
+            // The base URL's path is the DICOMweb root; dicomweb_path may say it again, not otherwise.
+            let dicomweb_path = match (base_path, configured) {
+                (Some(from_url), Some(given)) if from_url != given => {
+                    return Err(invalid(
+                        "http.dicomweb_path",
+                        format!(
+                            "{given:?} contradicts http.upstream {:?}, whose path {from_url:?} is the DICOMweb root: give the root once",
+                            h.upstream
+                        ),
+                    ));
+                }
+                (Some(p), _) | (None, Some(p)) => p,
+                (None, None) => DEFAULT_DICOMWEB_PATH.to_string(),
+            };
             let wado_uri_path = h
                 .wado_uri_path
                 .as_deref()
@@ -1231,6 +1434,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             ae_title: file.gateway.ae_title,
             max_pdu_length,
             max_association_request_length: max_rq,
+            allow_readable_keys: file.gateway.allow_readable_keys,
         },
         tls,
         timeouts,
@@ -1239,6 +1443,29 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         users,
         roles,
     })
+}
+
+/// `[http] upstream`: `http://HOST:PORT` or a DICOMweb base URL `http://HOST:PORT/PATH`. Returns the
+/// origin (`http://HOST:PORT`) and the path, if any (`/PATH`; a lone `/` is none).
+fn upstream_base_url(url: &str) -> Result<(String, Option<String>), String> {
+    let rest = url.strip_prefix("http://").ok_or(
+        "expected http://HOST:PORT or a DICOMweb base URL http://HOST:PORT/dicom-web (the archive's plain HTTP port)",
+    )?;
+    if rest.contains(['?', '#', '@', '\\'])
+        || rest.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err("give scheme, host, port and the DICOMweb root path only (no query, fragment or user name)".into());
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.parse::<hyper::http::uri::Authority>().is_err() {
+        return Err(format!("{authority:?} is not HOST:PORT"));
+    }
+    let path = path.trim_end_matches('/');
+    let origin = format!("http://{authority}");
+    Ok((origin, (!path.is_empty()).then(|| path.to_string())))
 }
 
 /// A list of addresses and CIDR blocks that admit peers without credentials (`[[device]]`, the return
@@ -1520,5 +1747,165 @@ roles = ["reader"]
             err.contains("auth.jwt.leeway") && err.contains("300"),
             "{err}"
         );
+    }
+
+    fn with_http(http: &str) -> String {
+        format!("{MINIMAL}\n[http]\nlisten = \"127.0.0.1:8443\"\n{http}\n")
+    }
+
+    #[test]
+    fn the_http_upstream_may_be_a_dicomweb_base_url() {
+        let http = |text: &str| parse(&with_http(text)).map(|c| c.http.expect("[http]"));
+        for (text, origin, root) in [
+            (
+                "upstream = \"http://pacs:8042\"",
+                "http://pacs:8042",
+                "/dicom-web",
+            ),
+            (
+                "upstream = \"http://pacs:8042/\"",
+                "http://pacs:8042",
+                "/dicom-web",
+            ),
+            (
+                "upstream = \"http://pacs:8042/dicom-web\"",
+                "http://pacs:8042",
+                "/dicom-web",
+            ),
+            (
+                "upstream = \"http://pacs:8042/orthanc/dicom-web/\"",
+                "http://pacs:8042",
+                "/orthanc/dicom-web",
+            ),
+            (
+                "upstream = \"http://pacs:8042/dicom-web\"\ndicomweb_path = \"/dicom-web/\"",
+                "http://pacs:8042",
+                "/dicom-web",
+            ),
+            (
+                "upstream = \"http://pacs:8042\"\ndicomweb_path = \"/wado\"",
+                "http://pacs:8042",
+                "/wado",
+            ),
+            (
+                "upstream = \"http://[::1]:8042/rs\"",
+                "http://[::1]:8042",
+                "/rs",
+            ),
+        ] {
+            let h = http(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(
+                (h.upstream.as_str(), h.dicomweb_path.as_str()),
+                (origin, root),
+                "{text}"
+            );
+        }
+        for (text, key) in [
+            (
+                "upstream = \"http://pacs:8042/dicom-web\"\ndicomweb_path = \"/wado\"",
+                "http.dicomweb_path",
+            ),
+            ("upstream = \"https://pacs:8042\"", "http.upstream"),
+            (
+                "upstream = \"http://pacs:8042/dicom-web?x=1\"",
+                "http.upstream",
+            ),
+            ("upstream = \"http://user@pacs:8042\"", "http.upstream"),
+            ("upstream = \"http:///dicom-web\"", "http.upstream"),
+            ("upstream = \"http://pacs:8042/a/../b\"", "http.upstream"),
+        ] {
+            let err = http(text)
+                .err()
+                .unwrap_or_else(|| panic!("{text} accepted"))
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn warnings_name_a_door_nobody_can_pass_and_quiet_switches() {
+        let w = parse(MINIMAL).expect("valid").warnings().join("\n");
+        assert!(
+            w.contains("\"alice\" has no password_hash and [tls] client_ca is not set"),
+            "{w}"
+        );
+        let base = MINIMAL.replace(
+            "private_key = \"server.key\"",
+            "private_key = \"server.key\"\nclient_ca = \"ca.crt\"",
+        );
+        assert_eq!(
+            parse(&base).expect("valid").warnings(),
+            Vec::<String>::new()
+        );
+        let nobody = base.replace("[[user]]\nname = \"alice\"\nroles = [\"reader\"]\n", "");
+        let w = parse(&nobody).expect("valid").warnings().join("\n");
+        assert!(w.contains("nobody can pass"), "{w}");
+        assert!(w.contains("role \"reader\": nobody holds it"), "{w}");
+        let quiet = base.replace(
+            "allow = [\"echo\", \"find\"]",
+            "allow = [\"echo\", \"find\"]\nunrestricted_queries = true",
+        ) + "\n[limits]\nfailed_logins = 0\n";
+        let w = parse(&quiet).expect("valid").warnings().join("\n");
+        assert!(
+            w.contains("role \"reader\" has unrestricted_queries = true")
+                && w.contains("user \"alice\""),
+            "{w}"
+        );
+        assert!(w.contains("failed_logins = 0"), "{w}");
+    }
+
+    #[test]
+    fn keys_and_a_config_with_password_hashes_readable_by_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("pacsgate-modes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let key = dir.join("server.key");
+        std::fs::write(&key, "key").expect("write");
+        let path = dir.join("pacsgate.toml");
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$5I0q52ByG98xmUX5BNx18Q$UVj6MxF1qNOeN4ku7+xoQJBYzRNL66ox5xrpa/M0G4s";
+        let text = MINIMAL.replace(
+            "name = \"alice\"",
+            &format!("name = \"alice\"\npassword_hash = \"{hash}\""),
+        );
+        std::fs::write(&path, &text).expect("write");
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+        };
+        mode(&path, 0o640);
+        for (key_mode, refused) in [(0o600, false), (0o640, false), (0o644, true), (0o602, true)] {
+            mode(&key, key_mode);
+            let got = Config::load(&path);
+            assert_eq!(got.is_err(), refused, "key mode {key_mode:o}: {got:?}");
+            if let Err(e) = got {
+                assert!(e.to_string().contains("tls.private_key"), "{e}");
+            }
+        }
+        mode(&key, 0o600);
+        mode(&path, 0o644);
+        let err = Config::load(&path)
+            .expect_err("readable hashes")
+            .to_string();
+        assert!(
+            err.contains("password hashes") && err.contains("644"),
+            "{err}"
+        );
+        // In a folder others cannot enter, the same modes are safe.
+        mode(&key, 0o644);
+        mode(&dir, 0o750);
+        assert!(Config::load(&path).is_ok());
+        mode(&dir, 0o755);
+        // Said on purpose: loads, and the files are listed (for check's warnings).
+        std::fs::write(
+            &path,
+            text.replace(
+                "listen = \"127.0.0.1:2762\"",
+                "listen = \"127.0.0.1:2762\"\nallow_readable_keys = true",
+            ),
+        )
+        .expect("write");
+        let c = Config::load(&path).expect("allowed");
+        assert_eq!(c.readable_secret_files().len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

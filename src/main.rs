@@ -41,13 +41,24 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
-    /// Check a configuration: syntax, keys, certificates, users, JWT keys, upstream reachability.
+    /// Check a configuration: everything `run` and a reload open, one `ok:` line per section
     ///
-    /// Exits non-zero naming the first problem found. Example: pacsgate check --config pacsgate.toml
+    /// Syntax and keys, key and configuration file modes, certificates, CRLs, JWT keys, users and roles
+    /// (with warnings), destinations, the audit file and syslog CA; then (unless --offline) that every
+    /// listen address can be bound and every archive, DICOMweb upstream and collector answers.
+    /// Exit status: 0 ready; 1 `run` or a reload would refuse it; 2 it loads, but a peer did not answer.
+    ///
+    /// Examples:
+    ///   pacsgate check --config /etc/pacsgate/pacsgate.toml && systemctl reload pacsgate
+    ///   pacsgate check --offline --config /etc/pacsgate/pacsgate.toml    # systemd ExecStartPre
+    #[command(verbatim_doc_comment)]
     Check {
         /// Configuration file.
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// The configuration and its files only: bind nothing, contact no archive or collector.
+        #[arg(long)]
+        offline: bool,
     },
     /// Read a password on standard input and print its argon2id hash for a [[user]] password_hash.
     ///
@@ -271,7 +282,23 @@ fn main() -> std::process::ExitCode {
             init_logging();
             run(&config)
         }
-        Command::Check { config } => check(&config),
+        Command::Check { config, offline } => {
+            return match check(&config, offline) {
+                Ok(Verdict::Ready) => std::process::ExitCode::SUCCESS,
+                Ok(Verdict::Unreachable) => std::process::ExitCode::from(2),
+                Ok(Verdict::Refused(n)) => {
+                    eprintln!(
+                        "pacsgate: error: {n} problem(s) above: `run` and a reload would refuse {}",
+                        config.display()
+                    );
+                    std::process::ExitCode::FAILURE
+                }
+                Err(e) => {
+                    print_error(&e);
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
         Command::HashPassword => hash_password(),
         Command::Certs {
             out,
@@ -292,8 +319,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // One line naming the problem; the chain of causes joined with ": ".
-            eprintln!("pacsgate: error: {e:#}");
+            print_error(&e);
             std::process::ExitCode::FAILURE
         }
     }
@@ -318,10 +344,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    for key in key_files(&config) {
-        if let Some(warning) = pacsgate::tls::key_permission_warning(&key) {
-            tracing::warn!("{warning}");
-        }
+    // Only with allow_readable_keys = true does a readable key get this far.
+    for file in config.readable_secret_files() {
+        tracing::warn!("allow_readable_keys = true, and {}", file.describe());
     }
     runtime()?.block_on(async move {
         let gateway = Gateway::new(State::new(config)?);
@@ -380,38 +405,78 @@ async fn shutdown_signal() {
     }
 }
 
-fn key_files(config: &Config) -> Vec<PathBuf> {
-    vec![config.tls.private_key.clone()]
+/// What `check` found, beyond a file that does not load (an error).
+enum Verdict {
+    /// Everything `run` and a reload open opened, every address binds, every peer answered.
+    Ready,
+    /// The configuration loads and every file opens, but these peers did not answer (exit status 2).
+    Unreachable,
+    /// `run` or a reload would refuse this configuration (exit status 1); each problem was printed.
+    Refused(usize),
 }
 
-fn check(path: &Path) -> anyhow::Result<()> {
+/// `pacsgate check`: open (or test) everything `run` and a reload open, one `ok:` line per section.
+/// `--offline`: the configuration and its files only; nothing is contacted and nothing is bound.
+fn check(path: &Path, offline: bool) -> anyhow::Result<Verdict> {
     let config = Config::load(path)?;
     println!("ok: {} parses and validates", path.display());
-    pacsgate::tls::server_config(&config.tls)?;
-    println!(
-        "ok: TLS certificate {} and key {} load{}",
-        config.tls.certificate.display(),
-        config.tls.private_key.display(),
-        match &config.tls.client_ca {
-            Some(ca) => format!(", client CA {}", ca.display()),
-            None => String::new(),
-        }
-    );
-    if !config.tls.client_crl.is_empty() {
-        let crls = pacsgate::tls::load_crls(&config.tls.client_crl)?;
-        println!("ok: {} client CRLs load", crls.len());
+    let mut failures = 0usize;
+    let mut fail = |what: &str, e: &dyn std::error::Error| {
+        failures += 1;
+        println!("error: {what}: {}", error_chain(e));
+    };
+    for warning in config.warnings() {
+        println!("warning: {warning}");
     }
-    for key in key_files(&config) {
-        if let Some(warning) = pacsgate::tls::key_permission_warning(&key) {
-            println!("warning: {warning}");
-        }
-    }
-    if let Some(jwt) = &config.jwt {
-        pacsgate::auth::jwt::JwtVerifier::load(jwt)?;
+
+    // Files holding secrets (refused by `load` unless allow_readable_keys).
+    let readable = config.readable_secret_files();
+    if readable.is_empty() {
         println!(
-            "ok: JWT keys load (issuer {:?}, audience {:?})",
-            jwt.issuer, jwt.audience
+            "ok: private keys{} not readable by other users",
+            if config.users.values().any(|u| u.password_hash.is_some()) {
+                " and the configuration file (it holds password hashes)"
+            } else {
+                ""
+            }
         );
+    }
+    for file in readable {
+        println!(
+            "warning: allow_readable_keys = true, and {}",
+            file.describe()
+        );
+    }
+
+    // [tls]
+    match pacsgate::tls::server_config(&config.tls) {
+        Ok(_) => println!(
+            "ok: [tls] certificate {} and key {} load{}",
+            config.tls.certificate.display(),
+            config.tls.private_key.display(),
+            match &config.tls.client_ca {
+                Some(ca) => format!(", client CA {}", ca.display()),
+                None => String::new(),
+            }
+        ),
+        Err(e) => fail("[tls]", &e),
+    }
+    if !config.tls.client_crl.is_empty() {
+        match pacsgate::tls::load_crls(&config.tls.client_crl) {
+            Ok(crls) => println!("ok: [tls] {} client CRLs load", crls.len()),
+            Err(e) => fail("[tls] client_crl", &e),
+        }
+    }
+
+    // [auth.jwt], users and roles
+    if let Some(jwt) = &config.jwt {
+        match pacsgate::auth::jwt::JwtVerifier::load(jwt) {
+            Ok(_) => println!(
+                "ok: [auth.jwt] keys load (issuer {:?}, audience {:?})",
+                jwt.issuer, jwt.audience
+            ),
+            Err(e) => fail("[auth.jwt]", &e),
+        }
     }
     let with_password = config
         .users
@@ -419,37 +484,261 @@ fn check(path: &Path) -> anyhow::Result<()> {
         .filter(|u| u.password_hash.is_some())
         .count();
     println!(
-        "ok: {} users ({with_password} with a password), {} roles",
+        "ok: {} users ({with_password} with a password), {} roles, {} devices",
         config.users.len(),
-        config.roles.len()
+        config.roles.len(),
+        config.devices.len()
     );
-    let mut unreachable = Vec::new();
-    let rt = runtime()?;
-    for upstream in &config.upstreams {
-        let within = config.timeouts.upstream_connect;
-        let reached = rt.block_on(async {
-            tokio::time::timeout(within, tokio::net::TcpStream::connect(&upstream.address)).await
-        });
-        match reached {
-            Ok(Ok(_)) => println!(
-                "ok: upstream {} -> {} ({}) accepts connections",
-                upstream.called_ae, upstream.address, upstream.ae_title
+
+    // [[destination]]: their TLS settings load like the reload loads them.
+    if !config.destinations.is_empty() {
+        match pacsgate::moves::DestinationConnectors::new(&config) {
+            Ok(_) => println!(
+                "ok: [[destination]] {} load",
+                config
+                    .destinations
+                    .iter()
+                    .map(|d| d.ae_title.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
-            Ok(Err(e)) => unreachable.push(format!(
-                "upstream {} at {}: {e}",
-                upstream.called_ae, upstream.address
-            )),
-            Err(_) => unreachable.push(format!(
-                "upstream {} at {}: no answer within {:?}",
-                upstream.called_ae, upstream.address, within
-            )),
+            Err(e) => fail("[[destination]]", &e),
         }
     }
-    if !unreachable.is_empty() {
-        bail!("unreachable: {}", unreachable.join("; "));
+
+    // [audit]: the file (or the folder it will be created in) and the syslog CA, as `run` opens them.
+    if let Some(audit) = &config.audit {
+        if let Some(file) = &audit.file {
+            match audit_file_writable(file) {
+                Ok(how) => println!("ok: [audit] file {}: {how}", file.display()),
+                Err(e) => fail(&format!("[audit] file {}", file.display()), &e),
+            }
+        }
+        if let Some(pacsgate::config::SyslogTarget::Tls { ca, .. }) = &audit.syslog {
+            match pacsgate::tls::client_config(ca, None, None) {
+                Ok(_) => println!("ok: [audit] syslog_ca {} loads", ca.display()),
+                Err(e) => fail("[audit] syslog_ca", &e),
+            }
+        }
     }
-    println!("configuration is ready");
-    Ok(())
+
+    if offline {
+        return Ok(if failures > 0 {
+            Verdict::Refused(failures)
+        } else {
+            println!(
+                "configuration is ready (offline: no address was bound, no archive or collector contacted)"
+            );
+            Verdict::Ready
+        });
+    }
+
+    let rt = runtime()?;
+    // Listeners: every address this file names must be free, or be held by the pacsgate about to be reloaded.
+    for kind in Kind::ALL {
+        let Some(address) = kind.address(&config) else {
+            continue;
+        };
+        match rt.block_on(tokio::net::TcpListener::bind(address)) {
+            Ok(_) => println!("ok: {} {address} can be bound", kind.key()),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                match listening_process(address.port()) {
+                    Some((pid, name)) if name == "pacsgate" => println!(
+                        "ok: {} {address} is held by the running pacsgate (pid {pid}): a reload keeps it",
+                        kind.key()
+                    ),
+                    Some((pid, name)) => {
+                        failures += 1;
+                        println!(
+                            "error: {}: cannot listen on {address}: {e} (by pid {pid}, {name:?})",
+                            kind.key()
+                        );
+                    }
+                    None => {
+                        failures += 1;
+                        println!(
+                            "error: {}: cannot listen on {address}: {e} (if that is this gateway running, a reload keeps it)",
+                            kind.key()
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                println!("error: {}: cannot listen on {address}: {e}", kind.key());
+            }
+        }
+    }
+
+    // Reachability: reported; it does not make the file unusable (exit status 2, not 1).
+    let within = config.timeouts.upstream_connect;
+    let mut unreachable = 0usize;
+    let mut reach = |what: String, address: &str| {
+        let reached = rt.block_on(async {
+            tokio::time::timeout(within, tokio::net::TcpStream::connect(address)).await
+        });
+        match reached {
+            Ok(Ok(_)) => println!("ok: {what} at {address} accepts connections"),
+            Ok(Err(e)) => {
+                unreachable += 1;
+                println!("unreachable: {what} at {address}: {e}");
+            }
+            Err(_) => {
+                unreachable += 1;
+                println!("unreachable: {what} at {address}: no answer within {within:?}");
+            }
+        }
+    };
+    for u in &config.upstreams {
+        reach(
+            format!("[[upstream]] {} ({})", u.called_ae, u.ae_title),
+            &u.address,
+        );
+    }
+    if let Some(http) = &config.http {
+        let authority = http.upstream.trim_start_matches("http://");
+        let address = if authority.starts_with('[') || authority.matches(':').count() == 1 {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        reach(
+            format!("[http] upstream {}{}", http.upstream, http.dicomweb_path),
+            &address,
+        );
+    }
+    for d in &config.destinations {
+        reach(format!("[[destination]] {}", d.ae_title), &d.address);
+    }
+    if let Some(audit) = &config.audit {
+        match &audit.syslog {
+            Some(pacsgate::config::SyslogTarget::Tls { address, .. }) => {
+                reach("[audit] syslog collector".to_string(), address)
+            }
+            Some(pacsgate::config::SyslogTarget::Udp(address)) => println!(
+                "ok: [audit] syslog udp://{address} (datagrams: whether the collector listens cannot be seen)"
+            ),
+            None => {}
+        }
+    }
+
+    Ok(if failures > 0 {
+        Verdict::Refused(failures)
+    } else if unreachable > 0 {
+        println!(
+            "configuration is ready, but {unreachable} peer(s) did not answer (reported, not fatal: `run` starts without them)"
+        );
+        Verdict::Unreachable
+    } else {
+        println!("configuration is ready");
+        Verdict::Ready
+    })
+}
+
+/// Can the audit file be appended to, as `run` opens it? An existing file is opened for appending
+/// (nothing written); a missing one is tested by creating and removing a scratch file in its folder,
+/// so `check` run as root does not leave a root-owned audit file the service cannot open.
+fn audit_file_writable(file: &Path) -> std::io::Result<&'static str> {
+    match std::fs::OpenOptions::new().append(true).open(file) {
+        Ok(_) => return Ok("exists and can be appended to"),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        Err(_) => {}
+    }
+    let folder = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let scratch = folder.join(format!(".pacsgate-check-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&scratch)
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot be created in {}: {e}", folder.display()),
+            )
+        })?;
+    let _ = std::fs::remove_file(&scratch);
+    Ok("does not exist yet; its folder lets it be created")
+}
+
+/// The process listening on TCP `port` (pid and command name), from /proc; `None` when it cannot be
+/// seen (another user's process without privileges, or no /proc).
+fn listening_process(port: u16) -> Option<(u32, String)> {
+    let mut inodes = std::collections::HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 10 || cols[3] != "0A" {
+                continue;
+            }
+            let local = cols[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local == Some(port) {
+                inodes.insert(format!("socket:[{}]", cols[9]));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|t| inodes.contains(t.to_string_lossy().as_ref()))
+        });
+        if holds {
+            let name = std::fs::read_to_string(entry.path().join("comm"))
+                .map(|c| c.trim().to_string())
+                .unwrap_or_default();
+            return Some((pid, name));
+        }
+    }
+    None
+}
+
+/// An error and its causes joined with ": ", leaving out a cause whose text the message already
+/// carries (`{source}` in a message, then the same source as the next cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        if !next.is_empty() && !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// Print an error of `run`, `check` and the other commands: one line naming the problem; a TOML
+/// error then gets toml's own rendering (the line quoted, the column marked).
+fn print_error(e: &anyhow::Error) {
+    let error: &dyn std::error::Error = e.as_ref();
+    eprintln!("pacsgate: error: {}", error_chain(error));
+    if let Some(pacsgate::config::ConfigError::Parse { rendering, .. }) =
+        e.downcast_ref::<pacsgate::config::ConfigError>()
+    {
+        eprintln!("{rendering}");
+    }
 }
 
 fn hash_password() -> anyhow::Result<()> {
@@ -490,7 +779,9 @@ fn certs(
         println!("client {name}: {}  (key {})", cert.display(), key.display());
     }
     println!(
-        "Private keys are mode 600. These are development certificates: see certs/README.md for production."
+        "Private keys are mode 600, owned by you: for a service user, chown root:pacsgate KEY && chmod 640 KEY \
+         (docs/operations.md). Keep ca.key off the gateway host. These are development certificates: see \
+         certs/README.md for production."
     );
     if ca_dir.is_none_or(|d| d == out) {
         println!(
@@ -583,7 +874,7 @@ fn tool_exit(result: Result<(), ToolFailure>) -> std::process::ExitCode {
             std::process::ExitCode::from(e.exit_code())
         }
         Err(ToolFailure::Other(e)) => {
-            eprintln!("pacsgate: error: {e:#}");
+            print_error(&e);
             std::process::ExitCode::FAILURE
         }
         Err(ToolFailure::Open) => std::process::ExitCode::from(3),

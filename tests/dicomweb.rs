@@ -915,8 +915,9 @@ fn requests_that_decode_to_another_resource_never_reach_the_archive() {
         .as_str()
         .unwrap_or_default()
         .to_string();
+    // The gateway's origin: the Host named (without a port: the [http] listen port).
     assert!(
-        url.starts_with("https://localhost/dicom-web/studies/"),
+        url.starts_with(&format!("https://localhost:{}/dicom-web/studies/", w.port)),
         "RetrieveURL {url}"
     );
     // (Before `before`, the harness itself asked Orthanc for /system and stored /instances.)

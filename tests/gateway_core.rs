@@ -660,7 +660,7 @@ fn check_names_the_problem_and_hash_password_makes_a_usable_hash() {
     let (upstream, _) = counting_upstream();
     let dir = common::tempdir("check");
     let good = dir.path().join("good.toml");
-    std::fs::write(&good, config(free_port(), &pki, upstream, "ORTHANC")).expect("write");
+    common::write_config(&good, &config(free_port(), &pki, upstream, "ORTHANC"));
     let out = Gateway::run_command(&["check", "--config", good.to_str().expect("path")], None);
     assert!(out.status.success(), "{}", output_text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("configuration is ready"));
@@ -695,7 +695,7 @@ fn check_names_the_problem_and_hash_password_makes_a_usable_hash() {
     ];
     for (name, text, needle) in cases {
         let path = dir.path().join(name);
-        std::fs::write(&path, text).expect("write");
+        common::write_config(&path, &text);
         let out = Gateway::run_command(&["check", "--config", path.to_str().expect("path")], None);
         assert!(!out.status.success(), "{name} passed check");
         assert!(

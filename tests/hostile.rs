@@ -1087,6 +1087,9 @@ fn secrets_stay_out_of_logs_audit_and_metrics_and_a_loose_key_is_flagged() {
     std::fs::copy(&pki.server_key, &loose_key).expect("copy key");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&loose_key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    // ... in a folder others can enter (a 0644 key in a 0700 folder is safe), started on purpose
+    // with allow_readable_keys (without it the start is refused: tests/check.rs).
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let port = free_port();
     let admin = free_port();
     let audit = dir.path().join("audit.jsonl");
@@ -1102,10 +1105,18 @@ fn secrets_stay_out_of_logs_audit_and_metrics_and_a_loose_key_is_flagged() {
             &loose_key,
             &[("ARCHIVE", recorder.port)],
             &extra,
+        )
+        .replacen(
+            &format!("listen = \"127.0.0.1:{port}\""),
+            &format!("listen = \"127.0.0.1:{port}\"\nallow_readable_keys = true"),
+            1,
         ),
     );
     assert!(
-        gw.wait_for_log("is readable by group or others", Duration::from_secs(5)),
+        gw.wait_for_log(
+            "can be read by other users (mode 644",
+            Duration::from_secs(5)
+        ),
         "no warning about the 0644 key:\n{}",
         gw.log()
     );

@@ -1024,7 +1024,7 @@ fn the_loader_refuses_a_device_open_to_every_address_and_a_long_jwt_leeway() {
     ];
     for (i, (text, key)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("case{i}.toml"));
-        std::fs::write(&path, text).expect("write");
+        common::write_config(&path, text);
         let out = Gateway::run_command(&["check", "--config", path.to_str().expect("p")], None);
         let said = output_text(&out);
         assert!(!out.status.success(), "case {i}: {said}");
@@ -1036,7 +1036,7 @@ fn the_loader_refuses_a_device_open_to_every_address_and_a_long_jwt_leeway() {
         .enumerate()
     {
         let path = dir.path().join(format!("fine{i}.toml"));
-        std::fs::write(&path, text).expect("write");
+        common::write_config(&path, text);
         let out = Gateway::run_command(&["check", "--config", path.to_str().expect("p")], None);
         let said = output_text(&out);
         assert!(said.contains("parses and validates"), "fine {i}: {said}");

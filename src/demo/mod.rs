@@ -433,7 +433,8 @@ pub async fn start(
     let reader_hash =
         crate::auth::password::hash_password(READER_PASSWORD).map_err(DemoError::Other)?;
     let text = config_text(listen, archive_address, &hash, &reader_hash);
-    let loaded = devcerts::write_file(&files.config, text.as_bytes(), false)
+    // Mode 600: it holds the password hashes (a readable one is refused by Config::load).
+    let loaded = devcerts::write_file(&files.config, text.as_bytes(), true)
         .map_err(DemoError::from)
         .and_then(|()| Ok(Config::load(&files.config)?))
         .and_then(|config| Ok(State::new(config)?));

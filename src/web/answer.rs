@@ -98,12 +98,58 @@ pub struct Counted {
     pub truncated: bool,
 }
 
-/// Read a QIDO-RS answer (at most `max` bytes) and relay at most `cap` of its matches. An answer
-/// that is not a success is relayed as it is (an error text, no matches).
+/// Where the RetrieveURLs of a QIDO-RS answer must point: the gateway, as the client reached it.
+pub struct Origin<'a> {
+    /// `host[:port]` the client addressed (its checked Host header, else the listen address).
+    pub authority: &'a str,
+    /// The DICOMweb root (`/dicom-web`; `""` for `/`), the same on the gateway and the archive.
+    pub root: &'a str,
+}
+
+impl Origin<'_> {
+    /// `url` on the gateway: an `http(s)://` URL whose path lies under the DICOMweb root becomes
+    /// `https://{authority}{path}`. The archive builds them from its own scheme (`http`, whatever
+    /// `X-Forwarded-Proto` says) and from its own address when it is configured with one; a viewer
+    /// following either would go around the gateway or fail. Other values are left as they are.
+    pub fn rewrite(&self, url: &str) -> Option<String> {
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))?;
+        let path = &rest[rest.find('/')?..];
+        let under_root = self.root.is_empty()
+            || path
+                .strip_prefix(self.root)
+                .is_some_and(|r| r.is_empty() || r.starts_with('/'));
+        under_root.then(|| format!("https://{}{path}", self.authority))
+    }
+
+    /// Every RetrieveURL (0008,1190) of every match.
+    fn rewrite_matches(&self, items: &mut [Value]) {
+        for item in items {
+            let Some(values) = item
+                .get_mut("00081190")
+                .and_then(|a| a.get_mut("Value"))
+                .and_then(Value::as_array_mut)
+            else {
+                continue;
+            };
+            for v in values {
+                if let Some(url) = v.as_str().and_then(|u| self.rewrite(u)) {
+                    *v = Value::String(url);
+                }
+            }
+        }
+    }
+}
+
+/// Read a QIDO-RS answer (at most `max` bytes) and relay at most `cap` of its matches, their
+/// RetrieveURLs pointing at `origin`. An answer that is not a success is relayed as it is (an error
+/// text, no matches).
 pub async fn qido(
     response: Response<Incoming>,
     max: usize,
     cap: usize,
+    origin: &Origin<'_>,
 ) -> Result<Counted, AnswerError> {
     if !response.status().is_success() {
         return Ok(Counted {
@@ -140,6 +186,7 @@ pub async fn qido(
         }
     }
     let matches = items.len();
+    origin.rewrite_matches(&mut items);
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.remove(header::CONTENT_ENCODING);
     let body = if parts.status == StatusCode::NO_CONTENT {
@@ -263,6 +310,51 @@ mod tests {
         assert!(qido_not_acceptable(&h).is_some());
         h.append(header::ACCEPT, HeaderValue::from_static("application/json"));
         assert_eq!(qido_not_acceptable(&h), None);
+    }
+
+    #[test]
+    fn retrieve_urls_point_at_the_gateway() {
+        let o = Origin {
+            authority: "pacs-gw.example.org:8443",
+            root: "/dicom-web",
+        };
+        for (from, to) in [
+            (
+                "http://pacs-gw.example.org:8443/dicom-web/studies/1.2.3",
+                Some("https://pacs-gw.example.org:8443/dicom-web/studies/1.2.3"),
+            ),
+            (
+                "http://10.0.0.20:8042/dicom-web/studies/1.2/series/1.3",
+                Some("https://pacs-gw.example.org:8443/dicom-web/studies/1.2/series/1.3"),
+            ),
+            (
+                "http://10.0.0.20:8042/dicom-web",
+                Some("https://pacs-gw.example.org:8443/dicom-web"),
+            ),
+            ("http://10.0.0.20:8042/dicom-webx/studies/1", None),
+            ("http://10.0.0.20:8042/app/explorer.html", None),
+            ("urn:oid:1.2.3", None),
+            ("http://host-without-path", None),
+        ] {
+            assert_eq!(o.rewrite(from).as_deref(), to, "{from}");
+        }
+        let root = Origin {
+            authority: "[::1]:8443",
+            root: "",
+        };
+        assert_eq!(
+            root.rewrite("http://127.0.0.1:8042/studies/1").as_deref(),
+            Some("https://[::1]:8443/studies/1")
+        );
+        let mut items = vec![serde_json::json!({
+            "0020000D": {"vr": "UI", "Value": ["1.2.3"]},
+            "00081190": {"vr": "UR", "Value": ["http://pacs-gw.example.org:8443/dicom-web/studies/1.2.3"]}
+        })];
+        o.rewrite_matches(&mut items);
+        assert_eq!(
+            items[0]["00081190"]["Value"][0],
+            "https://pacs-gw.example.org:8443/dicom-web/studies/1.2.3"
+        );
     }
 
     #[test]

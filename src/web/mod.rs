@@ -645,6 +645,18 @@ impl Door {
             Err(_) => return Err(full(StatusCode::BAD_REQUEST, "malformed request path\n")),
         };
         strip(&mut parts.headers, true);
+        // The gateway's origin as the client addressed it, for the RetrieveURLs of a QIDO-RS answer:
+        // the Host header's name and port; without a port there (dicomweb-client sends none), the
+        // port of `[http] listen`.
+        let origin_authority = host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<hyper::http::uri::Authority>().ok())
+            .map(|a| match a.port_u16() {
+                Some(_) => a.as_str().to_string(),
+                None if http.listen.port() == 443 => a.host().to_string(),
+                None => format!("{}:{}", a.host(), http.listen.port()),
+            });
         if let Some(host) = host {
             parts.headers.insert(header::HOST, host);
         }
@@ -733,7 +745,14 @@ impl Door {
         };
         let out = match plan {
             Plan::Qido { cap, .. } => {
-                match answer::qido(response, http.max_query_response, cap).await {
+                let authority = origin_authority
+                    .clone()
+                    .unwrap_or_else(|| http.listen.to_string());
+                let origin = answer::Origin {
+                    authority: &authority,
+                    root: &http.dicomweb_path,
+                };
+                match answer::qido(response, http.max_query_response, cap, &origin).await {
                     Ok(counted) => {
                         if counted.truncated {
                             tracing::info!(peer = %peer, user = ?principal.user, op = "qido", relayed = cap, reason = "max_query_results reached", "QIDO-RS truncated");

@@ -30,7 +30,7 @@ impl Gateway {
     pub fn start(port: u16, config_toml: &str) -> Gateway {
         let dir = super::tempdir("gateway");
         let config_path = dir.path().join("pacsgate.toml");
-        std::fs::write(&config_path, config_toml).expect("write pacsgate.toml");
+        write_config(&config_path, config_toml);
         let mut cmd = Command::new(gateway_bin());
         cmd.arg("run")
             .arg("--config")
@@ -142,6 +142,15 @@ impl Drop for Gateway {
             );
         }
     }
+}
+
+/// Write a configuration file with mode 600: one that holds password hashes and that other users
+/// can read is refused by `run`, `check` and a reload (unless `allow_readable_keys = true`).
+pub fn write_config(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod 600 {}: {e}", path.display()));
 }
 
 /// An argon2id hash of `password` made by the binary under test (`pacsgate hash-password`).

@@ -15,7 +15,7 @@ pub mod orthanc;
 pub mod peers;
 pub mod pki;
 
-pub use gateway::{Gateway, password_hash};
+pub use gateway::{Gateway, password_hash, write_config};
 pub use orthanc::Orthanc;
 pub use peers::{
     Instance, PyArchive, StoreScp, assert_success, dataset_bytes, dcmtk, dcmtk_with_timeout,
