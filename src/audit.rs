@@ -389,6 +389,85 @@ mod tests {
         );
     }
 
+    /// Events covering every EventID mapping, escaping, IPv6, web (integer) and DIMSE (hex) statuses.
+    fn golden_events() -> Vec<Map<String, Value>> {
+        let events = [
+            json!({"event": "association.accepted", "user": "dr.house", "peer": "10.1.5.23:51234",
+                   "calling_ae": "WS1", "called_ae": "ARCHIVE", "method": "password"}),
+            json!({"event": "login.failed", "user": "mallory<&>\"'", "peer": "[::1]:4000",
+                   "calling_ae": "EVIL&AE", "reason": "wrong password"}),
+            json!({"event": "association.ended", "user": "dr.house", "peer": "10.1.5.23:51234",
+                   "calling_ae": "WS1", "outcome": "released"}),
+            json!({"event": "association.rejected", "peer": "192.0.2.1:1", "rule": "not_authenticated"}),
+            json!({"event": "lockout", "user": "bob", "peer": "127.0.0.1:9", "scope": "UserAtAddress"}),
+            json!({"event": "refused", "user": "carol", "peer": "127.0.0.1:9", "via": "http",
+                   "status": 403, "rule": "query_guard"}),
+            json!({"event": "find", "user": "Zoë 日本", "peer": "127.0.0.1:9", "calling_ae": "WS1",
+                   "status": "0x0000", "study_uid": "1.2.3"}),
+            json!({"event": "find", "user": "zoe", "peer": "127.0.0.1:9", "status": "0xa700"}),
+            json!({"event": "qido", "user": "carol", "peer": "127.0.0.1:9", "via": "http",
+                   "status": 200, "study_uid": "1.2.3.4"}),
+            json!({"event": "move", "user": "dr.house", "peer": "127.0.0.1:9", "status": "0x0000",
+                   "study_uid": "1.2.3", "sop_instance_uid": "1.2.3.4.5", "destination": "VIEWER"}),
+            json!({"event": "get", "user": "dr.house", "peer": "127.0.0.1:9", "status": "0xb000"}),
+            json!({"event": "store", "user": "ct", "peer": "127.0.0.1:9", "status": "0x0000",
+                   "sop_instance_uid": "9.8.7"}),
+            json!({"event": "move.delivered", "peer": "127.0.0.1:9", "status": "0x0000"}),
+            json!({"event": "wado", "user": "carol", "peer": "127.0.0.1:9", "via": "http",
+                   "status": 200, "study_uid": "1.2", "series_uid": "1.2.1", "sop_instance_uid": "1.2.1.1"}),
+            json!({"event": "stow", "user": "writer", "peer": "127.0.0.1:9", "via": "http",
+                   "status": 200, "study_uid": "5.6"}),
+            json!({"event": "reload", "outcome": "ok", "path": "/etc/pacsgate/pacsgate.toml"}),
+            json!({"event": "echo", "user": "", "peer": "no-port", "status": "0x0000"}),
+        ];
+        events
+            .into_iter()
+            .map(|e| {
+                let mut map = Map::new();
+                map.insert("time".into(), json!("2026-01-01T00:00:00.5Z"));
+                if let Value::Object(f) = e {
+                    map.extend(f);
+                }
+                map
+            })
+            .collect()
+    }
+
+    /// The syslog messages of [`golden_events`], one per line, with the host and process id
+    /// replaced by `HOST` and `PID`.
+    fn golden_text() -> String {
+        let host = hostname();
+        let pid = format!(" {} ", std::process::id());
+        golden_events()
+            .iter()
+            .map(|m| {
+                let msg = String::from_utf8(syslog_message(m)).expect("utf8");
+                let (header, xml) = msg.split_once("<?xml").expect("an XML declaration");
+                let header = header
+                    .replacen(&format!(" {host} "), " HOST ", 1)
+                    .replacen(&pid, " PID ", 1);
+                format!("{header}<?xml{xml}\n")
+            })
+            .collect()
+    }
+
+    /// The audit XML is byte-identical to what pacsgate wrote with quick-xml 0.38 (the golden was
+    /// made by that build; `PACSGATE_UPDATE_GOLDEN=1` rewrites it after a deliberate change).
+    #[test]
+    fn syslog_messages_match_the_golden() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/audit-syslog.txt");
+        let text = golden_text();
+        if std::env::var_os("PACSGATE_UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, &text).expect("write the golden");
+        }
+        let golden = std::fs::read_to_string(&path).expect("read the golden");
+        for (i, (got, want)) in text.lines().zip(golden.lines()).enumerate() {
+            assert_eq!(got, want, "message {i} differs from {}", path.display());
+        }
+        assert_eq!(text.lines().count(), golden.lines().count());
+    }
+
     #[test]
     fn syslog_messages_carry_a_dicom_audit_message() {
         let mut map = Map::new();
