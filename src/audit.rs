@@ -2,6 +2,7 @@
 //! so a crash loses none), and optionally DICOM audit messages (PS3.15 A.5 XML) to syslog (RFC 5424).
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -26,6 +27,9 @@ const MAX_XML_FIELD: usize = 256;
 const SYSLOG_QUEUE: usize = 4096;
 /// Lost audit events are logged at most this often (with the count since the last line).
 const LOSS_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// After a failed write, at most this many bytes of the messages written last on that connection are
+/// written again on the next one (at-least-once for what the collector may not have read).
+const REPLAY_BYTES: usize = 1024 * 1024;
 /// The pause between attempts to reach an unreachable syslog collector.
 const SYSLOG_RETRY: Duration = Duration::from_secs(5);
 
@@ -458,7 +462,9 @@ fn hostname() -> String {
 
 /// Send queued messages: UDP datagrams (RFC 5426) or octet-counted frames over TLS (RFC 5425).
 /// Every wait on the collector (connect, TLS handshake, each write) is bounded by `within`; a write
-/// that does not finish in time drops the connection and the message is sent again on a new one. A
+/// that fails or does not finish in time drops the connection, and on the next one the gateway writes
+/// again that message and the last [`REPLAY_BYTES`] written before it (which the collector may not have
+/// read: RFC 5425 has no acknowledgement), so a stalled collector gets duplicates rather than gaps. A
 /// collector that cannot be reached is retried every 5 s while this sender's `Audit` lives; once it is
 /// gone (replaced on reload), the sender ends instead of retrying, counting what it could not deliver.
 async fn syslog_sender(
@@ -499,7 +505,9 @@ async fn syslog_sender(
                 tracing::warn!(server_name, "audit syslog: invalid server name");
                 return;
             };
-            let mut pending: Option<Vec<u8>> = None;
+            // Messages to write before new ones: after a failed connection, what it may not have
+            // delivered (at most REPLAY_BYTES of the last ones written, then the one that failed).
+            let mut resend: VecDeque<Vec<u8>> = VecDeque::new();
             let mut warned: Option<Instant> = None;
             loop {
                 let connected = async {
@@ -517,7 +525,7 @@ async fn syslog_sender(
                         };
                         if rx.is_closed() {
                             // A reload replaced this sender's configuration: stop, do not retry.
-                            let lost = u64::from(pending.is_some()) + rx.len() as u64;
+                            let lost = (resend.len() + rx.len()) as u64;
                             losses.lost(lost, "the collector was unreachable when a reload replaced the audit settings");
                             tracing::debug!(target = %address, "audit syslog: sender of a replaced configuration ends");
                             return;
@@ -530,12 +538,16 @@ async fn syslog_sender(
                         continue;
                     }
                 };
-                if warned.take().is_some() || pending.is_some() {
-                    tracing::info!(target = %address, "audit syslog: connected to the collector");
+                if warned.take().is_some() || !resend.is_empty() {
+                    tracing::info!(target = %address, resend = resend.len(), "audit syslog: connected to the collector");
                 }
                 losses.flush("the syslog collector is reachable again");
+                // The last messages written on this connection, up to REPLAY_BYTES: the collector
+                // acknowledges nothing (RFC 5425), so these may still sit unread in its buffers.
+                let mut window: VecDeque<Vec<u8>> = VecDeque::new();
+                let mut window_bytes = 0usize;
                 loop {
-                    let msg = match pending.take() {
+                    let msg = match resend.pop_front() {
                         Some(m) => m,
                         None => match rx.recv().await {
                             Some(m) => m,
@@ -550,14 +562,28 @@ async fn syslog_sender(
                     })
                     .await;
                     let problem = match wrote {
-                        Ok(Ok(())) => continue,
+                        Ok(Ok(())) => {
+                            window_bytes += msg.len();
+                            window.push_back(msg);
+                            while window_bytes > REPLAY_BYTES {
+                                match window.pop_front() {
+                                    Some(old) => window_bytes -= old.len(),
+                                    None => break,
+                                }
+                            }
+                            continue;
+                        }
                         Ok(Err(e)) => format!("write failed: {e}"),
                         Err(_) => format!(
                             "write not done within syslog_timeout ({within:?}): the collector is not reading"
                         ),
                     };
-                    tracing::warn!(target = %address, reason = ?problem, "audit syslog: reconnecting to the collector");
-                    pending = Some(msg);
+                    let again = window.len();
+                    tracing::warn!(target = %address, reason = ?problem, resend = again + 1,
+                                   "audit syslog: reconnecting to the collector; the last messages written go again (it may get some twice)");
+                    window.push_back(msg);
+                    window.extend(resend.drain(..));
+                    resend = window;
                     break;
                 }
             }

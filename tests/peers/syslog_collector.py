@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """A syslog collector for pacsgate's audit tests: RFC 5425 (octet-counted frames over TLS) or RFC 5426 (UDP).
 
-  tls   --port P --cert F --key F --out FILE [--stall-after N] [--rcvbuf BYTES]
+  tls   --port P --cert F --key F --out FILE [--stall-after N] [--rcvbuf BYTES] [--maxseg BYTES]
         Accepts TLS connections; appends one JSON line per message to FILE: {"conn": i, "msg": "..."}.
         With --stall-after N the first connection stops reading after N messages and is held open, never
-        read again (a collector that stops reading); later connections are read normally.
+        read again (a collector that stops reading); later connections are read normally. --rcvbuf and
+        --maxseg (the MSS it announces) keep the sender's socket buffers small, so that they fill soon.
   udp   --port P --out FILE
         Appends one JSON line per datagram: {"conn": 0, "msg": "..."}.
   drop  --port P --out FILE
@@ -73,6 +74,8 @@ def serve_tls(args):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if args.rcvbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, args.rcvbuf)
+    if args.maxseg:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, args.maxseg)
     sock.bind(("127.0.0.1", args.port))
     sock.listen(16)
     sock.settimeout(1.0)
@@ -173,6 +176,7 @@ def main():
     parser.add_argument("--key")
     parser.add_argument("--stall-after", type=int)
     parser.add_argument("--rcvbuf", type=int)
+    parser.add_argument("--maxseg", type=int)
     parser.add_argument("--max-seconds", type=float, default=120.0)
     args = parser.parse_args()
     if args.mode == "parse":
