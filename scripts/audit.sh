@@ -18,7 +18,9 @@ if ! cargo audit --version >/dev/null 2>&1; then
   cargo install --quiet cargo-audit --locked
 fi
 
-echo "scripts/audit.sh: $(cargo audit --version) against $db ($(sed -n 's/.*at commit \([0-9a-f]\{12\}\).*/\1/p' "$db/SNAPSHOT" | head -n1))"
+snapshot=$(grep -o '[0-9a-f]\{40\}' "$db/SNAPSHOT" 2>/dev/null | head -n1 || true)
+echo "scripts/audit.sh: cargo audit $(cargo audit --version | awk '{print $NF}') against $db (snapshot ${snapshot:0:12})"
+mkdir -p target
 status=0
 cargo audit --db "$db" --no-fetch --json > target/cargo-audit.json 2> target/cargo-audit.err || status=$?
 if [ ! -s target/cargo-audit.json ]; then
