@@ -721,3 +721,58 @@ fn syslog_hostname_comes_from_gethostname_and_the_audit_source_is_configurable()
         assert_eq!(m["event_id"], json!("110100"), "{m}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The [audit] keys
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn the_audit_keys_are_checked_by_name() {
+    use pacsgate::config::{Config, OnAuditFailure};
+    let pki = Pki::generate();
+    let dir = tempdir("audit-keys");
+    let path = dir.path().join("pacsgate.toml");
+    let load = |audit: &str| {
+        std::fs::write(
+            &path,
+            config(free_port(), &pki, 1, &format!("[audit]\n{audit}\n")),
+        )
+        .expect("write");
+        Config::load(&path)
+    };
+    let c = load("file = \"a.jsonl\"\non_failure = \"refuse\"\nsource_id = \"gw-east-1\"\nsyslog_timeout = 3")
+        .expect("valid");
+    let a = c.audit.expect("[audit]");
+    assert_eq!(a.on_failure, OnAuditFailure::Refuse);
+    assert_eq!(a.source_id.as_deref(), Some("gw-east-1"));
+    assert_eq!(a.syslog_timeout, Duration::from_secs(3));
+    let a = load("file = \"a.jsonl\"")
+        .expect("valid")
+        .audit
+        .expect("[audit]");
+    assert_eq!(a.on_failure, OnAuditFailure::Continue);
+    assert_eq!(a.source_id, None);
+    assert_eq!(a.syslog_timeout, Duration::from_secs(10));
+    for (bad, key) in [
+        (
+            "file = \"a.jsonl\"\non_failure = \"block\"",
+            "audit.on_failure",
+        ),
+        (
+            "syslog = \"udp://127.0.0.1:514\"\non_failure = \"refuse\"",
+            "audit.on_failure",
+        ),
+        ("file = \"a.jsonl\"\nsource_id = \"\"", "audit.source_id"),
+        (
+            "file = \"a.jsonl\"\nsource_id = \"a\\u0007b\"",
+            "audit.source_id",
+        ),
+        (
+            "file = \"a.jsonl\"\nsyslog_timeout = 0",
+            "audit.syslog_timeout",
+        ),
+    ] {
+        let e = load(bad).expect_err(bad).to_string();
+        assert!(e.contains(key), "{bad}: {e}");
+    }
+}
