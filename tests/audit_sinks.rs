@@ -630,7 +630,10 @@ fn every_dicom_audit_message_parses_after_hostile_text_from_the_wire() {
     let (events, parsed) = loop {
         let events = audit_lines(&audit);
         let parsed = collector.parsed();
-        if (parsed.len() >= events.len() && events.len() >= 7) || Instant::now() >= deadline {
+        let ended = events
+            .iter()
+            .any(|e| e["event"] == "association.ended" && e["calling_ae"] == "GOOD");
+        if (ended && parsed.len() >= events.len()) || Instant::now() >= deadline {
             break (events, parsed);
         }
         std::thread::sleep(Duration::from_millis(200));
