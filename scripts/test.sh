@@ -31,6 +31,7 @@ fi
 
 echo "scripts/test.sh: peers: $(/usr/bin/storescu --version | head -n1 | tr -d '$'); $(/usr/sbin/Orthanc --version | head -n1);" \
   "pynetdicom $(python3 -c 'import pynetdicom; print(pynetdicom.__version__)')"
+bash scripts/audit.sh  # RustSec advisories against ../shared/advisory-db: a vulnerability fails the run
 # The benchmark in smoke mode (tiny counts, ~20 s) so that bench/run.sh cannot rot; its figures are not
 # judged here. It runs first, against the debug binary, so that cargo test's summary closes the output.
 cargo build --quiet

@@ -1,24 +1,37 @@
 //! The audit trail, apart from the debug log: JSON lines appended to `[audit] file` (one write per event,
 //! so a crash loses none), and optionally DICOM audit messages (PS3.15 A.5 XML) to syslog (RFC 5424).
 
+use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use quick_xml::Writer;
 use quick_xml::events::{BytesDecl, BytesEnd, BytesStart, Event as XmlEvent};
 use serde_json::{Map, Value, json};
 use tokio::io::AsyncWriteExt;
 
-use crate::config::{AuditConfig, SyslogTarget};
+use crate::config::{AuditConfig, OnAuditFailure, SyslogTarget};
 use crate::metrics::{AuditLabels, metrics};
 
 /// A string field longer than this is cut (and says so); a line never grows without bound.
 const MAX_FIELD: usize = 1024;
+/// The most characters of one field a DICOM audit message carries (AE titles are 16, UIDs 64).
+const MAX_XML_FIELD: usize = 256;
 /// Events waiting for the syslog sender; more are counted as dropped, never block the data path.
 const SYSLOG_QUEUE: usize = 4096;
+/// Lost audit events are logged at most this often (with the count since the last line).
+const LOSS_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// After a failed write, at most this many bytes of the messages written last on that connection are
+/// written again on the next one (at-least-once for what the collector may not have read).
+const REPLAY_BYTES: usize = 1024 * 1024;
+/// The pause between attempts to reach an unreachable syslog collector.
+const SYSLOG_RETRY: Duration = Duration::from_secs(5);
 
 /// Why the audit trail could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -32,11 +45,88 @@ pub enum AuditError {
     Tls(#[from] crate::tls::TlsError),
 }
 
+/// Audit events one sink lost, logged at most once per [`LOSS_LOG_INTERVAL`] with the count.
+#[derive(Debug)]
+struct Losses {
+    sink: &'static str,
+    /// Lost since the last log line.
+    unlogged: AtomicU64,
+    last_line: Mutex<Option<Instant>>,
+}
+
+impl Losses {
+    fn new(sink: &'static str) -> Losses {
+        // Its series exists at 0 from start-up (metrics.rs), before anything is lost.
+        Losses {
+            sink,
+            unlogged: AtomicU64::new(0),
+            last_line: Mutex::new(None),
+        }
+    }
+
+    /// `n` events lost for `reason`: counted at once, logged unless a line went out recently.
+    fn lost(&self, n: u64, reason: &str) {
+        if n == 0 {
+            return;
+        }
+        metrics()
+            .audit_failures
+            .get_or_create(&AuditLabels { sink: self.sink })
+            .inc_by(n);
+        self.unlogged.fetch_add(n, Ordering::Relaxed);
+        let mut last = self.last_line.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= LOSS_LOG_INTERVAL) {
+            *last = Some(Instant::now());
+            let lost = self.unlogged.swap(0, Ordering::Relaxed);
+            tracing::error!(
+                sink = self.sink,
+                lost,
+                reason = ?reason,
+                "audit: events lost (logged at most every 10 s; pacsgate_audit_failures_total counts them all)"
+            );
+        }
+    }
+
+    /// Log the losses not logged yet, if any (when the sink works again).
+    fn flush(&self, what: &str) {
+        let lost = self.unlogged.swap(0, Ordering::Relaxed);
+        if lost > 0 {
+            tracing::warn!(
+                sink = self.sink,
+                lost,
+                "audit: {what}; events lost since the last line"
+            );
+        }
+    }
+}
+
+/// The audit file and whether its last write worked.
+#[derive(Debug)]
+struct FileSink {
+    /// The file, and why its last write failed (cleared by the next write that works).
+    file: Mutex<(File, Option<String>)>,
+    /// The last write failed: the lock-free check [`Audit::refusing`] starts with.
+    failing: AtomicBool,
+    losses: Losses,
+}
+
+/// The queue to the syslog sender task.
+#[derive(Debug)]
+struct SyslogSink {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    losses: Arc<Losses>,
+}
+
 /// Where audit events go.
 #[derive(Debug)]
 pub struct Audit {
-    file: Option<Mutex<File>>,
-    syslog: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    file: Option<FileSink>,
+    syslog: Option<SyslogSink>,
+    on_failure: OnAuditFailure,
+    /// AuditSourceID of the DICOM audit messages.
+    source_id: String,
+    /// HOSTNAME of the syslog header.
+    host: String,
 }
 
 fn now_rfc3339() -> String {
@@ -72,10 +162,15 @@ impl Audit {
         Audit {
             file: None,
             syslog: None,
+            on_failure: OnAuditFailure::Continue,
+            source_id: "pacsgate".into(),
+            host: "-".into(),
         }
     }
 
     /// Open the audit file for appending (mode 600 when created) and start the syslog sender.
+    /// The sender ends when this `Audit` is dropped (a reload replaced it) and its queue is
+    /// delivered or the collector cannot be reached.
     pub fn open(cfg: Option<&AuditConfig>) -> Result<Audit, AuditError> {
         let Some(cfg) = cfg else {
             return Ok(Audit::disabled());
@@ -93,7 +188,11 @@ impl Audit {
                         path: path.clone(),
                         source,
                     })?;
-                Some(Mutex::new(f))
+                Some(FileSink {
+                    file: Mutex::new((f, None)),
+                    failing: AtomicBool::new(false),
+                    losses: Losses::new("file"),
+                })
             }
         };
         let syslog = match &cfg.syslog {
@@ -106,14 +205,45 @@ impl Audit {
                     )),
                     SyslogTarget::Udp(_) => None,
                 };
-                tokio::spawn(syslog_sender(target.clone(), connector, rx));
-                Some(tx)
+                let losses = Arc::new(Losses::new("syslog"));
+                tokio::spawn(syslog_sender(
+                    target.clone(),
+                    connector,
+                    rx,
+                    cfg.syslog_timeout,
+                    losses.clone(),
+                ));
+                Some(SyslogSink { tx, losses })
             }
         };
-        Ok(Audit { file, syslog })
+        let host = hostname();
+        Ok(Audit {
+            file,
+            syslog,
+            on_failure: cfg.on_failure,
+            source_id: cfg.source_id.clone().unwrap_or_else(|| host.clone()),
+            host,
+        })
     }
 
-    /// Record one event: `event` names it (e.g. "association.accepted"), `fields` says the rest.
+    /// With `on_failure = "refuse"`: why new associations and web requests are refused now (the
+    /// last write to the audit file failed), or `None` when they may go on.
+    pub fn refusing(&self) -> Option<String> {
+        if self.on_failure != OnAuditFailure::Refuse {
+            return None;
+        }
+        let file = self.file.as_ref()?;
+        if !file.failing.load(Ordering::Relaxed) {
+            return None;
+        }
+        file.file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
+    }
+
+    /// Record one event: `event` names it (e.g. "association.accepted"), `fields` say the rest.
     pub fn record(&self, event: &str, fields: Value) {
         if self.file.is_none() && self.syslog.is_none() {
             return;
@@ -130,27 +260,39 @@ impl Audit {
         }
         let mut value = Value::Object(map);
         bound(&mut value);
-        if let Some(file) = &self.file {
+        if let Some(sink) = &self.file {
             let mut line = value.to_string();
             line.push('\n');
-            let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+            let mut guard = sink.file.lock().unwrap_or_else(|p| p.into_inner());
+            let (f, failing) = &mut *guard;
             // One write per line: O_APPEND keeps lines whole, and the kernel has it once write returns.
-            if let Err(e) = f.write_all(line.as_bytes()) {
-                metrics()
-                    .audit_failures
-                    .get_or_create(&AuditLabels { sink: "file" })
-                    .inc();
-                tracing::error!(reason = %e, event, "audit: cannot write the audit file");
+            match f.write_all(line.as_bytes()) {
+                Ok(()) => {
+                    if failing.take().is_some() {
+                        sink.failing.store(false, Ordering::Relaxed);
+                        sink.losses.flush("the audit file is writable again");
+                        tracing::warn!(event, "audit: the audit file is writable again");
+                    }
+                }
+                Err(e) => {
+                    let reason = format!("cannot write the audit file: {e}");
+                    sink.losses.lost(1, &reason);
+                    *failing = Some(reason);
+                    sink.failing.store(true, Ordering::Relaxed);
+                }
             }
         }
-        if let Some(tx) = &self.syslog
+        if let Some(sink) = &self.syslog
             && let Value::Object(map) = &value
-            && tx.try_send(syslog_message(map)).is_err()
+            && sink
+                .tx
+                .try_send(syslog_message(map, &self.host, &self.source_id))
+                .is_err()
         {
-            metrics()
-                .audit_failures
-                .get_or_create(&AuditLabels { sink: "syslog" })
-                .inc();
+            sink.losses.lost(
+                1,
+                "the syslog queue is full (the collector is slow or unreachable)",
+            );
         }
     }
 }
@@ -182,22 +324,53 @@ fn dicom_event(
         "move" | "get" | "store" | "move.delivered" | "wado" | "stow" => {
             ("110104", "DICOM Instances Transferred", None, "R")
         }
+        "started" => (
+            "110100",
+            "Application Activity",
+            Some(("110120", "Application Start")),
+            "E",
+        ),
         _ => ("110100", "Application Activity", None, "E"),
     }
 }
 
-/// RFC 5424 message with a PS3.15 A.5 AuditMessage as MSG.
-fn syslog_message(map: &Map<String, Value>) -> Vec<u8> {
-    let text = |k: &str| map.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+/// Text an XML 1.0 document may carry: characters XML 1.0 does not allow (C0 controls other than tab,
+/// newline and carriage return; U+FFFE, U+FFFF) become U+FFFD, and at most `max` characters are kept
+/// (a cut ends in `…`). The JSON audit line keeps the exact value.
+fn xml_safe(text: &str, max: usize) -> Cow<'_, str> {
+    let allowed = |c: char| matches!(c, '\t' | '\n' | '\r' | ' '..='\u{FFFD}' | '\u{10000}'..);
+    if text.chars().all(allowed) && text.chars().nth(max).is_none() {
+        return Cow::Borrowed(text);
+    }
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .map(|c| if allowed(c) { c } else { '\u{FFFD}' })
+        .collect();
+    if text.chars().nth(max).is_some() {
+        out.push('…');
+    }
+    Cow::Owned(out)
+}
+
+/// RFC 5424 message with a PS3.15 A.5 AuditMessage as MSG. `host` is the HOSTNAME field,
+/// `source_id` the AuditSourceID. Every value from an event passes [`xml_safe`].
+fn syslog_message(map: &Map<String, Value>, host: &str, source_id: &str) -> Vec<u8> {
+    let text = |k: &str| {
+        let v = map.get(k).and_then(Value::as_str).unwrap_or("");
+        xml_safe(v, MAX_XML_FIELD).into_owned()
+    };
     let event = text("event");
     let (id, meaning, type_code, action) = dicom_event(&event);
+    // DIMSE statuses are "0x...." strings, web statuses HTTP integers.
     let failed = matches!(
         event.as_str(),
         "login.failed" | "lockout" | "refused" | "association.rejected"
-    ) || map
-        .get("status")
-        .and_then(Value::as_str)
-        .is_some_and(|s| s != "0x0000");
+    ) || match map.get("status") {
+        Some(Value::String(s)) => s != "0x0000",
+        Some(Value::Number(n)) => n.as_u64().is_none_or(|n| n >= 400),
+        _ => false,
+    };
     let mut w = Writer::new(Vec::new());
     let _ = w.write_event(XmlEvent::Decl(BytesDecl::new("1.0", Some("UTF-8"), None)));
     let _ = w.write_event(XmlEvent::Start(BytesStart::new("AuditMessage")));
@@ -221,7 +394,7 @@ fn syslog_message(map: &Map<String, Value>) -> Vec<u8> {
     let _ = w.write_event(XmlEvent::End(BytesEnd::new("EventIdentification")));
     let user = text("user");
     let peer = text("peer");
-    let host = peer
+    let host_of_peer = peer
         .rsplit_once(':')
         .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
         .unwrap_or(peer);
@@ -232,7 +405,7 @@ fn syslog_message(map: &Map<String, Value>) -> Vec<u8> {
         requestor.push_attribute(("AlternativeUserID", calling.as_str()));
     }
     requestor.push_attribute(("UserIsRequestor", "true"));
-    requestor.push_attribute(("NetworkAccessPointID", host.as_str()));
+    requestor.push_attribute(("NetworkAccessPointID", host_of_peer.as_str()));
     requestor.push_attribute(("NetworkAccessPointTypeCode", "2"));
     let _ = w.write_event(XmlEvent::Empty(requestor));
     let mut gateway = BytesStart::new("ActiveParticipant");
@@ -240,7 +413,8 @@ fn syslog_message(map: &Map<String, Value>) -> Vec<u8> {
     gateway.push_attribute(("UserIsRequestor", "false"));
     let _ = w.write_event(XmlEvent::Empty(gateway));
     let mut source = BytesStart::new("AuditSourceIdentification");
-    source.push_attribute(("AuditSourceID", "pacsgate"));
+    let source_id = xml_safe(source_id, MAX_XML_FIELD);
+    source.push_attribute(("AuditSourceID", source_id.as_ref()));
     let _ = w.write_event(XmlEvent::Empty(source));
     for (key, code_value, meaning) in [
         ("study_uid", "110180", "Study Instance UID"),
@@ -262,7 +436,6 @@ fn syslog_message(map: &Map<String, Value>) -> Vec<u8> {
     }
     let _ = w.write_event(XmlEvent::End(BytesEnd::new("AuditMessage")));
     let xml = w.into_inner();
-    let host = hostname();
     // PRI 85 = facility 10 (security/authorization) * 8 + severity 5 (notice).
     let mut msg = format!(
         "<85>1 {time} {host} pacsgate {} {} - ",
@@ -274,20 +447,32 @@ fn syslog_message(map: &Map<String, Value>) -> Vec<u8> {
     msg
 }
 
+/// The HOSTNAME of the syslog header (RFC 5424 6.2.4: printable US-ASCII, at most 255), from
+/// gethostname(2), which needs no /proc (the unit's `ProcSubset=pid` hides /proc/sys); "-" if none.
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic()))
-        .unwrap_or_else(|| "-".into())
+    let name = gethostname::gethostname();
+    let name = name.to_string_lossy();
+    let name = name.trim();
+    if !name.is_empty() && name.len() <= 255 && name.chars().all(|c| c.is_ascii_graphic()) {
+        name.to_string()
+    } else {
+        "-".into()
+    }
 }
 
-/// Send queued messages: UDP datagrams (RFC 5426) or octet-counted frames over TLS (RFC 5425),
-/// reconnecting with a pause when the collector is away.
+/// Send queued messages: UDP datagrams (RFC 5426) or octet-counted frames over TLS (RFC 5425).
+/// Every wait on the collector (connect, TLS handshake, each write) is bounded by `within`; a write
+/// that fails or does not finish in time drops the connection, and on the next one the gateway writes
+/// again that message and the last [`REPLAY_BYTES`] written before it (which the collector may not have
+/// read: RFC 5425 has no acknowledgement), so a stalled collector gets duplicates rather than gaps. A
+/// collector that cannot be reached is retried every 5 s while this sender's `Audit` lives; once it is
+/// gone (replaced on reload), the sender ends instead of retrying, counting what it could not deliver.
 async fn syslog_sender(
     target: SyslogTarget,
     connector: Option<tokio_rustls::TlsConnector>,
     mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    within: Duration,
+    losses: Arc<Losses>,
 ) {
     match target {
         SyslogTarget::Udp(addr) => {
@@ -303,7 +488,11 @@ async fn syslog_sender(
                 return;
             };
             while let Some(msg) = rx.recv().await {
-                let _ = socket.send_to(&msg, addr).await;
+                match tokio::time::timeout(within, socket.send_to(&msg, addr)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => losses.lost(1, &format!("syslog UDP send: {e}")),
+                    Err(_) => losses.lost(1, "syslog UDP send timed out"),
+                }
             }
         }
         SyslogTarget::Tls {
@@ -312,31 +501,53 @@ async fn syslog_sender(
             ..
         } => {
             let Some(connector) = connector else { return };
-            let mut pending: Option<Vec<u8>> = None;
+            let Ok(name) = rustls::pki_types::ServerName::try_from(server_name.clone()) else {
+                tracing::warn!(server_name, "audit syslog: invalid server name");
+                return;
+            };
+            // Messages to write before new ones: after a failed connection, what it may not have
+            // delivered (at most REPLAY_BYTES of the last ones written, then the one that failed).
+            let mut resend: VecDeque<Vec<u8>> = VecDeque::new();
+            let mut warned: Option<Instant> = None;
             loop {
-                let Ok(name) = rustls::pki_types::ServerName::try_from(server_name.clone()) else {
-                    tracing::warn!(server_name, "audit syslog: invalid server name");
-                    return;
-                };
                 let connected = async {
                     let tcp = tokio::net::TcpStream::connect(&address).await?;
-                    connector.connect(name, tcp).await
+                    connector.connect(name.clone(), tcp).await
                 };
-                let mut stream = match tokio::time::timeout(
-                    std::time::Duration::from_secs(10),
-                    connected,
-                )
-                .await
-                {
+                let mut stream = match tokio::time::timeout(within, connected).await {
                     Ok(Ok(s)) => s,
-                    _ => {
-                        tracing::warn!(target = %address, "audit syslog: collector unreachable; retrying in 5 s");
-                        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    failed => {
+                        let reason = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => format!(
+                                "syslog_timeout ({within:?}) passed in connect or TLS handshake"
+                            ),
+                        };
+                        if rx.is_closed() {
+                            // A reload replaced this sender's configuration: stop, do not retry.
+                            let lost = (resend.len() + rx.len()) as u64;
+                            losses.lost(lost, "the collector was unreachable when a reload replaced the audit settings");
+                            tracing::debug!(target = %address, "audit syslog: sender of a replaced configuration ends");
+                            return;
+                        }
+                        if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                            warned = Some(Instant::now());
+                            tracing::warn!(target = %address, reason = ?reason, "audit syslog: collector unreachable; retrying every 5 s (logged once a minute)");
+                        }
+                        tokio::time::sleep(SYSLOG_RETRY).await;
                         continue;
                     }
                 };
+                if warned.take().is_some() || !resend.is_empty() {
+                    tracing::info!(target = %address, resend = resend.len(), "audit syslog: connected to the collector");
+                }
+                losses.flush("the syslog collector is reachable again");
+                // The last messages written on this connection, up to REPLAY_BYTES: the collector
+                // acknowledges nothing (RFC 5425), so these may still sit unread in its buffers.
+                let mut window: VecDeque<Vec<u8>> = VecDeque::new();
+                let mut window_bytes = 0usize;
                 loop {
-                    let msg = match pending.take() {
+                    let msg = match resend.pop_front() {
                         Some(m) => m,
                         None => match rx.recv().await {
                             Some(m) => m,
@@ -345,10 +556,35 @@ async fn syslog_sender(
                     };
                     let mut frame = format!("{} ", msg.len()).into_bytes();
                     frame.extend_from_slice(&msg);
-                    if stream.write_all(&frame).await.is_err() || stream.flush().await.is_err() {
-                        pending = Some(msg);
-                        break;
-                    }
+                    let wrote = tokio::time::timeout(within, async {
+                        stream.write_all(&frame).await?;
+                        stream.flush().await
+                    })
+                    .await;
+                    let problem = match wrote {
+                        Ok(Ok(())) => {
+                            window_bytes += msg.len();
+                            window.push_back(msg);
+                            while window_bytes > REPLAY_BYTES {
+                                match window.pop_front() {
+                                    Some(old) => window_bytes -= old.len(),
+                                    None => break,
+                                }
+                            }
+                            continue;
+                        }
+                        Ok(Err(e)) => format!("write failed: {e}"),
+                        Err(_) => format!(
+                            "write not done within syslog_timeout ({within:?}): the collector is not reading"
+                        ),
+                    };
+                    let again = window.len();
+                    tracing::warn!(target = %address, reason = ?problem, resend = again + 1,
+                                   "audit syslog: reconnecting to the collector; the last messages written go again (it may get some twice)");
+                    window.push_back(msg);
+                    window.extend(resend.drain(..));
+                    resend = window;
+                    break;
                 }
             }
         }
@@ -366,6 +602,9 @@ mod tests {
         let audit = Audit::open(Some(&AuditConfig {
             file: Some(path.clone()),
             syslog: None,
+            syslog_timeout: Duration::from_secs(10),
+            on_failure: OnAuditFailure::Continue,
+            source_id: None,
         }))
         .expect("open");
         audit.record(
@@ -389,6 +628,116 @@ mod tests {
         );
     }
 
+    /// Events covering every EventID mapping, escaping, IPv6, web (integer) and DIMSE (hex) statuses.
+    fn golden_events() -> Vec<Map<String, Value>> {
+        let events = [
+            json!({"event": "association.accepted", "user": "dr.house", "peer": "10.1.5.23:51234",
+                   "calling_ae": "WS1", "called_ae": "ARCHIVE", "method": "password"}),
+            json!({"event": "login.failed", "user": "mallory<&>\"'", "peer": "[::1]:4000",
+                   "calling_ae": "EVIL&AE", "reason": "wrong password"}),
+            json!({"event": "association.ended", "user": "dr.house", "peer": "10.1.5.23:51234",
+                   "calling_ae": "WS1", "outcome": "released"}),
+            json!({"event": "association.rejected", "peer": "192.0.2.1:1", "rule": "not_authenticated"}),
+            json!({"event": "lockout", "user": "bob", "peer": "127.0.0.1:9", "scope": "UserAtAddress"}),
+            json!({"event": "refused", "user": "carol", "peer": "127.0.0.1:9", "via": "http",
+                   "status": 403, "rule": "query_guard"}),
+            json!({"event": "find", "user": "Zoë 日本", "peer": "127.0.0.1:9", "calling_ae": "WS1",
+                   "status": "0x0000", "study_uid": "1.2.3"}),
+            json!({"event": "find", "user": "zoe", "peer": "127.0.0.1:9", "status": "0xa700"}),
+            json!({"event": "qido", "user": "carol", "peer": "127.0.0.1:9", "via": "http",
+                   "status": 200, "study_uid": "1.2.3.4"}),
+            json!({"event": "move", "user": "dr.house", "peer": "127.0.0.1:9", "status": "0x0000",
+                   "study_uid": "1.2.3", "sop_instance_uid": "1.2.3.4.5", "destination": "VIEWER"}),
+            json!({"event": "get", "user": "dr.house", "peer": "127.0.0.1:9", "status": "0xb000"}),
+            json!({"event": "store", "user": "ct", "peer": "127.0.0.1:9", "status": "0x0000",
+                   "sop_instance_uid": "9.8.7"}),
+            json!({"event": "move.delivered", "peer": "127.0.0.1:9", "status": "0x0000"}),
+            json!({"event": "wado", "user": "carol", "peer": "127.0.0.1:9", "via": "http",
+                   "status": 200, "study_uid": "1.2", "series_uid": "1.2.1", "sop_instance_uid": "1.2.1.1"}),
+            json!({"event": "stow", "user": "writer", "peer": "127.0.0.1:9", "via": "http",
+                   "status": 200, "study_uid": "5.6"}),
+            json!({"event": "reload", "outcome": "ok", "path": "/etc/pacsgate/pacsgate.toml"}),
+            json!({"event": "echo", "user": "", "peer": "no-port", "status": "0x0000"}),
+        ];
+        events
+            .into_iter()
+            .map(|e| {
+                let mut map = Map::new();
+                map.insert("time".into(), json!("2026-01-01T00:00:00.5Z"));
+                if let Value::Object(f) = e {
+                    map.extend(f);
+                }
+                map
+            })
+            .collect()
+    }
+
+    /// The syslog messages of [`golden_events`], one per line, with the host and process id
+    /// replaced by `HOST` and `PID`.
+    fn golden_text() -> String {
+        let pid = format!(" {} ", std::process::id());
+        golden_events()
+            .iter()
+            .map(|m| {
+                let msg = String::from_utf8(syslog_message(m, "HOST", "pacsgate")).expect("utf8");
+                let (header, xml) = msg.split_once("<?xml").expect("an XML declaration");
+                let header = header.replacen(&pid, " PID ", 1);
+                format!("{header}<?xml{xml}\n")
+            })
+            .collect()
+    }
+
+    /// The audit XML is byte-identical to what pacsgate wrote with quick-xml 0.38 (the golden was
+    /// made by that build; `PACSGATE_UPDATE_GOLDEN=1` rewrites it after a deliberate change).
+    #[test]
+    fn syslog_messages_match_the_golden() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/audit-syslog.txt");
+        let text = golden_text();
+        if std::env::var_os("PACSGATE_UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, &text).expect("write the golden");
+        }
+        let golden = std::fs::read_to_string(&path).expect("read the golden");
+        for (i, (got, want)) in text.lines().zip(golden.lines()).enumerate() {
+            assert_eq!(got, want, "message {i} differs from {}", path.display());
+        }
+        assert_eq!(text.lines().count(), golden.lines().count());
+    }
+
+    #[test]
+    fn xml_text_loses_what_xml_1_0_forbids_and_is_bounded() {
+        assert_eq!(xml_safe("WS1", 16), "WS1");
+        assert_eq!(xml_safe("X\u{7}Y", 16), "X\u{FFFD}Y");
+        assert_eq!(
+            xml_safe("a\u{0}b\u{1b}[2J\u{FFFE}", 16),
+            "a\u{FFFD}b\u{FFFD}[2J\u{FFFD}"
+        );
+        assert_eq!(xml_safe("tab\there\r\n", 16), "tab\there\r\n");
+        assert_eq!(xml_safe(&"é".repeat(300), 256).chars().count(), 257);
+        let mut map = Map::new();
+        map.insert("event".into(), json!("login.failed"));
+        map.insert("calling_ae".into(), json!("X\u{7}Y"));
+        map.insert("user".into(), json!("u".repeat(5000)));
+        let msg = String::from_utf8(syslog_message(&map, "h", "src\u{1}")).expect("utf8");
+        assert!(!msg.chars().any(|c| c.is_control() && c != '\n'), "{msg:?}");
+        assert!(msg.contains("AlternativeUserID=\"X\u{FFFD}Y\""), "{msg}");
+        assert!(msg.len() < 2000, "{} bytes", msg.len());
+    }
+
+    #[test]
+    fn a_web_request_the_archive_failed_is_a_failure() {
+        for (status, outcome) in [(json!(200), "0"), (json!(404), "4"), (json!(502), "4")] {
+            let mut map = Map::new();
+            map.insert("event".into(), json!("wado"));
+            map.insert("status".into(), status);
+            let msg = String::from_utf8(syslog_message(&map, "h", "s")).expect("utf8");
+            assert!(
+                msg.contains(&format!("EventOutcomeIndicator=\"{outcome}\"")),
+                "{msg}"
+            );
+        }
+    }
+
     #[test]
     fn syslog_messages_carry_a_dicom_audit_message() {
         let mut map = Map::new();
@@ -396,7 +745,7 @@ mod tests {
         map.insert("event".into(), json!("login.failed"));
         map.insert("user".into(), json!("mallory<&>"));
         map.insert("peer".into(), json!("127.0.0.1:4000"));
-        let msg = String::from_utf8(syslog_message(&map)).expect("utf8");
+        let msg = String::from_utf8(syslog_message(&map, "host", "pacsgate")).expect("utf8");
         assert!(msg.starts_with("<85>1 2026-01-01T00:00:00Z "));
         assert!(msg.contains("csd-code=\"110114\""));
         assert!(msg.contains("EventOutcomeIndicator=\"4\""));

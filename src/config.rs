@@ -99,6 +99,13 @@ struct FileAudit {
     syslog: Option<String>,
     syslog_ca: Option<PathBuf>,
     syslog_server_name: Option<String>,
+    #[serde(default = "default_syslog_timeout")]
+    syslog_timeout: f64,
+    on_failure: Option<String>,
+    source_id: Option<String>,
+}
+fn default_syslog_timeout() -> f64 {
+    10.0
 }
 
 #[derive(Debug, Deserialize)]
@@ -381,6 +388,22 @@ pub struct Http {
 pub struct AuditConfig {
     pub file: Option<PathBuf>,
     pub syslog: Option<SyslogTarget>,
+    /// The bound on the syslog collector's connect and TLS handshake, and on each message written.
+    pub syslog_timeout: Duration,
+    /// What happens to new associations and web requests while the audit file cannot be written.
+    pub on_failure: OnAuditFailure,
+    /// AuditSourceID of the DICOM audit messages; `None`: the host name.
+    pub source_id: Option<String>,
+}
+
+/// `[audit] on_failure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnAuditFailure {
+    /// Keep serving; the failure is logged and counted.
+    #[default]
+    Continue,
+    /// Refuse new associations (A-ASSOCIATE-RJ 2/3/1) and web requests (503) until a write succeeds.
+    Refuse,
 }
 
 /// A syslog collector.
@@ -1334,9 +1357,36 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                     }
                 }
             };
+            let on_failure = match a.on_failure.as_deref() {
+                None | Some("continue") => OnAuditFailure::Continue,
+                Some("refuse") => OnAuditFailure::Refuse,
+                Some(other) => {
+                    return Err(invalid(
+                        "audit.on_failure",
+                        format!("{other:?}: expected \"continue\" or \"refuse\""),
+                    ));
+                }
+            };
+            if on_failure == OnAuditFailure::Refuse && a.file.is_none() {
+                return Err(invalid(
+                    "audit.on_failure",
+                    "\"refuse\" needs an audit file (audit.file) to watch".into(),
+                ));
+            }
+            if let Some(id) = &a.source_id
+                && (id.is_empty() || id.chars().count() > 64 || id.chars().any(char::is_control))
+            {
+                return Err(invalid(
+                    "audit.source_id",
+                    format!("{id:?}: 1 to 64 characters, no control characters"),
+                ));
+            }
             Some(AuditConfig {
                 file: a.file.as_deref().map(resolve),
                 syslog,
+                syslog_timeout: secs("audit.syslog_timeout", a.syslog_timeout)?,
+                on_failure,
+                source_id: a.source_id,
             })
         }
     };

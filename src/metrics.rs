@@ -125,9 +125,24 @@ impl Metrics {
         );
         registry.register(
             "reloads",
-            "Configuration reloads by outcome",
+            "Configuration reloads by outcome (reason: what asked for it, sighup)",
             m.reloads.clone(),
         );
+        registry.register(
+            "audit_failures",
+            "Audit events lost, by sink (file: a line could not be written; syslog: not delivered)",
+            m.audit_failures.clone(),
+        );
+        // Counters an alert watches exist at 0 from start-up, so that the alert has a series.
+        for sink in ["file", "syslog"] {
+            let _ = m.audit_failures.get_or_create(&AuditLabels { sink });
+        }
+        for outcome in ["ok", "refused"] {
+            let _ = m.reloads.get_or_create(&OutcomeLabels {
+                outcome,
+                reason: "sighup",
+            });
+        }
         Metrics { registry, ..m }
     }
 
@@ -146,6 +161,24 @@ impl Metrics {
                 status: status_class(status),
             })
             .inc();
+    }
+
+    /// Create the `upstream_connect_failures` series (at 0) of every archive, C-MOVE destination and
+    /// DICOMweb upstream `config` names, so that each has a series before its first failure.
+    pub fn prepare_upstreams(&self, config: &crate::config::Config) {
+        let addresses = config
+            .upstreams
+            .iter()
+            .map(|u| &u.address)
+            .chain(config.destinations.iter().map(|d| &d.address))
+            .chain(config.http.iter().map(|h| &h.upstream));
+        for address in addresses {
+            let _ = self
+                .upstream_connect_failures
+                .get_or_create(&UpstreamLabels {
+                    upstream: address.clone(),
+                });
+        }
     }
 
     pub fn refusal(&self, rule: &'static str) {

@@ -66,6 +66,7 @@ impl State {
         let limiter = Arc::new(Limiter::new(&config));
         let destinations = DestinationConnectors::new(&config)?;
         let audit = Arc::new(Audit::open(config.audit.as_ref())?);
+        metrics().prepare_upstreams(&config);
         Ok(State {
             config,
             acceptor,
@@ -95,6 +96,12 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(state: State) -> Gateway {
+        // The first write to the audit file: with `on_failure = "refuse"`, a file that cannot be
+        // written refuses the first association already.
+        state.audit.record(
+            "started",
+            json!({"version": env!("CARGO_PKG_VERSION"), "path": state.config.path.display().to_string()}),
+        );
         Gateway {
             state: Arc::new(RwLock::new(Arc::new(state))),
             pending: Arc::default(),
@@ -570,6 +577,14 @@ async fn associate<S: AsyncRead + AsyncWrite + Unpin>(
     let rq = read_request(&mut client, cfg, started).await?;
     outcome.calling_ae = rq.calling_ae_title.clone();
     outcome.called_ae = rq.called_ae_title.clone();
+
+    // Phase: `[audit] on_failure = "refuse"` and the audit file cannot be written: no association
+    // that would go unrecorded. 2/3/1 (transient, presentation-related, temporary congestion): the
+    // client may try again later, as with an unreachable archive.
+    if let Some(why) = state.audit.refusing() {
+        let stop = reject(&mut client, Rejection::UpstreamUnavailable, why).await;
+        return Err(stop.kind("audit_unavailable"));
+    }
 
     // Phase: limits on the address, before any credential is looked at.
     let address = peer.ip();

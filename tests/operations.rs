@@ -203,6 +203,13 @@ fn the_audit_file_records_each_event_in_order_as_json_lines() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
+    // The first line is the gateway's own start (DICOM Application Start), then the associations.
+    assert_eq!(
+        events.first().map(|e| &e["event"]),
+        Some(&json!("started")),
+        "{text}"
+    );
+    let events = &events[1..];
     let names: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
     let expected = [
         "association.accepted",

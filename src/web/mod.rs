@@ -479,7 +479,26 @@ impl Door {
             .and_then(|o| o.to_str().ok())
             .map(str::to_string);
         let cors = origin.filter(|o| http.cors_origins.iter().any(|a| a == "*" || a == o));
-        let mut response = if method == Method::OPTIONS && cors.is_some() {
+        let mut response = if let Some(why) = state.audit.refusing() {
+            // `[audit] on_failure = "refuse"` and the audit file cannot be written.
+            let status = StatusCode::SERVICE_UNAVAILABLE;
+            metrics().refusal("audit_unavailable");
+            state.audit.record(
+                "refused",
+                json!({"peer": conn.peer.to_string(), "via": "http", "method": method.as_str(),
+                       "path": raw_path, "op": "denied", "status": status.as_u16(),
+                       "rule": "audit_unavailable", "reason": why}),
+            );
+            tracing::warn!(peer = %conn.peer, op = "denied", path = ?raw_path, status = status.as_u16(),
+                           rule = "audit_unavailable", reason = ?why, "refused");
+            retry_after(
+                full(
+                    status,
+                    "the audit trail cannot be written; try again later\n",
+                ),
+                30,
+            )
+        } else if method == Method::OPTIONS && cors.is_some() {
             full(StatusCode::NO_CONTENT, "")
         } else {
             match self
