@@ -417,6 +417,15 @@ fn check(path: &Path) -> anyhow::Result<()> {
         config.users.len(),
         config.roles.len()
     );
+    for warning in pacsgate::policy::warnings(&config) {
+        println!("warning: {warning}");
+    }
+    if config.admin.is_some() {
+        pacsgate::admin::AdminAccess::load(&config)?;
+        for warning in pacsgate::admin::warnings(&config) {
+            println!("warning: {warning}");
+        }
+    }
     let mut unreachable = Vec::new();
     let rt = runtime()?;
     for upstream in &config.upstreams {

@@ -530,7 +530,8 @@ impl Session {
         }
         let verdict = match c.field {
             cf::C_FIND_RQ
-                if c.affected_sop_class == WORKLIST_FIND || self.grants.unrestricted_queries =>
+                if c.affected_sop_class == WORKLIST_FIND
+                    || self.grants.unrestricted_find(&c.affected_sop_class) =>
             {
                 Ok("")
             }
