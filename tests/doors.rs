@@ -744,3 +744,130 @@ roles = ["reader", "worklister"]
         "{said}"
     );
 }
+
+/// DCMTK findscu over TLS with bob's certificate (study root); its output.
+fn findscu_cert(pki: &Pki, host_port: u16, aec: &str, tls: bool, keys: &[&str]) -> String {
+    findscu_cert_with(pki, host_port, aec, tls, keys, "-v")
+}
+
+/// [`findscu_cert`] with another verbosity (`-d` dumps the response command sets).
+fn findscu_cert_with(
+    pki: &Pki,
+    host_port: u16,
+    aec: &str,
+    tls: bool,
+    keys: &[&str],
+    verbosity: &str,
+) -> String {
+    let (cert, key) = pki.client("bob");
+    let mut args: Vec<String> = vec![verbosity.into(), "-aec".into(), aec.into()];
+    if tls {
+        args.extend(["+tls", path(&key), path(&cert), "+cf", path(&pki.ca_cert)].map(String::from));
+    }
+    args.push("-S".into());
+    for k in keys {
+        args.push("-k".into());
+        args.push(k.to_string());
+    }
+    args.push("127.0.0.1".into());
+    args.push(host_port.to_string());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    output_text(&dcmtk("findscu", &refs))
+}
+
+/// The `(gggg,eeee) VR [value]` lines of findscu's dumps.
+fn dump_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.trim_start_matches(|c: char| c != '(').trim())
+        .filter(|l| l.starts_with("(0008,") || l.starts_with("(0010,") || l.starts_with("(0020,"))
+        .map(|l| l.split('#').next().unwrap_or("").trim().to_string())
+        .collect()
+}
+
+#[test]
+fn c_find_matches_carry_the_called_ae_as_retrieve_ae_title_and_refusal_comments_fit() {
+    let pki = Pki::generate();
+    let orthanc = Orthanc::start("ORTHANC", &[]);
+    let data = common::tempdir("data");
+    for f in make_instances(data.path(), &[("RAET1", "RETRIEVE^AE", 2)]) {
+        orthanc.upload(&std::fs::read(f).expect("read"));
+    }
+    let port = free_port();
+    let gw = Gateway::start(
+        port,
+        &config(port, &pki, orthanc.dicom_port, "")
+            .replace("ae_title = \"ARCHIVE\"", "ae_title = \"ORTHANC\""),
+    );
+    let keys = [
+        "QueryRetrieveLevel=STUDY",
+        "PatientID=RAET1",
+        "StudyInstanceUID",
+        "PatientName",
+        "RetrieveAETitle",
+    ];
+    let through = findscu_cert(&pki, port, "ARCHIVE", true, &keys);
+    let direct = findscu_cert(&pki, orthanc.dicom_port, "ORTHANC", false, &keys);
+    let (through, direct) = (dump_lines(&through), dump_lines(&direct));
+    // Orthanc 1.10 answers the key empty; others put their own AE title there. Either way the
+    // client is to retrieve from the AE title it called.
+    let answered = |v: &[String]| -> Vec<String> {
+        v.iter()
+            .filter(|l| l.starts_with("(0008,0054)"))
+            .skip(1) // the request's own key
+            .cloned()
+            .collect()
+    };
+    assert!(!answered(&direct).is_empty(), "{direct:?}");
+    assert!(
+        answered(&direct).iter().all(|l| !l.contains("[ARCHIVE")),
+        "{direct:?}"
+    );
+    assert!(
+        !answered(&through).is_empty()
+            && answered(&through)
+                .iter()
+                .all(|l| l.starts_with("(0008,0054) AE [ARCHIVE")),
+        "{through:?}\n{}",
+        gw.log()
+    );
+    // Everything else as the archive answered it.
+    let others = |v: &[String]| -> Vec<String> {
+        v.iter()
+            .filter(|l| !l.starts_with("(0008,0054)"))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(others(&through), others(&direct));
+    assert!(others(&through).iter().any(|l| l.contains("RAET1")));
+
+    // A guarded query: the Error Comment is a whole sentence within 64 characters.
+    let refused = findscu_cert_with(
+        &pki,
+        port,
+        "ARCHIVE",
+        true,
+        &["QueryRetrieveLevel=STUDY", "PatientName=*"],
+        "-d",
+    );
+    let comment = refused
+        .lines()
+        .find(|l| l.contains("(0000,0902)"))
+        .unwrap_or_else(|| panic!("no Error Comment in:\n{refused}"));
+    let value = comment
+        .split_once('[')
+        .and_then(|(_, v)| v.split_once(']'))
+        .map(|(v, _)| v)
+        .unwrap_or_else(|| panic!("{comment}"));
+    assert_eq!(
+        value, "pacsgate: query too broad; give an identifying key (PatientID)",
+        "{refused}"
+    );
+    // The full reason is in the log.
+    assert!(
+        gw.log()
+            .lines()
+            .any(|l| l.contains("query_guard") && l.contains("reason=")),
+        "{}",
+        gw.log()
+    );
+}
