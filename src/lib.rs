@@ -23,6 +23,7 @@ pub mod demo;
 pub mod devcerts;
 pub mod dimse;
 pub mod listeners;
+pub mod logfmt;
 pub mod metrics;
 pub mod moves;
 pub mod pdu;

@@ -871,3 +871,119 @@ fn c_find_matches_carry_the_called_ae_as_retrieve_ae_title_and_refusal_comments_
         gw.log()
     );
 }
+
+/// The fields of one log line (after the message): `Err` naming what does not parse. A value is a
+/// bare token or one quoted, escaped string; nothing else may sit between fields.
+fn parse_fields(line: &str) -> Result<Vec<(String, String)>, String> {
+    let is_ident = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+    // Fields start at the first " ident=" after the target.
+    let body = line.split_once(": ").map(|x| x.1).unwrap_or(line);
+    let start = body
+        .match_indices(' ')
+        .map(|(i, _)| i + 1)
+        .find(|&i| {
+            body[i..]
+                .split_once('=')
+                .is_some_and(|(k, _)| is_ident(k))
+        });
+    let Some(start) = start else {
+        return Ok(Vec::new());
+    };
+    let mut rest = &body[start..];
+    let mut fields = Vec::new();
+    while !rest.is_empty() {
+        let (key, after) = rest
+            .split_once('=')
+            .filter(|(k, _)| is_ident(k))
+            .ok_or_else(|| format!("not a field at {rest:?}"))?;
+        let (value, tail) = if let Some(quoted) = after.strip_prefix('"') {
+            let mut escaped = false;
+            let end = quoted
+                .char_indices()
+                .find(|&(_, c)| {
+                    let stop = !escaped && c == '"';
+                    escaped = !escaped && c == '\\';
+                    stop
+                })
+                .map(|(i, _)| i)
+                .ok_or_else(|| format!("unterminated quote in {after:?}"))?;
+            (&after[..end + 2], &quoted[end + 1..])
+        } else {
+            let end = after.find(' ').unwrap_or(after.len());
+            (&after[..end], &after[end..])
+        };
+        fields.push((key.to_string(), value.to_string()));
+        rest = match tail.strip_prefix(' ') {
+            Some(r) => r,
+            None if tail.is_empty() => "",
+            None => return Err(format!("junk after {key}={value}: {tail:?}")),
+        };
+    }
+    Ok(fields)
+}
+
+#[test]
+fn every_log_line_parses_as_fields_with_one_quoting_rule() {
+    let pki = Pki::generate();
+    let archive = PyArchive::start("ARCHIVE");
+    let port = free_port();
+    let web = free_port();
+    let extra = format!(
+        "[http]\nlisten = \"127.0.0.1:{web}\"\nupstream = \"http://127.0.0.1:{}\"\n",
+        archive.port
+    );
+    let mut gw = Gateway::start(port, &config(port, &pki, archive.port, &extra));
+    gw.wait_listening(web);
+    // A wrong password, a hostile calling AE, a foreign certificate, a guarded query, a web 401, a refused reload.
+    for (user, password, aet) in [("alice", "wrong", "PYSCU"), ("alice", PASSWORD, "A B\"=C")] {
+        pyscu(&[
+            "find",
+            "--port",
+            &port.to_string(),
+            "--aec",
+            "ARCHIVE",
+            "--aet",
+            aet,
+            "--tls-ca",
+            path(&pki.ca_cert),
+            "--user",
+            user,
+            "--password",
+            password,
+            "-k",
+            "PatientName=*",
+        ]);
+    }
+    let (cert, key) = pki.other_ca_client("bob");
+    let _ = echoscu_cert(port, &pki, &cert, &key);
+    let _ = curl_basic(web, &pki, "nobody", "x y");
+    let broken = std::fs::read_to_string(gw.config_path())
+        .expect("config")
+        .replace("[[role]]", "[[role]]\nnot_a_key = 1");
+    std::fs::write(gw.config_path(), broken).expect("write");
+    gw.signal("HUP");
+    assert!(
+        gw.wait_for_log("configuration reload refused", Duration::from_secs(10)),
+        "{}",
+        gw.log()
+    );
+    let log = gw.log();
+    let mut checked = 0;
+    for line in log.lines().filter(|l| l.contains(" pacsgate")) {
+        let fields = parse_fields(line).unwrap_or_else(|e| panic!("{e}\nin: {line}"));
+        checked += fields.len();
+    }
+    assert!(checked > 20, "{log}");
+    // The lines the issue named: a reason with spaces is quoted, and so is every user.
+    let refused = log
+        .lines()
+        .find(|l| l.contains("configuration reload refused"))
+        .expect("line");
+    assert!(refused.contains(" reason=\""), "{refused}");
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("user="))
+            .all(|l| l.contains("user=\"")),
+        "{log}"
+    );
+}
