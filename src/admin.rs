@@ -6,8 +6,8 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -108,17 +108,30 @@ fn read_token(path: &Path) -> Result<[u8; 32], AdminError> {
 }
 
 /// The last readiness check: `None` until the first one finished.
-#[derive(Default)]
 struct Readiness {
-    ready: Mutex<Option<bool>>,
+    ready: tokio::sync::watch::Sender<Option<bool>>,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness {
+            ready: tokio::sync::watch::channel(None).0,
+        }
+    }
 }
 
 impl Readiness {
-    fn get(&self) -> Option<bool> {
-        *self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    /// The cached result; before the first check has finished, wait for it (at most `within`).
+    async fn get(&self, within: Duration) -> Option<bool> {
+        let mut rx = self.ready.subscribe();
+        let first = tokio::time::timeout(within, rx.wait_for(Option::is_some)).await;
+        match first {
+            Ok(Ok(v)) => *v,
+            _ => None,
+        }
     }
     fn set(&self, ready: bool) {
-        *self.ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(ready);
+        self.ready.send_replace(Some(ready));
     }
 }
 
@@ -268,7 +281,7 @@ fn may_read_metrics(access: &AdminAccess, req: &Request<Incoming>, certificate: 
     got == want
 }
 
-fn answer(
+async fn answer(
     req: &Request<Incoming>,
     gateway: &Gateway,
     access: &AdminAccess,
@@ -282,7 +295,10 @@ fn answer(
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
-            if !gateway.tasks.is_closed() && readiness.get() == Some(true) {
+            // Right after start the first check may still run: wait for it, within its own bound.
+            let within =
+                gateway.current().config.timeouts.upstream_connect + Duration::from_secs(1);
+            if !gateway.tasks.is_closed() && readiness.get(within).await == Some(true) {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -321,15 +337,20 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
 ) {
     let access_state = gateway.current();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let response = answer(
-            &req,
-            &gateway,
-            &access_state.admin,
-            &readiness,
-            certificate,
-            peer,
-        );
-        async move { Ok::<_, std::convert::Infallible>(response) }
+        let (gateway, access_state, readiness) =
+            (gateway.clone(), access_state.clone(), readiness.clone());
+        async move {
+            let response = answer(
+                &req,
+                &gateway,
+                &access_state.admin,
+                &readiness,
+                certificate,
+                peer,
+            )
+            .await;
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

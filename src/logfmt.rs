@@ -12,7 +12,8 @@ use tracing_subscriber::fmt::format::{FormatFields, Writer};
 fn is_token(text: &str) -> bool {
     !text.is_empty()
         && text.chars().all(|c| {
-            c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-' | '[' | ']' | '@' | '+' | ',')
+            c.is_ascii_alphanumeric()
+                || matches!(c, '.' | '_' | ':' | '/' | '-' | '[' | ']' | '@' | '+' | ',')
         })
 }
 
@@ -45,14 +46,16 @@ pub fn value_text(text: &str) -> String {
 
 /// The field formatter for `tracing_subscriber::fmt().fmt_fields(...)`.
 pub fn fields() -> impl for<'w> FormatFields<'w> + Send + Sync + 'static {
-    tracing_subscriber::fmt::format::debug_fn(|w: &mut Writer<'_>, field, value: &dyn fmt::Debug| {
-        let text = format!("{value:?}");
-        if field.name() == "message" {
-            write!(w, "{text}")
-        } else {
-            write!(w, "{}={}", field.name(), value_text(&text))
-        }
-    })
+    tracing_subscriber::fmt::format::debug_fn(
+        |w: &mut Writer<'_>, field, value: &dyn fmt::Debug| {
+            let text = format!("{value:?}");
+            if field.name() == "message" {
+                write!(w, "{text}")
+            } else {
+                write!(w, "{}={}", field.name(), value_text(&text))
+            }
+        },
+    )
     .delimited(" ")
 }
 

@@ -881,11 +881,7 @@ fn parse_fields(line: &str) -> Result<Vec<(String, String)>, String> {
     let start = body
         .match_indices(' ')
         .map(|(i, _)| i + 1)
-        .find(|&i| {
-            body[i..]
-                .split_once('=')
-                .is_some_and(|(k, _)| is_ident(k))
-        });
+        .find(|&i| body[i..].split_once('=').is_some_and(|(k, _)| is_ident(k)));
     let Some(start) = start else {
         return Ok(Vec::new());
     };
