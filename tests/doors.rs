@@ -983,3 +983,36 @@ fn every_log_line_parses_as_fields_with_one_quoting_rule() {
         "{log}"
     );
 }
+
+#[test]
+fn a_worklist_roles_unrestricted_flag_does_not_lift_a_readers_find_guard() {
+    // The configuration of the build before the fix (no model list): only the scope changed.
+    let pki = Pki::generate();
+    let archive = PyArchive::start("ARCHIVE");
+    let port = free_port();
+    let hash = password_hash(PASSWORD);
+    let extra = format!(
+        "[[role]]\nname = \"worklister\"\nallow = [\"worklist\"]\nunrestricted_queries = true\n\n[[user]]\nname = \"mixed\"\npassword_hash = \"{hash}\"\nroles = [\"reader\", \"worklister\"]\n"
+    );
+    let gw = Gateway::start(port, &config(port, &pki, archive.port, &extra));
+    let v = pyscu(&[
+        "find",
+        "--port",
+        &port.to_string(),
+        "--aec",
+        "ARCHIVE",
+        "--tls-ca",
+        path(&pki.ca_cert),
+        "--user",
+        "mixed",
+        "--password",
+        PASSWORD,
+        "-k",
+        "PatientName=*",
+    ]);
+    assert_eq!(v["statuses"], json!([0xA700]), "{v}\n{}", gw.log());
+    assert!(
+        archive.records().iter().all(|r| r["kind"] != "find"),
+        "the guarded query reached the archive"
+    );
+}
