@@ -1347,7 +1347,8 @@ allow = ["echo", "find"]
             let b = s
                 .inspect(Side::Archive, &pdu(1, false, true, &named))
                 .expect("match");
-            if a.forward == Forward::Unchanged && b.forward == Forward::Unchanged {
+            // A match is held whole (command and identifier), then forwarded re-encoded.
+            if a.forward == Forward::Nothing && matches!(b.forward, Forward::Rebuilt(_)) {
                 relayed += 1;
             }
             cancels += usize::from(!a.back.is_empty());
@@ -1376,6 +1377,61 @@ allow = ["echo", "find"]
                 .is_err(),
             "garbage command"
         );
+    }
+
+    #[test]
+    fn a_c_find_match_is_forwarded_re_encoded_with_the_called_ae_as_retrieve_ae_title() {
+        let mut s = session();
+        let rq = command(
+            vec![
+                (tags::COMMAND_FIELD, 0x0020),
+                (tags::MESSAGE_ID, 5),
+                (tags::PRIORITY, 0),
+                (tags::COMMAND_DATA_SET_TYPE, 0),
+            ],
+            FIND,
+        );
+        let named = identifier(&[
+            (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "STUDY"),
+            (tags::PATIENT_ID, VR::LO, "P1"),
+        ]);
+        s.inspect(Side::Client, &pdu(1, true, true, &rq))
+            .expect("cmd");
+        s.inspect(Side::Client, &pdu(1, false, true, &named))
+            .expect("id");
+        let rsp = command(
+            vec![
+                (tags::COMMAND_FIELD, 0x8020),
+                (tags::MESSAGE_ID_BEING_RESPONDED_TO, 5),
+                (tags::COMMAND_DATA_SET_TYPE, 0),
+                (tags::STATUS, 0xFF00),
+            ],
+            FIND,
+        );
+        let answer = identifier(&[
+            (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "STUDY"),
+            (tags::RETRIEVE_AE_TITLE, VR::AE, "ORTHANC"),
+            (tags::PATIENT_ID, VR::LO, "P1"),
+        ]);
+        let a = s
+            .inspect(Side::Archive, &pdu(1, true, true, &rsp))
+            .expect("pending");
+        assert_eq!(
+            a.forward,
+            Forward::Nothing,
+            "held until the identifier is whole"
+        );
+        let b = s
+            .inspect(Side::Archive, &pdu(1, false, true, &answer))
+            .expect("match");
+        let Forward::Rebuilt(bytes) = b.forward else {
+            panic!("the match is forwarded re-encoded")
+        };
+        let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        // (0008,0054) AE, length 2, "A " (the called AE, padded): explicit VR little endian.
+        assert!(has(b"\x08\x00\x54\x00AE\x02\x00A "), "{bytes:?}");
+        assert!(!has(b"ORTHANC"));
+        assert!(has(b"P1"));
     }
 
     #[test]
