@@ -1016,3 +1016,41 @@ fn a_worklist_roles_unrestricted_flag_does_not_lift_a_readers_find_guard() {
         "the guarded query reached the archive"
     );
 }
+
+#[test]
+fn with_client_ca_the_admin_port_speaks_tls_and_metrics_needs_a_client_certificate() {
+    let pki = Pki::generate();
+    let archive = PyArchive::start("ARCHIVE");
+    let port = free_port();
+    let admin = free_port();
+    let extra = format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\nclient_ca = \"{}\"\n",
+        pki.ca_cert.display()
+    );
+    let mut gw = Gateway::start(port, &config(port, &pki, archive.port, &extra));
+    gw.wait_listening(admin);
+    let (cert, key) = pki.client("prometheus");
+    let curl = |path_: &str, with_cert: bool| {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+            path(&pki.ca_cert),
+        ]);
+        if with_cert {
+            cmd.args(["--cert", path(&cert), "--key", path(&key)]);
+        }
+        cmd.arg(format!("https://localhost:{admin}{path_}"));
+        let out = run_bounded(&mut cmd, None, Duration::from_secs(20));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(curl("/metrics", true), "200", "{}", gw.log());
+    assert_eq!(curl("/metrics", false), "401");
+    assert_eq!(curl("/healthz", false), "200");
+    // Plain HTTP on a TLS port gets nothing.
+    assert_eq!(admin_get(admin, "/healthz", &[]).0, 0);
+}
