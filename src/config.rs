@@ -113,6 +113,21 @@ fn default_syslog_timeout() -> f64 {
 struct FileAdmin {
     #[serde(default = "default_admin_listen")]
     listen: String,
+    #[serde(default = "default_admin_max_connections")]
+    max_connections: usize,
+    #[serde(default = "d5")]
+    header_timeout: f64,
+    #[serde(default = "default_admin_fd_reserve")]
+    fd_reserve: usize,
+    bearer_token_file: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+}
+
+fn default_admin_max_connections() -> usize {
+    16
+}
+fn default_admin_fd_reserve() -> usize {
+    128
 }
 
 fn default_admin_listen() -> String {
@@ -245,6 +260,12 @@ struct FileJwt {
     roles_claim: String,
     #[serde(default = "default_leeway")]
     leeway: u64,
+    #[serde(default = "default_max_lifetime")]
+    max_lifetime: u64,
+}
+
+fn default_max_lifetime() -> u64 {
+    crate::auth::jwt::DEFAULT_MAX_LIFETIME_SECONDS
 }
 
 fn default_roles_claim() -> String {
@@ -272,10 +293,24 @@ struct FileRole {
     #[serde(default)]
     move_destinations: Vec<String>,
     #[serde(default)]
-    unrestricted_queries: bool,
+    unrestricted_queries: FileUnrestricted,
     #[serde(default = "default_query_min_chars")]
     query_min_chars: usize,
     max_query_results: Option<u32>,
+}
+
+/// `unrestricted_queries = true | false | ["patient", "study"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FileUnrestricted {
+    All(bool),
+    Models(Vec<String>),
+}
+
+impl Default for FileUnrestricted {
+    fn default() -> Self {
+        FileUnrestricted::All(false)
+    }
 }
 
 fn default_query_min_chars() -> usize {
@@ -360,6 +395,8 @@ pub struct Config {
     pub audit: Option<AuditConfig>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not at all.
     pub admin_listen: Option<SocketAddr>,
+    /// `[admin]`: the admin port's bounds and access (its `listen` is `admin_listen`).
+    pub admin: Option<Admin>,
     /// The DICOMweb door; `None`: not served.
     pub http: Option<Http>,
 }
@@ -381,6 +418,23 @@ pub struct Http {
     pub max_query_response: usize,
     /// Failed (or unfinished) credential checks one client address may have per minute; 0: no limit.
     pub failed_logins_per_minute: u32,
+}
+
+/// `[admin]`: the admin port (`/metrics`, `/healthz`, `/readyz`).
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    /// Connections served at once; more wait in the kernel's backlog (they hold no descriptor of ours).
+    pub max_connections: usize,
+    /// How long a request head (and the TLS handshake, with `client_ca`) may take.
+    pub header_timeout: Duration,
+    /// File descriptors the admin port leaves to the doors: it accepts nothing while fewer are free.
+    pub fd_reserve: usize,
+    /// `/metrics` answers only `Authorization: Bearer <the token in this file>` (or a client certificate).
+    pub bearer_token_file: Option<PathBuf>,
+    /// The admin port speaks TLS (the `[tls]` certificate); `/metrics` answers a client certificate
+    /// this CA signed (or the bearer token). `/healthz` and `/readyz` need neither.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// `[audit]`: the audit trail's destinations.
@@ -515,6 +569,8 @@ pub struct Jwt {
     pub algorithms: Option<Vec<jsonwebtoken::Algorithm>>,
     pub roles_claim: String,
     pub leeway: u64,
+    /// The longest a token may be valid (`exp - iat`), in seconds; `iat` is required.
+    pub max_lifetime: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -566,12 +622,55 @@ pub struct Role {
     pub name: String,
     pub allow: BTreeSet<Operation>,
     pub move_destinations: Vec<String>,
-    /// May run C-FIND queries the anti-enumeration guard would refuse.
+    /// May run some C-FIND queries the anti-enumeration guard would refuse (`unrestricted` says which).
     pub unrestricted_queries: bool,
+    /// The query models this role's queries skip the guard in (only where the role allows `find`).
+    pub unrestricted: Unrestricted,
     /// Characters an identifying key needs before its first wildcard (anti-enumeration guard).
     pub query_min_chars: usize,
     /// Overrides `[limits] max_query_results` for holders of this role.
     pub max_query_results: Option<u32>,
+}
+
+/// A C-FIND query information model, as `unrestricted_queries` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum QueryModel {
+    /// Patient Root Query/Retrieve Information Model - FIND (1.2.840.10008.5.1.4.1.2.1.1).
+    Patient,
+    /// Study Root Query/Retrieve Information Model - FIND (1.2.840.10008.5.1.4.1.2.2.1), and QIDO-RS.
+    Study,
+}
+
+impl QueryModel {
+    pub const ALL: [QueryModel; 2] = [QueryModel::Patient, QueryModel::Study];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QueryModel::Patient => "patient",
+            QueryModel::Study => "study",
+        }
+    }
+
+    /// The model of a C-FIND SOP class; `None` for others (Patient/Study Only, worklist, ...).
+    pub fn of_find_sop_class(uid: &str) -> Option<QueryModel> {
+        match uid.trim_end_matches('\0') {
+            "1.2.840.10008.5.1.4.1.2.1.1" => Some(QueryModel::Patient),
+            "1.2.840.10008.5.1.4.1.2.2.1" => Some(QueryModel::Study),
+            _ => None,
+        }
+    }
+}
+
+/// `[[role]] unrestricted_queries`: where the anti-enumeration guard does not apply to this role.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Unrestricted {
+    /// `false` (the default): the guard applies to every query.
+    #[default]
+    None,
+    /// `true`: no guard on any C-FIND model nor QIDO-RS.
+    All,
+    /// A list: no guard in these models only (QIDO-RS counts as `study`).
+    Models(BTreeSet<QueryModel>),
 }
 
 /// A rate: so many per minute with a burst; `per_minute == 0` means no limit.
@@ -759,16 +858,27 @@ impl Config {
                     None => format!("role {:?}: nobody holds it", r.name),
                 });
             }
-            if r.unrestricted_queries {
-                out.push(format!(
-                    "role {:?} has unrestricted_queries = true: the anti-enumeration guard is off for its holders ({}), who may list every patient (PatientName=*)",
+            let holders = if holders.is_empty() {
+                "tokens only".to_string()
+            } else {
+                holders.join(", ")
+            };
+            match &r.unrestricted {
+                Unrestricted::None => {}
+                _ if !r.allow.contains(&Operation::Find) => out.push(format!(
+                    "role {:?}: unrestricted_queries has no effect (the role does not allow \"find\"; it never lifts the guard for another role)",
+                    r.name
+                )),
+                Unrestricted::All => out.push(format!(
+                    "role {:?} has unrestricted_queries = true: the anti-enumeration guard is off for every query model and QIDO-RS for its holders ({holders}), who may list every patient (PatientName=*); name the models it needs, e.g. [\"study\"]",
+                    r.name
+                )),
+                Unrestricted::Models(m) => out.push(format!(
+                    "role {:?}: unrestricted_queries lifts the anti-enumeration guard for the {} model{} for its holders ({holders})",
                     r.name,
-                    if holders.is_empty() {
-                        "tokens only".to_string()
-                    } else {
-                        holders.join(", ")
-                    }
-                ));
+                    m.iter().map(|m| m.name()).collect::<Vec<_>>().join(" and "),
+                    if m.contains(&QueryModel::Study) { " (and QIDO-RS)" } else { "" }
+                )),
             }
         }
         let l = &self.limits;
@@ -993,13 +1103,40 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                 "must be at least 1".into(),
             ));
         }
+        let unrestricted = match r.unrestricted_queries {
+            FileUnrestricted::All(false) => Unrestricted::None,
+            FileUnrestricted::All(true) => Unrestricted::All,
+            FileUnrestricted::Models(names) => {
+                let mut models = BTreeSet::new();
+                for name in &names {
+                    let model = QueryModel::ALL
+                        .into_iter()
+                        .find(|m| m.name() == name)
+                        .ok_or_else(|| {
+                            invalid(
+                                &format!("role[{i}].unrestricted_queries"),
+                                format!(
+                                    "unknown query model {name:?} (use \"patient\", \"study\", or true for all)"
+                                ),
+                            )
+                        })?;
+                    models.insert(model);
+                }
+                if models.is_empty() {
+                    Unrestricted::None
+                } else {
+                    Unrestricted::Models(models)
+                }
+            }
+        };
         roles.insert(
             r.name.clone(),
             Role {
                 name: r.name,
                 allow,
                 move_destinations: r.move_destinations,
-                unrestricted_queries: r.unrestricted_queries,
+                unrestricted_queries: unrestricted != Unrestricted::None,
+                unrestricted,
                 query_min_chars: r.query_min_chars,
                 max_query_results: r.max_query_results,
             },
@@ -1113,6 +1250,12 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                     ),
                 ));
             }
+            if j.max_lifetime == 0 {
+                return Err(invalid(
+                    "auth.jwt.max_lifetime",
+                    "is 0: no token could be accepted (seconds, default 86400 = 24 h)".into(),
+                ));
+            }
             Some(Jwt {
                 issuer: j.issuer,
                 audience: j.audience,
@@ -1120,6 +1263,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                 algorithms,
                 roles_claim: j.roles_claim,
                 leeway: j.leeway,
+                max_lifetime: j.max_lifetime,
             })
         }
     };
@@ -1449,15 +1593,32 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             })
         }
     };
-    let admin_listen = match file.admin {
+    let admin = match file.admin {
         None => None,
-        Some(a) => Some(a.listen.parse::<SocketAddr>().map_err(|e| {
-            invalid(
-                "admin.listen",
-                format!("{:?} is not an address:port ({e})", a.listen),
-            )
-        })?),
+        Some(a) => {
+            let listen = a.listen.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "admin.listen",
+                    format!("{:?} is not an address:port ({e})", a.listen),
+                )
+            })?;
+            if a.max_connections == 0 {
+                return Err(invalid(
+                    "admin.max_connections",
+                    "is 0: the admin port would answer nobody".into(),
+                ));
+            }
+            Some(Admin {
+                listen,
+                max_connections: a.max_connections,
+                header_timeout: secs("admin.header_timeout", a.header_timeout)?,
+                fd_reserve: a.fd_reserve,
+                bearer_token_file: a.bearer_token_file.as_deref().map(resolve),
+                client_ca: a.client_ca.as_deref().map(resolve),
+            })
+        }
     };
+    let admin_listen = admin.as_ref().map(|a| a.listen);
     let device_listen = match &file.gateway.device_listen {
         None => None,
         Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
@@ -1475,6 +1636,7 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
         destinations,
         audit,
         admin_listen,
+        admin,
         http,
         gateway: Gateway {
             listen,

@@ -433,6 +433,24 @@ pub fn decode_identifier(
         .map_err(|e| DimseError::Identifier(e.to_string()))
 }
 
+/// Encode an identifier in the presentation context's transfer syntax (the counterpart of
+/// [`decode_identifier`], for an identifier the gateway rewrote).
+pub fn encode_identifier(
+    object: &InMemDicomObject,
+    transfer_syntax: &str,
+) -> Result<Vec<u8>, DimseError> {
+    let ts: TransferSyntax = match transfer_syntax.trim_end_matches('\0') {
+        "1.2.840.10008.1.2" => IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+        "1.2.840.10008.1.2.1" => EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+        other => return Err(DimseError::TransferSyntax(other.to_string())),
+    };
+    let mut out = Vec::new();
+    object
+        .write_dataset_with_ts(&mut out, &ts)
+        .map_err(|e| DimseError::Identifier(e.to_string()))?;
+    Ok(out)
+}
+
 /// A US value of a command set (e.g. a sub-operation count), when present.
 pub fn count(c: &Command, tag: Tag) -> Option<u16> {
     uint16(&c.object, tag)

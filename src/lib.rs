@@ -10,8 +10,10 @@
 //! - `relay`: whole PDUs both ways, P-DATA offered to an `Inspector` (the seam for DIMSE policy).
 //! - `config`: the TOML file format and its validation.
 //! - `listeners`: the listening sockets by configuration key, opened, moved and closed on reload.
+//! - `admin`: the admin port (`/metrics`, `/healthz`, `/readyz`), bounded so it cannot starve the doors.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod association;
 pub mod audit;
 pub mod auth;
@@ -21,6 +23,7 @@ pub mod demo;
 pub mod devcerts;
 pub mod dimse;
 pub mod listeners;
+pub mod logfmt;
 pub mod metrics;
 pub mod moves;
 pub mod pdu;

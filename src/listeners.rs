@@ -99,27 +99,6 @@ async fn bind(kind: Kind, address: SocketAddr) -> Result<TcpListener, ServerErro
         })
 }
 
-/// Readiness for /readyz: not while shutting down, and only when every upstream accepts a connection.
-fn ready_check(gateway: Gateway) -> crate::metrics::ReadyCheck {
-    std::sync::Arc::new(move || {
-        let g = gateway.clone();
-        Box::pin(async move {
-            if g.tasks.is_closed() {
-                return Err(vec!["shutting down".to_string()]);
-            }
-            let state = g.current();
-            let upstreams = state
-                .config
-                .upstreams
-                .iter()
-                .map(|u| (u.called_ae.clone(), u.address.clone()))
-                .collect();
-            crate::metrics::upstreams_reachable(upstreams, state.config.timeouts.upstream_connect)
-                .await
-        })
-    })
-}
-
 fn spawn(gateway: &Gateway, kind: Kind, listener: TcpListener) -> JoinHandle<()> {
     let g = gateway.clone();
     match kind {
@@ -127,10 +106,7 @@ fn spawn(gateway: &Gateway, kind: Kind, listener: TcpListener) -> JoinHandle<()>
         Kind::Device => tokio::spawn(async move { g.serve(listener, false).await }),
         Kind::Return => tokio::spawn(crate::moves::serve_return(g, listener)),
         Kind::Http => tokio::spawn(crate::web::serve(g, listener)),
-        Kind::Admin => {
-            let ready = ready_check(g);
-            tokio::spawn(crate::metrics::serve_admin(listener, ready))
-        }
+        Kind::Admin => tokio::spawn(crate::admin::serve(g, listener)),
     }
 }
 

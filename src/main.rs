@@ -329,6 +329,7 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
+        .fmt_fields(pacsgate::logfmt::fields())
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -503,6 +504,17 @@ fn check(path: &Path, offline: bool) -> anyhow::Result<Verdict> {
                     .join(", ")
             ),
             Err(e) => fail("[[destination]]", &e),
+        }
+    }
+
+    // [admin]: the bearer token file and the client CA load as `run` and a reload load them.
+    if config.admin.is_some() {
+        match pacsgate::admin::AdminAccess::load(&config) {
+            Ok(_) => println!("ok: [admin] access settings load"),
+            Err(e) => fail("[admin]", &e),
+        }
+        for warning in pacsgate::admin::warnings(&config) {
+            println!("warning: {warning}");
         }
     }
 

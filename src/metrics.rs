@@ -1,7 +1,6 @@
-//! Prometheus metrics (prometheus-client) and the admin HTTP server (axum): `/metrics`, `/healthz`, `/readyz`.
+//! Prometheus metrics (prometheus-client); the admin port that serves them is `admin`.
 
 use std::sync::LazyLock;
-use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -204,75 +203,6 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 /// The process's metrics.
 pub fn metrics() -> &'static Metrics {
     &METRICS
-}
-
-/// Readiness: a closure that checks the upstreams and says what is wrong.
-pub type ReadyCheck = std::sync::Arc<dyn Fn() -> futures_ready::BoxReady + Send + Sync>;
-
-/// A boxed future returning `Ok(())` when ready, or the reasons it is not.
-pub mod futures_ready {
-    pub type BoxReady =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Vec<String>>> + Send>>;
-}
-
-/// Serve the admin endpoints on `listener` until the task is dropped.
-pub async fn serve_admin(listener: tokio::net::TcpListener, ready: ReadyCheck) {
-    use axum::http::{StatusCode, header};
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(|| async {
-                (
-                    [(
-                        header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    metrics().encode(),
-                )
-            }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = ready.clone();
-                async move {
-                    match ready().await {
-                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-                        Err(problems) => (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("not ready: {}\n", problems.join("; ")),
-                        ),
-                    }
-                }
-            }),
-        );
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::warn!(reason = %e, "admin server stopped");
-    }
-}
-
-/// Check that every upstream accepts a TCP connection within `within`.
-pub async fn upstreams_reachable(
-    upstreams: Vec<(String, String)>,
-    within: Duration,
-) -> Result<(), Vec<String>> {
-    let mut problems = Vec::new();
-    for (name, address) in upstreams {
-        match tokio::time::timeout(within, tokio::net::TcpStream::connect(&address)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => problems.push(format!("upstream {name} at {address}: {e}")),
-            Err(_) => problems.push(format!(
-                "upstream {name} at {address}: no answer within {within:?}"
-            )),
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems)
-    }
 }
 
 #[cfg(test)]

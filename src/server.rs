@@ -35,6 +35,8 @@ pub enum ServerError {
     Audit(#[from] crate::audit::AuditError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: SocketAddr,
@@ -52,28 +54,37 @@ pub enum ServerError {
 /// Everything a new association is judged by; replaced whole on reload, never changed in place.
 pub struct State {
     pub config: Config,
+    /// The DICOM door's TLS (no ALPN, no resumption).
     pub acceptor: TlsAcceptor,
+    /// The web door's TLS (ALPN http/1.1), a config and session state of its own.
+    pub web_acceptor: TlsAcceptor,
     pub authenticator: Authenticator,
     pub limiter: Arc<Limiter>,
     pub destinations: DestinationConnectors,
     pub audit: Arc<Audit>,
+    /// Who may read the admin port's `/metrics`, and its TLS.
+    pub admin: crate::admin::AdminAccess,
 }
 
 impl State {
     pub fn new(config: Config) -> Result<State, ServerError> {
-        let acceptor = TlsAcceptor::from(tls::server_config(&config.tls)?);
+        let acceptor = TlsAcceptor::from(tls::server_config_for(&config.tls, tls::Door::Dicom)?);
+        let web_acceptor = TlsAcceptor::from(tls::server_config_for(&config.tls, tls::Door::Web)?);
         let authenticator = Authenticator::new(&config)?;
         let limiter = Arc::new(Limiter::new(&config));
         let destinations = DestinationConnectors::new(&config)?;
         let audit = Arc::new(Audit::open(config.audit.as_ref())?);
         metrics().prepare_upstreams(&config);
+        let admin = crate::admin::AdminAccess::load(&config)?;
         Ok(State {
             config,
             acceptor,
+            web_acceptor,
             authenticator,
             limiter,
             destinations,
             audit,
+            admin,
         })
     }
 }
@@ -545,7 +556,7 @@ async fn handshake(
     .await
     {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(Stop::new("tls_failed", format!("TLS handshake: {e}"))),
+        Ok(Err(e)) => return Err(Stop::new("tls_failed", tls::handshake_failure(&e))),
         Err(_) => return Err(Stop::new("tls_failed", "TLS handshake timed out")),
     };
     let names = client

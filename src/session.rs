@@ -19,6 +19,8 @@ use serde_json::json;
 const WORKLIST_FIND: &str = "1.2.840.10008.5.1.4.31";
 /// An identifier larger than this is not a query.
 const MAX_IDENTIFIER: usize = 64 * 1024;
+/// The largest C-FIND match from the archive the gateway holds to rewrite.
+const MAX_ANSWER: usize = 1024 * 1024;
 /// Locally refused message IDs remembered, so a later C-CANCEL for them is not sent upstream.
 const REMEMBER_REFUSED: usize = 64;
 
@@ -62,6 +64,13 @@ enum DataMode {
         command_bytes: Vec<u8>,
         data: Vec<u8>,
     },
+    /// A C-FIND pending response's identifier from the archive: held with its command until
+    /// complete, then read once, rewritten (RetrieveAETitle) and forwarded as re-encoded.
+    Answer {
+        pc: u8,
+        command_bytes: Vec<u8>,
+        data: Vec<u8>,
+    },
 }
 
 /// Message reassembly for one direction.
@@ -92,6 +101,8 @@ enum Decision {
         reason: String,
     },
     Hold,
+    /// A C-FIND match from the archive: hold it whole, rewrite, forward the re-encoded identifier.
+    HoldAnswer,
     Drop,
 }
 
@@ -279,7 +290,7 @@ impl Session {
                     rule,
                     reason,
                 } => {
-                    let answer = dimse::refusal(&command, status, &format!("pacsgate: {reason}"));
+                    let answer = dimse::refusal(&command, status, &error_comment(rule, &reason));
                     self.refused_now(&command, status, rule, &reason);
                     if has_data {
                         asm.data = DataMode::Drop {
@@ -302,7 +313,7 @@ impl Session {
                     let answer = dimse::refusal(
                         &command,
                         status::IDENTIFIER_DOES_NOT_MATCH,
-                        &format!("pacsgate: {reason}"),
+                        &error_comment("bad_identifier", &reason),
                     );
                     self.refused_now(
                         &command,
@@ -312,6 +323,22 @@ impl Session {
                     );
                     back.push(pc, true, true, &answer);
                 }
+                Decision::HoldAnswer if has_data => {
+                    asm.data = DataMode::Answer {
+                        pc,
+                        command_bytes: raw.to_vec(),
+                        data: Vec::new(),
+                    };
+                }
+                Decision::HoldAnswer => pieces.push(if single {
+                    Piece::Pass(pdv)
+                } else {
+                    Piece::Emit {
+                        pc,
+                        is_command: true,
+                        bytes,
+                    }
+                }),
                 Decision::Drop => {
                     asm.data = if has_data {
                         DataMode::Drop { answer: None }
@@ -339,6 +366,47 @@ impl Session {
                         back.push(pc, true, true, &a);
                     }
                     asm.data = DataMode::Idle;
+                }
+            }
+            DataMode::Answer { data, .. } => {
+                if data.len() + pdv.data.len() > MAX_ANSWER {
+                    return Err("archive's C-FIND match too large".into());
+                }
+                data.extend_from_slice(pdv.data);
+                if pdv.is_last
+                    && let DataMode::Answer {
+                        pc,
+                        command_bytes,
+                        data,
+                    } = std::mem::take(&mut asm.data)
+                {
+                    match self.rewrite_answer(pc, &data) {
+                        Ok(data) => {
+                            pieces.push(Piece::Emit {
+                                pc,
+                                is_command: true,
+                                bytes: command_bytes,
+                            });
+                            pieces.push(Piece::Emit {
+                                pc,
+                                is_command: false,
+                                bytes: data,
+                            });
+                        }
+                        // What the gateway cannot read it does not forward (one reading): the match
+                        // is left out, and said so.
+                        Err(e) => {
+                            tracing::warn!(
+                                peer = %self.party.peer,
+                                user = ?self.party.user,
+                                calling_ae = ?self.party.calling_ae,
+                                called_ae = ?self.party.called_ae,
+                                op = "find",
+                                reason = ?e,
+                                "C-FIND match from the archive left out: it cannot be read"
+                            );
+                        }
+                    }
                 }
             }
             DataMode::Hold { data, .. } => {
@@ -373,11 +441,14 @@ impl Session {
                             reason,
                         } => {
                             let answer =
-                                dimse::refusal(&command, status, &format!("pacsgate: {reason}"));
+                                dimse::refusal(&command, status, &error_comment(rule, &reason));
                             self.refused_now(&command, status, rule, &reason);
                             back.push(pc, true, true, &answer);
                         }
-                        Decision::Rewrite(_) | Decision::Hold | Decision::Drop => {}
+                        Decision::Rewrite(_)
+                        | Decision::Hold
+                        | Decision::HoldAnswer
+                        | Decision::Drop => {}
                     }
                 }
             }
@@ -530,7 +601,8 @@ impl Session {
         }
         let verdict = match c.field {
             cf::C_FIND_RQ
-                if c.affected_sop_class == WORKLIST_FIND || self.grants.unrestricted_queries =>
+                if c.affected_sop_class == WORKLIST_FIND
+                    || self.grants.unrestricted_find(&c.affected_sop_class) =>
             {
                 Ok("")
             }
@@ -658,6 +730,32 @@ impl Session {
         decision
     }
 
+    /// A C-FIND match from the archive, read once: a RetrieveAETitle (0008,0054), whatever the archive
+    /// put there (its own AE title, or nothing), becomes the AE title the client called (a viewer
+    /// retrieves through the gateway, not around it), and the re-encoded identifier is what is forwarded.
+    fn rewrite_answer(&self, pc: u8, data: &[u8]) -> Result<Vec<u8>, String> {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        let ts = self
+            .contexts
+            .get(&pc)
+            .map(|ctx| ctx.transfer_syntax.as_str())
+            .unwrap_or("");
+        let mut identifier = dimse::decode_identifier(data, ts).map_err(|e| e.to_string())?;
+        if identifier
+            .element_opt(dicom_dictionary_std::tags::RETRIEVE_AE_TITLE)
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            identifier.put(DataElement::new(
+                dicom_dictionary_std::tags::RETRIEVE_AE_TITLE,
+                VR::AE,
+                PrimitiveValue::from(self.party.called_ae.trim()),
+            ));
+        }
+        dimse::encode_identifier(&identifier, ts).map_err(|e| e.to_string())
+    }
+
     /// Is a request with this message ID forwarded and not yet finished?
     fn outstanding(&self, message_id: u16) -> bool {
         self.ops.contains_key(&message_id)
@@ -763,7 +861,11 @@ impl Session {
                 track.capped = true;
                 back.push(pc, true, true, &dimse::c_cancel(id));
             }
-            return Decision::Forward;
+            return if c.has_data_set {
+                Decision::HoldAnswer
+            } else {
+                Decision::Forward
+            };
         }
         // The final response (the track itself is dropped in `finish`).
         let Some(track) = self.finds.get(&id) else {
@@ -940,6 +1042,38 @@ impl Inspector for Session {
             back: back.into_bytes(),
         })
     }
+}
+
+/// The Error Comment (0000,0902) of a refusal: an LO, at most 64 characters, so each rule has a
+/// sentence written to fit; the full reason goes to the log line and the audit event. A rule without
+/// one gets the reason cut at a word boundary.
+pub fn error_comment(rule: &str, reason: &str) -> String {
+    let fixed = match rule {
+        "query_guard" => "pacsgate: query too broad; give an identifying key (PatientID)",
+        "bad_identifier" => "pacsgate: identifier malformed or not allowed",
+        "not_authorized" => "pacsgate: operation not allowed for this user",
+        "move_destination" => "pacsgate: move destination not allowed for this user",
+        "rate_limit" => "pacsgate: rate limit reached; retry later",
+        "duplicate_message_id" => "pacsgate: message ID still in progress",
+        "context_mismatch" => "pacsgate: SOP class does not match the presentation context",
+        "unsupported_operation" => "pacsgate: operation not supported through the gateway",
+        _ => return fit_comment(&format!("pacsgate: {reason}")),
+    };
+    fixed.to_string()
+}
+
+/// `text` in at most 64 characters (an LO), cut at a word boundary with "..." when it is longer.
+pub fn fit_comment(text: &str) -> String {
+    const MAX: usize = 64;
+    if text.chars().count() <= MAX {
+        return text.to_string();
+    }
+    let head: String = text.chars().take(MAX - 3).collect();
+    let cut = head
+        .rfind(' ')
+        .filter(|&i| i > MAX / 2)
+        .unwrap_or(head.len());
+    format!("{}...", head[..cut].trim_end())
 }
 
 #[cfg(test)]
@@ -1213,7 +1347,8 @@ allow = ["echo", "find"]
             let b = s
                 .inspect(Side::Archive, &pdu(1, false, true, &named))
                 .expect("match");
-            if a.forward == Forward::Unchanged && b.forward == Forward::Unchanged {
+            // A match is held whole (command and identifier), then forwarded re-encoded.
+            if a.forward == Forward::Nothing && matches!(b.forward, Forward::Rebuilt(_)) {
                 relayed += 1;
             }
             cancels += usize::from(!a.back.is_empty());
@@ -1242,5 +1377,88 @@ allow = ["echo", "find"]
                 .is_err(),
             "garbage command"
         );
+    }
+
+    #[test]
+    fn a_c_find_match_is_forwarded_re_encoded_with_the_called_ae_as_retrieve_ae_title() {
+        let mut s = session();
+        let rq = command(
+            vec![
+                (tags::COMMAND_FIELD, 0x0020),
+                (tags::MESSAGE_ID, 5),
+                (tags::PRIORITY, 0),
+                (tags::COMMAND_DATA_SET_TYPE, 0),
+            ],
+            FIND,
+        );
+        let named = identifier(&[
+            (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "STUDY"),
+            (tags::PATIENT_ID, VR::LO, "P1"),
+        ]);
+        s.inspect(Side::Client, &pdu(1, true, true, &rq))
+            .expect("cmd");
+        s.inspect(Side::Client, &pdu(1, false, true, &named))
+            .expect("id");
+        let rsp = command(
+            vec![
+                (tags::COMMAND_FIELD, 0x8020),
+                (tags::MESSAGE_ID_BEING_RESPONDED_TO, 5),
+                (tags::COMMAND_DATA_SET_TYPE, 0),
+                (tags::STATUS, 0xFF00),
+            ],
+            FIND,
+        );
+        let answer = identifier(&[
+            (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "STUDY"),
+            (tags::RETRIEVE_AE_TITLE, VR::AE, "ORTHANC"),
+            (tags::PATIENT_ID, VR::LO, "P1"),
+        ]);
+        let a = s
+            .inspect(Side::Archive, &pdu(1, true, true, &rsp))
+            .expect("pending");
+        assert_eq!(
+            a.forward,
+            Forward::Nothing,
+            "held until the identifier is whole"
+        );
+        let b = s
+            .inspect(Side::Archive, &pdu(1, false, true, &answer))
+            .expect("match");
+        let Forward::Rebuilt(bytes) = b.forward else {
+            panic!("the match is forwarded re-encoded")
+        };
+        let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        // (0008,0054) AE, length 2, "A " (the called AE, padded): explicit VR little endian.
+        assert!(has(b"\x08\x00\x54\x00AE\x02\x00A "), "{bytes:?}");
+        assert!(!has(b"ORTHANC"));
+        assert!(has(b"P1"));
+    }
+
+    #[test]
+    fn error_comments_fit_an_lo_and_end_on_a_word() {
+        for rule in [
+            "query_guard",
+            "bad_identifier",
+            "not_authorized",
+            "move_destination",
+            "rate_limit",
+            "duplicate_message_id",
+            "context_mismatch",
+            "unsupported_operation",
+        ] {
+            let c = error_comment(rule, "");
+            assert!(
+                c.len() <= 64 && c.starts_with("pacsgate: "),
+                "{rule}: {c:?}"
+            );
+        }
+        let long =
+            "no identifying key has at least 2 characters before its first wildcard: add PatientID";
+        let c = fit_comment(&format!("pacsgate: {long}"));
+        assert!(
+            c.chars().count() <= 64 && c.ends_with("...") && !c.contains("ha..."),
+            "{c:?}"
+        );
+        assert_eq!(fit_comment("short"), "short");
     }
 }

@@ -1,12 +1,16 @@
-//! The TLS edge: the rustls server config (PS3.15 B.12: TLS 1.2/1.3, ECDHE, AEAD) and client certificate loading.
+//! The TLS edge: the rustls server configs (PS3.15 B.12: TLS 1.2/1.3, ECDHE, AEAD), one per door (DICOM,
+//! HTTPS with ALPN), client certificates held to their purpose (clientAuth EKU, Key Usage fit for
+//! signing), no session resumption where client certificates are verified, and certificate loading.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::pki_types::UnixTime;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DistinguishedName, RootCertStore, ServerConfig};
 
 use crate::config::Tls;
 
@@ -139,11 +143,151 @@ pub fn key_permission_warning(path: &Path) -> Option<String> {
     })
 }
 
-/// The listener's server config: our chain and key, and when `client_ca` is set, client certificates
-/// verified against it (optional unless `require_client_certificate`) and against `client_crl`.
+/// Which door a server config is for. Each has its own config, so its own session state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    /// `[gateway] listen`: DICOM over TLS (PS3.15 B.12). No ALPN, no session resumption at all: an
+    /// association is long and its handshake cheap next to it, and every certificate is checked in full.
+    Dicom,
+    /// `[http] listen`: HTTPS, ALPN `http/1.1` (the door serves HTTP/1.1 only). Session resumption
+    /// only when no client certificates are verified (`[tls] client_ca` unset).
+    Web,
+}
+
+/// Why a client certificate that chains to `client_ca` is still refused: it is not meant for
+/// client authentication.
+#[derive(Debug, thiserror::Error)]
+pub enum PurposeError {
+    #[error(
+        "client certificate has no extended key usage extension: clientAuth (1.3.6.1.5.5.7.3.2) is required"
+    )]
+    NoExtendedKeyUsage,
+    #[error("client certificate's extended key usage does not include clientAuth")]
+    NoClientAuth,
+    #[error("client certificate's key usage does not include digitalSignature")]
+    KeyUsage,
+    #[error("client certificate cannot be parsed: {0}")]
+    Unparsable(String),
+}
+
+/// The purpose of a client's end-entity certificate: the extended key usage must be present and
+/// include clientAuth (an absent extension, which RFC 5280 reads as "any", is refused, and so is
+/// anyExtendedKeyUsage alone); the key usage, when present, must include digitalSignature (what a
+/// TLS client does with its key).
+pub fn check_client_purpose(der: &[u8]) -> Result<(), PurposeError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| PurposeError::Unparsable(e.to_string()))?;
+    match cert.extended_key_usage() {
+        Ok(Some(eku)) if eku.value.client_auth => {}
+        Ok(Some(_)) => return Err(PurposeError::NoClientAuth),
+        Ok(None) => return Err(PurposeError::NoExtendedKeyUsage),
+        Err(e) => return Err(PurposeError::Unparsable(e.to_string())),
+    }
+    match cert.key_usage() {
+        Ok(Some(ku)) if !ku.value.digital_signature() => Err(PurposeError::KeyUsage),
+        Ok(_) => Ok(()),
+        Err(e) => Err(PurposeError::Unparsable(e.to_string())),
+    }
+}
+
+/// webpki's verifier (chain, validity, CRLs, an EKU that excludes clientAuth), then
+/// [`check_client_purpose`].
+#[derive(Debug)]
+struct ClientPurposeVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for ClientPurposeVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        check_client_purpose(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(match e {
+                // rustls's own variant (alert unsupported_certificate).
+                PurposeError::NoExtendedKeyUsage | PurposeError::NoClientAuth => {
+                    CertificateError::InvalidPurpose
+                }
+                other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
+            })
+        })?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The reason a TLS handshake failed, for the log line: rustls's message, with the client
+/// certificate purpose checks said in full.
+pub fn handshake_failure(e: &std::io::Error) -> String {
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return format!("TLS handshake: {e}");
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(CertificateError::InvalidPurpose) => {
+            "TLS handshake: client certificate refused: its extended key usage must include clientAuth"
+                .to_string()
+        }
+        rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
+            format!("TLS handshake: client certificate refused: {other}")
+        }
+        other => format!("TLS handshake: {other}"),
+    }
+}
+
+/// The DICOM door's server config (see [`server_config_for`]).
+pub fn server_config(tls: &Tls) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_for(tls, Door::Dicom)
+}
+
+/// A door's server config: our chain and key, and when `client_ca` is set, client certificates
+/// verified against it (optional unless `require_client_certificate`), against `client_crl`, and
+/// for their purpose ([`check_client_purpose`]).
 /// With CRLs, every certificate in a client's chain below the trust anchor must be covered by one of
 /// them: a certificate whose revocation status is unknown fails the handshake like a revoked one.
-pub fn server_config(tls: &Tls) -> Result<Arc<ServerConfig>, TlsError> {
+///
+/// Session resumption (stateful cache and TLS 1.3 tickets) is off on the DICOM door, and on the web
+/// door whenever client certificates are verified: a resumed session would carry a certificate
+/// identity without the chain, validity and purpose checks of a full handshake.
+pub fn server_config_for(tls: &Tls, door: Door) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let chain = load_certificates("certificate", &tls.certificate)?;
     let key = load_private_key(&tls.private_key)?;
@@ -169,16 +313,45 @@ pub fn server_config(tls: &Tls) -> Result<Arc<ServerConfig>, TlsError> {
                 path: tls.client_crl.first().unwrap_or(ca).clone(),
                 message: e.to_string(),
             })?;
-            builder.with_client_cert_verifier(verifier)
+            builder.with_client_cert_verifier(Arc::new(ClientPurposeVerifier { inner: verifier }))
         }
     };
-    let config = builder
+    let mut config = builder
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Setup {
             path: tls.private_key.clone(),
             message: format!("certificate and private key do not form a usable pair: {e}"),
         })?;
+    let resumption = door == Door::Web && tls.client_ca.is_none();
+    if !resumption {
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        config.ticketer = Arc::new(NoTickets);
+    }
+    if door == Door::Web {
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    }
     Ok(Arc::new(config))
+}
+
+/// A ticketer that never issues a ticket (rustls's default is the same; set here so the choice is
+/// visible and does not move with a rustls default).
+#[derive(Debug)]
+struct NoTickets;
+
+impl rustls::server::ProducesTickets for NoTickets {
+    fn enabled(&self) -> bool {
+        false
+    }
+    fn lifetime(&self) -> u32 {
+        0
+    }
+    fn encrypt(&self, _plain: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    fn decrypt(&self, _cipher: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// A client config for the gateway's own outgoing TLS (e.g. to a C-MOVE destination): the CA that

@@ -248,9 +248,28 @@ fn dcmtk_find_get_and_move_as_get_through_connect_match_the_archive() {
     findscu(&port, "ARCHIVE", tunnel_dir.path());
     let direct = data_sets_in(direct_dir.path());
     assert_eq!(direct.len(), 2, "two studies in the archive");
+    // The gateway answers RetrieveAETitle (0008,0054) with the AE title the client called (issue 15
+    // item 15): Orthanc's "ORTHANC" becomes "ARCHIVE" (same length); the rest is byte for byte.
+    let (theirs, ours) = (
+        &b"\x08\x00\x54\x00AE\x08\x00ORTHANC "[..],
+        &b"\x08\x00\x54\x00AE\x08\x00ARCHIVE "[..],
+    );
+    let mut expected: Vec<Vec<u8>> = direct
+        .iter()
+        .map(|set| {
+            let at = set
+                .windows(theirs.len())
+                .position(|w| w == theirs)
+                .expect("Orthanc answers RetrieveAETitle ORTHANC");
+            let mut set = set.clone();
+            set[at..at + ours.len()].copy_from_slice(ours);
+            set
+        })
+        .collect();
+    expected.sort();
     assert_eq!(
         data_sets_in(tunnel_dir.path()),
-        direct,
+        expected,
         "C-FIND through connect differs from the archive's own answer"
     );
 

@@ -1,4 +1,5 @@
-//! JSON Web Tokens (User Identity type 5): pinned algorithms, issuer, audience, expiry, key from PEM or JWKS.
+//! JSON Web Tokens (User Identity type 5): pinned algorithms, issuer, audience, expiry, a bounded
+//! lifetime (`iat` required, `exp - iat` at most `max_lifetime`), key from PEM or JWKS.
 
 use std::path::Path;
 
@@ -10,6 +11,9 @@ use crate::config::{Jwt, JwtKeySource};
 /// The most clock skew `[auth.jwt] leeway` may allow, in seconds: beyond it an expired token stays
 /// good for too long. Larger values are refused at load.
 pub const MAX_LEEWAY_SECONDS: u64 = 300;
+
+/// `[auth.jwt] max_lifetime` when the file does not say: 24 hours.
+pub const DEFAULT_MAX_LIFETIME_SECONDS: u64 = 24 * 3600;
 
 /// Why the JWT settings could not be loaded (at start or reload).
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +37,8 @@ pub enum TokenError {
     Invalid(String),
     #[error("JWT has no usable subject")]
     NoSubject,
+    #[error("JWT lifetime is not bounded: {0}")]
+    Lifetime(String),
 }
 
 /// A verified token's subject and roles.
@@ -55,6 +61,7 @@ pub struct JwtVerifier {
     audience: String,
     roles_claim: String,
     leeway: u64,
+    max_lifetime: u64,
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -146,10 +153,12 @@ impl JwtVerifier {
             roles_claim: cfg.roles_claim.clone(),
             // The configuration refuses more; a verifier built some other way is held to it too.
             leeway: cfg.leeway.min(MAX_LEEWAY_SECONDS),
+            max_lifetime: cfg.max_lifetime,
         })
     }
 
-    /// Verify a compact JWS: signature, `alg` among the key's pinned algorithms, `iss`, `aud`, `exp`, `nbf`.
+    /// Verify a compact JWS: signature, `alg` among the key's pinned algorithms, `iss`, `aud`, `exp`, `nbf`,
+    /// and the lifetime: `iat` present, not in the future, `exp - iat` at most `max_lifetime`.
     pub fn verify(&self, token: &str) -> Result<TokenClaims, TokenError> {
         let header = decode_header(token).map_err(|e| TokenError::Invalid(e.to_string()))?;
         let candidates = self.keys.iter().filter(|k| match (&header.kid, &k.kid) {
@@ -170,11 +179,44 @@ impl JwtVerifier {
             v.validate_nbf = true;
             v.leeway = self.leeway;
             match decode::<serde_json::Map<String, serde_json::Value>>(token, &k.key, &v) {
-                Ok(data) => return self.claims(&data.claims),
+                Ok(data) => {
+                    self.lifetime(&data.claims)?;
+                    return self.claims(&data.claims);
+                }
                 Err(e) => last = TokenError::Invalid(e.to_string()),
             }
         }
         Err(last)
+    }
+
+    /// `iat` is required (a number, not after now plus the leeway) and `exp - iat` may not exceed
+    /// `max_lifetime`: a token minted for a hundred years is refused, and so is one that claims to be
+    /// issued in the future to stretch its window.
+    fn lifetime(
+        &self,
+        claims: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), TokenError> {
+        let number = |name: &str| claims.get(name).and_then(serde_json::Value::as_f64);
+        let Some(iat) = number("iat") else {
+            return Err(TokenError::Lifetime("no iat (issued-at) claim".into()));
+        };
+        // `exp` is required and was checked by the library; read it again as a number.
+        let exp = number("exp").unwrap_or(f64::INFINITY);
+        let now = jsonwebtoken::get_current_timestamp() as f64;
+        if iat > now + self.leeway as f64 {
+            return Err(TokenError::Lifetime(format!(
+                "iat is {:.0} s in the future",
+                iat - now
+            )));
+        }
+        let lifetime = exp - iat;
+        if lifetime.is_nan() || lifetime > self.max_lifetime as f64 {
+            return Err(TokenError::Lifetime(format!(
+                "exp - iat is {lifetime:.0} s, more than auth.jwt.max_lifetime ({} s)",
+                self.max_lifetime
+            )));
+        }
+        Ok(())
     }
 
     fn claims(
@@ -279,6 +321,7 @@ mod tests {
             algorithms: None,
             roles_claim: "realm_access.roles".into(),
             leeway: 0,
+            max_lifetime: DEFAULT_MAX_LIFETIME_SECONDS,
         };
         let verifier = JwtVerifier::load(&cfg).expect("verifier");
         (dir, private, verifier)
@@ -288,7 +331,7 @@ mod tests {
         let now = jsonwebtoken::get_current_timestamp() as i64;
         serde_json::json!({
             "iss": "https://idp.test", "aud": aud, "sub": "carol",
-            "exp": now + exp_offset, "nbf": now - 10,
+            "exp": now + exp_offset, "nbf": now - 10, "iat": now - 10,
             "realm_access": {"roles": ["reader", "other"]}
         })
     }
@@ -334,6 +377,7 @@ mod tests {
             algorithms: None,
             roles_claim: "realm_access.roles".into(),
             leeway: 86_400,
+            max_lifetime: DEFAULT_MAX_LIFETIME_SECONDS,
         };
         let verifier = JwtVerifier::load(&cfg).expect("verifier");
         let late =
@@ -341,5 +385,37 @@ mod tests {
         assert!(verifier.verify(&late).is_err(), "expired beyond the bound");
         let recent = mint(&key, &claims(-60, "pacsgate")).expect("mint");
         assert!(verifier.verify(&recent).is_ok(), "within the bound");
+    }
+
+    #[test]
+    fn a_token_needs_iat_and_a_lifetime_within_max_lifetime() {
+        let (_dir, key, verifier) = setup();
+        let now = jsonwebtoken::get_current_timestamp() as i64;
+        let with = |iat: Option<i64>, exp: i64| {
+            let mut c = claims(0, "pacsgate");
+            c["exp"] = exp.into();
+            match iat {
+                Some(iat) => c["iat"] = iat.into(),
+                None => {
+                    c.as_object_mut().expect("object").remove("iat");
+                }
+            }
+            verifier.verify(&mint(&key, &c).expect("mint"))
+        };
+        assert!(with(Some(now - 60), now + 3600).is_ok());
+        assert!(with(Some(now), now + 24 * 3600).is_ok(), "exactly 24 h");
+        for (what, iat, exp) in [
+            ("no iat", None, now + 3600),
+            ("100 years", Some(now - 60), now + 100 * 365 * 86_400),
+            ("24 h + 1 s", Some(now), now + 24 * 3600 + 1),
+            (
+                "iat in the future",
+                Some(now + 10 * 86_400),
+                now + 10 * 86_400 + 60,
+            ),
+        ] {
+            let err = with(iat, exp).expect_err(what);
+            assert!(matches!(err, TokenError::Lifetime(_)), "{what}: {err}");
+        }
     }
 }

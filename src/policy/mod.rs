@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::config::{Config, Operation};
+use crate::config::{Config, Operation, QueryModel, Unrestricted};
 use limits::{Full, Occupancy, Rates, Slot};
 use lockout::{Locked, Lockout};
 
@@ -20,7 +20,10 @@ use lockout::{Locked, Lockout};
 pub struct Grants {
     pub allow: BTreeSet<Operation>,
     pub move_destinations: HashSet<String>,
-    pub unrestricted_queries: bool,
+    /// Query models in which the anti-enumeration guard does not apply: from roles that both allow
+    /// `find` and say `unrestricted_queries` (true: every model). One role's flag never lifts the
+    /// guard for another role's grants.
+    pub unrestricted: Unrestricted,
     /// The smallest `query_min_chars` among the roles (the most permissive).
     pub query_min_chars: usize,
     pub max_query_results: u32,
@@ -37,7 +40,9 @@ impl Grants {
             g.allow.extend(role.allow.iter().copied());
             g.move_destinations
                 .extend(role.move_destinations.iter().cloned());
-            g.unrestricted_queries |= role.unrestricted_queries;
+            if role.allow.contains(&Operation::Find) {
+                g.unrestricted = g.unrestricted.union(&role.unrestricted);
+            }
             g.query_min_chars = g.query_min_chars.min(role.query_min_chars);
             let role_cap = role
                 .max_query_results
@@ -53,6 +58,39 @@ impl Grants {
 
     pub fn allows(&self, op: Operation) -> bool {
         self.allow.contains(&op)
+    }
+
+    /// Does a C-FIND of this SOP class skip the anti-enumeration guard? Only under `true`, or for the
+    /// models listed (a SOP class of no listed model: only under `true`).
+    pub fn unrestricted_find(&self, sop_class: &str) -> bool {
+        match &self.unrestricted {
+            Unrestricted::None => false,
+            Unrestricted::All => true,
+            Unrestricted::Models(m) => {
+                QueryModel::of_find_sop_class(sop_class).is_some_and(|model| m.contains(&model))
+            }
+        }
+    }
+
+    /// Does a QIDO-RS query skip the guard? Under `true` or with `study` listed.
+    pub fn unrestricted_qido(&self) -> bool {
+        match &self.unrestricted {
+            Unrestricted::None => false,
+            Unrestricted::All => true,
+            Unrestricted::Models(m) => m.contains(&QueryModel::Study),
+        }
+    }
+}
+
+impl Unrestricted {
+    fn union(&self, other: &Unrestricted) -> Unrestricted {
+        match (self, other) {
+            (Unrestricted::All, _) | (_, Unrestricted::All) => Unrestricted::All,
+            (Unrestricted::None, x) | (x, Unrestricted::None) => x.clone(),
+            (Unrestricted::Models(a), Unrestricted::Models(b)) => {
+                Unrestricted::Models(a.union(b).copied().collect())
+            }
+        }
     }
 }
 

@@ -39,10 +39,15 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 const SWEEP_ABOVE: usize = 10_000;
 const MAX_ADDRESSES: usize = 100_000;
 
+/// The body of every 401, whatever failed: it never says whether the user exists, has a password or
+/// signs in by certificate only (DICOM answers all of these 1/2/1 alike). Why is in the log line and
+/// the `login.failed` audit event.
+pub const UNAUTHORIZED_BODY: &str = "authentication required\n";
+
 /// A request that did not authenticate: the answer the client gets.
 #[derive(Debug)]
 pub enum NotAuthenticated {
-    /// 401 with `WWW-Authenticate`.
+    /// 401 with `WWW-Authenticate` and [`UNAUTHORIZED_BODY`]; the reason is for the log only.
     Unauthorized(String),
     /// 429 with `Retry-After`.
     Limited { reason: String, retry_after: u64 },

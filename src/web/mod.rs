@@ -147,11 +147,12 @@ async fn connection(
     let state = door.gateway.current();
     let t = state.config.timeouts;
     let _ = stream.set_nodelay(true);
-    let tls = match tokio::time::timeout(t.tls_handshake, state.acceptor.accept(stream)).await {
+    let tls = match tokio::time::timeout(t.tls_handshake, state.web_acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             metrics().tls_handshake_failures.inc();
-            tracing::info!(peer = %peer, outcome = "tls_failed", reason = %e, "web connection");
+            let reason = crate::tls::handshake_failure(&e);
+            tracing::info!(peer = %peer, outcome = "tls_failed", reason = ?reason, "web connection");
             return;
         }
         Err(_) => {
@@ -216,11 +217,9 @@ fn retry_after(mut r: Response<Body>, seconds: u64) -> Response<Body> {
 /// The answer to a request that did not authenticate.
 fn not_authenticated(refused: NotAuthenticated) -> Response<Body> {
     match refused {
-        NotAuthenticated::Unauthorized(reason) => {
-            let mut r = full(
-                StatusCode::UNAUTHORIZED,
-                format!("authentication required: {reason}\n"),
-            );
+        // The reason was logged where it was found; the client gets the one uniform body.
+        NotAuthenticated::Unauthorized(_reason) => {
+            let mut r = full(StatusCode::UNAUTHORIZED, login::UNAUTHORIZED_BODY);
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static(
@@ -603,7 +602,7 @@ impl Door {
                     return Err(ctx.refuse(Refusal::NotAcceptable(accept)));
                 }
                 let qido = Qido::parse(level, &uids, pairs).map_err(|e| ctx.refuse(e.into()))?;
-                if !grants.unrestricted_queries
+                if !grants.unrestricted_qido()
                     && let Err(reason) = qido.guard(grants.query_min_chars)
                 {
                     return Err(ctx.refuse(Refusal::Guard(reason)));

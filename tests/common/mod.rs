@@ -22,7 +22,7 @@ pub use peers::{
     make_instances, make_instances_with_uids, make_large_instance, make_large_instance_in,
     output_text, pyscu,
 };
-pub use pki::{Pki, jwt_alg_none, mint_jwt, now};
+pub use pki::{Pki, jwt_alg_none, mint_jwt, mint_jwt_exact, now};
 
 use std::collections::HashSet;
 use std::fs::File;

@@ -171,6 +171,29 @@ impl Pki {
         )
     }
 
+    /// Like [`Pki::client`] but with the given extended key usages (none: no EKU extension at all)
+    /// and key usages (none: no Key Usage extension). `file_stem` names the files.
+    pub fn client_with_usages(
+        &self,
+        file_stem: &str,
+        name: &str,
+        ekus: &[ExtendedKeyUsagePurpose],
+        key_usages: &[KeyUsagePurpose],
+    ) -> (PathBuf, PathBuf) {
+        let key = p256();
+        let mut params = leaf_params(name, &[name], ExtendedKeyUsagePurpose::ClientAuth);
+        params.extended_key_usages = ekus.to_vec();
+        params.key_usages = key_usages.to_vec();
+        let cert = params
+            .signed_by(&key, &self.ca)
+            .unwrap_or_else(|e| panic!("sign client certificate {name}: {e}"));
+        let cert_path = self.dir.path().join(format!("{file_stem}.crt"));
+        let key_path = self.dir.path().join(format!("{file_stem}.key"));
+        write_file(&cert_path, &cert.pem(), false);
+        write_file(&key_path, &key.serialize_pem(), true);
+        (cert_path, key_path)
+    }
+
     /// Like [`Pki::client`] but expired (valid 2000-01-01 .. 2001-01-01).
     pub fn expired_client(&self, name: &str) -> (PathBuf, PathBuf) {
         self.issue(&self.ca, &format!("expired-client-{name}"), name, true)
@@ -204,8 +227,19 @@ pub fn now() -> u64 {
         .as_secs()
 }
 
-/// An ES256 JWT over `claims`, signed with the PKCS#8 P-256 key in `private_pem`.
+/// An ES256 JWT over `claims`, signed with the PKCS#8 P-256 key in `private_pem`. Like an identity
+/// provider, it adds `iat` (now) when `claims` has none (the gateway requires it); use
+/// [`mint_jwt_exact`] to sign the claims as given.
 pub fn mint_jwt(private_pem: &Path, claims: &Value) -> String {
+    let mut claims = claims.clone();
+    if let Some(map) = claims.as_object_mut() {
+        map.entry("iat").or_insert_with(|| now().into());
+    }
+    mint_jwt_exact(private_pem, &claims)
+}
+
+/// An ES256 JWT over exactly `claims` (no `iat` added).
+pub fn mint_jwt_exact(private_pem: &Path, claims: &Value) -> String {
     let pem = std::fs::read(private_pem)
         .unwrap_or_else(|e| panic!("read JWT key {}: {e}", private_pem.display()));
     let key = jsonwebtoken::EncodingKey::from_ec_pem(&pem).expect("JWT key is a P-256 PEM");
