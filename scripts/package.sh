@@ -33,7 +33,8 @@ rm -rf "$assets"
 # Man pages gzipped, without a timestamp (Debian policy 12.1; reproducible).
 gzip -9n "$assets"/man/*.1
 
-cargo deb --no-build --deb-revision "$revision" --output "$target_dir/debian/" >/dev/null
+# The binary stripped; its line tables (profile.release debug) go to a -dbgsym .ddeb beside it.
+cargo deb --no-build --dbgsym --deb-revision "$revision" --output "$target_dir/debian/" >/dev/null
 version="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["packages"][0]["version"])')"
 arch="$(dpkg --print-architecture)"
 deb="$target_dir/debian/pacsgate_${version}-${revision}_${arch}.deb"
