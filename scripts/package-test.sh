@@ -79,8 +79,11 @@ wait_port() { # wait_port PORT SECONDS
 }
 
 say "building the package (scripts/package.sh), revision 1 and 2"
-deb1="$(scripts/package.sh --revision 1 | tail -n1)"
-deb2="$(scripts/package.sh --revision 2 | tail -n1)"
+# cargo-deb removes other versions from target/debian: keep each in the work folder.
+deb1="$(scripts/package.sh --fast --revision 1 | tail -n1)"
+cp "$deb1" "$work/" && deb1="$work/$(basename "$deb1")"
+deb2="$(scripts/package.sh --fast --revision 2 | tail -n1)"
+cp "$deb2" "$work/" && deb2="$work/$(basename "$deb2")"
 commit="$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
 version="$(dpkg-deb -f "$deb1" Version)"
 
@@ -118,7 +121,7 @@ passwd="$(getent passwd pacsgate || true)"
 uid="$(echo "$passwd" | cut -d: -f3)"
 check "user pacsgate: a system user (uid $uid < 1000)" test "${uid:-1000}" -lt 1000
 check "user pacsgate: home /var/lib/pacsgate, shell nologin" contains "$passwd" ":/var/lib/pacsgate:/usr/sbin/nologin"
-check "group pacsgate exists" getent group pacsgate
+check "group pacsgate exists" sh -c "getent group pacsgate >/dev/null"
 
 out="$(/usr/bin/pacsgate --version)"
 check "pacsgate --version names version and commit: $out" \
@@ -170,7 +173,9 @@ if runuser -u pacsgate -- /usr/bin/pacsgate check --config /etc/pacsgate/pacsgat
 else
   cat "$work/check1.log"; bad "pacsgate check of the edited config"
 fi
-runuser -u pacsgate -- /usr/bin/pacsgate run --config /etc/pacsgate/pacsgate.toml >"$work/gateway.log" 2>&1 &
+# setpriv execs (runuser would stay the parent, and not pass SIGHUP on): $! is the gateway itself.
+setpriv --reuid=pacsgate --regid=pacsgate --init-groups -- /usr/bin/pacsgate run --config /etc/pacsgate/pacsgate.toml \
+  >"$work/gateway.log" 2>&1 &
 gateway_pid=$!
 if ! wait_port "$gw_port" 30; then cat "$work/gateway.log"; bad "the installed gateway did not listen"; exit 1; fi
 ok "the installed binary runs as the pacsgate user with /etc/pacsgate/pacsgate.toml"
@@ -243,6 +248,8 @@ check "the conffile is still 640 root:pacsgate" mode_owner /etc/pacsgate/pacsgat
 check "the certificates and keys survived the upgrade" \
   sh -c "[ \"\$(cat /etc/pacsgate/certs/* | sha256sum | cut -d' ' -f1)\" = '$certs_sum' ]"
 check "the gateway still runs after the upgrade" kill -0 "$gateway_pid"
+check "the running gateway is the installed binary, as user pacsgate" \
+  sh -c "[ \"\$(ps -o user=,comm= -p $gateway_pid)\" = 'pacsgate pacsgate' ]"
 kill -HUP "$gateway_pid"
 deadline=$((SECONDS + 20))
 until grep -q "configuration reloaded" "$work/gateway.log" || [ $SECONDS -ge $deadline ]; do sleep 0.2; done
