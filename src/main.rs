@@ -13,6 +13,14 @@ use pacsgate::server::{Gateway, State};
 
 const DEFAULT_CONFIG: &str = "config/pacsgate.toml";
 
+/// `pacsgate --version`: the version and the commit the binary was built from (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("PACSGATE_COMMIT"),
+    ")"
+);
+
 /// jemalloc with its background threads on (the `background_threads` feature): freed memory goes back to the
 /// system even while the gateway is idle (argon2id's 19 MiB block, above jemalloc's 8 MiB oversize threshold,
 /// at once; the rest after `dirty_decay_ms`, 10 s). With glibc's malloc each check's block stayed in the arena of
@@ -23,7 +31,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Parser)]
 #[command(
     name = "pacsgate",
-    version,
+    version = VERSION,
     about = "An authenticating DICOM gateway in front of a legacy PACS"
 )]
 struct Cli {
@@ -203,6 +211,14 @@ enum Command {
         #[arg(long, default_value = "10")]
         timeout: f64,
     },
+    /// Write the man pages (one per command) and the bash, zsh and fish completions; for packaging
+    /// (scripts/package.sh), hidden from --help, the man pages and the completions.
+    #[command(hide = true)]
+    PackageAssets {
+        /// Folder to write into: man/*.1 and completions/{pacsgate.bash,_pacsgate,pacsgate.fish}.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Where and how `echo` and `find` connect, and who they say they are.
@@ -299,6 +315,7 @@ fn main() -> std::process::ExitCode {
                 }
             };
         }
+        Command::PackageAssets { out } => package_assets(&out),
         Command::HashPassword => hash_password(),
         Command::Certs {
             out,
@@ -751,6 +768,33 @@ fn print_error(e: &anyhow::Error) {
     {
         eprintln!("{rendering}");
     }
+}
+
+/// Man pages from the clap definitions (clap_mangen) and shell completions (clap_complete).
+fn package_assets(out: &Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let man = out.join("man");
+    let completions = out.join("completions");
+    for dir in [&man, &completions] {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    // The command as users see it: without hidden subcommands (clap_complete would offer them).
+    let full = Cli::command();
+    let mut public = clap::Command::new("pacsgate")
+        .version(VERSION)
+        .about(full.get_about().cloned().unwrap_or_default())
+        .subcommand_required(true)
+        .subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+    clap_mangen::generate_to(public.clone(), &man)
+        .with_context(|| format!("cannot write the man pages into {}", man.display()))?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        let path = clap_complete::generate_to(shell, &mut public, "pacsgate", &completions)
+            .with_context(|| format!("cannot write the {shell} completions"))?;
+        println!("{}", path.display());
+    }
+    println!("{}/*.1", man.display());
+    Ok(())
 }
 
 fn hash_password() -> anyhow::Result<()> {

@@ -295,7 +295,7 @@ fn check_offline_contacts_nothing_and_the_systemd_unit_uses_it() {
     .expect("unit");
     assert!(
         unit.lines().any(|l| l
-            == "ExecStartPre=/usr/local/bin/pacsgate check --offline --config /etc/pacsgate/pacsgate.toml"),
+            == "ExecStartPre=/usr/bin/pacsgate check --offline --config /etc/pacsgate/pacsgate.toml"),
         "{unit}"
     );
 }

@@ -15,7 +15,7 @@
 //! - [`path`], [`route`], [`query`]: reading the request.
 //! - [`answer`]: reading the archive's QIDO-RS and STOW-RS answers.
 
-mod answer;
+pub mod answer;
 mod login;
 mod path;
 mod query;
