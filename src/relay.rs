@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 
 use crate::pdu::{self, PduError, read_pdu};
 
@@ -132,6 +135,105 @@ impl<I> Shared<I> {
     fn idle_for(&self) -> Duration {
         let now = self.started.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_activity_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// How much [`ReadAhead`] reads from the socket at once.
+pub const READ_AHEAD: usize = 64 * 1024;
+
+/// A socket read in large chunks for a reader that asks for little at a time: rustls reads at most
+/// 4 KiB per call, so a 16 KiB TLS record cost four `recvfrom` calls. The chunk buffer exists only
+/// while data flows: it is given back whenever the socket has nothing to read, so an idle association
+/// holds none. Writes go straight through.
+pub struct ReadAhead<S> {
+    inner: S,
+    buf: Vec<u8>,
+    pos: usize,
+    filled: usize,
+}
+
+impl<S> ReadAhead<S> {
+    pub fn new(inner: S) -> ReadAhead<S> {
+        ReadAhead {
+            inner,
+            buf: Vec::new(),
+            pos: 0,
+            filled: 0,
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos == this.filled {
+            // A caller that asks for a whole chunk or more needs no read-ahead.
+            if out.remaining() >= READ_AHEAD {
+                this.buf = Vec::new();
+                return Pin::new(&mut this.inner).poll_read(cx, out);
+            }
+            if this.buf.len() < READ_AHEAD {
+                this.buf = vec![0; READ_AHEAD];
+            }
+            let mut chunk = ReadBuf::new(&mut this.buf);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut chunk) {
+                Poll::Pending => {
+                    // Nothing to read: idle, or between bursts. Hold no buffer while waiting.
+                    this.buf = Vec::new();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    this.filled = chunk.filled().len();
+                    this.pos = 0;
+                    if this.filled == 0 {
+                        return Poll::Ready(Ok(())); // end of stream
+                    }
+                }
+            }
+        }
+        let n = out.remaining().min(this.filled - this.pos);
+        out.put_slice(&this.buf[this.pos..this.pos + n]);
+        this.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -319,6 +421,31 @@ async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn read_ahead_reads_large_chunks_and_holds_no_buffer_while_idle() {
+        use tokio::io::AsyncReadExt;
+        let (mut tx, rx) = tokio::io::duplex(256 * 1024);
+        let mut r = ReadAhead::new(rx);
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        tx.write_all(&data).await.expect("write");
+        let mut got = vec![0u8; data.len()];
+        let mut at = 0;
+        while at < got.len() {
+            // Small reads, as rustls makes them.
+            let end = (at + 4096).min(got.len());
+            let n = r.read(&mut got[at..end]).await.expect("read");
+            assert!(n > 0);
+            at += n;
+        }
+        assert_eq!(got, data);
+        // Drained and nothing more to read: the chunk buffer is given back.
+        let pending = tokio::time::timeout(Duration::from_millis(50), r.read(&mut [0u8; 16])).await;
+        assert!(pending.is_err(), "nothing to read");
+        assert_eq!(r.buf.capacity(), 0, "an idle reader holds no buffer");
+        drop(tx);
+        assert_eq!(r.read(&mut [0u8; 16]).await.expect("eof"), 0);
+    }
 
     fn never() -> tokio::sync::watch::Receiver<bool> {
         // A dropped sender: nobody will ever ask this relay to stop.

@@ -531,7 +531,7 @@ async fn handshake(
     state: &State,
     stream: TcpStream,
     started: Instant,
-) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Vec<String>), Stop> {
+) -> Result<(tokio_rustls::server::TlsStream<relay::ReadAhead<TcpStream>>, Vec<String>), Stop> {
     let _ = stream.set_nodelay(true);
     let within = state
         .config
@@ -540,7 +540,8 @@ async fn handshake(
         .min(state.config.timeouts.association_request);
     let client = match tokio::time::timeout(
         within.saturating_sub(started.elapsed()),
-        state.acceptor.accept(stream),
+        // rustls reads 4 KiB at a time; the socket is read 64 KiB at a time beneath it.
+        state.acceptor.accept(relay::ReadAhead::new(stream)),
     )
     .await
     {
