@@ -531,7 +531,13 @@ async fn handshake(
     state: &State,
     stream: TcpStream,
     started: Instant,
-) -> Result<(tokio_rustls::server::TlsStream<relay::ReadAhead<TcpStream>>, Vec<String>), Stop> {
+) -> Result<
+    (
+        tokio_rustls::server::TlsStream<relay::ReadAhead<TcpStream>>,
+        Vec<String>,
+    ),
+    Stop,
+> {
     let _ = stream.set_nodelay(true);
     let within = state
         .config

@@ -1353,7 +1353,9 @@ fn a_slow_address_holding_more_than_every_slot_does_not_starve_a_burst_from_anot
         .iter()
         .filter(|out| out["statuses"] == json!([0]))
         .count();
-    eprintln!("{served}/{BURST} JWT echoes and the password echo in {took:.1?} while 127.0.0.2 held {HELD}");
+    eprintln!(
+        "{served}/{BURST} JWT echoes and the password echo in {took:.1?} while 127.0.0.2 held {HELD}"
+    );
     assert_eq!(
         served,
         BURST,
@@ -1361,10 +1363,13 @@ fn a_slow_address_holding_more_than_every_slot_does_not_starve_a_burst_from_anot
         burst.iter().find(|o| o["statuses"] != json!([0])),
         tail(&log, 20)
     );
-    assert_eq!(password["statuses"], json!([0]), "password login starved: {password}");
+    assert_eq!(
+        password["statuses"],
+        json!([0]),
+        "password login starved: {password}"
+    );
     assert!(
-        !log
-            .lines()
+        !log.lines()
             .any(|l| l.contains("peer=127.0.0.1:") && l.contains("outcome=\"dropped\"")),
         "{}",
         tail(&log, 20)
