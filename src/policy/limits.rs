@@ -317,11 +317,12 @@ struct Pool {
 /// The connections of one listener pool that are in their handshake (TLS, association request,
 /// authentication, the archive's answer), and those waiting to start it.
 ///
-/// A slot is taken at once when the pool and the address's share have room; otherwise the
+/// A slot is taken at once when the address's share has room, or, beyond its share, when nobody
+/// else waits and more than a share of the pool stays free (see `Pool::may_take`); otherwise the
 /// connection waits its turn (phase `admission`, bounded) in a queue, first come first served per
-/// address, and a freed slot goes to the waiting address that holds the fewest. So a burst of fast
-/// handshakes from one address is served a share at a time, and an address holding its share with
-/// handshakes that never finish delays only its own further connections. The queue is bounded; when it
+/// address, and a freed slot goes to the waiting address that holds the fewest. So a burst from one
+/// address uses the idle pool, and an address holding slots with handshakes that never finish
+/// delays only its own further connections: the others keep at least a share. The queue is bounded; when it
 /// is full, the newest waiting connection of the address with the most waiting makes room.
 #[derive(Debug)]
 pub struct PendingConnections {
@@ -347,14 +348,29 @@ impl Default for PendingConnections {
 }
 
 impl Pool {
+    /// Whether an address holding `active` slots, with `waiting` of its connections queued, may take
+    /// one more. Within its share, whenever the pool has room. Beyond its share (a burst), only while
+    /// no other address is waiting, and never the last share's worth of the pool: those slots stay
+    /// free for another address, so an address whose handshakes never finish cannot starve the others.
+    fn may_take(&self, active: usize, waiting: usize) -> bool {
+        let b = self.bounds;
+        if self.active >= b.max_total {
+            return false;
+        }
+        if active < b.max_per_address {
+            return true;
+        }
+        let others_waiting = self.queued.saturating_sub(waiting);
+        others_waiting == 0 && self.active + b.max_per_address < b.max_total
+    }
+
     /// Hand freed slots to waiting connections: the eligible address holding the fewest first.
     fn dispatch(&mut self) {
         while self.active < self.bounds.max_total {
-            let per = self.bounds.max_per_address;
             let Some(address) = self
                 .addresses
                 .iter()
-                .filter(|(_, a)| !a.waiting.is_empty() && a.active < per)
+                .filter(|(_, a)| !a.waiting.is_empty() && self.may_take(a.active, a.waiting.len()))
                 .min_by_key(|(_, a)| a.active)
                 .map(|(ip, _)| *ip)
             else {
@@ -449,7 +465,7 @@ impl PendingConnections {
                 .addresses
                 .get(&address)
                 .map_or((0, 0), |a| (a.active, a.waiting.len()));
-            if queued_here == 0 && active < bounds.max_per_address && p.active < bounds.max_total {
+            if queued_here == 0 && p.may_take(active, 0) {
                 p.active += 1;
                 p.addresses.entry(address).or_default().active += 1;
                 return Ok(PendingSlot {
@@ -688,7 +704,7 @@ mod tests {
     const WAIT: Duration = Duration::from_secs(10);
 
     #[tokio::test(start_paused = true)]
-    async fn a_burst_from_one_address_is_served_a_share_at_a_time() {
+    async fn a_burst_from_one_address_uses_the_idle_pool_but_leaves_a_share_free() {
         let pool = Arc::new(PendingConnections::default());
         let bounds = Bounds {
             max_total: 8,
@@ -720,8 +736,8 @@ mod tests {
         }
         assert_eq!(
             *peak.lock().expect("peak"),
-            2,
-            "never more than the share at once"
+            6,
+            "alone, beyond its share, but a share of the pool stays free"
         );
         assert_eq!(pool.counts(), (0, 0), "everything given back");
     }
