@@ -1390,3 +1390,42 @@ fn s_args(port: u16, pki: &Pki, jwt: &str) -> Vec<String> {
         jwt,
     ])
 }
+
+/// Issue 17: a connection that waits in vain for a handshake slot is told so after TLS with an
+/// A-ASSOCIATE-RJ 2/3/2 (transient) and one log line, not a bare reset.
+#[test]
+fn a_connection_that_waits_in_vain_for_a_slot_is_refused_2_3_2_after_tls() {
+    let pki = Pki::generate();
+    let recorder = FakeArchive::start("record");
+    let port = free_port();
+    let extra = "[limits]\nmax_pending_connections = 2\nmax_pending_per_address = 1\n";
+    let cfg = config(
+        port,
+        &pki,
+        &pki.server_key,
+        &[("RECORDER", recorder.port)],
+        extra,
+    )
+    // The holder keeps its slot (TLS done, no association request) for 10 s; the waiter waits 2 s.
+    .replace("association_request = 2", "association_request = 10");
+    let gw = Gateway::start(port, &cfg);
+    let rt = runtime();
+    let seen = rt.block_on(async {
+        let (_holder, _) = tls_from("127.0.0.2", port, &pki.ca_cert).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (mut tls, started) = tls_from("127.0.0.2", port, &pki.ca_cert).await;
+        tls.write_all(&encode(request("RECORDER", 1, None)))
+            .await
+            .expect("write the A-ASSOCIATE-RQ");
+        watch(&mut tls, started, Duration::from_secs(10)).await
+    });
+    assert_eq!(seen.rejection(), Some((2, 3, 2)), "{seen:?}");
+    assert!(
+        gw.wait_for_log(
+            "no handshake slot came free in time",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        tail(&gw.log(), 20)
+    );
+}
