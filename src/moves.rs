@@ -374,25 +374,22 @@ pub async fn serve_return(gateway: Gateway, listener: TcpListener) {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
                 let state = gateway.current();
-                let limits = &state.config.limits;
                 // Bounded like the TLS listener's, in a pool of its own: a flood here cannot take
                 // the slots of clinicians signing in, nor theirs the archive's.
-                let slot = match gateway.return_pending().take(
-                    peer.ip(),
-                    limits.max_pending_connections,
-                    limits.max_pending_per_address,
-                ) {
-                    Ok(slot) => slot,
-                    Err(cap) => {
-                        crate::metrics::metrics().refusal("return_pending");
-                        tracing::warn!(peer = %peer, op = "move", outcome = "dropped", reason = %cap, "return association");
-                        drop(stream);
-                        continue;
-                    }
-                };
+                let pending = gateway.return_pending().clone();
                 let registry = gateway.moves.clone();
                 let shutdown = gateway.shutdown_signal();
                 gateway.tasks.spawn(async move {
+                    let bounds = server::Bounds::from_limits(&state.config.limits);
+                    let within = state.config.timeouts.tls_handshake;
+                    let slot = match pending.admit(peer.ip(), bounds, within).await {
+                        Ok(slot) => slot,
+                        Err(cap) => {
+                            crate::metrics::metrics().refusal("return_pending");
+                            tracing::warn!(peer = %peer, op = "move", outcome = "dropped", reason = %cap, "return association");
+                            return;
+                        }
+                    };
                     handle_return(&state, &registry, stream, peer, slot, shutdown).await;
                 });
             }

@@ -7,9 +7,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use crate::pdu::{self, PduError, read_pdu};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+
+use crate::pdu::{self, PduError, PduReader};
 
 /// Which side of the gateway a PDU came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +33,7 @@ impl Side {
 /// Where a P-DATA-TF PDU goes on.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Forward {
-    /// The PDU as it came (the fast path: no copy, no re-encoding).
+    /// The PDU as it came (the fast path: no re-encoding).
     Unchanged,
     /// These PDUs instead (some PDVs held back, dropped or rewritten).
     Rebuilt(Vec<u8>),
@@ -115,8 +118,10 @@ pub struct RelayLimits {
     pub idle: Duration,
 }
 
-/// A PDU buffer no larger than this is kept between PDUs; a larger one is given back while idle.
+/// An output buffer no larger than this is kept between writes; a larger one is given back.
 const KEEP_BUFFER: usize = 64 * 1024;
+/// At most this much is gathered into one write.
+const COALESCE_LIMIT: usize = 256 * 1024;
 
 struct Shared<I> {
     inspector: Mutex<I>,
@@ -132,6 +137,105 @@ impl<I> Shared<I> {
     fn idle_for(&self) -> Duration {
         let now = self.started.elapsed().as_millis() as u64;
         Duration::from_millis(now.saturating_sub(self.last_activity_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// How much [`ReadAhead`] reads from the socket at once.
+pub const READ_AHEAD: usize = 64 * 1024;
+
+/// A socket read in large chunks for a reader that asks for little at a time: rustls reads at most
+/// 4 KiB per call, so a 16 KiB TLS record cost four `recvfrom` calls. The chunk buffer is lent
+/// ([`pdu::buffers`]) only while data flows: it is given back whenever the socket has nothing to read,
+/// so an idle association holds none. Writes go straight through.
+pub struct ReadAhead<S> {
+    inner: S,
+    buf: Vec<u8>,
+    pos: usize,
+    filled: usize,
+}
+
+impl<S> ReadAhead<S> {
+    pub fn new(inner: S) -> ReadAhead<S> {
+        ReadAhead {
+            inner,
+            buf: Vec::new(),
+            pos: 0,
+            filled: 0,
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos == this.filled {
+            // A caller that asks for a whole chunk or more needs no read-ahead.
+            if out.remaining() >= READ_AHEAD {
+                pdu::buffers::give_back(std::mem::take(&mut this.buf));
+                return Pin::new(&mut this.inner).poll_read(cx, out);
+            }
+            if this.buf.len() < READ_AHEAD {
+                this.buf = pdu::buffers::lend(READ_AHEAD);
+            }
+            let mut chunk = ReadBuf::new(&mut this.buf[..READ_AHEAD]);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut chunk) {
+                Poll::Pending => {
+                    // Nothing to read: idle, or between bursts. Hold no buffer while waiting.
+                    pdu::buffers::give_back(std::mem::take(&mut this.buf));
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    this.filled = chunk.filled().len();
+                    this.pos = 0;
+                    if this.filled == 0 {
+                        return Poll::Ready(Ok(())); // end of stream
+                    }
+                }
+            }
+        }
+        let n = out.remaining().min(this.filled - this.pos);
+        out.put_slice(&this.buf[this.pos..this.pos + n]);
+        this.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -254,13 +358,23 @@ where
         Side::Client => Side::Archive,
         Side::Archive => Side::Client,
     };
-    let mut buf = Vec::new();
+    let mut reader = PduReader::new(reader);
+    // What is to be forwarded, gathered while the next whole PDU is already buffered: one write
+    // (and one wake-up of the receiver) for several PDUs. Sent before waiting for more input, so
+    // nothing is held back from a peer that waits for it.
+    let mut out: Vec<u8> = Vec::new();
     loop {
-        if buf.capacity() > KEEP_BUFFER {
-            buf = Vec::new();
+        if !out.is_empty() && (!reader.has_whole_pdu() || out.len() >= COALESCE_LIMIT) {
+            if let Err(e) = write_flush(&mut *to.lock().await, &out).await {
+                return RelayEnd::Failed(other, e.to_string());
+            }
+            out.clear();
         }
-        let pdu_type = match read_pdu(reader, &mut buf, limit).await {
-            Ok(t) => t,
+        if out.capacity() > KEEP_BUFFER && !reader.has_whole_pdu() {
+            out = Vec::new();
+        }
+        let (pdu_type, buf) = match reader.next(limit).await {
+            Ok((t, at)) => (t, reader.get(at)),
             Err(PduError::Closed) => return RelayEnd::Closed(side),
             Err(e) => return RelayEnd::Failed(side, e.to_string()),
         };
@@ -268,44 +382,62 @@ where
         *bytes += buf.len() as u64;
         let actions = match pdu_type {
             pdu::P_DATA_TF => {
-                if let Err(e) = crate::dimse::check_pdv_items(&buf) {
-                    return RelayEnd::Failed(side, e);
-                }
-                let inspected = match shared.inspector.lock() {
-                    Ok(mut inspector) => inspector.inspect(side, &buf),
-                    Err(_) => Err("inspector poisoned".into()),
-                };
-                match inspected {
+                let checked = crate::dimse::check_pdv_items(buf).and_then(|()| {
+                    match shared.inspector.lock() {
+                        Ok(mut inspector) => inspector.inspect(side, buf),
+                        Err(_) => Err("inspector poisoned".into()),
+                    }
+                });
+                match checked {
                     Ok(actions) => actions,
-                    Err(e) => return RelayEnd::Failed(side, e),
+                    Err(e) => {
+                        // What was checked before this PDU goes on, as it would have unbatched.
+                        let _ = write_flush(&mut *to.lock().await, &out).await;
+                        return RelayEnd::Failed(side, e);
+                    }
                 }
             }
             pdu::A_RELEASE_RQ | pdu::A_RELEASE_RP | pdu::A_ABORT => Actions::PASS,
             other_type => {
+                let _ = write_flush(&mut *to.lock().await, &out).await;
                 return RelayEnd::Failed(
                     side,
                     format!("unexpected PDU type {other_type:#04x} during the association"),
                 );
             }
         };
-        let forwarded = match &actions.forward {
-            Forward::Unchanged => write_flush(&mut *to.lock().await, &buf).await,
-            Forward::Rebuilt(pdus) if !pdus.is_empty() => {
-                write_flush(&mut *to.lock().await, pdus).await
+        match &actions.forward {
+            // Nothing gathered and nothing more buffered: straight from the read buffer, no copy.
+            Forward::Unchanged if out.is_empty() && !reader.has_whole_pdu() => {
+                if let Err(e) = write_flush(&mut *to.lock().await, buf).await {
+                    return RelayEnd::Failed(other, e.to_string());
+                }
             }
-            _ => Ok(()),
-        };
-        if let Err(e) = forwarded {
-            return RelayEnd::Failed(other, e.to_string());
+            Forward::Unchanged => out.extend_from_slice(buf),
+            Forward::Rebuilt(pdus) => out.extend_from_slice(pdus),
+            Forward::Nothing => {}
         }
-        if !actions.back.is_empty()
-            && let Err(e) = write_flush(&mut *back.lock().await, &actions.back).await
-        {
-            return RelayEnd::Failed(side, e.to_string());
+        if !actions.back.is_empty() {
+            // An answer to the sender (a refusal) follows what was forwarded before it.
+            if let Err(e) = write_flush(&mut *to.lock().await, &out).await {
+                return RelayEnd::Failed(other, e.to_string());
+            }
+            out.clear();
+            if let Err(e) = write_flush(&mut *back.lock().await, &actions.back).await {
+                return RelayEnd::Failed(side, e.to_string());
+            }
         }
         match pdu_type {
-            pdu::A_RELEASE_RP => return RelayEnd::Released,
-            pdu::A_ABORT => return RelayEnd::Aborted(side),
+            pdu::A_RELEASE_RP | pdu::A_ABORT => {
+                if let Err(e) = write_flush(&mut *to.lock().await, &out).await {
+                    return RelayEnd::Failed(other, e.to_string());
+                }
+                return if pdu_type == pdu::A_RELEASE_RP {
+                    RelayEnd::Released
+                } else {
+                    RelayEnd::Aborted(side)
+                };
+            }
             _ => {}
         }
     }
@@ -319,6 +451,31 @@ async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn read_ahead_reads_large_chunks_and_holds_no_buffer_while_idle() {
+        use tokio::io::AsyncReadExt;
+        let (mut tx, rx) = tokio::io::duplex(256 * 1024);
+        let mut r = ReadAhead::new(rx);
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        tx.write_all(&data).await.expect("write");
+        let mut got = vec![0u8; data.len()];
+        let mut at = 0;
+        while at < got.len() {
+            // Small reads, as rustls makes them.
+            let end = (at + 4096).min(got.len());
+            let n = r.read(&mut got[at..end]).await.expect("read");
+            assert!(n > 0);
+            at += n;
+        }
+        assert_eq!(got, data);
+        // Drained and nothing more to read: the chunk buffer is given back.
+        let pending = tokio::time::timeout(Duration::from_millis(50), r.read(&mut [0u8; 16])).await;
+        assert!(pending.is_err(), "nothing to read");
+        assert_eq!(r.buf.capacity(), 0, "an idle reader holds no buffer");
+        drop(tx);
+        assert_eq!(r.read(&mut [0u8; 16]).await.expect("eof"), 0);
+    }
 
     fn never() -> tokio::sync::watch::Receiver<bool> {
         // A dropped sender: nobody will ever ask this relay to stop.

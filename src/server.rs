@@ -254,31 +254,11 @@ impl Gateway {
                     let state = self.current();
                     let moves = self.moves.clone();
                     let shutdown = self.abort.subscribe();
-                    // Connections that have not authenticated yet are bounded: a flood from the
-                    // internet must not starve the gateway of memory or file descriptors.
-                    // One address may hold only a slice of them, so it cannot starve the others.
-                    let limits = &state.config.limits;
-                    let permit = match self.pending.take(
-                        peer.ip(),
-                        limits.max_pending_connections,
-                        limits.max_pending_per_address,
-                    ) {
-                        Ok(permit) => permit,
-                        Err(cap @ Cap::PerAddress) => {
-                            metrics().refusal("pending_per_address");
-                            tracing::debug!(peer = %peer, outcome = "dropped", reason = %cap, "association");
-                            drop(stream);
-                            continue;
-                        }
-                        Err(cap @ Cap::Total) => {
-                            metrics().refusal("pending_connections");
-                            tracing::warn!(peer = %peer, outcome = "dropped", reason = %cap, "association");
-                            drop(stream);
-                            continue;
-                        }
-                    };
+                    let pending = self.pending.clone();
+                    // Admission (a bounded wait for a handshake slot) runs in the connection's own
+                    // task: the accept loop never waits, so no address holds up another's accept.
                     self.tasks.spawn(async move {
-                        handle(state, moves, stream, peer, tls, permit, shutdown).await;
+                        handle(state, moves, stream, peer, tls, pending, shutdown).await;
                     });
                 }
                 Err(e) => {
@@ -292,79 +272,7 @@ impl Gateway {
     }
 }
 
-/// Which bound on pending connections was reached.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Cap {
-    Total,
-    PerAddress,
-}
-
-impl std::fmt::Display for Cap {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Cap::Total => "too many connections awaiting admission (limits.max_pending_connections)",
-            Cap::PerAddress => {
-                "too many connections awaiting admission from this address (limits.max_pending_per_address)"
-            }
-        })
-    }
-}
-
-/// The connections of one listener pool that have not been admitted yet: in all, and per client
-/// address. The bounds are read at each accept, so a reload changes them without forgetting who
-/// is waiting.
-#[derive(Default)]
-pub(crate) struct PendingConnections {
-    counts: std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
-}
-
-impl PendingConnections {
-    pub(crate) fn take(
-        self: &Arc<Self>,
-        address: std::net::IpAddr,
-        max_total: usize,
-        max_per_address: usize,
-    ) -> Result<PendingSlot, Cap> {
-        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if c.0 >= max_total {
-            return Err(Cap::Total);
-        }
-        let n = c.1.entry(address).or_insert(0);
-        if *n >= max_per_address {
-            return Err(Cap::PerAddress);
-        }
-        *n += 1;
-        c.0 += 1;
-        Ok(PendingSlot {
-            pool: self.clone(),
-            address,
-        })
-    }
-
-    #[cfg(test)]
-    fn total(&self) -> usize {
-        self.counts.lock().map(|c| c.0).unwrap_or(0)
-    }
-}
-
-/// A connection that has not been admitted yet holds one of these until it has (or has gone).
-pub(crate) struct PendingSlot {
-    pool: Arc<PendingConnections>,
-    address: std::net::IpAddr,
-}
-
-impl Drop for PendingSlot {
-    fn drop(&mut self) {
-        let mut c = self.pool.counts.lock().unwrap_or_else(|p| p.into_inner());
-        c.0 = c.0.saturating_sub(1);
-        if let Some(n) = c.1.get_mut(&self.address) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                c.1.remove(&self.address);
-            }
-        }
-    }
-}
+pub(crate) use crate::policy::limits::{Bounds, Cap, PendingConnections, PendingSlot};
 
 /// What is known about one association, for its log line.
 #[derive(Default)]
@@ -423,46 +331,40 @@ async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
     tls: bool,
-    permit: PendingSlot,
+    pending: Arc<PendingConnections>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let started = Instant::now();
+    let accepted = Instant::now();
     let mut outcome = Outcome::default();
-    let result = if tls {
-        match handshake(&state, stream, started).await {
-            Ok((client, names)) => {
-                associate(
-                    &state,
-                    moves,
-                    client,
-                    peer,
-                    &names,
-                    true,
-                    &mut outcome,
-                    started,
-                    permit,
-                    shutdown,
-                )
-                .await
-            }
-            Err(stop) => Err(stop),
-        }
-    } else {
-        let _ = stream.set_nodelay(true);
-        associate(
-            &state,
-            moves,
-            stream,
-            peer,
-            &[],
-            false,
-            &mut outcome,
-            started,
-            permit,
-            shutdown,
-        )
-        .await
+    // Phase: admission. The wait for a handshake slot is bounded by `tls_handshake`; the phase timers
+    // (TLS handshake, ARTIM) start once the connection holds a slot.
+    let bounds = Bounds::from_limits(&state.config.limits);
+    let admitted = pending
+        .admit(peer.ip(), bounds, state.config.timeouts.tls_handshake)
+        .await;
+    let admission_ms = accepted.elapsed().as_millis() as u64;
+    let started = Instant::now();
+    let result = match admitted {
+        Err(cap) => refuse_unadmitted(&state, stream, peer, tls, cap, &mut outcome).await,
+        Ok(permit) => Some(
+            associate_connection(
+                &state,
+                moves,
+                stream,
+                peer,
+                tls,
+                permit,
+                shutdown,
+                &mut outcome,
+                started,
+            )
+            .await,
+        ),
     };
+    let Some(result) = result else {
+        return;
+    };
+    let started = accepted;
     let (result_name, kind, reason) = match result {
         Ok(end) => (
             match end {
@@ -528,6 +430,7 @@ async fn handle(
         called_ae = ?outcome.called_ae,
         outcome = result_name,
         reason = ?reason,
+        admission_ms,
         duration_ms = started.elapsed().as_millis() as u64,
         bytes_from_client = outcome.bytes_from_client,
         bytes_from_archive = outcome.bytes_from_archive,
@@ -537,12 +440,122 @@ async fn handle(
     );
 }
 
+/// A connection that holds a handshake slot: TLS (on the TLS listener), then the association.
+#[allow(clippy::too_many_arguments)]
+async fn associate_connection(
+    state: &Arc<State>,
+    moves: Arc<MovesInProgress>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: bool,
+    permit: PendingSlot,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    outcome: &mut Outcome,
+    started: Instant,
+) -> Result<relay::RelayEnd, Stop> {
+    if tls {
+        match handshake(state, stream, started).await {
+            Ok((client, names)) => {
+                associate(
+                    state, moves, client, peer, &names, true, outcome, started, permit, shutdown,
+                )
+                .await
+            }
+            Err(stop) => Err(stop),
+        }
+    } else {
+        let _ = stream.set_nodelay(true);
+        associate(
+            state,
+            moves,
+            stream,
+            peer,
+            &[],
+            false,
+            outcome,
+            started,
+            permit,
+            shutdown,
+        )
+        .await
+    }
+}
+
+/// Connections refused at once or answered after TLS while refusals are in progress at most.
+const REFUSALS_AT_ONCE: usize = 64;
+/// How long a refusal may take: TLS handshake, A-ASSOCIATE-RQ, A-ASSOCIATE-RJ.
+const REFUSAL_WITHIN: Duration = Duration::from_secs(3);
+
+/// A connection that got no handshake slot. One that waited its turn in vain is told so after TLS,
+/// with an A-ASSOCIATE-RJ 2/3/2 (transient: local limit exceeded), while few refusals run at once; one
+/// turned away from a full queue (the address with the most connections waiting) is closed, with a
+/// debug line: that is a flood, and answering each would cost a TLS handshake.
+async fn refuse_unadmitted(
+    state: &State,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: bool,
+    cap: Cap,
+    outcome: &mut Outcome,
+) -> Option<Result<relay::RelayEnd, Stop>> {
+    static REFUSALS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(REFUSALS_AT_ONCE);
+    let permit = match cap {
+        Cap::Timeout => REFUSALS.try_acquire().ok(),
+        Cap::QueueFull | Cap::Evicted => None,
+    };
+    let Some(_permit) = permit else {
+        metrics().refusal(cap.rule());
+        tracing::debug!(peer = %peer, outcome = "dropped", reason = %cap, "association");
+        return None;
+    };
+    let started = Instant::now();
+    let answer = async {
+        if tls {
+            let (mut client, _) = handshake(state, stream, started).await?;
+            refuse_request(&mut client, &state.config, started, cap, outcome).await
+        } else {
+            let mut client = stream;
+            refuse_request(&mut client, &state.config, started, cap, outcome).await
+        }
+    };
+    Some(Err(
+        match tokio::time::timeout(REFUSAL_WITHIN, answer).await {
+            Ok(stop) => stop.unwrap_or_else(|stop| stop),
+            Err(_) => Stop::new("timeout", format!("{cap}; then the refusal timed out")),
+        },
+    ))
+}
+
+/// Read the association request and answer it with A-ASSOCIATE-RJ 2/3/2 for `cap`.
+async fn refuse_request<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut S,
+    cfg: &Config,
+    started: Instant,
+    cap: Cap,
+    outcome: &mut Outcome,
+) -> Result<Stop, Stop> {
+    let rq = read_request(client, cfg, started).await?;
+    outcome.calling_ae = rq.calling_ae_title.clone();
+    outcome.called_ae = rq.called_ae_title.clone();
+    Ok(
+        reject(client, Rejection::LocalLimitExceeded, cap.to_string())
+            .await
+            .kind(cap.rule()),
+    )
+}
+
 /// Phase: TLS handshake; returns the stream and the names of a verified client certificate.
 async fn handshake(
     state: &State,
     stream: TcpStream,
     started: Instant,
-) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Vec<String>), Stop> {
+) -> Result<
+    (
+        tokio_rustls::server::TlsStream<relay::ReadAhead<TcpStream>>,
+        Vec<String>,
+    ),
+    Stop,
+> {
     let _ = stream.set_nodelay(true);
     let within = state
         .config
@@ -551,7 +564,8 @@ async fn handshake(
         .min(state.config.timeouts.association_request);
     let client = match tokio::time::timeout(
         within.saturating_sub(started.elapsed()),
-        state.acceptor.accept(stream),
+        // rustls reads 4 KiB at a time; the socket is read 64 KiB at a time beneath it.
+        state.acceptor.accept(relay::ReadAhead::new(stream)),
     )
     .await
     {
@@ -975,27 +989,4 @@ pub(crate) async fn write_flush<S: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     stream.write_all(bytes).await?;
     stream.flush().await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pending_connections_are_bounded_in_all_and_per_address_and_given_back() {
-        let pool = Arc::new(PendingConnections::default());
-        let a: std::net::IpAddr = "127.0.0.2".parse().expect("ip");
-        let b: std::net::IpAddr = "127.0.0.3".parse().expect("ip");
-        let a1 = pool.take(a, 3, 2).expect("a1");
-        let _a2 = pool.take(a, 3, 2).expect("a2");
-        assert!(matches!(pool.take(a, 3, 2), Err(Cap::PerAddress)));
-        let _b1 = pool.take(b, 3, 2).expect("b1");
-        assert!(matches!(pool.take(b, 3, 2), Err(Cap::Total)));
-        // Bounds are read at each take: a reload that raises them admits more, forgetting no one.
-        let _b2 = pool.take(b, 4, 2).expect("b2 under a raised total");
-        assert_eq!(pool.total(), 4);
-        drop(a1);
-        assert_eq!(pool.total(), 3);
-        let _a3 = pool.take(a, 4, 2).expect("a slot came back");
-    }
 }

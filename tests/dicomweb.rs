@@ -1073,18 +1073,21 @@ fn connections_that_do_not_authenticate_are_bounded() {
     let (port, ca) = (w.port, w.pki.ca_cert.clone());
     let rt = runtime();
 
-    // Pending connections: an address holding its 8 gets no 9th; another address does; a slot
-    // comes back when a connection goes.
+    // Pending connections: an address alone may go beyond its share of 8 but leaves a share free
+    // (issue 17): holding 24 of the 32, its 25th waits its turn; another address is served at once;
+    // slots come back when connections go.
     rt.block_on(async {
         let mut held = Vec::new();
-        for _ in 0..8 {
+        for _ in 0..24 {
             held.push(tcp_from("127.0.0.2", port).await.expect("connect"));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let ninth = tls_from("127.0.0.2", port, &ca).await;
+        // It waits (for at most tls_handshake, 10 s): not served while the address holds its 24.
+        let ninth =
+            tokio::time::timeout(Duration::from_secs(2), tls_from("127.0.0.2", port, &ca)).await;
         assert!(
-            ninth.is_err(),
-            "a 9th pending connection from one address was served"
+            !matches!(ninth, Ok(Ok(_))),
+            "a 25th pending connection from one address was served"
         );
         assert!(
             tls_from("127.0.0.3", port, &ca).await.is_ok(),

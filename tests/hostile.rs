@@ -1304,3 +1304,139 @@ fn one_address_holding_silent_connections_does_not_starve_another() {
     drop(held);
     assert_eq!(out["statuses"], json!([0]), "127.0.0.1 was starved: {out}");
 }
+
+/// Issue 17: with the default admission limits, an address holding more silent connections than the
+/// gateway has handshake slots (256) takes only its share (32); a burst of 40 pynetdicom clients
+/// from another address at the same time (more than one address's share) is served in full, and
+/// so is a password login.
+#[test]
+fn a_slow_address_holding_more_than_every_slot_does_not_starve_a_burst_from_another() {
+    const HELD: usize = 300;
+    const BURST: usize = 40;
+    let pki = Pki::generate();
+    let recorder = FakeArchive::start("record");
+    let port = free_port();
+    // Admission limits at their defaults; carol (JWT) opens BURST associations at once.
+    let extra = "[limits]\nmax_associations_per_user = 100\n";
+    let mut cfg = config(
+        port,
+        &pki,
+        &pki.server_key,
+        &[("RECORDER", recorder.port)],
+        extra,
+    );
+    cfg = cfg.replace("tls_handshake = 2", "tls_handshake = 10");
+    cfg = cfg.replace("association_request = 2", "association_request = 10");
+    let gw = Gateway::start(port, &cfg);
+    let claims = json!({"iss": "https://idp.test", "aud": "pacsgate", "sub": "carol",
+                        "exp": now() + 600, "roles": ["clinician"]});
+    let jwt = mint_jwt(&pki.jwt_private_pem, &claims);
+    let rt = runtime();
+    let held: Vec<TcpStream> = rt.block_on(async {
+        let mut v = Vec::new();
+        for _ in 0..HELD {
+            v.push(tcp_from("127.0.0.2", port).await);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        v
+    });
+    let started = Instant::now();
+    let (burst, password) = std::thread::scope(|s| {
+        let burst: Vec<_> = (0..BURST)
+            .map(|_| {
+                let args = s_args(port, &pki, &jwt);
+                s.spawn(move || pyscu_s(&args))
+            })
+            .collect();
+        let password = s.spawn(|| legit("echo", port, "RECORDER", &pki, &[]));
+        (
+            burst
+                .into_iter()
+                .map(|h| h.join().expect("client"))
+                .collect::<Vec<_>>(),
+            password.join().expect("password client"),
+        )
+    });
+    let took = started.elapsed();
+    drop(held);
+    let log = gw.log();
+    let served = burst
+        .iter()
+        .filter(|out| out["statuses"] == json!([0]))
+        .count();
+    eprintln!(
+        "{served}/{BURST} JWT echoes and the password echo in {took:.1?} while 127.0.0.2 held {HELD}"
+    );
+    assert_eq!(
+        served,
+        BURST,
+        "127.0.0.1's burst was starved: {:?}\n{}",
+        burst.iter().find(|o| o["statuses"] != json!([0])),
+        tail(&log, 20)
+    );
+    assert_eq!(
+        password["statuses"],
+        json!([0]),
+        "password login starved: {password}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("peer=127.0.0.1:") && l.contains("outcome=\"dropped\"")),
+        "{}",
+        tail(&log, 20)
+    );
+}
+
+/// pynetdicom echo with a JWT over TLS, calling RECORDER.
+fn s_args(port: u16, pki: &Pki, jwt: &str) -> Vec<String> {
+    s(&[
+        "echo",
+        "--port",
+        &port.to_string(),
+        "--aec",
+        "RECORDER",
+        "--tls-ca",
+        pki.ca_cert.to_str().expect("path"),
+        "--jwt",
+        jwt,
+    ])
+}
+
+/// Issue 17: a connection that waits in vain for a handshake slot is told so after TLS with an
+/// A-ASSOCIATE-RJ 2/3/2 (transient) and one log line, not a bare reset.
+#[test]
+fn a_connection_that_waits_in_vain_for_a_slot_is_refused_2_3_2_after_tls() {
+    let pki = Pki::generate();
+    let recorder = FakeArchive::start("record");
+    let port = free_port();
+    let extra = "[limits]\nmax_pending_connections = 2\nmax_pending_per_address = 1\n";
+    let cfg = config(
+        port,
+        &pki,
+        &pki.server_key,
+        &[("RECORDER", recorder.port)],
+        extra,
+    )
+    // The holder keeps its slot (TLS done, no association request) for 10 s; the waiter waits 2 s.
+    .replace("association_request = 2", "association_request = 10");
+    let gw = Gateway::start(port, &cfg);
+    let rt = runtime();
+    let seen = rt.block_on(async {
+        let (_holder, _) = tls_from("127.0.0.2", port, &pki.ca_cert).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (mut tls, started) = tls_from("127.0.0.2", port, &pki.ca_cert).await;
+        tls.write_all(&encode(request("RECORDER", 1, None)))
+            .await
+            .expect("write the A-ASSOCIATE-RQ");
+        watch(&mut tls, started, Duration::from_secs(10)).await
+    });
+    assert_eq!(seen.rejection(), Some((2, 3, 2)), "{seen:?}");
+    assert!(
+        gw.wait_for_log(
+            "no handshake slot came free in time",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        tail(&gw.log(), 20)
+    );
+}

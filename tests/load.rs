@@ -1,6 +1,8 @@
 //! Load on a busy machine (issue 13): 40 TLS clients storing 25 small CT objects each, all at once, through
 //! the gateway to a `storescp --fork` sink, with a CPU hog on every core, several rounds. A slow machine may
 //! make the relay slow, never stuck: every store must succeed and the sink must hold every object.
+//! Bursts from one address (issue 17): more associations at once from one client address than any
+//! default per-address bound, with the default admission limits, all served.
 //!
 //! The clients are DCMTK's storescu (one process per association, TLS with a client certificate: no argon2id
 //! per login, which takes ~1 s in a debug build). pynetdicom 3.0.4 clients are not used here: under CPU
@@ -109,6 +111,15 @@ impl ForkingSink {
 }
 
 fn config(port: u16, pki: &Pki, sink_port: u16) -> String {
+    config_with(
+        port,
+        pki,
+        sink_port,
+        "associations_per_minute = 0\nmax_pending_per_address = 64\nmax_associations_per_user = 64\n",
+    )
+}
+
+fn config_with(port: u16, pki: &Pki, sink_port: u16, limits: &str) -> String {
     format!(
         r#"
 [gateway]
@@ -128,10 +139,7 @@ address = "127.0.0.1:{sink_port}"
 ae_title = "SINK"
 
 [limits]
-associations_per_minute = 0
-max_pending_per_address = 64
-max_associations_per_user = 64
-
+{limits}
 [[role]]
 name = "modality"
 allow = ["echo", "store"]
@@ -290,5 +298,112 @@ fn forty_tls_clients_store_through_the_gateway_with_cpu_hogs_every_round() {
         "{} failure(s):\n{}",
         failures.len(),
         failures.join("\n\n")
+    );
+}
+
+/// The `admission_ms` of every association log line (accept to a handshake slot).
+fn admission_waits(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("outcome="))
+        .filter_map(|l| {
+            l.split_once("admission_ms=")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Issue 17: a reading room behind one NAT address, or a modality's batch, opens more associations at
+/// once than the default per-address bound (32): every one is served, none is reset. The admission
+/// bounds are the defaults; the only limit set is the per-user one (every client signs in as the same
+/// certificate user, and the default allows a user 32 associations at once).
+#[test]
+fn a_burst_of_100_associations_from_one_address_is_served_with_the_default_admission_limits() {
+    const BURST: usize = 100;
+    const PER_CLIENT: usize = 2;
+    let pki = Pki::generate();
+    let (cert, key) = pki.client("loader");
+    let data = tempdir("burst-data");
+    let spec: Vec<(String, String, usize)> = (0..BURST)
+        .map(|c| (format!("BURST{c}"), format!("BURST^{c}"), PER_CLIENT))
+        .collect();
+    let spec: Vec<(&str, &str, usize)> = spec
+        .iter()
+        .map(|(id, name, n)| (id.as_str(), name.as_str(), *n))
+        .collect();
+    let instances = make_instances_with_uids(data.path(), &spec);
+    let per_client: Vec<Vec<PathBuf>> = (0..BURST)
+        .map(|c| {
+            let id = format!("BURST{c}");
+            instances
+                .iter()
+                .filter(|i| i.patient_id == id)
+                .map(|i| i.path.clone())
+                .collect()
+        })
+        .collect();
+    let expected = BURST * PER_CLIENT;
+    let sink = ForkingSink::start();
+    let port = free_port();
+    let gw = Gateway::start(
+        port,
+        &config_with(port, &pki, sink.port, "max_associations_per_user = 200\n"),
+    );
+    // Every client starts at once (a barrier), from 127.0.0.1.
+    let barrier = std::sync::Barrier::new(BURST);
+    let runs: Vec<ClientRun> = std::thread::scope(|s| {
+        let handles: Vec<_> = per_client
+            .iter()
+            .map(|files| {
+                let barrier = &barrier;
+                let (pki, key, cert) = (&pki, &key, &cert);
+                s.spawn(move || {
+                    barrier.wait();
+                    store_all(port, pki, key, cert, files)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
+    });
+    let files = sink.wait_for_files(expected);
+    let log = gw.log();
+    let released = log.matches("outcome=\"released\"").count();
+    let waits = admission_waits(&log);
+    let waited = waits.iter().filter(|w| **w > 0).count();
+    eprintln!(
+        "burst of {BURST}: {}/{expected} stores acknowledged, {files} files in the sink, {released} released; \
+         {waited} associations waited for a handshake slot (longest {} ms)",
+        runs.iter().map(|r| r.succeeded).sum::<usize>(),
+        waits.iter().max().unwrap_or(&0)
+    );
+    let failed: Vec<String> = runs
+        .iter()
+        .enumerate()
+        .filter_map(|(c, r)| r.report.as_ref().map(|t| format!("client {c}:\n{t}")))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {BURST} clients failed:\n{}\ngateway log:\n{}",
+        failed.len(),
+        failed
+            .iter()
+            .take(3)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n"),
+        tail(&log, 30)
+    );
+    assert_eq!(files, expected, "the sink must hold every instance");
+    assert_eq!(released, BURST, "{}", tail(&log, 30));
+    assert!(
+        !log.contains("outcome=\"dropped\""),
+        "no connection may be dropped: {}",
+        tail(&log, 30)
     );
 }

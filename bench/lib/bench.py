@@ -47,10 +47,18 @@ PATHS = ["direct", "direct_tls", "stunnel", "socat", "pacsgate"]
 PATH_NAMES = {"direct": "direct TCP", "direct_tls": "direct TLS", "stunnel": "stunnel",
               "socat": "socat", "pacsgate": "pacsgate"}
 
+# The smoke run's concurrent workloads open more associations at once from one address than any default
+# per-address bound of the gateway (max_pending_per_address: at most 32), so that a default that resets a
+# burst fails scripts/test.sh. (A password burst in a debug build is kept small: argon2id takes ~0.6 s there.)
 FULL = dict(small=1000, large_mb=200, setup=500, password=100, finds=500, concurrent=200,
-            per_assoc=20, idle=1000, archive_small=300, rounds=5, memory_rounds=3, memory_logins=24)
-SMOKE = dict(small=20, large_mb=4, setup=20, password=4, finds=20, concurrent=10,
-             per_assoc=4, idle=20, archive_small=10, rounds=1, memory_rounds=1, memory_logins=4)
+            per_assoc=20, idle=1000, archive_small=300, rounds=5, memory_rounds=3, memory_logins=24,
+            burst=1000, burst_per_assoc=5, burst_rounds=3, password_burst=100)
+SMOKE = dict(small=20, large_mb=4, setup=20, password=4, finds=20, concurrent=48,
+             per_assoc=2, idle=20, archive_small=10, rounds=1, memory_rounds=1, memory_logins=4,
+             burst=80, burst_per_assoc=1, burst_rounds=1, password_burst=4)
+# The largest default per-address bound of the gateway; the smoke run checks that it opens more than this.
+DEFAULT_PER_ADDRESS_BOUND = 32
+BURST_ADDRESSES = 8  # workload (8): 127.0.0.1 .. 127.0.0.8
 
 
 def log(msg):
@@ -330,17 +338,19 @@ password_hash = "{password_hash}"
 roles = ["bench"]
 """
 
-# The benchmark opens 1,000 associations as one user and hundreds a minute: rate limits off, caps
-# raised. Keys the gateway build does not know are dropped (see write_gateway_config).
+# The benchmark opens 1,000 associations at once as one user and thousands a minute: rate limits off,
+# occupancy caps raised. The admission bounds (max_pending_connections, max_pending_per_address) are
+# left at their defaults on purpose: the burst workloads show what a default does with a burst.
+# Keys the gateway build does not know are dropped (see write_gateway_config).
 GATEWAY_LIMITS = {
     "associations_per_minute": "0",
     "queries_per_minute": "0",
     "retrievals_per_minute": "0",
     "max_associations": "5000",
     "max_associations_per_user": "5000",
-    "max_pending_connections": "4096",
     "max_query_results": "5000",
 }
+GATEWAY_DEFAULTS_KEPT = ["max_pending_connections", "max_pending_per_address"]
 
 
 def write_gateway_config(e, path, port):
@@ -620,18 +630,39 @@ def workload_find(e, p, res):
                 f"matches={r.get('matches')} {r.get('first_errors', '')}")
 
 
-def concurrent_clients(e, p, path):
-    """p.concurrent associations from CLIENT_PROCESSES Python processes (threads each: one GIL per process
-    would otherwise cap the load), started together; aggregate throughput over the union of their runs."""
-    n = min(CLIENT_PROCESSES, p.concurrent)
-    start_at = time.time() + 0.5 + 0.01 * p.concurrent
+def process_cpu_s(pid):
+    """CPU time of process `pid`, every thread it ever had included (utime + stime in /proc/PID/stat:
+    stunnel's per-connection threads are gone by the time a workload ends)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def concurrent_clients(e, p, path, assocs=None, per_assoc=None, sources=("",), identity="jwt", processes=None):
+    """`assocs` associations (default p.concurrent) from Python client processes (threads each: one GIL per
+    process would otherwise cap the load), started together, each storing `per_assoc` instances; from the
+    source addresses `sources` (one process per address at least). Aggregate throughput over the union of
+    their runs, and the CPU time of the relay process (pacsgate or stunnel) meanwhile."""
+    assocs = p.concurrent if assocs is None else assocs
+    per_assoc = p.per_assoc if per_assoc is None else per_assoc
+    n = min(max(processes or CLIENT_PROCESSES, len(sources)), assocs)
+    start_at = time.time() + 0.5 + 0.01 * assocs
+    relay = {"pacsgate": e.gateway.pid, "stunnel": e.stunnel.pid}.get(path)
+    cpu0 = process_cpu_s(relay) if relay else None
     results = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=n) as pool:
-        futures = [pool.submit(ul_client, e, "concurrent", path, "sinkf",
-                               ["--assocs", str(k), "--per-assoc", str(p.per_assoc), "--files", e.small_dir,
-                                "--start-at", f"{start_at:.3f}"], 600)
-                   for k in chunks(p.concurrent, n)]
+        futures = []
+        for i, k in enumerate(chunks(assocs, n)):
+            extra = ["--assocs", str(k), "--per-assoc", str(per_assoc), "--files", e.small_dir,
+                     "--start-at", f"{start_at:.3f}"]
+            if sources[i % len(sources)]:
+                extra += ["--bind", sources[i % len(sources)]]
+            futures.append(pool.submit(ul_client, e, "concurrent", path, "sinkf", extra, 600, identity=identity))
         results = [f.result() for f in futures]
+    cpu1 = process_cpu_s(relay) if relay else None
     total = {"stored": 0, "bytes": 0, "errors": 0, "failed_associations": 0, "first_errors": [], "expected": 0}
     for r in results:
         for k in ("stored", "bytes", "errors", "failed_associations", "expected"):
@@ -646,7 +677,33 @@ def concurrent_clients(e, p, path):
     total["mb_per_s"] = total["bytes"] / 1e6 / elapsed if elapsed > 0 else 0.0
     total["instances_per_s"] = total["stored"] / elapsed if elapsed > 0 else 0.0
     total["client_processes"] = n
+    total["sources"] = len(sources)
+    if cpu0 is not None and cpu1 is not None and total["stored"]:
+        total["relay_cpu_s"] = cpu1 - cpu0
+        total["relay_cpu_us_per_instance"] = (cpu1 - cpu0) / total["stored"] * 1e6
     return total
+
+
+def workload_burst(e, p, res):
+    """(8) p.burst associations at once, each storing p.burst_per_assoc instances into storescp --fork,
+    from one address and from BURST_ADDRESSES addresses, through stunnel and through pacsgate (its
+    admission bounds at their defaults); then (3d) p.password_burst password sign-ins at once from one
+    address, each storing one instance."""
+    eight = tuple(f"127.0.0.{i}" for i in range(1, BURST_ADDRESSES + 1))
+    for rnd in range(p.burst_rounds):
+        for label, sources in (("one", ("127.0.0.1",)), ("eight", eight)):
+            for path in (("stunnel", "pacsgate") if rnd % 2 == 0 else ("pacsgate", "stunnel")):
+                r = concurrent_clients(e, p, path, p.burst, p.burst_per_assoc, sources,
+                                       processes=max(CLIENT_PROCESSES, len(sources)))
+                res.add(f"burst_{label}", path, r)
+                log(f"  burst ({label} address{'es' if len(sources) > 1 else ''}) round {rnd + 1} {path}: "
+                    f"{r.get('mb_per_s', 0):.1f} MB/s stored={r.get('stored')}/{r.get('expected')} "
+                    f"errors={r['errors']} cpu/instance={r.get('relay_cpu_us_per_instance', 0):.0f} µs "
+                    f"{r.get('first_errors', '')}")
+        r = concurrent_clients(e, p, "pacsgate", p.password_burst, 1, ("127.0.0.1",), identity="password")
+        res.add("password_burst", "pacsgate", r)
+        log(f"  password burst round {rnd + 1}: {r.get('stored')}/{r.get('expected')} in {r.get('seconds', 0):.2f} s "
+            f"errors={r['errors']} {r.get('first_errors', '')}")
 
 
 def workload_concurrent(e, p, res):
@@ -772,6 +829,29 @@ def summarize(e, p, res):
                  f"(start {fmt(mib(fig.get('rss_start_kib')), 'MiB')} MiB, after the last round "
                  f"{fmt(mib(after[-1]), 'MiB')} MiB)", "MiB", "lower",
                  {"pacsgate": mib(fig.get("rss_idle_after_load_kib"))}, sum(r.get("errors", 0) for r in runs)))
+
+    for label, what in (("one", "one client address"), ("eight", f"{BURST_ADDRESSES} client addresses")):
+        key = f"burst_{label}"
+        vals, cpu, errs = {}, {}, 0
+        for path in PATHS:
+            runs = res.get(key, path)
+            if not runs:
+                continue
+            errs += sum(r.get("errors", 0) for r in runs)
+            vals[path] = max(r.get("mb_per_s") or 0 for r in runs)
+            cpu[path] = median([r.get("relay_cpu_us_per_instance") for r in runs])
+        rows.append((f"(8) {p.burst:,} associations at once x {p.burst_per_assoc} C-STORE (~40 kB), {what}, "
+                     f"storescp --fork --ignore", "MB/s", "higher", vals, errs))
+        rows.append((f"(8) same, {what}: relay process CPU time per instance (median of rounds)", "µs", "lower",
+                     cpu, 0))
+        rows.append((f"(8) same, {what}: errors (all rounds)", f"of {p.burst * p.burst_per_assoc * p.burst_rounds}",
+                     "lower", {path: sum(r.get("errors", 0) for r in res.get(key, path)) if res.get(key, path) else None
+                               for path in PATHS}, None))
+    runs = res.get("password_burst", "pacsgate")
+    rows.append((f"(3d) {p.password_burst} password (argon2id) sign-ins at once from one address, + 1 C-STORE each: "
+                 f"seconds until the last was done (best round)", "s", "lower",
+                 {"pacsgate": min([r["seconds"] for r in runs if r.get("seconds")], default=None)},
+                 sum(r.get("errors", 0) for r in runs)))
     return rows
 
 
@@ -822,6 +902,17 @@ def targets(rows_by_key):
     pg = v("idle", "pacsgate")
     if pg is not None:
         out.append(("< 64 KiB per idle association", pg < 64, f"{pg:.1f} KiB"))
+    for key, what in (("concurrent_errors", "(5) concurrent associations"),
+                      ("burst_one_errors", "(8) burst from one address"),
+                      ("burst_eight_errors", f"(8) burst from {BURST_ADDRESSES} addresses")):
+        vals = rows_by_key[key][3]
+        pg = vals.get("pacsgate")
+        if pg is not None:
+            out.append((f"{what}: 0 errors through pacsgate, default admission limits", pg == 0,
+                        f"{pg} errors; stunnel {vals.get('stunnel')}"))
+    label, _, _, vals, errs = rows_by_key["password_burst"]
+    if vals.get("pacsgate") is not None or errs:
+        out.append(("(3d) password sign-ins at once from one address: 0 errors", errs == 0, f"{errs} errors"))
     return out
 
 
@@ -829,7 +920,8 @@ def report(e, p, res, started, finished):
     rows = summarize(e, p, res)
     keys = ["small", "large", "cpu_small", "cpu_large", "setup_p50", "setup_p99", "setup_certificate_p50", "setup_certificate_p99",
             "setup_password_p50", "setup_password_p99", "find_p50", "find_p99", "concurrent", "concurrent_errors",
-            "archive", "idle", "idle_after_load"]
+            "archive", "idle", "idle_after_load", "burst_one", "burst_one_cpu", "burst_one_errors",
+            "burst_eight", "burst_eight_cpu", "burst_eight_errors", "password_burst"]
     by_key = dict(zip(keys, rows))
     lines = []
     lines.append(f"# pacsgate benchmark, {started.strftime('%Y-%m-%d %H:%M')}{' (smoke)' if p.smoke else ''}")
@@ -842,7 +934,8 @@ def report(e, p, res, started, finished):
     lines.append("")
     lines.append(f"Parameters: rounds {p.rounds} (paths interleaved, order rotated per round), receiver max PDU {e.pdu} "
                  f"(storescp -pdu, Orthanc MaximumPduLength), socat -b {e.socat_buffer}, "
-                 f"gateway [limits] set: {', '.join(e.gateway_limits) or 'none (this build has no [limits])'}. "
+                 f"gateway [limits] set: {', '.join(f'{k} = {GATEWAY_LIMITS[k]}' for k in e.gateway_limits) or 'none (this build has no [limits])'}; "
+                 f"left at their defaults: {', '.join(GATEWAY_DEFAULTS_KEPT)}. "
                  f"Run time {(finished - started).total_seconds():.0f} s.")
     lines.append("")
     head = ["workload", "unit"] + [PATH_NAMES[x] for x in PATHS] + ["pacsgate / direct TLS", "pacsgate / stunnel",
@@ -890,6 +983,19 @@ def report(e, p, res, started, finished):
         cells.append(" ".join(f"{r.get('mb_per_s', 0):.0f}" for r in runs) or "-")
         meds[path] = median([r.get("mb_per_s") for r in runs])
     lines.append("| (concurrent, MB/s) | " + " | ".join(cells) + f" | {med_ratio(meds, 'direct_tls')} | {med_ratio(meds, 'stunnel')} |")
+    for key in ("burst_one", "burst_eight", "password_burst"):
+        if not res.raw.get(key):
+            continue
+        cells, meds = [], {}
+        for path in PATHS:
+            runs = res.get(key, path)
+            if key == "password_burst":
+                cells.append(" ".join(f"{r.get('seconds', 0):.2f}s" for r in runs) or "-")
+            else:
+                cells.append(" ".join(f"{r.get('mb_per_s', 0):.0f}" for r in runs) or "-")
+            meds[path] = median([r.get("mb_per_s") for r in runs])
+        lines.append(f"| ({key}{'' if key == 'password_burst' else ', MB/s'}) | " + " | ".join(cells)
+                     + f" | - | {med_ratio(meds, 'stunnel')} |")
     lines.append("")
     lines.append("## Targets")
     lines.append("")
@@ -962,13 +1068,15 @@ def main():
                 idle="(6) idle associations held", archive_small="(1b) instances stored into Orthanc",
                 memory_rounds="(7) rounds of password logins + stores before the idle RSS",
                 memory_logins="(7) password logins per round, all at once",
+                burst="(8) associations at once from one address and from 8", burst_per_assoc="(8) C-STOREs each",
+                burst_rounds="(8) rounds", password_burst="(3d) password sign-ins at once from one address",
                 rounds="rounds: each workload is repeated, paths interleaved, order rotated")
     for k, default in FULL.items():
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=None, metavar="N",
                         help=f"{what[k]}; default {default} (smoke {SMOKE[k]})")
     ap.add_argument("--pdu", type=int, default=16384, help="receivers' max PDU (DCMTK and Orthanc default: 16384)")
     ap.add_argument("--socat-buffer", type=int, default=131072, help="socat -b (its default, 8192, is slower)")
-    ap.add_argument("--only", default="", help="comma list of workloads: small,large,setup,find,concurrent,archive,idle,memory")
+    ap.add_argument("--only", default="", help="comma list of workloads: small,large,setup,find,concurrent,burst,archive,idle,memory")
     ap.add_argument("--results", default=os.path.join(REPO, "bench", "results"),
                     help="folder for <date>-<time>.md and .json (default bench/results; a smoke run writes none "
                          "unless this is given)")
@@ -983,6 +1091,10 @@ def main():
     if not 50 <= p.large_mb <= 500 and not args.smoke:
         log(f"note: --large-mb {p.large_mb} is outside the issue's 50-500 MB range")
     only = set(x for x in args.only.split(",") if x)
+    if args.smoke and min(p.concurrent, p.burst) <= DEFAULT_PER_ADDRESS_BOUND:
+        # The smoke run exists to catch a default that breaks bursts from one address.
+        ap.error(f"a smoke run must open more than {DEFAULT_PER_ADDRESS_BOUND} associations at once from one "
+                 f"address (--concurrent {p.concurrent}, --burst {p.burst})")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -1041,6 +1153,10 @@ def main():
         if want("concurrent"):
             log(f"(5) concurrent: {p.concurrent} associations x {p.per_assoc} instances")
             workload_concurrent(e, p, res)
+        if want("burst"):
+            log(f"(8) burst: {p.burst} associations at once x {p.burst_per_assoc} instances, from 1 and "
+                f"{BURST_ADDRESSES} addresses; (3d) {p.password_burst} password sign-ins at once")
+            workload_burst(e, p, res)
         if want("archive"):
             log(f"(1b) into Orthanc: {e.archive_files} instances")
             workload_store(e, p, res, "archive", "orthanc", e.archive_dir, e.archive_files, 600)
@@ -1055,6 +1171,12 @@ def main():
         text = report(e, p, res, started, finished)
         if not gateway_alive:
             text += f"\n**The gateway exited during the run** ({e.gateway.returncode}).\n"
+        # Any error anywhere fails the run, loudly: in the report, on stderr, and in the exit status.
+        failures = sorted({f"{k} ({path})" for k, by_path in res.raw.items() for path, runs in by_path.items()
+                           for r in runs if r.get("errors")})
+        if failures:
+            text += ("\n**FAILED: errors in " + ", ".join(failures) + "** (see the log lines above each table "
+                     "row's figures; every error counts, on every path).\n")
         print(text)
         # A smoke run writes files only when --results names a folder (scripts/test.sh must not litter).
         explicit = any(a == "--results" or a.startswith("--results=") for a in sys.argv)
@@ -1074,12 +1196,9 @@ def main():
                 with open(os.path.join(results_dir, f"{stem}.perf-{suffix}.txt"), "wb") as f:
                     f.write(r.stdout)
             log(f"wrote {stem}.perf.data and {stem}.perf-dso.txt / .perf-symbols.txt (gateway only) in {results_dir}")
-        # The smoke run fails when any workload failed outright.
-        failures = [k for k, by_path in res.raw.items() for path, runs in by_path.items()
-                    for r in runs if r.get("errors")]
         ok = gateway_alive and not failures
         if failures:
-            log(f"errors in: {sorted(set(failures))}")
+            log("FAILED: errors in " + ", ".join(failures))
     except Interrupted as ex:
         log(f"interrupted ({ex}); cleaning up")
     except Exception as ex:

@@ -205,9 +205,10 @@ def tls_context(ca, cert=None, key=None):
 
 class Association:
     def __init__(self, host, port, called, calling, contexts, tls=None, identity=None,
-                 max_pdu=16384, timeout=30.0):
+                 max_pdu=16384, timeout=30.0, bind=""):
         self.contexts = contexts
-        sock = socket.create_connection((host, port), timeout=timeout)
+        sock = socket.create_connection((host, port), timeout=timeout,
+                                        source_address=(bind, 0) if bind else None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls is not None:
             sock = tls.wrap_socket(sock, server_hostname="localhost")
@@ -354,7 +355,7 @@ def tls_of(args):
 def connect(args, contexts, tls=None):
     return Association(args.host, args.port, args.called, args.calling, contexts,
                        tls=tls if tls is not None else tls_of(args), identity=identity_of(args),
-                       timeout=args.timeout)
+                       timeout=args.timeout, bind=args.bind)
 
 
 def percentile(values, p):
@@ -496,7 +497,7 @@ def cmd_concurrent(args):
         stored = nbytes = 0
         try:
             a = Association(args.host, args.port, args.called, args.calling, contexts, tls=tls,
-                            identity=identity, timeout=args.timeout)
+                            identity=identity, timeout=args.timeout, bind=args.bind)
         except (OSError, DicomError) as e:
             note_error(f"associate: {e}", True)
             return
@@ -657,6 +658,7 @@ def main():
     sub = parser.add_subparsers(dest="cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--host", default="127.0.0.1")
+    common.add_argument("--bind", default="", help="local address to connect from (127.0.0.x)")
     common.add_argument("--port", type=int, required=True)
     common.add_argument("--called", default="ANY-SCP")
     common.add_argument("--calling", default="BENCHSCU")

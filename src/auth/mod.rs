@@ -109,8 +109,10 @@ pub struct AuthFailure {
 
 /// The limit on password checks running at once: each costs ~20 MiB and tens of milliseconds of a core.
 const CONCURRENT_PASSWORD_CHECKS: usize = 4;
-/// How many password checks may wait for one of those slots; more are answered Busy at once.
-pub const QUEUED_PASSWORD_CHECKS: usize = 32;
+/// How many password checks may wait for one of those slots; more are answered Busy at once. As many
+/// as the default pool of handshakes (`max_pending_connections`): a burst of sign-ins from one NAT
+/// address waits its turn here (bounded by `PASSWORD_CHECK_WAIT`) rather than being turned away.
+pub const QUEUED_PASSWORD_CHECKS: usize = 256;
 /// How long a password check may wait for a slot (phase `password_check`) before it is answered Busy.
 pub const PASSWORD_CHECK_WAIT: Duration = Duration::from_secs(5);
 

@@ -1,4 +1,5 @@
-//! Rate limits (governor, keyed by client address or user) and association occupancy (global, per user).
+//! Rate limits (governor, keyed by client address or user), association occupancy (global, per user),
+//! and admission to the handshake: the pending-connection pools with their per-address share and queue.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -222,6 +223,329 @@ impl Drop for Slot {
     }
 }
 
+/// The bounds of a pending-connection pool, read from `[limits]` at each connection (a reload
+/// changes them without forgetting who holds or waits for a slot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Connections in their handshake at once, in all (`max_pending_connections`).
+    pub max_total: usize,
+    /// Of those, from one client address (`max_pending_per_address`).
+    pub max_per_address: usize,
+    /// Connections waiting for a slot, in all: each holds a descriptor and nothing else.
+    pub max_queued: usize,
+}
+
+impl Bounds {
+    /// A pool's bounds from `[limits]`: a queue four times the size of the pool.
+    pub fn from_limits(limits: &crate::config::Limits) -> Bounds {
+        Bounds {
+            max_total: limits.max_pending_connections,
+            max_per_address: limits.max_pending_per_address,
+            max_queued: limits.max_pending_connections.saturating_mul(QUEUE_FACTOR),
+        }
+    }
+}
+
+/// How many connections may wait for a slot, per slot of `max_pending_connections`.
+pub const QUEUE_FACTOR: usize = 4;
+
+/// Why a connection was not admitted to its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    /// The queue was full and this address already had the longest queue.
+    QueueFull,
+    /// The queue was full: this connection, the newest of the address with the longest queue, made room
+    /// for a connection from an address with fewer waiting.
+    Evicted,
+    /// No slot came free within the admission wait.
+    Timeout,
+}
+
+impl Cap {
+    /// The `rule` label of `pacsgate_refusals_total`.
+    pub fn rule(self) -> &'static str {
+        match self {
+            Cap::QueueFull => "pending_queue_full",
+            Cap::Evicted => "pending_queue_evicted",
+            Cap::Timeout => "pending_timeout",
+        }
+    }
+}
+
+impl std::fmt::Display for Cap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Cap::QueueFull => {
+                "too many connections waiting for admission, the most of them from this address \
+                 (limits.max_pending_connections x 4)"
+            }
+            Cap::Evicted => {
+                "closed to make room in the admission queue: this address had the most connections waiting"
+            }
+            Cap::Timeout => {
+                "no handshake slot came free in time (limits.max_pending_connections, \
+                 limits.max_pending_per_address; phase admission)"
+            }
+        })
+    }
+}
+
+/// What a waiting connection is told.
+#[derive(Debug)]
+enum Grant {
+    Slot,
+    Evicted,
+}
+
+#[derive(Debug, Default)]
+struct Address {
+    /// Slots held by this address.
+    active: usize,
+    /// Connections of this address waiting for a slot, oldest first.
+    waiting: std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<Grant>)>,
+}
+
+#[derive(Debug)]
+struct Pool {
+    bounds: Bounds,
+    active: usize,
+    queued: usize,
+    next_id: u64,
+    addresses: HashMap<IpAddr, Address>,
+}
+
+/// The connections of one listener pool that are in their handshake (TLS, association request,
+/// authentication, the archive's answer), and those waiting to start it.
+///
+/// A slot is taken at once when the address's share has room, or, beyond its share, when nobody
+/// else waits and more than a share of the pool stays free (see `Pool::may_take`); otherwise the
+/// connection waits its turn (phase `admission`, bounded) in a queue, first come first served per
+/// address, and a freed slot goes to the waiting address that holds the fewest. So a burst from one
+/// address uses the idle pool, and an address holding slots with handshakes that never finish
+/// delays only its own further connections: the others keep at least a share. The queue is bounded; when it
+/// is full, the newest waiting connection of the address with the most waiting makes room.
+#[derive(Debug)]
+pub struct PendingConnections {
+    pool: Mutex<Pool>,
+}
+
+impl Default for PendingConnections {
+    fn default() -> Self {
+        PendingConnections {
+            pool: Mutex::new(Pool {
+                bounds: Bounds {
+                    max_total: 1,
+                    max_per_address: 1,
+                    max_queued: 0,
+                },
+                active: 0,
+                queued: 0,
+                next_id: 0,
+                addresses: HashMap::new(),
+            }),
+        }
+    }
+}
+
+impl Pool {
+    /// Whether an address holding `active` slots, with `waiting` of its connections queued, may take
+    /// one more. Within its share, whenever the pool has room. Beyond its share (a burst), only while
+    /// no other address is waiting, and never the last share's worth of the pool: those slots stay
+    /// free for another address, so an address whose handshakes never finish cannot starve the others.
+    fn may_take(&self, active: usize, waiting: usize) -> bool {
+        let b = self.bounds;
+        if self.active >= b.max_total {
+            return false;
+        }
+        if active < b.max_per_address {
+            return true;
+        }
+        let others_waiting = self.queued.saturating_sub(waiting);
+        others_waiting == 0 && self.active + b.max_per_address < b.max_total
+    }
+
+    /// Hand freed slots to waiting connections: the eligible address holding the fewest first.
+    fn dispatch(&mut self) {
+        while self.active < self.bounds.max_total {
+            let Some(address) = self
+                .addresses
+                .iter()
+                .filter(|(_, a)| !a.waiting.is_empty() && self.may_take(a.active, a.waiting.len()))
+                .min_by_key(|(_, a)| a.active)
+                .map(|(ip, _)| *ip)
+            else {
+                break;
+            };
+            let Some(a) = self.addresses.get_mut(&address) else {
+                break;
+            };
+            let Some((_, tx)) = a.waiting.pop_front() else {
+                break;
+            };
+            self.queued -= 1;
+            // A waiter that is gone (its connection dropped) takes nothing.
+            if tx.send(Grant::Slot).is_ok() {
+                a.active += 1;
+                self.active += 1;
+            }
+        }
+    }
+
+    fn forget_if_idle(&mut self, address: IpAddr) {
+        if self
+            .addresses
+            .get(&address)
+            .is_some_and(|a| a.active == 0 && a.waiting.is_empty())
+        {
+            self.addresses.remove(&address);
+        }
+    }
+
+    fn release(&mut self, address: IpAddr) {
+        self.active = self.active.saturating_sub(1);
+        if let Some(a) = self.addresses.get_mut(&address) {
+            a.active = a.active.saturating_sub(1);
+        }
+        self.dispatch();
+        self.forget_if_idle(address);
+    }
+}
+
+/// A connection waiting for a slot; on drop (timeout, or its task ended) it leaves the queue, or gives
+/// back a slot granted in the meantime.
+struct Waiting {
+    pool: Arc<PendingConnections>,
+    address: IpAddr,
+    id: u64,
+    rx: tokio::sync::oneshot::Receiver<Grant>,
+    settled: bool,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let mut p = self.pool.lock();
+        self.rx.close();
+        match self.rx.try_recv() {
+            Ok(Grant::Slot) => p.release(self.address),
+            Ok(Grant::Evicted) => {}
+            Err(_) => {
+                if let Some(a) = p.addresses.get_mut(&self.address)
+                    && let Some(i) = a.waiting.iter().position(|(id, _)| *id == self.id)
+                {
+                    a.waiting.remove(i);
+                    p.queued -= 1;
+                }
+                p.forget_if_idle(self.address);
+            }
+        }
+    }
+}
+
+impl PendingConnections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Phase `admission`: a slot now, or after waiting at most `within` in the queue, or the reason why not.
+    pub async fn admit(
+        self: &Arc<Self>,
+        address: IpAddr,
+        bounds: Bounds,
+        within: Duration,
+    ) -> Result<PendingSlot, Cap> {
+        let mut waiting = {
+            let mut p = self.lock();
+            p.bounds = bounds;
+            // A reload may have raised the bounds: hand out what is free now.
+            p.dispatch();
+            let (active, queued_here) = p
+                .addresses
+                .get(&address)
+                .map_or((0, 0), |a| (a.active, a.waiting.len()));
+            if queued_here == 0 && p.may_take(active, 0) {
+                p.active += 1;
+                p.addresses.entry(address).or_default().active += 1;
+                return Ok(PendingSlot {
+                    pool: self.clone(),
+                    address,
+                });
+            }
+            if p.queued >= bounds.max_queued {
+                // Room for this one only at the expense of an address with more connections waiting.
+                let longest = p
+                    .addresses
+                    .iter()
+                    .filter(|(ip, _)| **ip != address)
+                    .max_by_key(|(_, a)| a.waiting.len())
+                    .filter(|(_, a)| a.waiting.len() > queued_here + 1)
+                    .map(|(ip, _)| *ip);
+                let Some(victim) = longest else {
+                    return Err(Cap::QueueFull);
+                };
+                if let Some(a) = p.addresses.get_mut(&victim)
+                    && let Some((_, tx)) = a.waiting.pop_back()
+                {
+                    let _ = tx.send(Grant::Evicted);
+                    p.queued -= 1;
+                }
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let id = p.next_id;
+            p.next_id += 1;
+            p.addresses
+                .entry(address)
+                .or_default()
+                .waiting
+                .push_back((id, tx));
+            p.queued += 1;
+            Waiting {
+                pool: self.clone(),
+                address,
+                id,
+                rx,
+                settled: false,
+            }
+        };
+        match tokio::time::timeout(within, &mut waiting.rx).await {
+            Ok(Ok(Grant::Slot)) => {
+                waiting.settled = true;
+                Ok(PendingSlot {
+                    pool: self.clone(),
+                    address,
+                })
+            }
+            Ok(Ok(Grant::Evicted)) => {
+                waiting.settled = true;
+                Err(Cap::Evicted)
+            }
+            // The sender went without a word: only if the pool itself is gone; fail closed.
+            Ok(Err(_)) | Err(_) => Err(Cap::Timeout),
+        }
+    }
+
+    /// Slots held, and connections waiting (for tests and the log).
+    pub fn counts(&self) -> (usize, usize) {
+        let p = self.lock();
+        (p.active, p.queued)
+    }
+}
+
+/// A connection in its handshake holds one of these until it has been admitted (or has gone).
+#[derive(Debug)]
+pub struct PendingSlot {
+    pool: Arc<PendingConnections>,
+    address: IpAddr,
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.pool.lock().release(self.address);
+    }
+}
+
 /// The rate limits of one configuration.
 pub struct Rates<C: Clock = DefaultClock> {
     /// Associations per client address.
@@ -371,5 +695,161 @@ mod tests {
         drop(a);
         assert_eq!(o.admit("alice").unwrap_err(), Full::User(1));
         let _c = o.admit("bob").expect("a slot came back");
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_from_one_address_uses_the_idle_pool_but_leaves_a_share_free() {
+        let pool = Arc::new(PendingConnections::default());
+        let bounds = Bounds {
+            max_total: 8,
+            max_per_address: 2,
+            max_queued: 100,
+        };
+        let a = ip("127.0.0.2");
+        let peak = Arc::new(Mutex::new(0usize));
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let pool = pool.clone();
+                let peak = peak.clone();
+                tokio::spawn(async move {
+                    let slot = pool.admit(a, bounds, WAIT).await?;
+                    {
+                        let mut m = peak.lock().unwrap_or_else(|p| p.into_inner());
+                        *m = (*m).max(pool.counts().0);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    drop(slot);
+                    Ok::<(), Cap>(())
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await
+                .expect("task")
+                .expect("every connection of the burst admitted");
+        }
+        assert_eq!(
+            *peak.lock().expect("peak"),
+            6,
+            "alone, beyond its share, but a share of the pool stays free"
+        );
+        assert_eq!(pool.counts(), (0, 0), "everything given back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_address_holding_its_share_delays_only_itself() {
+        let pool = Arc::new(PendingConnections::default());
+        let bounds = Bounds {
+            max_total: 4,
+            max_per_address: 2,
+            max_queued: 100,
+        };
+        let (a, b, c) = (ip("127.0.0.2"), ip("127.0.0.3"), ip("127.0.0.4"));
+        let _a1 = pool.admit(a, bounds, WAIT).await.expect("a1");
+        let a2 = pool.admit(a, bounds, WAIT).await.expect("a2");
+        // A's third waits; B is admitted at once.
+        let third = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.admit(a, bounds, WAIT).await }
+        });
+        tokio::task::yield_now().await;
+        let _b1 = pool.admit(b, bounds, WAIT).await.expect("b at once");
+        let c1 = pool
+            .admit(c, bounds, WAIT)
+            .await
+            .expect("c at once: the pool is now full");
+        assert_eq!(pool.counts(), (4, 1));
+        // The pool is full: B's second waits behind nobody of its own, A's third waits.
+        let b2 = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.admit(b, bounds, WAIT).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(pool.counts(), (4, 2));
+        // C's slot frees: it goes to B (1 held), not to A (2 held, its share).
+        drop(c1);
+        let _b2 = b2.await.expect("task").expect("b2 got the freed slot");
+        assert!(!third.is_finished(), "a is at its share");
+        drop(a2);
+        let _a3 = third
+            .await
+            .expect("task")
+            .expect("a's own slot came back to a");
+        assert_eq!(pool.counts(), (4, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_makes_room_at_the_expense_of_the_longest() {
+        let pool = Arc::new(PendingConnections::default());
+        let bounds = Bounds {
+            max_total: 1,
+            max_per_address: 1,
+            max_queued: 3,
+        };
+        let (a, b) = (ip("127.0.0.2"), ip("127.0.0.3"));
+        let _held = pool.admit(a, bounds, WAIT).await.expect("a1");
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let pool = pool.clone();
+                tokio::spawn(async move { pool.admit(a, bounds, WAIT).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert_eq!(pool.counts(), (1, 3));
+        assert_eq!(
+            pool.admit(a, bounds, WAIT).await.unwrap_err(),
+            Cap::QueueFull,
+            "the address with the longest queue is turned away"
+        );
+        let b1 = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.admit(b, bounds, WAIT).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(pool.counts(), (1, 3), "b took the place of a's newest");
+        let mut results = Vec::new();
+        for w in waiters {
+            let w = w.await.expect("task");
+            results.push(w.as_ref().map(|_| ()).map_err(|e| *e));
+        }
+        // The newest of a's waiters was evicted; the two others time out (a1 is never released).
+        assert_eq!(results[2], Err(Cap::Evicted));
+        assert_eq!(results[..2], [Err(Cap::Timeout), Err(Cap::Timeout)]);
+        assert_eq!(b1.await.expect("task").unwrap_err(), Cap::Timeout);
+        assert_eq!(pool.counts(), (1, 0), "timed-out waiters left the queue");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_gives_up_gives_back_a_slot_granted_meanwhile() {
+        let pool = Arc::new(PendingConnections::default());
+        let bounds = Bounds {
+            max_total: 1,
+            max_per_address: 1,
+            max_queued: 10,
+        };
+        let a = ip("127.0.0.2");
+        let held = pool.admit(a, bounds, WAIT).await.expect("a1");
+        let mut waiter = Box::pin(pool.admit(a, bounds, WAIT));
+        assert!(futures_poll(&mut waiter).is_none(), "waits");
+        drop(held); // grants the slot to the waiter, which is dropped before it looks
+        drop(waiter);
+        assert_eq!(pool.counts(), (0, 0));
+        let _again = pool.admit(a, bounds, WAIT).await.expect("the slot is free");
+    }
+
+    /// Poll a future once.
+    fn futures_poll<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        match std::pin::Pin::new(f).poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
     }
 }

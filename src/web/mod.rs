@@ -43,7 +43,7 @@ use crate::config::{Http, Operation};
 use crate::metrics::metrics;
 use crate::policy::Grants;
 use crate::policy::query_guard::GuardError;
-use crate::server::{Cap, Gateway, PendingSlot, State};
+use crate::server::{Gateway, PendingSlot, State};
 use login::{NotAuthenticated, WebLogin};
 use path::{Path, PathError};
 use query::{Qido, QueryError, WadoUri};
@@ -110,42 +110,34 @@ pub async fn serve(gateway: Gateway, listener: TcpListener) {
             }
         };
         backoff = Duration::from_millis(10);
-        // Connections that have not authenticated yet share the DICOM side's budget: overall and per address.
-        let state = door.gateway.current();
-        let limits = &state.config.limits;
-        let pending = match door.gateway.pending().take(
-            peer.ip(),
-            limits.max_pending_connections,
-            limits.max_pending_per_address,
-        ) {
-            Ok(p) => p,
-            Err(cap) => {
-                metrics().refusal(match cap {
-                    Cap::PerAddress => "pending_per_address",
-                    Cap::Total => "pending_connections",
-                });
-                tracing::debug!(peer = %peer, outcome = "dropped", reason = %cap, "web connection");
-                drop(stream);
-                continue;
-            }
-        };
+        // Connections that have not authenticated yet share the DICOM side's budget: overall and per
+        // address, with the same bounded wait for a slot (server::PendingConnections), in their own task.
         let tasks = door.gateway.tasks.clone();
         let door = door.clone();
-        tasks.spawn(async move { connection(door, stream, peer, pending).await });
+        tasks.spawn(async move { connection(door, stream, peer).await });
     }
 }
 
 /// One connection: TLS within `tls_handshake`, then HTTP/1.1. Every request head must arrive within
 /// `association_request` (that also closes a quiet keep-alive connection); an answer to a request
 /// that did not authenticate closes the connection.
-async fn connection(
-    door: Arc<Door>,
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    pending: PendingSlot,
-) {
+async fn connection(door: Arc<Door>, stream: tokio::net::TcpStream, peer: SocketAddr) {
     let state = door.gateway.current();
     let t = state.config.timeouts;
+    let bounds = crate::server::Bounds::from_limits(&state.config.limits);
+    let pending = match door
+        .gateway
+        .pending()
+        .admit(peer.ip(), bounds, t.tls_handshake)
+        .await
+    {
+        Ok(p) => p,
+        Err(cap) => {
+            metrics().refusal(cap.rule());
+            tracing::debug!(peer = %peer, outcome = "dropped", reason = %cap, "web connection");
+            return;
+        }
+    };
     let _ = stream.set_nodelay(true);
     let tls = match tokio::time::timeout(t.tls_handshake, state.web_acceptor.accept(stream)).await {
         Ok(Ok(s)) => s,
