@@ -80,9 +80,9 @@ wait_port() { # wait_port PORT SECONDS
 
 say "building the package (scripts/package.sh), revision 1 and 2"
 # cargo-deb removes other versions from target/debian: keep each in the work folder.
-deb1="$(scripts/package.sh --fast --revision 1 | tail -n1)"
+deb1="$(scripts/package.sh --fast --profile "${PACSGATE_PACKAGE_PROFILE:-release}" --revision 1 | tail -n1)"
 cp "$deb1" "$work/" && deb1="$work/$(basename "$deb1")"
-deb2="$(scripts/package.sh --fast --revision 2 | tail -n1)"
+deb2="$(scripts/package.sh --fast --profile "${PACSGATE_PACKAGE_PROFILE:-release}" --revision 2 | tail -n1)"
 cp "$deb2" "$work/" && deb2="$work/$(basename "$deb2")"
 commit="$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
 version="$(dpkg-deb -f "$deb1" Version)"

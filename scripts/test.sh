@@ -44,7 +44,9 @@ echo "scripts/test.sh: benchmark smoke run passed (log: target/bench-smoke.log)"
 
 # The Debian package: build, dpkg -i, upgrade, purge on this machine (root and dpkg only; it skips otherwise).
 echo "scripts/test.sh: Debian package test (scripts/package-test.sh)"
-bash scripts/package-test.sh > target/package-test.log 2>&1 \
+# It packages the debug build already made above (PACSGATE_PACKAGE_PROFILE=dev), so CI pays no release build;
+# `scripts/package.sh` alone builds the release package.
+PACSGATE_PACKAGE_PROFILE=dev bash scripts/package-test.sh > target/package-test.log 2>&1 \
   || { tail -n 60 target/package-test.log; echo "scripts/test.sh: the package test failed" >&2; exit 1; }
 grep -E '^package-test: (SKIPPED|FAILED|[0-9]+ passed)' target/package-test.log | sed 's/^/scripts\/test.sh: /'
 
