@@ -664,7 +664,7 @@ fn every_dicom_audit_message_parses_after_hostile_text_from_the_wire() {
 fn start_without_proc_sys(port: u16, toml: &str) -> (Spawned, tempfile::TempDir) {
     let dir = tempdir("procsubset");
     let config_path = dir.path().join("pacsgate.toml");
-    std::fs::write(&config_path, toml).expect("write config");
+    write_config(&config_path, toml);
     let mut cmd = Command::new("unshare");
     cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
         .arg("mount -t tmpfs none /proc/sys && exec \"$0\" run --config \"$1\"")
@@ -736,11 +736,10 @@ fn the_audit_keys_are_checked_by_name() {
     let dir = tempdir("audit-keys");
     let path = dir.path().join("pacsgate.toml");
     let load = |audit: &str| {
-        std::fs::write(
+        write_config(
             &path,
-            config(free_port(), &pki, 1, &format!("[audit]\n{audit}\n")),
-        )
-        .expect("write");
+            &config(free_port(), &pki, 1, &format!("[audit]\n{audit}\n")),
+        );
         Config::load(&path)
     };
     let c = load("file = \"a.jsonl\"\non_failure = \"refuse\"\nsource_id = \"gw-east-1\"\nsyslog_timeout = 3")

@@ -734,7 +734,7 @@ roles = ["reader", "worklister"]
         .expect("config")
         .replace("[timeouts]", "[limits]\nfailed_logins = 0\n\n[timeouts]");
     let zero_path = gw.dir().join("zero.toml");
-    std::fs::write(&zero_path, zero).expect("write");
+    write_config(&zero_path, &zero);
     let said = output_text(&Gateway::run_command(
         &["check", "--config", path(&zero_path)],
         None,

@@ -364,16 +364,18 @@ fn sighup_adds_a_user_without_dropping_a_transfer_and_a_broken_config_keeps_the_
         .map(|_| make_large_instance(data.path(), 50))
         .collect();
 
+    // The new file is made first: hashing its password (argon2, a debug build) takes seconds, in which
+    // the transfer could finish before the reload.
+    let newcomer = format!(
+        "{base}\n[[user]]\nname = \"newcomer\"\npassword_hash = \"{}\"\nroles = [\"reader\"]\n",
+        password_hash(PASSWORD)
+    );
     let transfer = store_in_background(port, &pki, &large);
     // Wait until the transfer is under way (its association is accepted), then reload.
     assert!(
         gw.wait_for_log("association accepted", Duration::from_secs(20)),
         "{}",
         gw.log()
-    );
-    let newcomer = format!(
-        "{base}\n[[user]]\nname = \"newcomer\"\npassword_hash = \"{}\"\nroles = [\"reader\"]\n",
-        password_hash(PASSWORD)
     );
     std::fs::write(gw.config_path(), &newcomer).expect("write config");
     gw.signal("HUP");
