@@ -42,6 +42,22 @@ pub struct DevCerts {
     pub clients: Vec<(String, PathBuf, PathBuf)>,
     /// true when an existing CA in the folder was reused.
     pub reused_ca: bool,
+    /// true when no host was given and the folder's server.crt / server.key were kept.
+    pub reused_server: bool,
+}
+
+/// The host names a server certificate is issued for when none is given and none exists yet.
+pub const DEFAULT_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// The file names a run will write, refused up front if one is a symlink, so that a refused run writes
+/// nothing (not half a set).
+fn refuse_planted_links(paths: &[PathBuf]) -> Result<(), CertsError> {
+    for path in paths {
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(CertsError::Symlink(path.clone()));
+        }
+    }
+    Ok(())
 }
 
 /// Validity of development certificates.
@@ -191,6 +207,90 @@ pub fn generate_with_ca(
         write_file(&dir.join("ca.crt"), &pem, false)?;
     }
 
+    let (server_cert, server_key_path) = (dir.join("server.crt"), dir.join("server.key"));
+    let safe_name = |name: &str| -> String {
+        name.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    // Without --host, an existing server pair is kept (a run that only adds clients must not replace
+    // the certificate the gateway serves); with --host, or when there is none, it is issued.
+    let reused_server = hosts.is_empty() && server_cert.is_file() && server_key_path.is_file();
+    let mut targets: Vec<PathBuf> = clients
+        .iter()
+        .flat_map(|n| {
+            let safe = safe_name(n);
+            [
+                dir.join(format!("{safe}.crt")),
+                dir.join(format!("{safe}.key")),
+            ]
+        })
+        .collect();
+    if !reused_server {
+        targets.extend([server_cert.clone(), server_key_path.clone()]);
+    }
+    refuse_planted_links(&targets)?;
+    if !reused_server {
+        let default_hosts: Vec<String> = DEFAULT_HOSTS.iter().map(|h| h.to_string()).collect();
+        let hosts = if hosts.is_empty() {
+            &default_hosts[..]
+        } else {
+            hosts
+        };
+        issue_server(&ca, hosts, &server_cert, &server_key_path)?;
+    }
+
+    let mut out_clients = Vec::new();
+    for name in clients {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(gen_err(format!("key for {name}")))?;
+        let mut params =
+            CertificateParams::new(Vec::<String>::new()).map_err(gen_err(name.clone()))?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, name.as_str());
+        if let Ok(dns) = name.clone().try_into() {
+            params.subject_alt_names.push(SanType::DnsName(dns));
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        validity(&mut params);
+        let cert = params
+            .signed_by(&key, &ca)
+            .map_err(gen_err(format!("certificate for {name}")))?;
+        let safe = safe_name(name);
+        let (c, k) = (
+            dir.join(format!("{safe}.crt")),
+            dir.join(format!("{safe}.key")),
+        );
+        write_file(&c, cert.pem().as_bytes(), false)?;
+        write_file(&k, key.serialize_pem().as_bytes(), true)?;
+        out_clients.push((name.clone(), c, k));
+    }
+    Ok(DevCerts {
+        ca_cert: dir.join("ca.crt"),
+        ca_key: ca_dir.join("ca.key"),
+        server_cert,
+        server_key: server_key_path,
+        clients: out_clients,
+        reused_ca,
+        reused_server,
+    })
+}
+
+/// Issues the server certificate for `hosts` (DNS names or IP addresses) and writes it with its key.
+fn issue_server(
+    ca: &Issuer<'static, KeyPair>,
+    hosts: &[String],
+    server_cert: &Path,
+    server_key_path: &Path,
+) -> Result<(), CertsError> {
     let server_key = KeyPair::generate_for(&PKCS_RSA_SHA256).map_err(gen_err("server key"))?;
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("server"))?;
     for host in hosts {
@@ -213,60 +313,12 @@ pub fn generate_with_ca(
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     validity(&mut params);
     let cert = params
-        .signed_by(&server_key, &ca)
+        .signed_by(&server_key, ca)
         .map_err(gen_err("server certificate"))?;
-    let (server_cert, server_key_path) = (dir.join("server.crt"), dir.join("server.key"));
-    write_file(&server_cert, cert.pem().as_bytes(), false)?;
-    write_file(
-        &server_key_path,
-        server_key.serialize_pem().as_bytes(),
-        true,
-    )?;
+    write_file(server_cert, cert.pem().as_bytes(), false)?;
+    write_file(server_key_path, server_key.serialize_pem().as_bytes(), true)?;
 
-    let mut out_clients = Vec::new();
-    for name in clients {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(gen_err(format!("key for {name}")))?;
-        let mut params =
-            CertificateParams::new(Vec::<String>::new()).map_err(gen_err(name.clone()))?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, name.as_str());
-        if let Ok(dns) = name.clone().try_into() {
-            params.subject_alt_names.push(SanType::DnsName(dns));
-        }
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        validity(&mut params);
-        let cert = params
-            .signed_by(&key, &ca)
-            .map_err(gen_err(format!("certificate for {name}")))?;
-        let safe: String = name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let (c, k) = (
-            dir.join(format!("{safe}.crt")),
-            dir.join(format!("{safe}.key")),
-        );
-        write_file(&c, cert.pem().as_bytes(), false)?;
-        write_file(&k, key.serialize_pem().as_bytes(), true)?;
-        out_clients.push((name.clone(), c, k));
-    }
-    Ok(DevCerts {
-        ca_cert: dir.join("ca.crt"),
-        ca_key: ca_dir.join("ca.key"),
-        server_cert,
-        server_key: server_key_path,
-        clients: out_clients,
-        reused_ca,
-    })
+    Ok(())
 }
 
 /// An ES256 signing key pair for development tokens: (private PKCS#8 PEM, public SPKI PEM).
@@ -281,6 +333,37 @@ pub fn jwt_keypair(dir: &Path) -> Result<(PathBuf, PathBuf), CertsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_without_hosts_keeps_the_server_pair_and_a_refused_run_writes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = generate(dir.path(), &["pacs-gw.example.org".into()], &[]).expect("first");
+        let (cert, key) = (
+            std::fs::read(&first.server_cert).expect("cert"),
+            std::fs::read(&first.server_key).expect("key"),
+        );
+        let second = generate(dir.path(), &[], &["nurse.joy".into()]).expect("second");
+        assert!(second.reused_server);
+        assert_eq!(std::fs::read(&second.server_cert).expect("cert"), cert);
+        assert_eq!(std::fs::read(&second.server_key).expect("key"), key);
+        assert!(dir.path().join("nurse.joy.key").is_file());
+        // A planted link at one client's key: refused before anything is written.
+        std::os::unix::fs::symlink("/nonexistent-target", dir.path().join("bob.key"))
+            .expect("link");
+        let err = generate(dir.path(), &["other.example.org".into()], &["bob".into()])
+            .expect_err("refused");
+        assert!(matches!(err, CertsError::Symlink(_)), "{err}");
+        assert_eq!(
+            std::fs::read(&second.server_cert).expect("cert"),
+            cert,
+            "server pair rewritten"
+        );
+        assert!(!dir.path().join("bob.crt").exists(), "half a pair written");
+        // With --host the pair is issued again.
+        let third = generate(dir.path(), &["other.example.org".into()], &[]).expect("third");
+        assert!(!third.reused_server);
+        assert_ne!(std::fs::read(&third.server_cert).expect("cert"), cert);
+    }
 
     #[test]
     fn a_second_run_reuses_the_ca_and_keys_stay_private() {

@@ -81,8 +81,10 @@ enum Command {
         /// Folder for the PEM files (created if missing).
         #[arg(long)]
         out: PathBuf,
-        /// Host name or IP address the server certificate is valid for (repeatable).
-        #[arg(long = "host", default_values_t = [String::from("localhost"), String::from("127.0.0.1"), String::from("::1")])]
+        /// Host name or IP address the server certificate is valid for (repeatable). Without it, an
+        /// existing server.crt / server.key in --out is kept (a run that adds clients); when there is
+        /// none, it is issued for localhost, 127.0.0.1 and ::1.
+        #[arg(long = "host")]
         hosts: Vec<String>,
         /// Client certificate to issue, with this name as subject CN (repeatable).
         #[arg(long = "client")]
@@ -825,12 +827,25 @@ fn certs(
         made.ca_cert.display(),
         made.ca_key.display()
     );
-    println!(
-        "server:        {}  (key {}) for {}",
-        made.server_cert.display(),
-        made.server_key.display(),
-        hosts.join(", ")
-    );
+    if made.reused_server {
+        println!(
+            "server:        {}  (key {}) kept (no --host given)",
+            made.server_cert.display(),
+            made.server_key.display()
+        );
+    } else {
+        let default_hosts = pacsgate::devcerts::DEFAULT_HOSTS.join(", ");
+        println!(
+            "server:        {}  (key {}) for {}",
+            made.server_cert.display(),
+            made.server_key.display(),
+            if hosts.is_empty() {
+                default_hosts
+            } else {
+                hosts.join(", ")
+            }
+        );
+    }
     for (name, cert, key) in &made.clients {
         println!("client {name}: {}  (key {})", cert.display(), key.display());
     }
