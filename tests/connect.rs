@@ -784,7 +784,12 @@ print("sent")
     )
     .expect("write the client");
     let out = as_other("/usr/bin/python3", &[script.to_str().expect("path"), &port]);
-    assert_eq!(output_text(&out).trim(), "sent", "{}", output_text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "sent",
+        "{}",
+        output_text(&out)
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let log = loop {
         let log = connect.log();
