@@ -23,6 +23,15 @@ pub enum OwnerError {
     },
     #[error("no socket {peer} -> {local} in the kernel's socket tables (the caller closed it?)")]
     NotFound { peer: SocketAddr, local: SocketAddr },
+    #[error(
+        "the socket {peer} -> {local} is no longer held by a process (TCP state {state:02X}, the caller \
+         closed it): its owner is unknown"
+    )]
+    Orphaned {
+        peer: SocketAddr,
+        local: SocketAddr,
+        state: u8,
+    },
     #[error("the peer credentials of the Unix socket: {0}")]
     PeerCred(std::io::Error),
     #[error("cannot tell who runs connect: {0}")]
@@ -102,13 +111,33 @@ fn canonical(a: SocketAddr) -> SocketAddr {
     }
 }
 
-/// The UID column of the line of `table` whose local address is `peer` and remote address `local`:
-/// the caller's end of a loopback connection to us.
+/// What the kernel's socket tables say about the caller's end of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TableRow {
+    /// A socket still held by a process: its UID is the owner's.
+    Owned(u32),
+    /// Only an orphan is left (TIME_WAIT, or FIN_WAIT/CLOSING after close()): the kernel prints UID 0
+    /// and inode 0 for it, which says nothing about who sent what is already queued. `state` is the
+    /// st column.
+    Orphaned(u8),
+}
+
+/// States (the st column, `include/net/tcp_states.h`) in which the caller's end of a connection still
+/// belongs to a process, so its UID is the one of the user who opened it: ESTABLISHED, and the half-closed
+/// FIN_WAIT1/FIN_WAIT2 of a caller that called shutdown(SHUT_WR) but keeps the socket. A time-wait socket
+/// (TIME_WAIT, or FIN_WAIT2 after close()) is printed as UID 0, inode 0; an orphan (closed by its process)
+/// has inode 0 too: the inode is checked as well.
+const OWNED_STATES: [u8; 3] = [0x01, 0x04, 0x05];
+
+/// The line of `table` whose local address is `peer` and remote address `local` (the caller's end of a
+/// loopback connection to us): its UID when the socket is still held by a process (a state of
+/// [`OWNED_STATES`] and a non-zero inode), otherwise orphaned.
 fn owner_in(
     table: impl BufRead,
     peer: SocketAddr,
     local: SocketAddr,
-) -> std::io::Result<Option<u32>> {
+) -> std::io::Result<Option<TableRow>> {
+    let mut orphan = None;
     for line in table.lines().skip(1) {
         let line = line?;
         let mut f = line.split_whitespace();
@@ -118,17 +147,33 @@ fn owner_in(
         let (Some(l), Some(r)) = (parse_address(l), parse_address(r)) else {
             continue;
         };
-        if canonical(l) == peer && canonical(r) == local {
-            // st, tx:rx queue, tr:when, retrnsmt, then uid.
-            return Ok(f.nth(4).and_then(|uid| uid.parse().ok()));
+        if canonical(l) != peer || canonical(r) != local {
+            continue;
         }
+        // st, tx:rx queue, tr:when, retrnsmt, uid, timeout, inode.
+        let rest: Vec<&str> = f.take(7).collect();
+        let [st, _queues, _timer, _retrnsmt, uid, _timeout, inode] = rest[..] else {
+            continue;
+        };
+        let (Ok(st), Ok(uid), Ok(inode)) = (
+            u8::from_str_radix(st, 16),
+            uid.parse::<u32>(),
+            inode.parse::<u64>(),
+        ) else {
+            continue;
+        };
+        if OWNED_STATES.contains(&st) && inode != 0 {
+            return Ok(Some(TableRow::Owned(uid)));
+        }
+        orphan = Some(TableRow::Orphaned(st));
     }
-    Ok(None)
+    Ok(orphan)
 }
 
 /// The owner of the socket at `peer` that is connected to our `local` (both on this machine).
 pub fn tcp_owner(peer: SocketAddr, local: SocketAddr) -> Result<u32, OwnerError> {
     let (peer, local) = (canonical(peer), canonical(local));
+    let mut orphan = None;
     for path in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let file = match std::fs::File::open(path) {
             Ok(f) => f,
@@ -137,12 +182,16 @@ pub fn tcp_owner(peer: SocketAddr, local: SocketAddr) -> Result<u32, OwnerError>
             Err(source) => return Err(OwnerError::Read { path, source }),
         };
         match owner_in(BufReader::new(file), peer, local) {
-            Ok(Some(uid)) => return Ok(uid),
+            Ok(Some(TableRow::Owned(uid))) => return Ok(uid),
+            Ok(Some(TableRow::Orphaned(state))) => orphan = Some(state),
             Ok(None) => {}
             Err(source) => return Err(OwnerError::Read { path, source }),
         }
     }
-    Err(OwnerError::NotFound { peer, local })
+    Err(match orphan {
+        Some(state) => OwnerError::Orphaned { peer, local, state },
+        None => OwnerError::NotFound { peer, local },
+    })
 }
 
 /// A local client's connection, over TCP or the Unix domain socket.
@@ -292,12 +341,66 @@ mod tests {
         let local = "127.0.0.1:11114".parse().expect("addr");
         assert_eq!(
             owner_in(table.as_bytes(), peer, local).expect("read"),
-            Some(1001)
+            Some(TableRow::Owned(1001))
         );
         let other = "127.0.0.1:54322".parse().expect("addr");
         assert_eq!(
             owner_in(table.as_bytes(), other, local).expect("read"),
             None
+        );
+    }
+
+    #[test]
+    fn a_closed_callers_socket_has_no_owner() {
+        // What the kernel prints once the caller sent its request and called close(): a time-wait socket
+        // (TIME_WAIT, or FIN_WAIT2 as its substate), UID 0 and inode 0; an orphaned full socket (FIN_WAIT1,
+        // CLOSING) keeps its UID but has inode 0.
+        let header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+        let peer = "127.0.0.1:54321".parse().expect("addr");
+        let local = "127.0.0.1:11114".parse().expect("addr");
+        for (st, uid, inode) in [
+            ("06", 0, 0),
+            ("05", 0, 0),
+            ("04", 1001, 0),
+            ("0B", 1001, 0),
+            ("07", 0, 0),
+        ] {
+            let table = format!(
+                "{header}   0: 0100007F:D431 0100007F:2B6A {st} 00000000:00000000 03:00000F9F 00000000 {uid:>5}        0 {inode} 3 0000000000000000\n"
+            );
+            assert_eq!(
+                owner_in(table.as_bytes(), peer, local).expect("read"),
+                Some(TableRow::Orphaned(u8::from_str_radix(st, 16).expect("hex"))),
+                "{table}"
+            );
+        }
+        // Half-closed (shutdown(SHUT_WR)) but still held: the UID is the caller's.
+        let table = format!(
+            "{header}   0: 0100007F:D431 0100007F:2B6A 05 00000000:00000000 00:00000000 00000000  1001        0 4242 1 0\n"
+        );
+        assert_eq!(
+            owner_in(table.as_bytes(), peer, local).expect("read"),
+            Some(TableRow::Owned(1001))
+        );
+        // A line cut short says nothing.
+        let table = format!("{header}   0: 0100007F:D431 0100007F:2B6A 01 00000000:00000000\n");
+        assert_eq!(owner_in(table.as_bytes(), peer, local).expect("read"), None);
+    }
+
+    #[test]
+    fn a_real_caller_that_sent_and_closed_is_unknown() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut client = std::net::TcpStream::connect(addr).expect("connect");
+        let (stream, peer) = listener.accept().expect("accept");
+        client.write_all(b"A-ASSOCIATE-RQ and more").expect("write");
+        drop(client);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let owner = tcp_owner(peer, stream.local_addr().expect("local"));
+        assert!(
+            matches!(owner, Err(OwnerError::Orphaned { .. })),
+            "{owner:?}"
         );
     }
 

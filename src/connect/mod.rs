@@ -220,7 +220,7 @@ async fn handle(tunnel: &Tunnel, caller: Caller, aborted: watch::Receiver<bool>)
             };
             tracing::warn!(
                 peer = %peer,
-                local_uid = ?local_uid,
+                local_uid,
                 owner_uid,
                 calling_ae = ?seen.calling_ae,
                 called_ae = ?seen.called_ae,
