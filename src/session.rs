@@ -1,7 +1,7 @@
 //! One association's DIMSE policy: reassemble messages from PDVs, decide on each request by the user's
 //! grants and limits, answer refusals on the same association, and cap C-FIND results.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -23,6 +23,8 @@ const MAX_IDENTIFIER: usize = 64 * 1024;
 const MAX_ANSWER: usize = 1024 * 1024;
 /// Locally refused message IDs remembered, so a later C-CANCEL for them is not sent upstream.
 const REMEMBER_REFUSED: usize = 64;
+/// Requests from the archive (C-GET's C-STORE sub-operations) awaiting the client's response, at most.
+const MAX_ARCHIVE_REQUESTS: usize = 1024;
 
 /// One accepted presentation context: what may be said on it, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +106,8 @@ enum Decision {
     /// A C-FIND match from the archive: hold it whole, rewrite, forward the re-encoded identifier.
     HoldAnswer,
     Drop,
+    /// A protocol violation (e.g. a response to no outstanding request): the association is aborted.
+    Violation(String),
 }
 
 /// A request forwarded to the archive, until its final response: for metrics and the audit trail.
@@ -157,6 +161,9 @@ pub struct Session {
     finds: HashMap<u16, FindTrack>,
     retrievals: HashMap<u16, Retrieval>,
     ops: HashMap<u16, OpTrack>,
+    /// Message IDs of requests from the archive (C-GET's C-STORE sub-operations) forwarded to the
+    /// client and not yet answered: the only responses the client may send.
+    archive_requests: HashSet<u16>,
     refused: VecDeque<u16>,
     pub counts: Counts,
 }
@@ -187,6 +194,7 @@ impl Session {
             finds: HashMap::new(),
             retrievals: HashMap::new(),
             ops: HashMap::new(),
+            archive_requests: HashSet::new(),
             refused: VecDeque::new(),
             counts: Counts::default(),
         }
@@ -346,6 +354,7 @@ impl Session {
                         DataMode::Idle
                     };
                 }
+                Decision::Violation(reason) => return Err(reason),
             }
             return Ok(());
         }
@@ -448,7 +457,8 @@ impl Session {
                         Decision::Rewrite(_)
                         | Decision::Hold
                         | Decision::HoldAnswer
-                        | Decision::Drop => {}
+                        | Decision::Drop
+                        | Decision::Violation(_) => {}
                     }
                 }
             }
@@ -468,7 +478,14 @@ impl Session {
     fn decide(&mut self, from: Side, pc: u8, c: &Command, back: &mut PDataWriter) -> Decision {
         match from {
             Side::Archive => self.decide_archive(pc, c, back),
-            Side::Client if c.is_response() => Decision::Forward, // e.g. C-STORE-RSP to a C-GET sub-operation
+            // A C-STORE-RSP to a C-GET sub-operation: only to a request the archive is waiting on.
+            Side::Client if c.is_response() => {
+                if self.archive_requests.remove(&c.responded_to) {
+                    Decision::Forward
+                } else {
+                    Decision::Violation(untracked_response("client", c))
+                }
+            }
             Side::Client => {
                 self.counts.requests += 1;
                 let user = &self.party.user;
@@ -721,8 +738,31 @@ impl Session {
         );
     }
 
-    /// Responses from the archive: count C-FIND matches and enforce the result cap.
+    /// Messages from the archive: a response must answer a request of the client still outstanding
+    /// (PS3.7 9.3: MessageIDBeingRespondedTo), else the association is aborted; a request (C-GET's
+    /// C-STORE sub-operation) is remembered for the client's response. Then count C-FIND matches and
+    /// enforce the result cap.
     fn decide_archive(&mut self, pc: u8, c: &Command, back: &mut PDataWriter) -> Decision {
+        if !c.is_response() {
+            if c.field != cf::C_CANCEL_RQ {
+                if self.archive_requests.len() >= MAX_ARCHIVE_REQUESTS {
+                    return Decision::Violation(format!(
+                        "protocol violation: more than {MAX_ARCHIVE_REQUESTS} requests from the archive awaiting the client's response"
+                    ));
+                }
+                if !self.archive_requests.insert(c.message_id) {
+                    return Decision::Violation(format!(
+                        "protocol violation: {} from the archive reuses message ID {}, still awaiting the client's response",
+                        dimse_name(c.field),
+                        c.message_id
+                    ));
+                }
+            }
+            return Decision::Forward;
+        }
+        if !self.outstanding(c.responded_to) {
+            return Decision::Violation(untracked_response("archive", c));
+        }
         let decision = self.decide_response(pc, c, back);
         if c.is_response() && !c.status.is_some_and(status::is_pending) {
             self.finish(c);
@@ -990,6 +1030,34 @@ fn query_keys(identifier: &dicom_object::InMemDicomObject) -> serde_json::Value 
         map.insert(name, serde_json::Value::String(value));
     }
     serde_json::Value::Object(map)
+}
+
+/// The reason a response to no outstanding request aborts the association (its log line says it).
+fn untracked_response(from: &str, c: &Command) -> String {
+    format!(
+        "protocol violation: {} from the {from} for message ID {}, which is not an outstanding request (MessageIDBeingRespondedTo unknown or already finished)",
+        dimse_name(c.field),
+        c.responded_to
+    )
+}
+
+/// A command's name as PS3.7 writes it (C-FIND-RSP...).
+fn dimse_name(field: u16) -> String {
+    let base = match field & !cf::RESPONSE {
+        cf::C_ECHO_RQ => "C-ECHO",
+        cf::C_STORE_RQ => "C-STORE",
+        cf::C_FIND_RQ => "C-FIND",
+        cf::C_MOVE_RQ => "C-MOVE",
+        cf::C_GET_RQ => "C-GET",
+        cf::C_CANCEL_RQ => "C-CANCEL",
+        _ => return format!("command {field:#06x}"),
+    };
+    let kind = if field & cf::RESPONSE != 0 {
+        "RSP"
+    } else {
+        "RQ"
+    };
+    format!("{base}-{kind}")
 }
 
 fn op_name(field: u16) -> &'static str {

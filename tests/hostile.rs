@@ -1440,3 +1440,185 @@ fn a_connection_that_waits_in_vain_for_a_slot_is_refused_2_3_2_after_tls() {
         tail(&gw.log(), 20)
     );
 }
+
+/// The C-FIND SOP class of the Study Root model (PS3.4 C.6.2.1).
+const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+
+/// An Implicit VR Little Endian command set: its group length, then `elements`.
+fn command_set(elements: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    let rest: Vec<u8> = elements
+        .iter()
+        .flat_map(|(e, v)| element(0, *e, v))
+        .collect();
+    [element(0, 0, &(rest.len() as u32).to_le_bytes()), rest].concat()
+}
+
+/// Every PDU the gateway sends a raw client on `tls` after `request`, until it closes the
+/// connection or nothing comes for 8 s (at most 64 PDUs).
+async fn pdus_after(tls: &mut Tls, request: &[u8]) -> Vec<Vec<u8>> {
+    tls.write_all(request).await.expect("send the request");
+    let mut out = Vec::new();
+    while out.len() < 64 {
+        match read_pdu_within(tls, Duration::from_secs(8)).await {
+            Some(pdu) => out.push(pdu),
+            None => break,
+        }
+    }
+    out
+}
+
+/// A raw client's C-FIND (Study Root, PatientID P1, message ID 7) through the gateway to `called`.
+async fn raw_find(port: u16, ca: &Path, called: &str) -> Vec<Vec<u8>> {
+    let (mut tls, _) = tls_from("127.0.0.1", port, ca).await;
+    let id = UserIdentity::new(
+        false,
+        UserIdentityType::UsernamePassword,
+        b"alice".to_vec(),
+        PASSWORD.as_bytes().to_vec(),
+    );
+    let mut rq = request(called, 1, Some(id));
+    rq.presentation_contexts[0].abstract_syntax = STUDY_ROOT_FIND.into();
+    tls.write_all(&encode(rq))
+        .await
+        .expect("send A-ASSOCIATE-RQ");
+    let answer = read_pdu_within(&mut tls, Duration::from_secs(10))
+        .await
+        .expect("an answer to the association request");
+    assert_eq!(answer[0], 0x02, "not accepted: {answer:02x?}");
+    let command = command_set(&[
+        (0x0002, format!("{STUDY_ROOT_FIND}\0").into_bytes()),
+        (0x0100, 0x0020u16.to_le_bytes().to_vec()),
+        (0x0110, 7u16.to_le_bytes().to_vec()),
+        (0x0700, 0u16.to_le_bytes().to_vec()),
+        (0x0800, 0u16.to_le_bytes().to_vec()),
+    ]);
+    let identifier = [
+        element(0x0008, 0x0052, b"STUDY "),
+        element(0x0008, 0x0054, b""),
+        element(0x0010, 0x0010, b""),
+        element(0x0010, 0x0020, b"P1"),
+        element(0x0020, 0x000D, b""),
+    ]
+    .concat();
+    let request = [
+        pdata(1, 0x03, &command, None),
+        pdata(1, 0x02, &identifier, None),
+    ]
+    .concat();
+    pdus_after(&mut tls, &request).await
+}
+
+fn contains(haystack: &[Vec<u8>], needle: &[u8]) -> bool {
+    haystack
+        .iter()
+        .any(|p| p.windows(needle.len()).any(|w| w == needle))
+}
+
+/// Security review 2026-12-02, item 2: an archive's response whose MessageIDBeingRespondedTo is no
+/// outstanding request of the association (another message ID, or after the final response) was
+/// forwarded raw: no RetrieveAETitle rewrite, no max_query_results count, no audit. Now it is a protocol
+/// violation: never forwarded, both peers get an A-ABORT, one log line names it, the gateway stays up.
+#[test]
+fn an_archive_response_to_no_outstanding_request_aborts_the_association_and_is_never_forwarded() {
+    let pki = Pki::generate();
+    let stray = FakeArchive::start("find-stray-id");
+    let late = FakeArchive::start("find-after-final");
+    let echo = FakeArchive::start("echo-stray-id");
+    let ok = FakeArchive::start("record");
+    let port = free_port();
+    let gw = Gateway::start(
+        port,
+        &config(
+            port,
+            &pki,
+            &pki.server_key,
+            &[
+                ("STRAY", stray.port),
+                ("LATE", late.port),
+                ("STRAYECHO", echo.port),
+                ("OK", ok.port),
+            ],
+            "",
+        ),
+    );
+    let ca = pki.ca_cert.clone();
+    let (stray_seen, late_seen, echo_seen) = runtime().block_on(async {
+        let stray_seen = raw_find(port, &ca, "STRAY").await;
+        let late_seen = raw_find(port, &ca, "LATE").await;
+        let mut tls = authenticated("127.0.0.1", port, &ca, "STRAYECHO").await;
+        let echo_seen = pdus_after(&mut tls, &pdata(1, 0x03, &echo_command(5), None)).await;
+        (stray_seen, late_seen, echo_seen)
+    });
+    let types = |seen: &[Vec<u8>]| seen.iter().map(|p| p[0]).collect::<Vec<u8>>();
+    eprintln!(
+        "stray: {:?}\nlate: {:?}\necho: {:?}",
+        types(&stray_seen),
+        types(&late_seen),
+        types(&echo_seen)
+    );
+
+    // The tracked match reached the client, rewritten (RetrieveAETitle = the called AE).
+    for (what, seen) in [("stray", &stray_seen), ("late", &late_seen)] {
+        assert!(contains(seen, b"TRACKED^ONE"), "{what}: the tracked match");
+        assert!(
+            !contains(seen, b"ROGUE_A"),
+            "{what}: RetrieveAETitle not rewritten"
+        );
+    }
+    // The untracked ones never did, and the association ended in an A-ABORT.
+    assert!(
+        !contains(&stray_seen, b"UNTRACKED^MID"),
+        "stray ID forwarded"
+    );
+    assert!(!contains(&stray_seen, b"ROGUE_B"), "stray ID forwarded");
+    assert!(
+        !contains(&late_seen, b"AFTER^FINAL"),
+        "match after the final forwarded"
+    );
+    assert!(
+        !contains(&late_seen, b"ROGUE_C"),
+        "match after the final forwarded"
+    );
+    // P-DATA (however the gateway batches it), then the A-ABORT, then the close.
+    for (what, seen) in [("stray", &stray_seen), ("late", &late_seen)] {
+        let t = types(seen);
+        assert!(
+            t.len() >= 2 && t.last() == Some(&7) && t[..t.len() - 1].iter().all(|&x| x == 4),
+            "{what}: {t:?}"
+        );
+    }
+    assert_eq!(
+        types(&echo_seen),
+        vec![7],
+        "the stray C-ECHO-RSP is not forwarded"
+    );
+    // The archive got an A-ABORT too (PS3.8 AA-8).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for (what, fake) in [("stray", &stray), ("late", &late), ("echo", &echo)] {
+        while !fake.pdu_types().contains(&7) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            fake.pdu_types().contains(&7),
+            "{what}: no A-ABORT at the archive: {:?}",
+            fake.pdu_types()
+        );
+    }
+
+    // One log line each, naming the violation; the gateway is still up and serving.
+    let served = legit("echo", port, "OK", &pki, &[]);
+    assert_eq!(served["statuses"], json!([0]), "{served}");
+    let log = gw.log();
+    for needle in [
+        "protocol violation: C-FIND-RSP from the archive for message ID 107, which",
+        "protocol violation: C-FIND-RSP from the archive for message ID 7, which",
+        "protocol violation: C-ECHO-RSP from the archive for message ID 105, which",
+    ] {
+        assert_eq!(
+            log.lines().filter(|l| l.contains(needle)).count(),
+            1,
+            "{needle:?} once in the log:\n{log}"
+        );
+    }
+    assert!(!log.contains("panicked"), "{log}");
+}

@@ -12,6 +12,13 @@ every presentation context with its first transfer syntax, answers C-ECHO-RQ wit
   slow-accept     waits --delay seconds before answering the A-ASSOCIATE-RQ
   silent          accepts the association, then never answers anything (no C-ECHO-RSP, no release)
   no-release      on A-RELEASE-RQ, closes the TCP connection without A-RELEASE-RP
+  find-stray-id   answers a C-FIND-RQ with a match, then a match for another message ID (ID + 100),
+                  then the final response (the security review's hostile archive, 2026-12-02)
+  find-after-final answers a C-FIND-RQ with a match, the final response, then one more match
+  echo-stray-id   answers a C-ECHO-RQ for message ID ID + 100 instead of ID
+
+C-FIND matches carry PatientName TRACKED^ONE / UNTRACKED^MID / AFTER^FINAL and RetrieveAETitle
+ROGUE_A / ROGUE_B / ROGUE_C, so a test can tell which of them reached the client.
 
 Every PDU received is recorded as one JSON line in FILE: {"conn": n, "type": t, "length": n}, and every
 connection's end as {"conn": n, "closed": true}. Listens on 127.0.0.1 only; exits when killed.
@@ -77,9 +84,41 @@ def echo_rsp(message_id, sop_class=b"1.2.840.10008.1.1\0"):
     return element(0x0000, 0x0000, struct.pack("<I", len(rest))) + rest
 
 
-def pdata(pc_id, command):
-    pdv = struct.pack(">I", len(command) + 2) + bytes([pc_id, 0x03]) + command
+def pdata(pc_id, command, header=0x03):
+    pdv = struct.pack(">I", len(command) + 2) + bytes([pc_id, header]) + command
     return bytes([4, 0]) + struct.pack(">I", len(pdv)) + pdv
+
+
+def even(value):
+    return value + b" " if len(value) % 2 else value
+
+
+def find_rsp(message_id, status, has_data):
+    rest = (element(0x0000, 0x0002, b"1.2.840.10008.5.1.4.1.2.2.1\0")
+            + element(0x0000, 0x0100, struct.pack("<H", 0x8020))
+            + element(0x0000, 0x0120, struct.pack("<H", message_id))
+            + element(0x0000, 0x0800, struct.pack("<H", 0x0000 if has_data else 0x0101))
+            + element(0x0000, 0x0900, struct.pack("<H", status)))
+    return element(0x0000, 0x0000, struct.pack("<I", len(rest))) + rest
+
+
+def match(pid, name, aet):
+    return (element(0x0008, 0x0052, b"STUDY ") + element(0x0008, 0x0054, even(aet))
+            + element(0x0010, 0x0010, even(name)) + element(0x0010, 0x0020, even(pid))
+            + element(0x0020, 0x000D, even(b"1.2.3.4")))
+
+
+def find_answers(mode, pc_id, mid):
+    def pending(m, pid, name, aet):
+        return pdata(pc_id, find_rsp(m, 0xFF00, True)) + pdata(pc_id, match(pid, name, aet), 0x02)
+    out = pending(mid, b"P1", b"TRACKED^ONE", b"ROGUE_A")
+    if mode == "find-stray-id":
+        out += pending((mid + 100) & 0xFFFF, b"P2", b"UNTRACKED^MID", b"ROGUE_B")
+        out += pdata(pc_id, find_rsp(mid, 0x0000, False))
+    else:
+        out += pdata(pc_id, find_rsp(mid, 0x0000, False))
+        out += pending(mid, b"P3", b"AFTER^FINAL", b"ROGUE_C")
+    return out
 
 
 def command_field(cmd):
@@ -95,6 +134,7 @@ def command_field(cmd):
 def serve(conn, n, args, record):
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     command = b""
+    find = None  # (presentation context, message ID) of a C-FIND-RQ whose identifier is coming
     try:
         while True:
             header = read_exact(conn, 6)
@@ -126,6 +166,9 @@ def serve(conn, n, args, record):
                             time.sleep(0.5)
                             conn.close()
                             return
+                        if find is not None and mch & 2:
+                            conn.sendall(find_answers(args.mode, *find))
+                            find = None
                         continue
                     command += value
                     if mch & 2:
@@ -133,9 +176,14 @@ def serve(conn, n, args, record):
                         command = b""
                         if args.mode == "silent":
                             continue
+                        mid = struct.unpack("<H", fields.get((0, 0x110), b"\0\0"))[0]
                         if fields.get((0, 0x100)) == struct.pack("<H", 0x0030):
-                            mid = struct.unpack("<H", fields.get((0, 0x110), b"\0\0"))[0]
+                            if args.mode == "echo-stray-id":
+                                mid = (mid + 100) & 0xFFFF
                             conn.sendall(pdata(pc_id, echo_rsp(mid)))
+                        elif (fields.get((0, 0x100)) == struct.pack("<H", 0x0020)
+                              and args.mode in ("find-stray-id", "find-after-final")):
+                            find = (pc_id, mid)
             elif kind == 5:
                 if args.mode == "no-release":
                     conn.shutdown(socket.SHUT_RDWR)
@@ -159,7 +207,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--mode", required=True,
-                    choices=["record", "drop-on-data", "abort-on-data", "slow-accept", "silent", "no-release"])
+                    choices=["record", "drop-on-data", "abort-on-data", "slow-accept", "silent", "no-release",
+                             "find-stray-id", "find-after-final", "echo-stray-id"])
     ap.add_argument("--record", required=True)
     ap.add_argument("--delay", type=float, default=10.0)
     args = ap.parse_args()
