@@ -1,13 +1,16 @@
 //! The admin port (`[admin]`): `/metrics`, `/healthz`, `/readyz` over HTTP/1.1, kept from costing the doors:
 //! at most `max_connections` served at once (more wait in the kernel's backlog, holding none of our file
-//! descriptors), `header_timeout` per request head, a lifetime per connection, nothing accepted while fewer
-//! than `fd_reserve` descriptors are free, optional bearer-token or client-certificate auth for `/metrics`,
-//! and `/readyz` answered from a cached check (one generic word; the details go to the log).
+//! descriptors), at most a quarter of them (at least 1) from one source address (more are closed at once),
+//! one request per connection (`Connection: close`, no keep-alive), `header_timeout` per request head, a
+//! lifetime per connection, nothing accepted while fewer than `fd_reserve` descriptors are free, optional
+//! bearer-token or client-certificate auth for `/metrics`, and `/readyz` answered from a cached check (one
+//! generic word; the details go to the log).
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -135,20 +138,56 @@ impl Readiness {
     }
 }
 
-/// Connections being served, and a wake-up for the accept loop when one ends.
+/// Connections being served (in all and per source address), and a wake-up for the accept loop when one ends.
 #[derive(Default)]
 struct Active {
     count: AtomicUsize,
+    per_address: Mutex<HashMap<IpAddr, usize>>,
     ended: tokio::sync::Notify,
 }
 
-struct ActiveSlot(Arc<Active>);
+impl Active {
+    /// Take a slot for a connection from `ip`, unless that address already holds `share` of them.
+    fn take(self: &Arc<Self>, ip: IpAddr, share: usize) -> Option<ActiveSlot> {
+        let mut per = self
+            .per_address
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let held = per.entry(ip).or_insert(0);
+        if *held >= share {
+            return None;
+        }
+        *held += 1;
+        self.count.fetch_add(1, Ordering::SeqCst);
+        Some(ActiveSlot(self.clone(), ip))
+    }
+}
+
+struct ActiveSlot(Arc<Active>, IpAddr);
 
 impl Drop for ActiveSlot {
     fn drop(&mut self) {
+        {
+            let mut per = self
+                .0
+                .per_address
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(held) = per.get_mut(&self.1) {
+                *held = held.saturating_sub(1);
+                if *held == 0 {
+                    per.remove(&self.1);
+                }
+            }
+        }
         self.0.count.fetch_sub(1, Ordering::SeqCst);
         self.0.ended.notify_one();
     }
+}
+
+/// The most admin connections one source address may hold: a quarter of `max_connections`, at least 1.
+pub fn per_address_share(max_connections: usize) -> usize {
+    (max_connections / 4).max(1)
 }
 
 /// The process's free file descriptors (soft `RLIMIT_NOFILE` minus those open), read from /proc;
@@ -325,8 +364,8 @@ async fn answer(
     }
 }
 
-/// Serve one connection's requests (HTTP/1.1), bounded by `header_timeout` per request head and
-/// [`CONNECTION_LIFETIME`] in all.
+/// Serve one connection's request (HTTP/1.1, no keep-alive: the answer says `Connection: close` and the
+/// connection ends), bounded by `header_timeout` for the request head and [`CONNECTION_LIFETIME`] in all.
 async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     io: S,
     gateway: Gateway,
@@ -349,13 +388,17 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 peer,
             )
             .await;
+            let mut response = response;
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
             Ok::<_, std::convert::Infallible>(response)
         }
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
-        .keep_alive(true)
+        .keep_alive(false)
         .serve_connection(TokioIo::new(io), service);
     let _ = tokio::time::timeout(CONNECTION_LIFETIME, served).await;
 }
@@ -400,6 +443,7 @@ async fn accept_loop(gateway: Gateway, listener: TcpListener, readiness: Arc<Rea
     let active = Arc::new(Active::default());
     let mut fd_warned: Option<Instant> = None;
     let mut backoff = Duration::from_millis(10);
+    let mut share_warned: Option<Instant> = None;
     for warning in warnings(&gateway.current().config) {
         tracing::warn!("{warning}");
     }
@@ -439,8 +483,16 @@ async fn accept_loop(gateway: Gateway, listener: TcpListener, readiness: Arc<Rea
             }
         };
         backoff = Duration::from_millis(10);
-        active.count.fetch_add(1, Ordering::SeqCst);
-        let slot = ActiveSlot(active.clone());
+        let share = per_address_share(admin.max_connections);
+        let Some(slot) = active.take(peer.ip(), share) else {
+            // One address may not hold every slot: over its share, the connection is closed at once.
+            if share_warned.is_none_or(|t| t.elapsed() >= FD_WARN_EVERY) {
+                tracing::warn!(peer = %peer, outcome = "rejected", reason = "the address holds its share of admin connections", per_address = share, "admin connection");
+                share_warned = Some(Instant::now());
+            }
+            drop(stream);
+            continue;
+        };
         let g = gateway.clone();
         let readiness = readiness.clone();
         let tls = state.admin.tls.clone();
@@ -499,6 +551,22 @@ mod tests {
             Some("[::1]:8042")
         );
         assert_eq!(authority("not a url"), None);
+    }
+
+    #[test]
+    fn one_address_holds_at_most_its_share_of_admin_slots() {
+        assert_eq!(per_address_share(16), 4);
+        assert_eq!(per_address_share(3), 1);
+        let active = Arc::new(Active::default());
+        let a: IpAddr = [127, 0, 0, 1].into();
+        let b: IpAddr = [127, 0, 0, 2].into();
+        let first = active.take(a, 2).expect("first");
+        let _second = active.take(a, 2).expect("second");
+        assert!(active.take(a, 2).is_none(), "over its share");
+        let _other = active.take(b, 2).expect("another address");
+        drop(first);
+        assert!(active.take(a, 2).is_some(), "a slot freed");
+        assert_eq!(active.count.load(Ordering::SeqCst), 3);
     }
 
     #[test]

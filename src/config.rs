@@ -735,14 +735,26 @@ pub struct ReadableFile {
     pub file: PathBuf,
     /// Its permission bits.
     pub mode: u32,
+    /// It carries a POSIX access ACL giving a named user or group read or write access
+    /// (`setfacl -m u:NAME:r`; `ls -l` shows `+` after the mode).
+    pub acl: bool,
 }
 
 impl ReadableFile {
     /// One sentence: which file, its mode, and the fix.
     pub fn describe(&self) -> String {
+        if self.acl {
+            return format!(
+                "{} {} carries a POSIX ACL that lets named users or groups read or write it (mode {:o}+; getfacl shows them): \
+                 remove it with setfacl -b; 640 is safe only when the file's group is the service's group (chown root:pacsgate)",
+                self.what,
+                self.file.display(),
+                self.mode & 0o777
+            );
+        }
         format!(
             "{} {} can be read by other users (mode {:o}, in folders they can enter): chmod o-rwx it; \
-             640 with the service's group (chown root:pacsgate) is fine",
+             640 is safe only when the file's group is the service's group (chown root:pacsgate)",
             self.what,
             self.file.display(),
             self.mode & 0o777
@@ -750,23 +762,70 @@ impl ReadableFile {
     }
 }
 
-/// Can users other than the owner and the group read or write `file`? Only when its mode lets
-/// "others" in and every folder above it lets them pass (`o+x`): a key in a 700 folder is safe.
-/// A file that cannot be inspected is left to the loader that reads it (which names the error).
-fn readable_by_others(file: &Path) -> Option<u32> {
+/// Would two listeners collide at bind: the same port (not 0) and the same address, or either on
+/// every address (`0.0.0.0` / `[::]`, which on Linux also takes the other family's port)?
+fn same_listener(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// The `password_hash` shipped in config/pacsgate.toml (of "change-me"): published, so refused at load.
+pub const EXAMPLE_PASSWORD_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$5I0q52ByG98xmUX5BNx18Q$UVj6MxF1qNOeN4ku7+xoQJBYzRNL66ox5xrpa/M0G4s";
+
+/// The extended attribute holding a file's POSIX access ACL (Linux; absent when the ACL is just the mode).
+const ACL_ACCESS: &str = "system.posix_acl_access";
+/// `ACL_USER` and `ACL_GROUP`: the entries naming a user or group beyond owner, group and others.
+const ACL_NAMED_USER: u16 = 0x02;
+const ACL_NAMED_GROUP: u16 = 0x08;
+
+/// Does `path` carry a POSIX access ACL whose named user or group entries hold any of `bits`
+/// (`0o4` read, `0o2` write, `0o1` search)? The attribute is the kernel's `posix_acl_xattr` layout: a
+/// 4-byte version, then 8-byte entries (tag u16, permissions u16, id u32, little-endian). Fail closed:
+/// an attribute that cannot be read (other than "not supported" or "absent") or does not parse counts.
+fn acl_grants(path: &Path, bits: u16) -> bool {
+    let value = match xattr::get(path, ACL_ACCESS) {
+        Ok(None) => return false,
+        Ok(Some(v)) => v,
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => return false,
+        Err(e) if e.raw_os_error() == Some(61) => return false, // ENODATA: no ACL
+        Err(_) => return true,
+    };
+    let Some(entries) = value.get(4..) else {
+        return true;
+    };
+    if entries.len() % 8 != 0 {
+        return true;
+    }
+    entries.chunks_exact(8).any(|e| {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u16::from_le_bytes([e[2], e[3]]);
+        (tag == ACL_NAMED_USER || tag == ACL_NAMED_GROUP) && perm & bits != 0
+    })
+}
+
+/// Can users other than the owner and the group read or write `file`? When its mode lets "others"
+/// in and every folder above it lets them pass (`o+x`, or a folder ACL giving a named user or group
+/// search): a key in a 700 folder is safe. A file whose POSIX ACL gives a named user or group read or
+/// write counts wherever it is (its mode bits do not tell who that is). A file that cannot be inspected
+/// is left to the loader that reads it (which names the error). `(mode, acl)`.
+fn readable_by_others(file: &Path) -> Option<(u32, bool)> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(file).ok()?.permissions().mode();
+    if acl_grants(file, 0o6) {
+        return Some((mode, true));
+    }
     if mode & 0o006 == 0 {
         return None;
     }
     let real = std::fs::canonicalize(file).ok()?;
     for folder in real.ancestors().skip(1) {
         let m = std::fs::metadata(folder).ok()?.permissions().mode();
-        if m & 0o001 == 0 {
+        if m & 0o001 == 0 && !acl_grants(folder, 0o1) {
             return None;
         }
     }
-    Some(mode)
+    Some((mode, false))
 }
 
 impl Config {
@@ -909,7 +968,12 @@ impl Config {
         self.secret_files()
             .into_iter()
             .filter_map(|(what, file)| {
-                readable_by_others(&file).map(|mode| ReadableFile { what, file, mode })
+                readable_by_others(&file).map(|(mode, acl)| ReadableFile {
+                    what,
+                    file,
+                    mode,
+                    acl,
+                })
             })
             .collect()
     }
@@ -1163,6 +1227,16 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
                     format!("user {:?}: {m}", u.name),
                 )
             })?;
+            if hash == EXAMPLE_PASSWORD_HASH {
+                return Err(invalid(
+                    &format!("user[{i}].password_hash"),
+                    format!(
+                        "user {:?} has the example configuration's published hash (of \"change-me\"): anyone may sign in as them; \
+                         make a hash of a real password with `pacsgate hash-password` and put it here",
+                        u.name
+                    ),
+                ));
+            }
         }
         for role in &u.roles {
             if !roles.contains_key(role) {
@@ -1628,6 +1702,29 @@ fn validate(file: FileConfig, path: &Path) -> Result<Config, ConfigError> {
             )
         })?),
     };
+    let listeners: Vec<(&str, SocketAddr)> = [
+        ("gateway.listen", Some(listen)),
+        ("gateway.device_listen", device_listen),
+        ("gateway.return_listen", return_listen),
+        ("http.listen", http.as_ref().map(|h| h.listen)),
+        ("admin.listen", admin_listen),
+    ]
+    .into_iter()
+    .filter_map(|(key, a)| a.map(|a| (key, a)))
+    .collect();
+    for (i, (first, a)) in listeners.iter().enumerate() {
+        if let Some((second, b)) = listeners[i + 1..]
+            .iter()
+            .find(|(_, b)| same_listener(*a, *b))
+        {
+            return Err(invalid(
+                second,
+                format!(
+                    "{b} is the address {first} ({a}) listens on too: give each listener its own port"
+                ),
+            ));
+        }
+    }
 
     Ok(Config {
         path: path.to_path_buf(),
@@ -1819,6 +1916,61 @@ roles = ["reader"]
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.contains(key), "expected {key} in {err}");
         }
+    }
+
+    #[test]
+    fn two_listen_keys_on_one_address_are_refused_naming_both() {
+        let with = |gateway: &str, rest: &str| {
+            MINIMAL.replace(
+                "listen = \"127.0.0.1:2762\"",
+                &format!("listen = \"127.0.0.1:2762\"\n{gateway}"),
+            ) + rest
+        };
+        let err = |text: String| {
+            parse(&text)
+                .map(|_| ())
+                .expect_err("two listeners on one address")
+                .to_string()
+        };
+        let e = err(with("", "\n[admin]\nlisten = \"127.0.0.1:2762\"\n"));
+        assert!(
+            e.contains("admin.listen")
+                && e.contains("gateway.listen")
+                && e.contains("127.0.0.1:2762"),
+            "{e}"
+        );
+        let e = err(with("device_listen = \"0.0.0.0:2762\"", ""));
+        assert!(
+            e.contains("gateway.device_listen") && e.contains("gateway.listen"),
+            "{e}"
+        );
+        // Another port, or the same port on another loopback address: fine.
+        parse(&with("", "\n[admin]\nlisten = \"127.0.0.1:9090\"\n")).expect("another port");
+        parse(&with("", "\n[admin]\nlisten = \"127.0.0.2:2762\"\n")).expect("another address");
+    }
+
+    #[test]
+    fn the_example_configs_published_password_hash_is_refused() {
+        let example = include_str!("../config/pacsgate.toml");
+        assert!(
+            example.contains(EXAMPLE_PASSWORD_HASH),
+            "the example's hash changed"
+        );
+        let err = Config::parse(example, Path::new("/etc/pacsgate/pacsgate.toml"))
+            .expect_err("the example's hash")
+            .to_string();
+        assert!(
+            err.contains("password_hash")
+                && err.contains("\"dr.house\"")
+                && err.contains("pacsgate hash-password"),
+            "{err}"
+        );
+        // The same file with a hash of its own loads.
+        let own = example.replace(
+            EXAMPLE_PASSWORD_HASH,
+            "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$UVj6MxF1qNOeN4ku7+xoQJBYzRNL66ox5xrpa/M0G4s",
+        );
+        Config::parse(&own, Path::new("/etc/pacsgate/pacsgate.toml")).expect("own hash");
     }
 
     #[test]
@@ -2075,7 +2227,7 @@ roles = ["reader"]
         let key = dir.join("server.key");
         std::fs::write(&key, "key").expect("write");
         let path = dir.join("pacsgate.toml");
-        let hash = "$argon2id$v=19$m=19456,t=2,p=1$5I0q52ByG98xmUX5BNx18Q$UVj6MxF1qNOeN4ku7+xoQJBYzRNL66ox5xrpa/M0G4s";
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$UVj6MxF1qNOeN4ku7+xoQJBYzRNL66ox5xrpa/M0G4s";
         let text = MINIMAL.replace(
             "name = \"alice\"",
             &format!("name = \"alice\"\npassword_hash = \"{hash}\""),

@@ -43,7 +43,7 @@ roles = ["reader"]
         cert = pki.server_cert.display(),
         key = pki.server_key.display(),
         ca = pki.ca_cert.display(),
-        hash = "$argon2id$v=19$m=19456,t=2,p=1$5I0q52ByG98xmUX5BNx18Q$UVj6MxF1qNOeN4ku7+xoQJBYzRNL66ox5xrpa/M0G4s",
+        hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$UVj6MxF1qNOeN4ku7+xoQJBYzRNL66ox5xrpa/M0G4s",
     )
 }
 
@@ -389,6 +389,88 @@ fn keys_and_password_hashes_readable_by_others_refuse_start_reload_and_check() {
         gw.log().contains("can be read by other users"),
         "{}",
         gw.log()
+    );
+}
+
+#[test]
+fn a_key_or_config_file_with_a_posix_acl_for_another_user_refuses_check_and_run() {
+    let pki = Pki::generate();
+    // In a 700 folder with mode 600: the mode bits alone would pass (the old rule did).
+    let dir = common::tempdir("check-acl");
+    let key = dir.path().join("server.key");
+    std::fs::copy(&pki.server_key, &key).expect("copy key");
+    let mode = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+    };
+    let setfacl = |args: &[&str], p: &Path| {
+        let out = std::process::Command::new("setfacl")
+            .args(args)
+            .arg(p)
+            .output()
+            .expect("setfacl (apt-get install acl)");
+        assert!(out.status.success(), "setfacl {args:?}: {out:?}");
+    };
+    let port = free_port();
+    let text = config(&pki, port, dead_port(), "").replace(
+        &pki.server_key.display().to_string(),
+        &key.display().to_string(),
+    );
+    let path = write(dir.path(), "pacsgate.toml", &text);
+    mode(&path, 0o600);
+    mode(&key, 0o600);
+    let (code, out) = check(&path, true);
+    assert_eq!(code, Some(0), "600 key, no ACL: {out}");
+
+    // setfacl -m u:nobody:r server.key: ls -l shows 640+ (the mask); check and run refuse.
+    setfacl(&["-m", "u:nobody:r"], &key);
+    let (code, out) = check(&path, true);
+    assert_eq!(code, Some(1), "key with an ACL: {out}");
+    assert!(
+        out.contains(&format!(
+            "tls.private_key {} carries a POSIX ACL",
+            key.display()
+        )) && out.contains("setfacl -b")
+            && out.contains("allow_readable_keys"),
+        "{out}"
+    );
+    let run = Gateway::run_command(&["run", "--config", path.to_str().expect("p")], None);
+    assert!(!run.status.success(), "run started with an ACL on the key");
+    assert!(
+        output_text(&run).contains("carries a POSIX ACL"),
+        "{}",
+        output_text(&run)
+    );
+    // An ACL entry that grants nothing (u:nobody:-) is not access.
+    setfacl(&["-m", "u:nobody:-"], &key);
+    let (code, out) = check(&path, true);
+    assert_eq!(code, Some(0), "u:nobody:- key: {out}");
+    setfacl(&["-b"], &key);
+
+    // The configuration file, which holds a password hash: a named group with read.
+    setfacl(&["-m", "g:nogroup:r"], &path);
+    let (code, out) = check(&path, true);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("the configuration file (it holds password hashes)")
+            && out.contains("carries a POSIX ACL"),
+        "{out}"
+    );
+    // Said on purpose: starts, with a warning.
+    setfacl(&["-b"], &path);
+    std::fs::write(
+        &path,
+        text.replace(
+            &format!("listen = \"127.0.0.1:{port}\""),
+            &format!("listen = \"127.0.0.1:{port}\"\nallow_readable_keys = true"),
+        ),
+    )
+    .expect("write");
+    setfacl(&["-m", "u:nobody:r"], &key);
+    let (code, out) = check(&path, true);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("warning: allow_readable_keys = true, and tls.private_key"),
+        "{out}"
     );
 }
 

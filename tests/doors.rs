@@ -574,6 +574,126 @@ fn the_admin_port_caps_its_connections_and_times_out_idle_ones() {
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }
 
+/// A plain TCP connection to the admin port from `source` (127.0.0.x), as a blocking std stream.
+fn connect_from(source: &str, port: u16) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let stream = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(format!("{source}:0").parse().expect("source address"))
+            .expect("bind the source address");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            socket.connect(([127, 0, 0, 1], port).into()),
+        )
+        .await
+        .expect("connect within 5 s")
+        .expect("connect to the admin port")
+    });
+    let stream = stream.into_std().expect("std stream");
+    stream.set_nonblocking(false).expect("blocking");
+    stream
+}
+
+/// One GET from `source` on a connection that asks for nothing about keep-alive (HTTP/1.1's default is
+/// to keep it): the whole text read until the gateway closes, or what came within `within`.
+fn admin_get_from(
+    source: &str,
+    port: u16,
+    path: &str,
+    headers: &[&str],
+    within: Duration,
+) -> String {
+    let mut s = connect_from(source, port);
+    s.set_read_timeout(Some(within)).expect("timeout");
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n").expect("write");
+    let mut text = Vec::new();
+    let _ = s.read_to_end(&mut text);
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+#[test]
+fn one_address_holding_admin_connections_does_not_stop_metrics_for_another_or_after_the_close() {
+    let pki = Pki::generate();
+    let archive = PyArchive::start("ARCHIVE");
+    let port = free_port();
+    let admin = free_port();
+    // max_connections 8: one address may hold 2; header_timeout 10 s keeps slow heads for long.
+    let extra = format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\nmax_connections = 8\nheader_timeout = 10\n"
+    );
+    let mut gw = Gateway::start(port, &config(port, &pki, archive.port, &extra));
+    gw.wait_listening(admin);
+
+    // A kept-alive /healthz (no `Connection: close` asked): answered with `Connection: close`, and the
+    // gateway closes the connection at once (the old build kept it for the next request, up to 60 s).
+    let t = Instant::now();
+    let text = admin_get_from("127.0.0.1", admin, "/healthz", &[], Duration::from_secs(5));
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{text}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        t.elapsed()
+    );
+
+    // 127.0.0.1 opens 20 slow connections (a request head begun, never finished).
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let mut s = connect_from("127.0.0.1", admin);
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: loc");
+        slow.push(s);
+    }
+    // Past its share (2) they are closed at once.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut closed = 0;
+    for s in &mut slow {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut buf = [0u8; 64];
+        let timed_out = |e: &std::io::Error| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            )
+        };
+        match s.read(&mut buf) {
+            Ok(0) => closed += 1,
+            Err(e) if !timed_out(&e) => closed += 1,
+            _ => {}
+        }
+    }
+    assert!(
+        closed >= 18,
+        "{closed} of 20 slow connections closed at once"
+    );
+    // Another address reads /metrics at once (the old build: every slot held for header_timeout).
+    let t = Instant::now();
+    let text = admin_get_from("127.0.0.2", admin, "/metrics", &[], Duration::from_secs(5));
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("pacsgate_associations_active"), "{text}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // 127.0.0.1 itself: once it lets its held connections go, its next /metrics is served.
+    drop(slow);
+    std::thread::sleep(Duration::from_millis(300));
+    let text = admin_get_from("127.0.0.1", admin, "/metrics", &[], Duration::from_secs(5));
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        gw.log().contains("holds its share of admin connections"),
+        "{}",
+        tail(&gw.log(), 20)
+    );
+    assert!(gw.exited().is_none());
+}
+
 /// curl with Basic credentials to the web door: (status, body).
 fn curl_basic(port: u16, pki: &Pki, user: &str, password: &str) -> (u16, String) {
     let mut cmd = Command::new("curl");
