@@ -565,8 +565,15 @@ mod tests {
         assert!(active.take(a, 2).is_none(), "over its share");
         let _other = active.take(b, 2).expect("another address");
         drop(first);
-        assert!(active.take(a, 2).is_some(), "a slot freed");
+        let third = active.take(a, 2);
+        assert!(third.is_some(), "a slot freed");
         assert_eq!(active.count.load(Ordering::SeqCst), 3);
+        drop(third);
+        assert_eq!(
+            active.count.load(Ordering::SeqCst),
+            2,
+            "a dropped slot is given back"
+        );
     }
 
     #[test]
