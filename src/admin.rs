@@ -26,7 +26,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, Tls};
 use crate::metrics::metrics;
-use crate::server::Gateway;
+use crate::gateway::Gateway;
 
 /// The longest one admin connection lives (a scraper reconnects; an idle holder is let go).
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);

@@ -10,7 +10,7 @@ use dicom_transfer_syntax_registry::entries::{
     EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
 };
 
-use crate::pdu::{P_DATA_TF, PDU_HEADER_LENGTH};
+use crate::ul::pdu::{P_DATA_TF, PDU_HEADER_LENGTH};
 
 /// Command fields (PS3.7 E.1).
 pub mod command_field {

@@ -14,7 +14,6 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod association;
 pub mod audit;
 pub mod auth;
 pub mod config;
@@ -26,11 +25,11 @@ pub mod listeners;
 pub mod logfmt;
 pub mod metrics;
 pub mod moves;
-pub mod pdu;
 pub mod policy;
 pub mod relay;
-pub mod server;
+pub mod gateway;
 pub mod session;
 pub mod tls;
 pub mod tools;
+pub mod ul;
 pub mod web;

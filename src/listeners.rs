@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::server::{Gateway, ServerError};
+use crate::gateway::{Gateway, ServerError};
 
 /// One kind of listener, named after its configuration key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

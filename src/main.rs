@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use pacsgate::config::Config;
 use pacsgate::listeners::{Kind, Listeners};
-use pacsgate::server::{Gateway, State};
+use pacsgate::gateway::{Gateway, State};
 
 const DEFAULT_CONFIG: &str = "config/pacsgate.toml";
 

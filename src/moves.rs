@@ -18,12 +18,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
-use crate::association;
+use crate::ul::association;
 use crate::config::{Config, Destination, unmapped};
 use crate::dimse::{self, command_field as cf};
-use crate::pdu::Rejection;
+use crate::ul::pdu::Rejection;
 use crate::relay::{self, Actions, Inspector, RelayLimits, Side};
-use crate::server::{self, Gateway, Stop};
+use crate::gateway::{self, Gateway, Stop};
 use crate::tls::{self, TlsError};
 
 /// A byte stream the relay can use, plain or TLS.
@@ -253,7 +253,7 @@ impl DestinationConnectors {
 
     async fn connect(&self, d: &Destination, within: Duration) -> Result<Box<dyn Io>, String> {
         let what = format!("destination {}", d.ae_title);
-        let tcp = server::connect_tcp(&d.address, within, &what).await?;
+        let tcp = gateway::connect_tcp(&d.address, within, &what).await?;
         match self.tls.get(&d.ae_title) {
             None => Ok(Box::new(tcp)),
             Some((connector, name)) => {
@@ -380,7 +380,7 @@ pub async fn serve_return(gateway: Gateway, listener: TcpListener) {
                 let registry = gateway.moves.clone();
                 let shutdown = gateway.shutdown_signal();
                 gateway.tasks.spawn(async move {
-                    let bounds = server::Bounds::from_limits(&state.config.limits);
+                    let bounds = gateway::Bounds::from_limits(&state.config.limits);
                     let within = state.config.timeouts.tls_handshake;
                     let slot = match pending.admit(peer.ip(), bounds, within).await {
                         Ok(slot) => slot,
@@ -403,11 +403,11 @@ pub async fn serve_return(gateway: Gateway, listener: TcpListener) {
 }
 
 async fn handle_return(
-    state: &server::State,
+    state: &gateway::State,
     registry: &MovesInProgress,
     stream: TcpStream,
     peer: SocketAddr,
-    slot: server::PendingSlot,
+    slot: gateway::PendingSlot,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let started = Instant::now();
@@ -455,13 +455,13 @@ struct ReturnLine {
 
 #[allow(clippy::too_many_arguments)]
 async fn relay_return(
-    state: &server::State,
+    state: &gateway::State,
     registry: &MovesInProgress,
     mut archive: TcpStream,
     peer: SocketAddr,
     started: Instant,
     line: &mut ReturnLine,
-    slot: server::PendingSlot,
+    slot: gateway::PendingSlot,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<relay::RelayEnd, Stop> {
     let cfg = &state.config;
@@ -472,18 +472,18 @@ async fn relay_return(
             "address is not allowed on the return listener",
         ));
     }
-    let rq = server::read_request(&mut archive, cfg, started).await?;
+    let rq = gateway::read_request(&mut archive, cfg, started).await?;
     line.calling_ae = rq.calling_ae_title.clone();
     line.called_ae = rq.called_ae_title.clone();
     let Some(destination) = cfg.destination(&rq.called_ae_title) else {
         let reason = format!("called AE {:?} is no [[destination]]", rq.called_ae_title);
-        return Err(server::reject(&mut archive, Rejection::CalledAeNotRecognized, reason).await);
+        return Err(gateway::reject(&mut archive, Rejection::CalledAeNotRecognized, reason).await);
     };
     let pending = match registry.claim(&destination.ae_title, peer.ip(), &rq.calling_ae_title) {
         Claim::Admitted(m) => m,
         Claim::NoMove => {
             let reason = format!("no C-MOVE to {} is in progress", destination.ae_title);
-            return Err(server::reject(&mut archive, Rejection::NotExpected, reason).await);
+            return Err(gateway::reject(&mut archive, Rejection::NotExpected, reason).await);
         }
         Claim::NotTheirArchive { expected } => {
             let reason = format!(
@@ -493,7 +493,7 @@ async fn relay_return(
                 destination.ae_title,
                 expected.join("; ")
             );
-            return Err(server::reject(&mut archive, Rejection::NotExpected, reason).await);
+            return Err(gateway::reject(&mut archive, Rejection::NotExpected, reason).await);
         }
     };
     line.user = Some(pending.user.clone());
@@ -504,13 +504,13 @@ async fn relay_return(
     let connect = state.destinations.connect(destination, t.upstream_connect);
     let what = format!("destination {}", destination.ae_title);
     let (mut viewer, ac) =
-        server::open_upstream(&mut archive, connect, &request, t.upstream_response, &what).await?;
+        gateway::open_upstream(&mut archive, connect, &request, t.upstream_response, &what).await?;
     let (accept, _viewer_max) =
         match association::rewrite_accept(&ac, &rq.called_ae_title, false, max) {
             Ok(a) => a,
             Err(e) => {
-                server::send(&mut viewer, &crate::pdu::abort(0)).await;
-                return Err(server::reject(
+                gateway::send(&mut viewer, &crate::ul::pdu::abort(0)).await;
+                return Err(gateway::reject(
                     &mut archive,
                     Rejection::UpstreamUnavailable,
                     e.to_string(),
@@ -518,8 +518,8 @@ async fn relay_return(
                 .await);
             }
         };
-    if let Err(e) = server::write_within(&mut archive, &accept, t.association_request).await {
-        server::send(&mut viewer, &crate::pdu::abort(0)).await;
+    if let Err(e) = gateway::write_within(&mut archive, &accept, t.association_request).await {
+        gateway::send(&mut viewer, &crate::ul::pdu::abort(0)).await;
         return Err(Stop::new("aborted", format!("archive: {e}")));
     }
     drop(slot); // admitted: no longer a pending connection
@@ -639,7 +639,7 @@ mod tests {
             items.push(if *last { 0x03 } else { 0x01 });
             items.extend_from_slice(data);
         }
-        let mut out = vec![crate::pdu::P_DATA_TF, 0];
+        let mut out = vec![crate::ul::pdu::P_DATA_TF, 0];
         out.extend_from_slice(&(items.len() as u32).to_be_bytes());
         out.extend_from_slice(&items);
         out

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 
-use crate::pdu::{self, PduError, PduReader};
+use crate::ul::pdu::{self, PduError, PduReader};
 
 /// Which side of the gateway a PDU came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

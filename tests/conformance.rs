@@ -9,7 +9,7 @@ use std::path::Path;
 use dicom_core::dictionary::{UidDictionary, UidDictionaryEntry};
 use pacsgate::config::Operation;
 use pacsgate::dimse::status;
-use pacsgate::pdu::Rejection;
+use pacsgate::ul::pdu::Rejection;
 
 const DOC: &str = "docs/conformance.md";
 

@@ -271,9 +271,9 @@ impl Gateway {
         let bytes = link::encode(&Pdu::AssociationRQ(rq))
             .map_err(|e| ConnectError::Encode(e.to_string()))?;
         // dicom-ul writes 16-bit item lengths with `as u16`: make sure nothing wrapped.
-        let back = crate::association::parse_request(&bytes)
+        let back = crate::ul::association::parse_request(&bytes)
             .map_err(|e| ConnectError::Encode(format!("the request does not read back: {e}")))?;
-        if crate::association::user_identity(&back) != identity.as_ref() {
+        if crate::ul::association::user_identity(&back) != identity.as_ref() {
             return Err(ConnectError::Encode(
                 "the user identity does not fit the A-ASSOCIATE-RQ's user information item".into(),
             ));
@@ -424,7 +424,7 @@ mod tests {
 
     #[test]
     fn rejections_read_as_words() {
-        let words = rejection_words(&crate::pdu::associate_rj(1, 2, 1));
+        let words = rejection_words(&crate::ul::pdu::associate_rj(1, 2, 1));
         assert!(words.contains("rejected permanently"), "{words}");
         assert!(words.contains("(1/2/1)"), "{words}");
         assert!(words.contains("credentials"), "{words}");

@@ -12,9 +12,9 @@ use dicom_ul::pdu::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::association::{DICOM_APPLICATION_CONTEXT, UpstreamAnswer, parse_answer};
+use crate::ul::association::{DICOM_APPLICATION_CONTEXT, UpstreamAnswer, parse_answer};
 use crate::dimse::{self, Command, PDataWriter};
-use crate::pdu::{self, PduError};
+use crate::ul::pdu::{self, PduError};
 
 /// What we announce as our Maximum Length, and the largest PDU we read.
 pub const MAX_PDU_LENGTH: u32 = 256 * 1024;
@@ -456,7 +456,7 @@ mod tests {
                 if c == "1.2.840.10008.5.1.4.1.1.2"
         )));
         let bytes = encode(&Pdu::AssociationRQ(rq.clone())).expect("encode");
-        let back = crate::association::parse_request(&bytes).expect("parse");
+        let back = crate::ul::association::parse_request(&bytes).expect("parse");
         assert_eq!(back.presentation_contexts.len(), 2);
 
         let ac = AssociationAC {

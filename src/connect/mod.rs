@@ -35,8 +35,8 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::client::TlsStream;
 use tokio_util::task::TaskTracker;
 
-use crate::association;
-use crate::pdu::{self, PduError, Rejection, read_pdu};
+use crate::ul::association;
+use crate::ul::pdu::{self, PduError, Rejection, read_pdu};
 use crate::relay::{self, PassThrough, RelayEnd, RelayLimits, RelayStats};
 use gateway::{Gateway, OpenError};
 use link::Answer;
@@ -283,7 +283,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Local for T {}
 
 /// Send a last PDU to the local client and close (bounded).
 async fn refuse(stream: &mut impl Local, bytes: &[u8]) {
-    crate::server::send(stream, bytes).await;
+    crate::gateway::send(stream, bytes).await;
 }
 
 /// One local association: its request, the gateway's answer, the accept, then the relay.

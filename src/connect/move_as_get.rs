@@ -20,7 +20,7 @@ use super::gateway::Gateway;
 use super::link::Context;
 use super::retrieve::{self, LocalStore, Retrieval, get_model};
 use crate::dimse::{self, Command, PDataWriter, command_field as cf};
-use crate::pdu::read_pdu;
+use crate::ul::pdu::read_pdu;
 use crate::relay::{self, Actions, Forward, Inspector, RelayEnd, RelayLimits, RelayStats, Side};
 
 /// The largest C-MOVE identifier held back.

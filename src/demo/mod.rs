@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 
 use crate::config::{Config, ConfigError};
 use crate::devcerts::{self, CertsError};
-use crate::server::{Gateway, ServerError, State};
+use crate::gateway::{Gateway, ServerError, State};
 use archive::{DEMO_UID_ROOT, DemoArchive};
 
 /// The called AE title clients use.

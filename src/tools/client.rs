@@ -28,9 +28,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::ToolError;
-use crate::association::{DICOM_APPLICATION_CONTEXT, UpstreamAnswer, parse_answer};
+use crate::ul::association::{DICOM_APPLICATION_CONTEXT, UpstreamAnswer, parse_answer};
 use crate::dimse::{self, Command, PDataWriter, command_field, status};
-use crate::pdu::{self, PduError};
+use crate::ul::pdu::{self, PduError};
 
 /// Verification SOP class (C-ECHO).
 pub const VERIFICATION: &str = "1.2.840.10008.1.1";

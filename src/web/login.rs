@@ -24,7 +24,7 @@ use crate::auth::Principal;
 use crate::metrics::metrics;
 use crate::policy;
 use crate::policy::login::{Door, Refused, normalize_user};
-use crate::server::State;
+use crate::gateway::State;
 
 /// Seconds a client told "busy" (503) is asked to wait.
 const BUSY_RETRY_AFTER: u64 = 2;

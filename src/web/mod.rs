@@ -43,7 +43,7 @@ use crate::config::{Http, Operation};
 use crate::metrics::metrics;
 use crate::policy::Grants;
 use crate::policy::query_guard::GuardError;
-use crate::server::{Gateway, PendingSlot, State};
+use crate::gateway::{Gateway, PendingSlot, State};
 use login::{NotAuthenticated, WebLogin};
 use path::{Path, PathError};
 use query::{Qido, QueryError, WadoUri};
@@ -111,7 +111,7 @@ pub async fn serve(gateway: Gateway, listener: TcpListener) {
         };
         backoff = Duration::from_millis(10);
         // Connections that have not authenticated yet share the DICOM side's budget: overall and per
-        // address, with the same bounded wait for a slot (server::PendingConnections), in their own task.
+        // address, with the same bounded wait for a slot (gateway::PendingConnections), in their own task.
         let tasks = door.gateway.tasks.clone();
         let door = door.clone();
         tasks.spawn(async move { connection(door, stream, peer).await });
@@ -124,7 +124,7 @@ pub async fn serve(gateway: Gateway, listener: TcpListener) {
 async fn connection(door: Arc<Door>, stream: tokio::net::TcpStream, peer: SocketAddr) {
     let state = door.gateway.current();
     let t = state.config.timeouts;
-    let bounds = crate::server::Bounds::from_limits(&state.config.limits);
+    let bounds = crate::gateway::Bounds::from_limits(&state.config.limits);
     let pending = match door
         .gateway
         .pending()

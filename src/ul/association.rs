@@ -114,14 +114,14 @@ pub enum UpstreamAnswer {
 /// Classify the archive's answer to the association request.
 pub fn parse_answer(bytes: &[u8]) -> Result<UpstreamAnswer, AssociationError> {
     match bytes.first() {
-        Some(&crate::pdu::A_ASSOCIATE_AC) => match parse(bytes, "A-ASSOCIATE-AC")? {
+        Some(&crate::ul::pdu::A_ASSOCIATE_AC) => match parse(bytes, "A-ASSOCIATE-AC")? {
             Pdu::AssociationAC(ac) => Ok(UpstreamAnswer::Accepted(ac)),
             other => Err(AssociationError::Unexpected {
                 expected: "A-ASSOCIATE-AC",
                 got: other.short_description().to_string(),
             }),
         },
-        Some(&t @ (crate::pdu::A_ASSOCIATE_RJ | crate::pdu::A_ABORT)) => {
+        Some(&t @ (crate::ul::pdu::A_ASSOCIATE_RJ | crate::ul::pdu::A_ABORT)) => {
             Ok(UpstreamAnswer::Refused {
                 pdu_type: t,
                 bytes: bytes.to_vec(),

@@ -9,13 +9,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use crate::association::{self, DICOM_APPLICATION_CONTEXT, UpstreamAnswer};
+use crate::ul::association::{self, DICOM_APPLICATION_CONTEXT, UpstreamAnswer};
 use crate::audit::Audit;
 use crate::auth::{self, Authenticator, Principal};
 use crate::config::Config;
 use crate::metrics::{DirectionLabels, OutcomeLabels, UpstreamLabels, metrics};
 use crate::moves::{DestinationConnectors, MovesInProgress, ReturnPeer};
-use crate::pdu::{self, PduError, Rejection, read_pdu};
+use crate::ul::pdu::{self, PduError, Rejection, read_pdu};
 use crate::policy::{Grants, Limiter, login};
 use crate::relay::{self, RelayLimits};
 use crate::session::{Party, Session};
