@@ -1951,7 +1951,7 @@ roles = ["reader"]
 
     #[test]
     fn the_example_configs_published_password_hash_is_refused() {
-        let example = include_str!("../config/pacsgate.toml");
+        let example = include_str!("../../config/pacsgate.toml");
         assert!(
             example.contains(EXAMPLE_PASSWORD_HASH),
             "the example's hash changed"
