@@ -7,7 +7,8 @@
 #   bench/run.sh --smoke         tiny counts, well under a minute: checks that the benchmark still works
 #   bench/run.sh --help          every option (counts, large-instance size, receiver PDU size, ...)
 #
-# Environment: PACSGATE_BIN=/path/to/pacsgate uses that binary instead of `cargo build --release`.
+# Environment: PACSGATE_BIN=/path/to/pacsgate uses that binary instead of `cargo build --release`;
+# PACSGATE_BASE_BIN=/path/to/older/pacsgate measures that build too, side by side ("pacsgate (base)").
 # Installs what is missing first (as root or with sudo): Debian's dcmtk, orthanc, stunnel4, socat,
 # openssl, python3; pynetdicom + pydicom from PyPI (make_dicom.py uses pydicom).
 set -euo pipefail
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 for arg in "$@"; do
   if [ "$arg" = "-h" ] || [ "$arg" = "--help" ]; then
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     echo
     exec python3 bench/lib/bench.py --bin /bin/true --help
   fi

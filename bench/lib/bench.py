@@ -46,6 +46,15 @@ CLIENT_PROCESSES = 4  # for workload (5)
 PATHS = ["direct", "direct_tls", "stunnel", "socat", "pacsgate"]
 PATH_NAMES = {"direct": "direct TCP", "direct_tls": "direct TLS", "stunnel": "stunnel",
               "socat": "socat", "pacsgate": "pacsgate"}
+# The gateways under test: "pacsgate" (--bin), and "pacsgate_base" when --base-bin (PACSGATE_BASE_BIN) names an
+# earlier build to compare against, side by side in the same run (same config, same peers, interleaved).
+GATEWAYS = ["pacsgate"]
+
+
+def add_base_gateway():
+    PATHS.append("pacsgate_base")
+    PATH_NAMES["pacsgate_base"] = "pacsgate (base)"
+    GATEWAYS.append("pacsgate_base")
 
 # The smoke run's concurrent workloads open more associations at once from one address than any default
 # per-address bound of the gateway (max_pending_per_address: at most 32), so that a default that resets a
@@ -353,7 +362,7 @@ GATEWAY_LIMITS = {
 GATEWAY_DEFAULTS_KEPT = ["max_pending_connections", "max_pending_per_address"]
 
 
-def write_gateway_config(e, path, port):
+def write_gateway_config(e, path, port, binary=None):
     """Write the gateway config; `pacsgate check` it and drop [limits] keys this build does not know."""
     base = GATEWAY_CONFIG.format(port=port, server_crt=e.server_crt, server_key=e.server_key, ca=e.ca,
                                  sink=e.ports["sink"], sinkf=e.ports["sinkf"], orthanc=e.ports["orthanc"],
@@ -365,7 +374,7 @@ def write_gateway_config(e, path, port):
             text += "\n[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items())
         with open(path, "w") as f:
             f.write(text)
-        r = run([e.bin, "check", "--config", path], 60, check=False)
+        r = run([binary or e.bin, "check", "--config", path], 60, check=False)
         out = (r.stdout + r.stderr).decode(errors="replace")
         if r.returncode == 0:
             return sorted(limits)
@@ -383,7 +392,7 @@ def write_gateway_config(e, path, port):
 def start_everything(e, procs, p):
     names = ["sink", "sink_tls", "sinkf", "sinkf_tls", "orthanc", "orthanc_http", "orthanc_tls",
              "orthanc_tls_http", "hold", "stunnel_sink", "stunnel_sinkf", "stunnel_orthanc",
-             "stunnel_hold", "socat_sink", "socat_sinkf", "socat_orthanc", "pacsgate"]
+             "stunnel_hold", "socat_sink", "socat_sinkf", "socat_orthanc"] + GATEWAYS
     e.ports = {}
     used = set()
     for n in names:
@@ -440,14 +449,20 @@ def start_everything(e, procs, p):
         wait_orthanc(procs, name, proc, e.ports[name + "_http"], e.ports[name])
 
     # The gateway last: `pacsgate check` connects to every upstream.
-    e.gateway_conf = os.path.join(e.dir, "pacsgate.toml")
-    e.gateway_limits = write_gateway_config(e, e.gateway_conf, e.ports["pacsgate"])
-    # As deployed: RUST_BACKTRACE unset (with it set, every error value a dependency creates, even one
-    # that is handled, captures a stack trace; see docs/performance.md).
-    e.gateway = procs.start("pacsgate", [e.bin, "run", "--config", e.gateway_conf],
-                            env={"RUST_LOG": os.environ.get("RUST_LOG", "info"), "NO_COLOR": "1"},
-                            drop_env=("RUST_BACKTRACE", "RUST_LIB_BACKTRACE"))
-    wait_listening(procs, "pacsgate", e.gateway, [e.ports["pacsgate"]])
+    e.gateways = {}
+    for g in GATEWAYS:
+        binary = e.base_bin if g == "pacsgate_base" else e.bin
+        conf = os.path.join(e.dir, g + ".toml")
+        limits = write_gateway_config(e, conf, e.ports[g], binary)
+        if g == "pacsgate":
+            e.gateway_conf, e.gateway_limits = conf, limits
+        # As deployed: RUST_BACKTRACE unset (with it set, every error value a dependency creates, even one
+        # that is handled, captures a stack trace; see docs/performance.md).
+        e.gateways[g] = procs.start(g, [binary, "run", "--config", conf],
+                                    env={"RUST_LOG": os.environ.get("RUST_LOG", "info"), "NO_COLOR": "1"},
+                                    drop_env=("RUST_BACKTRACE", "RUST_LIB_BACKTRACE"))
+        wait_listening(procs, g, e.gateways[g], [e.ports[g]])
+    e.gateway = e.gateways["pacsgate"]
     e.stunnel = dict(procs.procs)["stunnel"]
 
     # C-FIND data in both archives (REST upload), then the archive store set once into each, so that
@@ -470,7 +485,7 @@ def endpoint(e, path, service):
         return e.ports[service + "_tls"], service.upper(), True
     if path in ("stunnel", "socat"):
         return e.ports[f"{path}_{service}"], service.upper(), path == "stunnel"
-    return e.ports["pacsgate"], service.upper(), True
+    return e.ports[path], service.upper(), True
 
 
 LOG_CONFIG = """log4cplus.rootLogger = INFO, console
@@ -513,14 +528,14 @@ def storescu(e, path, service, folder, expected, timeout):
             "-to", "30", "-ta", "30", "-td", "60", "-pdu", "131072"]
     if tls:
         argv += ["+tla", "+cf", e.ca]
-    if path == "pacsgate":
+    if path in GATEWAYS:
         argv += ["--jwt", e.jwt_file]
     argv += ["127.0.0.1", str(port), "+sd", folder]
-    gw0 = cpu_ns(e.gateway.pid) if path == "pacsgate" else None
+    gw0 = cpu_ns(e.gateways[path].pid) if path in GATEWAYS else None
     t0 = time.perf_counter()
     r = run(argv, timeout, env={"TCP_NODELAY": "1"}, check=False)
     wall = time.perf_counter() - t0
-    gw1 = cpu_ns(e.gateway.pid) if path == "pacsgate" else None
+    gw1 = cpu_ns(e.gateways[path].pid) if path in GATEWAYS else None
     gateway_cpu = (gw1 - gw0) / 1e9 if gw0 is not None and gw1 is not None else None
     text = (r.stdout + r.stderr).decode(errors="replace")
     accepted = released = None
@@ -548,7 +563,7 @@ def ul_client(e, sub, path, service, extra, timeout, identity="jwt"):
             "--max-seconds", str(max(5, timeout - 10))]
     if tls:
         argv += ["--tls-ca", e.ca]
-    if path == "pacsgate":
+    if path in GATEWAYS:
         if identity == "jwt":
             argv += ["--jwt-file", e.jwt_file]
         elif identity == "certificate":
@@ -615,10 +630,11 @@ def workload_setup(e, p, res):
             log(f"  setup round {rnd + 1} {path}: n={len(r.get('latencies_ms', []))} errors={r['errors']} "
                 f"{r.get('tls')} {r.get('first_errors', '')}")
         for ident, n_id in (("certificate", n), ("password", chunks(p.password, p.rounds)[rnd])):
-            r = ul_client(e, "setup", "pacsgate", "sink", ["-n", str(n_id), "--warmup", "1"], 300, identity=ident)
-            res.add("setup_" + ident, "pacsgate", r)
-            log(f"  setup round {rnd + 1} pacsgate ({ident}): n={len(r.get('latencies_ms', []))} "
-                f"errors={r['errors']} {r.get('first_errors', '')}")
+            for g in GATEWAYS:
+                r = ul_client(e, "setup", g, "sink", ["-n", str(n_id), "--warmup", "1"], 300, identity=ident)
+                res.add("setup_" + ident, g, r)
+                log(f"  setup round {rnd + 1} {g} ({ident}): n={len(r.get('latencies_ms', []))} "
+                    f"errors={r['errors']} {r.get('first_errors', '')}")
 
 
 def workload_find(e, p, res):
@@ -650,7 +666,7 @@ def concurrent_clients(e, p, path, assocs=None, per_assoc=None, sources=("",), i
     per_assoc = p.per_assoc if per_assoc is None else per_assoc
     n = min(max(processes or CLIENT_PROCESSES, len(sources)), assocs)
     start_at = time.time() + 0.5 + 0.01 * assocs
-    relay = {"pacsgate": e.gateway.pid, "stunnel": e.stunnel.pid}.get(path)
+    relay = dict({g: proc.pid for g, proc in e.gateways.items()}, stunnel=e.stunnel.pid).get(path)
     cpu0 = process_cpu_s(relay) if relay else None
     results = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=n) as pool:
@@ -692,7 +708,8 @@ def workload_burst(e, p, res):
     eight = tuple(f"127.0.0.{i}" for i in range(1, BURST_ADDRESSES + 1))
     for rnd in range(p.burst_rounds):
         for label, sources in (("one", ("127.0.0.1",)), ("eight", eight)):
-            for path in (("stunnel", "pacsgate") if rnd % 2 == 0 else ("pacsgate", "stunnel")):
+            order = ["stunnel"] + GATEWAYS
+            for path in (order if rnd % 2 == 0 else order[::-1]):
                 r = concurrent_clients(e, p, path, p.burst, p.burst_per_assoc, sources,
                                        processes=max(CLIENT_PROCESSES, len(sources)))
                 res.add(f"burst_{label}", path, r)
@@ -700,10 +717,11 @@ def workload_burst(e, p, res):
                     f"{r.get('mb_per_s', 0):.1f} MB/s stored={r.get('stored')}/{r.get('expected')} "
                     f"errors={r['errors']} cpu/instance={r.get('relay_cpu_us_per_instance', 0):.0f} µs "
                     f"{r.get('first_errors', '')}")
-        r = concurrent_clients(e, p, "pacsgate", p.password_burst, 1, ("127.0.0.1",), identity="password")
-        res.add("password_burst", "pacsgate", r)
-        log(f"  password burst round {rnd + 1}: {r.get('stored')}/{r.get('expected')} in {r.get('seconds', 0):.2f} s "
-            f"errors={r['errors']} {r.get('first_errors', '')}")
+        for g in GATEWAYS:
+            r = concurrent_clients(e, p, g, p.password_burst, 1, ("127.0.0.1",), identity="password")
+            res.add("password_burst", g, r)
+            log(f"  password burst round {rnd + 1} {g}: {r.get('stored')}/{r.get('expected')} in "
+                f"{r.get('seconds', 0):.2f} s errors={r['errors']} {r.get('first_errors', '')}")
 
 
 def workload_concurrent(e, p, res):
@@ -736,7 +754,7 @@ def workload_memory(e, p, res):
 
 
 def workload_idle(e, p, res):
-    for path, pid in (("pacsgate", e.gateway.pid), ("stunnel", e.stunnel.pid)):
+    for path, pid in [(g, proc.pid) for g, proc in e.gateways.items()] + [("stunnel", e.stunnel.pid)]:
         r = ul_client(e, "idle", path, "hold", ["-n", str(p.idle), "--pid", str(pid), "--warmup", "10"], 600)
         res.add("idle", path, r)
         log(f"  idle {path}: held={r.get('held')} per association {r.get('per_association_kib')} KiB "
@@ -768,8 +786,11 @@ def summarize(e, p, res):
     rows.append((f"(2) one large instance ({e.large_bytes / 1e6:.0f} MB), storescp --ignore", "MB/s", "higher", v, errs))
 
     def gateway_cpu(key, per):
-        vals = [r["gateway_cpu"] / per for r in res.get(key, "pacsgate") if r.get("gateway_cpu") is not None]
-        return {"pacsgate": min(vals) if vals else None}
+        out = {}
+        for g in GATEWAYS:
+            vals = [r["gateway_cpu"] / per for r in res.get(key, g) if r.get("gateway_cpu") is not None]
+            out[g] = min(vals) if vals else None
+        return out
 
     rows.append(("(1) pacsgate CPU time per small instance (all gateway threads)", "µs", "lower",
                  {k: (v * 1e6 if v is not None else None) for k, v in gateway_cpu("small", e.small_files).items()}, 0))
@@ -787,8 +808,8 @@ def summarize(e, p, res):
         return out
 
     rows += latency_rows("setup", "(3) association setup: connect + TLS + auth + upstream + C-ECHO, JWT", PATHS)
-    rows += latency_rows("setup_certificate", "(3b) association setup, pacsgate with client certificate", ["pacsgate"])
-    rows += latency_rows("setup_password", "(3c) association setup, pacsgate with password (argon2id)", ["pacsgate"])
+    rows += latency_rows("setup_certificate", "(3b) association setup, pacsgate with client certificate", GATEWAYS)
+    rows += latency_rows("setup_password", "(3c) association setup, pacsgate with password (argon2id)", GATEWAYS)
     rows += latency_rows("find", "(4) C-FIND latency, Orthanc, study level, 1 match", PATHS)
 
     vals, ivals, errs = {}, {}, 0
@@ -811,7 +832,7 @@ def summarize(e, p, res):
 
     idle = {}
     errs = 0
-    for path in ("pacsgate", "stunnel"):
+    for path in GATEWAYS + ["stunnel"]:
         runs = res.get("idle", path)
         errs += sum(r.get("errors", 0) for r in runs)
         idle[path] = median([r.get("per_association_kib") for r in runs])
@@ -847,11 +868,11 @@ def summarize(e, p, res):
         rows.append((f"(8) same, {what}: errors (all rounds)", f"of {p.burst * p.burst_per_assoc * p.burst_rounds}",
                      "lower", {path: sum(r.get("errors", 0) for r in res.get(key, path)) if res.get(key, path) else None
                                for path in PATHS}, None))
-    runs = res.get("password_burst", "pacsgate")
     rows.append((f"(3d) {p.password_burst} password (argon2id) sign-ins at once from one address, + 1 C-STORE each: "
                  f"seconds until the last was done (best round)", "s", "lower",
-                 {"pacsgate": min([r["seconds"] for r in runs if r.get("seconds")], default=None)},
-                 sum(r.get("errors", 0) for r in runs)))
+                 {g: min([r["seconds"] for r in res.get("password_burst", g) if r.get("seconds")], default=None)
+                  for g in GATEWAYS},
+                 sum(r.get("errors", 0) for g in GATEWAYS for r in res.get("password_burst", g))))
     return rows
 
 
@@ -938,18 +959,20 @@ def report(e, p, res, started, finished):
                  f"left at their defaults: {', '.join(GATEWAY_DEFAULTS_KEPT)}. "
                  f"Run time {(finished - started).total_seconds():.0f} s.")
     lines.append("")
+    base = "pacsgate_base" in GATEWAYS
     head = ["workload", "unit"] + [PATH_NAMES[x] for x in PATHS] + ["pacsgate / direct TLS", "pacsgate / stunnel",
-                                                                     "pacsgate / socat"]
+                                                                     "pacsgate / socat"] + (["pacsgate / base"] if base else [])
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for label, unit, better, vals, errs in rows:
         cells = [label + (f" **({errs} errors)**" if errs else ""), unit]
         cells += [fmt(vals.get(x), unit) for x in PATHS]
         if unit.startswith("of "):
-            cells += ["", "", ""]
+            cells += ["", "", ""] + ([""] if base else [])
         else:
             pg = vals.get("pacsgate")
             cells += [ratio(pg, vals.get("direct_tls")), ratio(pg, vals.get("stunnel")), ratio(pg, vals.get("socat"))]
+            cells += [ratio(pg, vals.get("pacsgate_base"))] if base else []
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Throughput: higher is better; latency and memory: lower is better. "
@@ -964,8 +987,9 @@ def report(e, p, res, started, finished):
                  "rate over rounds, pacsgate / direct TLS and pacsgate / stunnel:")
     lines.append("")
     lines.append("| workload | " + " | ".join(PATH_NAMES[x] for x in PATHS) + " | median: pacsgate / direct TLS | "
-                 "median: pacsgate / stunnel |")
-    lines.append("|" + "---|" * (len(PATHS) + 3))
+                 "median: pacsgate / stunnel |" + (" median: pacsgate / base |" if base else ""))
+    lines.append("|" + "---|" * (len(PATHS) + 3 + (1 if base else 0)))
+    tail = (lambda meds: f" {med_ratio(meds, 'pacsgate_base')} |") if base else (lambda meds: "")
 
     def med_ratio(meds, other):
         return ratio(meds.get("pacsgate"), meds.get(other))
@@ -976,13 +1000,13 @@ def report(e, p, res, started, finished):
             runs = res.get(key, path)
             cells.append(" ".join(f"{r['seconds']:.3f}" if r["seconds"] else "fail" for r in runs) or "-")
             meds[path] = median([1 / r["seconds"] for r in runs if r["seconds"]])
-        lines.append(f"| ({key}) | " + " | ".join(cells) + f" | {med_ratio(meds, 'direct_tls')} | {med_ratio(meds, 'stunnel')} |")
+        lines.append(f"| ({key}) | " + " | ".join(cells) + f" | {med_ratio(meds, 'direct_tls')} | {med_ratio(meds, 'stunnel')} |" + tail(meds))
     cells, meds = [], {}
     for path in PATHS:
         runs = res.get("concurrent", path)
         cells.append(" ".join(f"{r.get('mb_per_s', 0):.0f}" for r in runs) or "-")
         meds[path] = median([r.get("mb_per_s") for r in runs])
-    lines.append("| (concurrent, MB/s) | " + " | ".join(cells) + f" | {med_ratio(meds, 'direct_tls')} | {med_ratio(meds, 'stunnel')} |")
+    lines.append("| (concurrent, MB/s) | " + " | ".join(cells) + f" | {med_ratio(meds, 'direct_tls')} | {med_ratio(meds, 'stunnel')} |" + tail(meds))
     for key in ("burst_one", "burst_eight", "password_burst"):
         if not res.raw.get(key):
             continue
@@ -995,7 +1019,7 @@ def report(e, p, res, started, finished):
                 cells.append(" ".join(f"{r.get('mb_per_s', 0):.0f}" for r in runs) or "-")
             meds[path] = median([r.get("mb_per_s") for r in runs])
         lines.append(f"| ({key}{'' if key == 'password_burst' else ', MB/s'}) | " + " | ".join(cells)
-                     + f" | - | {med_ratio(meds, 'stunnel')} |")
+                     + f" | - | {med_ratio(meds, 'stunnel')} |" + tail(meds))
     lines.append("")
     lines.append("## Targets")
     lines.append("")
@@ -1013,6 +1037,8 @@ def versions(e):
     v = {}
     # PACSGATE_BENCH_LABEL names a binary built elsewhere (PACSGATE_BIN); else the repo's state.
     v["pacsgate"] = os.environ.get("PACSGATE_BENCH_LABEL") or first_line(["git", "-C", REPO, "describe", "--always", "--dirty"])
+    if "pacsgate_base" in GATEWAYS:
+        v["pacsgate (base)"] = os.environ.get("PACSGATE_BASE_LABEL") or first_line([e.base_bin, "--version"])
     v["rustc"] = first_line(["rustc", "-V"]).replace("rustc ", "")
     v["DCMTK"] = first_line(["/usr/bin/storescu", "--version"]).replace("dcmtk: ", "")
     v["Orthanc"] = first_line(["/usr/sbin/Orthanc", "--version"]).split()[-1]
@@ -1062,6 +1088,8 @@ def main():
     ap = argparse.ArgumentParser(description="pacsgate benchmark (see bench/run.sh --help)")
     ap.add_argument("--smoke", action="store_true", help="tiny counts: checks that the benchmark works")
     ap.add_argument("--bin", required=True, help="pacsgate binary")
+    ap.add_argument("--base-bin", default=os.environ.get("PACSGATE_BASE_BIN") or None,
+                    help="an earlier pacsgate binary measured side by side as 'pacsgate (base)' (env PACSGATE_BASE_BIN)")
     what = dict(small="(1) small instances over one association", large_mb="(2) size of the large instance, MB (50-500)",
                 setup="(3) associations per path", password="(3c) password logins", finds="(4) C-FIND requests per path",
                 concurrent="(5) concurrent associations", per_assoc="(5) C-STOREs per concurrent association",
@@ -1101,6 +1129,9 @@ def main():
     started = datetime.datetime.now()
     e = Env()
     e.bin = os.path.abspath(args.bin)
+    e.base_bin = os.path.abspath(args.base_bin) if args.base_bin else None
+    if e.base_bin:
+        add_base_gateway()
     e.pdu = args.pdu
     e.socat_buffer = args.socat_buffer
     e.dir = tempfile.mkdtemp(prefix="pacsgate-bench-")
@@ -1163,14 +1194,15 @@ def main():
         if want("memory"):
             log(f"(7) idle RSS after {p.memory_rounds} rounds of {p.memory_logins} password logins + stores")
             workload_memory(e, p, res)
-        gateway_alive = e.gateway.poll() is None
+        gateway_alive = all(proc.poll() is None for proc in e.gateways.values())
         if perf is not None:
             perf.send_signal(signal.SIGINT)
             perf.wait(timeout=60)
         finished = datetime.datetime.now()
         text = report(e, p, res, started, finished)
         if not gateway_alive:
-            text += f"\n**The gateway exited during the run** ({e.gateway.returncode}).\n"
+            text += "\n**A gateway exited during the run** (" + ", ".join(
+                f"{g}: {proc.returncode}" for g, proc in e.gateways.items() if proc.poll() is not None) + ").\n"
         # Any error anywhere fails the run, loudly: in the report, on stderr, and in the exit status.
         failures = sorted({f"{k} ({path})" for k, by_path in res.raw.items() for path, runs in by_path.items()
                            for r in runs if r.get("errors")})
@@ -1204,8 +1236,8 @@ def main():
     except Exception as ex:
         log(f"FAILED: {ex}")
         for name, _ in procs.procs:
-            if name == "pacsgate":
-                log("pacsgate log tail:\n" + procs.log_tail("pacsgate", 30))
+            if name in GATEWAYS:
+                log(f"{name} log tail:\n" + procs.log_tail(name, 30))
         raise
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
