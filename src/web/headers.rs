@@ -134,26 +134,20 @@ pub(super) fn forwarded(
         HeaderName::from_static("forwarded"),
         HeaderValue::from_static("proto=https"),
     );
-    match plan {
-        Plan::Qido { .. } => {
-            // The only answer the gateway can count.
-            headers.remove(header::ACCEPT);
-            headers.insert(
-                header::ACCEPT,
-                HeaderValue::from_static("application/dicom+json"),
-            );
-            headers.insert(
-                header::ACCEPT_ENCODING,
-                HeaderValue::from_static("identity"),
-            );
-        }
-        Plan::Store { .. } => {
-            headers.insert(
-                header::ACCEPT_ENCODING,
-                HeaderValue::from_static("identity"),
-            );
-        }
-        _ => {}
+    if let Plan::Qido { .. } = plan {
+        // The only answer the gateway can count.
+        headers.remove(header::ACCEPT);
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/dicom+json"),
+        );
+    }
+    // The answers the gateway reads (QIDO-RS counted, STOW-RS audited) come unencoded.
+    if matches!(plan, Plan::Qido { .. } | Plan::Store { .. }) {
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
     }
     origin_authority
 }

@@ -106,17 +106,13 @@ pub(super) fn validate_users(
         if let Some(hash) = &u.password_hash {
             check_password_user(cx, i, &u.name, hash)?;
         }
-        for role in &u.roles {
-            if !roles.contains_key(role) {
-                return Err(cx.invalid(
-                    &format!("user[{i}].roles"),
-                    format!(
-                        "user {:?} names role {role:?}, which no [[role]] defines",
-                        u.name
-                    ),
-                ));
-            }
-        }
+        known_roles(
+            cx,
+            &format!("user[{i}].roles"),
+            || format!("user {:?}", u.name),
+            &u.roles,
+            roles,
+        )?;
         if users.contains_key(&u.name) {
             return Err(cx.invalid(
                 &format!("user[{i}].name"),
@@ -133,6 +129,26 @@ pub(super) fn validate_users(
         );
     }
     Ok(users)
+}
+
+/// Every role a `[[user]]` or `[[device]]` names is a `[[role]]`; `holder` says who, for the error.
+fn known_roles(
+    cx: &Ctx,
+    key: &str,
+    holder: impl Fn() -> String,
+    named: &[String],
+    roles: &HashMap<String, Role>,
+) -> Result<(), ConfigError> {
+    match named.iter().find(|r| !roles.contains_key(*r)) {
+        Some(role) => Err(cx.invalid(
+            key,
+            format!(
+                "{} names role {role:?}, which no [[role]] defines",
+                holder()
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// A password user: a name a login can produce, an argon2id hash, and not the example's published one.
@@ -337,17 +353,13 @@ pub(super) fn validate_devices(
                 ),
             ));
         }
-        for role in &d.roles {
-            if !roles.contains_key(role) {
-                return Err(cx.invalid(
-                    &format!("device[{i}].roles"),
-                    format!(
-                        "device {:?} names role {role:?}, which no [[role]] defines",
-                        d.ae_title
-                    ),
-                ));
-            }
-        }
+        known_roles(
+            cx,
+            &format!("device[{i}].roles"),
+            || format!("device {:?}", d.ae_title),
+            &d.roles,
+            roles,
+        )?;
         devices.push(Device {
             ae_title: d.ae_title,
             addresses,
