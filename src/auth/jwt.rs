@@ -8,12 +8,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 
 use crate::config::{Jwt, JwtKeySource};
 
-/// The most clock skew `[auth.jwt] leeway` may allow, in seconds: beyond it an expired token stays
-/// good for too long. Larger values are refused at load.
-pub const MAX_LEEWAY_SECONDS: u64 = 300;
-
-/// `[auth.jwt] max_lifetime` when the file does not say: 24 hours.
-pub const DEFAULT_MAX_LIFETIME_SECONDS: u64 = 24 * 3600;
+pub use crate::config::{DEFAULT_MAX_LIFETIME_SECONDS, MAX_LEEWAY_SECONDS};
 
 /// Why the JWT settings could not be loaded (at start or reload).
 #[derive(Debug, thiserror::Error)]

@@ -6,9 +6,10 @@
 //! 2. the lock of the address and of that name at the address is checked before anything is
 //!    verified, and the attempt waits (bounded, phase `login_turn`) until it cannot take the count
 //!    past the threshold together with the attempts in flight;
-//! 3. on failure: the count (lockout.rs), audit `login.failed`, and per lock it starts audit
-//!    `lockout` and one WARN line `lockout`; on success the failures of that name at that address
-//!    are cleared (never a lock in force);
+//! 3. on failure: the count (lockout.rs), audit `login.failed` (written here only, for both doors,
+//!    also for a credential the web door could not read: [`Login::unreadable`]), and per lock it
+//!    starts audit `lockout` and one WARN line `lockout`; on success the failures of that name at
+//!    that address are cleared (never a lock in force);
 //! 4. a check that found the password slots busy (`AuthError::Busy`) verified nothing: it is not a
 //!    failed login, and the door answers it as transient (DICOM 2/3/2, HTTP 503).
 
@@ -24,7 +25,7 @@ use super::lockout::{Locked, Turn};
 use crate::audit::Audit;
 use crate::auth::{self, AuthError, AuthFailure, Authenticator, Claim, Method, Principal};
 
-pub use crate::auth::password::{MAX_USER_NAME, NameError, normalize_user};
+pub use crate::config::{MAX_USER_NAME, NameError, normalize_user};
 
 /// How long an attempt waits for its turn (phase `login_turn`): as long as for a password slot.
 pub const LOGIN_TURN_WAIT: Duration = auth::PASSWORD_CHECK_WAIT;
@@ -206,13 +207,20 @@ impl<'a> Login<'a> {
         }
     }
 
-    /// Count, audit and log one failed login.
-    fn failed(&self, login_name: Option<&str>, failure: &AuthFailure) {
-        let peer = self.peer.to_string();
+    /// A credential the door could not even read (the web door: a malformed `Authorization`
+    /// header). It is audited `login.failed` like any failed login; it names no user and verified
+    /// nothing, so it is not counted for a lockout (the door's own per-address budget counts it).
+    pub fn unreadable(&self, reason: &str) {
+        self.audit_failed(None, None, reason.to_string());
+    }
+
+    /// The one `login.failed` audit event: peer, user, method, the door's fields, reason (absent
+    /// fields are left out by the audit trail).
+    fn audit_failed(&self, user: Option<&str>, method: Option<Method>, reason: String) {
         let mut event = json!({
-            "peer": peer,
-            "user": failure.user,
-            "method": failure.method.map(|m| m.name()),
+            "peer": self.peer.to_string(),
+            "user": user,
+            "method": method.map(|m| m.name()),
         });
         match self.door {
             Door::Dicom {
@@ -224,8 +232,18 @@ impl<'a> Login<'a> {
             }
             Door::Web => event["via"] = json!("http"),
         }
-        event["reason"] = json!(failure.error.to_string());
+        event["reason"] = json!(reason);
         self.audit.record("login.failed", event);
+    }
+
+    /// Count, audit and log one failed login.
+    fn failed(&self, login_name: Option<&str>, failure: &AuthFailure) {
+        let peer = self.peer.to_string();
+        self.audit_failed(
+            failure.user.as_deref(),
+            failure.method,
+            failure.error.to_string(),
+        );
 
         let (locks, seconds) = {
             let mut lockout = self.limiter.lockout();

@@ -17,14 +17,13 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use hyper::header::{self, HeaderMap};
-use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::auth::Principal;
+use crate::gateway::State;
 use crate::metrics::metrics;
 use crate::policy;
 use crate::policy::login::{Door, Refused, normalize_user};
-use crate::gateway::State;
 
 /// Seconds a client told "busy" (503) is asked to wait.
 const BUSY_RETRY_AFTER: u64 = 2;
@@ -382,10 +381,7 @@ impl WebLogin {
             }
             Credential::Malformed(reason) => {
                 attempt.failed(Instant::now());
-                state.audit.record(
-                    "login.failed",
-                    json!({"peer": peer.to_string(), "via": "http", "reason": reason}),
-                );
+                login.unreadable(reason);
                 metrics().refusal("not_authenticated");
                 tracing::info!(peer = %peer, outcome = "rejected", reason, "web request");
                 return Err(NotAuthenticated::Unauthorized(reason.into()));

@@ -148,12 +148,64 @@ fn frame_list(value: &str) -> bool {
             .all(|n| !n.is_empty() && n.len() <= 9 && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// The resources under the DICOMweb root.
+const STUDY: &str = "StudyInstanceUID";
+const SERIES: &str = "SeriesInstanceUID";
+const INSTANCE: &str = "SOPInstanceUID";
+
+fn denied() -> Result<Route, RouteError> {
+    Err(RouteError::Denied(
+        "not a DICOMweb service the gateway passes",
+    ))
+}
+
+/// The resources under the DICOMweb root: STOW-RS on POST; on GET, QIDO-RS, else WADO-RS.
 fn dicomweb(method: &Method, segs: &[&str]) -> Result<Route, RouteError> {
-    const STUDY: &str = "StudyInstanceUID";
-    const SERIES: &str = "SeriesInstanceUID";
-    const INSTANCE: &str = "SOPInstanceUID";
-    let query = |level, uids: Vec<(Tag, &'static str, String)>| Ok(Route::Query { level, uids });
+    if method == Method::POST {
+        return match segs {
+            ["studies"] => Ok(Route::Store { study: None }),
+            ["studies", s] => Ok(Route::Store {
+                study: Some(uid(STUDY, s)?),
+            }),
+            _ => denied(),
+        };
+    }
+    if method != Method::GET {
+        return denied();
+    }
+    match qido(segs)? {
+        Some(route) => Ok(route),
+        None => wado(segs),
+    }
+}
+
+/// QIDO-RS searches; `None`: not a search path.
+fn qido(segs: &[&str]) -> Result<Option<Route>, RouteError> {
+    let query = |level, uids: Vec<(Tag, &'static str, String)>| Some(Route::Query { level, uids });
+    Ok(match segs {
+        ["studies"] => query(Level::Study, vec![]),
+        ["series"] => query(Level::Series, vec![]),
+        ["instances"] => query(Level::Image, vec![]),
+        ["studies", s, "series"] => query(
+            Level::Series,
+            vec![(tags::STUDY_INSTANCE_UID, STUDY, uid(STUDY, s)?)],
+        ),
+        ["studies", s, "instances"] => query(
+            Level::Image,
+            vec![(tags::STUDY_INSTANCE_UID, STUDY, uid(STUDY, s)?)],
+        ),
+        ["studies", s, "series", se, "instances"] => query(
+            Level::Image,
+            vec![
+                (tags::STUDY_INSTANCE_UID, STUDY, uid(STUDY, s)?),
+                (tags::SERIES_INSTANCE_UID, SERIES, uid(SERIES, se)?),
+            ],
+        ),
+        _ => None,
+    })
+}
+
+/// WADO-RS retrievals (and the bulk data URIs Orthanc makes); anything else is denied.
+fn wado(segs: &[&str]) -> Result<Route, RouteError> {
     let retrieve = |study: &str,
                     series: Option<&str>,
                     instance: Option<&str>,
@@ -174,44 +226,7 @@ fn dicomweb(method: &Method, segs: &[&str]) -> Result<Route, RouteError> {
         "pixeldata" => Some(Resource::PixelData),
         _ => None,
     };
-    let denied = || {
-        Err(RouteError::Denied(
-            "not a DICOMweb service the gateway passes",
-        ))
-    };
-    if method == Method::POST {
-        return match segs {
-            ["studies"] => Ok(Route::Store { study: None }),
-            ["studies", s] => Ok(Route::Store {
-                study: Some(uid(STUDY, s)?),
-            }),
-            _ => denied(),
-        };
-    }
-    if method != Method::GET {
-        return denied();
-    }
     match segs {
-        // QIDO-RS
-        ["studies"] => query(Level::Study, vec![]),
-        ["series"] => query(Level::Series, vec![]),
-        ["instances"] => query(Level::Image, vec![]),
-        ["studies", s, "series"] => query(
-            Level::Series,
-            vec![(tags::STUDY_INSTANCE_UID, STUDY, uid(STUDY, s)?)],
-        ),
-        ["studies", s, "instances"] => query(
-            Level::Image,
-            vec![(tags::STUDY_INSTANCE_UID, STUDY, uid(STUDY, s)?)],
-        ),
-        ["studies", s, "series", se, "instances"] => query(
-            Level::Image,
-            vec![
-                (tags::STUDY_INSTANCE_UID, STUDY, uid(STUDY, s)?),
-                (tags::SERIES_INSTANCE_UID, SERIES, uid(SERIES, se)?),
-            ],
-        ),
-        // WADO-RS
         ["studies", s] => retrieve(s, None, None, Resource::Instances, None),
         ["studies", s, r] => match sub(r) {
             Some(resource) => retrieve(s, None, None, resource, None),
