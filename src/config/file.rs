@@ -164,7 +164,7 @@ pub(super) struct FileTimeouts {
     pub(super) tls_handshake: f64,
     #[serde(default = "d10")]
     pub(super) association_request: f64,
-    #[serde(default = "d5")]
+    #[serde(default = "d10")]
     pub(super) upstream_connect: f64,
     #[serde(default = "d30")]
     pub(super) upstream_response: f64,
@@ -179,7 +179,7 @@ impl Default for FileTimeouts {
         FileTimeouts {
             tls_handshake: d10(),
             association_request: d10(),
-            upstream_connect: d5(),
+            upstream_connect: d10(),
             upstream_response: d30(),
             idle: d300(),
             shutdown_grace: d30(),
