@@ -276,6 +276,24 @@ impl Gateway {
     }
 }
 
+impl crate::admin::InForce for State {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+    fn access(&self) -> &crate::admin::AdminAccess {
+        &self.admin
+    }
+}
+
+impl crate::admin::Running for Gateway {
+    fn now(&self) -> Arc<dyn crate::admin::InForce> {
+        self.current()
+    }
+    fn draining(&self) -> bool {
+        self.tasks.is_closed()
+    }
+}
+
 pub(crate) use crate::policy::limits::{Bounds, Cap, PendingConnections, PendingSlot};
 pub(crate) use associate::{open_upstream, read_request};
 pub(crate) use io::{connect_tcp, send, write_within};
