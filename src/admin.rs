@@ -26,7 +26,6 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, Tls};
 use crate::metrics::metrics;
-use crate::gateway::Gateway;
 
 /// The longest one admin connection lives (a scraper reconnects; an idle holder is let go).
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
@@ -47,6 +46,21 @@ pub enum AdminError {
     EmptyToken { path: PathBuf },
     #[error("admin.client_ca: {0}")]
     Tls(#[from] crate::tls::TlsError),
+}
+
+/// What the admin port reads from the running gateway (`gateway::Gateway` implements it): this
+/// module needs nothing else of the gateway's.
+pub trait Running: Clone + Send + Sync + 'static {
+    /// The configuration and admin access new connections are served with.
+    fn now(&self) -> Arc<dyn InForce>;
+    /// True once shutdown has begun (no new associations): `/readyz` answers "not ready".
+    fn draining(&self) -> bool;
+}
+
+/// The configuration in force and the admin access loaded with it.
+pub trait InForce: Send + Sync {
+    fn config(&self) -> &Config;
+    fn access(&self) -> &AdminAccess;
 }
 
 /// Who may read `/metrics`, and the TLS of the admin port; loaded with each configuration.
@@ -266,10 +280,10 @@ async fn check_upstreams(config: &Config) -> Vec<String> {
 }
 
 /// Check every `READY_INTERVAL`, keep the answer, log when it changes (what is wrong, in full).
-async fn check_loop(gateway: Gateway, readiness: Arc<Readiness>) {
+async fn check_loop<G: Running>(gateway: G, readiness: Arc<Readiness>) {
     let mut last: Option<Vec<String>> = None;
     loop {
-        let config = gateway.current().config.clone();
+        let config = gateway.now().config().clone();
         let problems = check_upstreams(&config).await;
         readiness.set(problems.is_empty());
         if last.as_ref() != Some(&problems) {
@@ -320,9 +334,9 @@ fn may_read_metrics(access: &AdminAccess, req: &Request<Incoming>, certificate: 
     got == want
 }
 
-async fn answer(
+async fn answer<G: Running>(
     req: &Request<Incoming>,
-    gateway: &Gateway,
+    gateway: &G,
     access: &AdminAccess,
     readiness: &Readiness,
     certificate: bool,
@@ -335,9 +349,8 @@ async fn answer(
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
             // Right after start the first check may still run: wait for it, within its own bound.
-            let within =
-                gateway.current().config.timeouts.upstream_connect + Duration::from_secs(1);
-            if !gateway.tasks.is_closed() && readiness.get(within).await == Some(true) {
+            let within = gateway.now().config().timeouts.upstream_connect + Duration::from_secs(1);
+            if !gateway.draining() && readiness.get(within).await == Some(true) {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -366,15 +379,15 @@ async fn answer(
 
 /// Serve one connection's request (HTTP/1.1, no keep-alive: the answer says `Connection: close` and the
 /// connection ends), bounded by `header_timeout` for the request head and [`CONNECTION_LIFETIME`] in all.
-async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static, G: Running>(
     io: S,
-    gateway: Gateway,
+    gateway: G,
     readiness: Arc<Readiness>,
     header_timeout: Duration,
     certificate: bool,
     peer: SocketAddr,
 ) {
-    let access_state = gateway.current();
+    let access_state = gateway.now();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (gateway, access_state, readiness) =
             (gateway.clone(), access_state.clone(), readiness.clone());
@@ -382,7 +395,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             let response = answer(
                 &req,
                 &gateway,
-                &access_state.admin,
+                access_state.access(),
                 &readiness,
                 certificate,
                 peer,
@@ -429,7 +442,7 @@ pub fn warnings(config: &Config) -> Vec<String> {
 
 /// Serve the admin endpoints on `listener` until the task is dropped; the readiness check runs
 /// alongside (and stops with it).
-pub async fn serve(gateway: Gateway, listener: TcpListener) {
+pub async fn serve<G: Running>(gateway: G, listener: TcpListener) {
     let readiness = Arc::new(Readiness::default());
     let checks = check_loop(gateway.clone(), readiness.clone());
     let accepting = accept_loop(gateway, listener, readiness);
@@ -439,17 +452,17 @@ pub async fn serve(gateway: Gateway, listener: TcpListener) {
     }
 }
 
-async fn accept_loop(gateway: Gateway, listener: TcpListener, readiness: Arc<Readiness>) {
+async fn accept_loop<G: Running>(gateway: G, listener: TcpListener, readiness: Arc<Readiness>) {
     let active = Arc::new(Active::default());
     let mut fd_warned: Option<Instant> = None;
     let mut backoff = Duration::from_millis(10);
     let mut share_warned: Option<Instant> = None;
-    for warning in warnings(&gateway.current().config) {
+    for warning in warnings(gateway.now().config()) {
         tracing::warn!("{warning}");
     }
     loop {
-        let state = gateway.current();
-        let Some(admin) = state.config.admin.clone() else {
+        let state = gateway.now();
+        let Some(admin) = state.config().admin.clone() else {
             // Not configured (an embedder serving the port anyway): the defaults.
             return;
         };
@@ -495,7 +508,7 @@ async fn accept_loop(gateway: Gateway, listener: TcpListener, readiness: Arc<Rea
         };
         let g = gateway.clone();
         let readiness = readiness.clone();
-        let tls = state.admin.tls.clone();
+        let tls = state.access().tls.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let header_timeout = admin.header_timeout;

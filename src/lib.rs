@@ -28,6 +28,7 @@ pub mod moves;
 pub mod policy;
 pub mod relay;
 pub mod gateway;
+pub mod service;
 pub mod session;
 pub mod tls;
 pub mod tools;

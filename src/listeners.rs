@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
 use crate::gateway::{Gateway, ServerError};
+use crate::config::Config;
 
 /// One kind of listener, named after its configuration key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +104,7 @@ fn spawn(gateway: &Gateway, kind: Kind, listener: TcpListener) -> JoinHandle<()>
     match kind {
         Kind::Dicom => tokio::spawn(async move { g.serve(listener, true).await }),
         Kind::Device => tokio::spawn(async move { g.serve(listener, false).await }),
-        Kind::Return => tokio::spawn(crate::moves::serve_return(g, listener)),
+        Kind::Return => tokio::spawn(crate::gateway::return_path::serve_return(g, listener)),
         Kind::Http => tokio::spawn(crate::web::serve(g, listener)),
         Kind::Admin => tokio::spawn(crate::admin::serve(g, listener)),
     }

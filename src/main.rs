@@ -8,8 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 use pacsgate::config::Config;
-use pacsgate::listeners::{Kind, Listeners};
-use pacsgate::gateway::{Gateway, State};
+use pacsgate::listeners::Kind;
 
 const DEFAULT_CONFIG: &str = "config/pacsgate.toml";
 
@@ -364,65 +363,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    // Only with allow_readable_keys = true does a readable key get this far.
-    for file in config.readable_secret_files() {
-        tracing::warn!("allow_readable_keys = true, and {}", file.describe());
-    }
-    runtime()?.block_on(async move {
-        let gateway = Gateway::new(State::new(config)?);
-        let mut listeners = Listeners::start(&gateway).await?;
-        // Rate-limit buckets of addresses and users not seen for a while are forgotten (bounded memory).
-        let sweeper = {
-            let g = gateway.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-                loop {
-                    tick.tick().await;
-                    g.current().limiter.rates.sweep();
-                }
-            })
-        };
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangup =
-            signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
-        let mut term =
-            signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-        loop {
-            tokio::select! {
-                _ = term.recv() => break,
-                _ = tokio::signal::ctrl_c() => break,
-                _ = hangup.recv() => listeners.reload(&gateway).await,
-            }
-        }
-        // Stop accepting; the return path stays open while the moves in flight finish.
-        listeners.close_except(&[Kind::Return]);
-        sweeper.abort();
-        let grace = gateway.current().config.timeouts.shutdown_grace;
-        tracing::info!(
-            grace_s = grace.as_secs_f64(),
-            "shutting down: no new associations"
-        );
-        gateway.drain(grace).await;
-        listeners.close_except(&[]);
-        tracing::info!("stopped");
-        Ok(())
-    })
+    Ok(runtime()?.block_on(pacsgate::service::run(config))?)
 }
 
 /// SIGTERM or Ctrl-C.
 async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    pacsgate::service::shutdown_signal().await
 }
 
 /// What `check` found, beyond a file that does not load (an error).
