@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod audit;
 pub mod auth;
+pub mod check;
 pub mod config;
 pub mod connect;
 pub mod demo;

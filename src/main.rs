@@ -8,7 +8,6 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 use pacsgate::config::Config;
-use pacsgate::listeners::Kind;
 
 const DEFAULT_CONFIG: &str = "config/pacsgate.toml";
 
@@ -300,7 +299,8 @@ fn main() -> std::process::ExitCode {
             run(&config)
         }
         Command::Check { config, offline } => {
-            return match check(&config, offline) {
+            use pacsgate::check::{CheckError, Verdict};
+            return match pacsgate::check::check(&config, offline) {
                 Ok(Verdict::Ready) => std::process::ExitCode::SUCCESS,
                 Ok(Verdict::Unreachable) => std::process::ExitCode::from(2),
                 Ok(Verdict::Refused(n)) => {
@@ -311,7 +311,11 @@ fn main() -> std::process::ExitCode {
                     std::process::ExitCode::FAILURE
                 }
                 Err(e) => {
-                    print_error(&e);
+                    // A configuration error stays one (print_error renders its TOML context).
+                    print_error(&match e {
+                        CheckError::Config(e) => anyhow::Error::from(e),
+                        e => anyhow::Error::from(e),
+                    });
                     std::process::ExitCode::FAILURE
                 }
             };
@@ -371,346 +375,11 @@ async fn shutdown_signal() {
     pacsgate::service::shutdown_signal().await
 }
 
-/// What `check` found, beyond a file that does not load (an error).
-enum Verdict {
-    /// Everything `run` and a reload open opened, every address binds, every peer answered.
-    Ready,
-    /// The configuration loads and every file opens, but these peers did not answer (exit status 2).
-    Unreachable,
-    /// `run` or a reload would refuse this configuration (exit status 1); each problem was printed.
-    Refused(usize),
-}
-
-/// `pacsgate check`: open (or test) everything `run` and a reload open, one `ok:` line per section.
-/// `--offline`: the configuration and its files only; nothing is contacted and nothing is bound.
-fn check(path: &Path, offline: bool) -> anyhow::Result<Verdict> {
-    let config = Config::load(path)?;
-    println!("ok: {} parses and validates", path.display());
-    let mut failures = 0usize;
-    let mut fail = |what: &str, e: &dyn std::error::Error| {
-        failures += 1;
-        println!("error: {what}: {}", error_chain(e));
-    };
-    for warning in config.warnings() {
-        println!("warning: {warning}");
-    }
-
-    // Files holding secrets (refused by `load` unless allow_readable_keys).
-    let readable = config.readable_secret_files();
-    if readable.is_empty() {
-        println!(
-            "ok: private keys{} not readable by other users",
-            if config.users.values().any(|u| u.password_hash.is_some()) {
-                " and the configuration file (it holds password hashes)"
-            } else {
-                ""
-            }
-        );
-    }
-    for file in readable {
-        println!(
-            "warning: allow_readable_keys = true, and {}",
-            file.describe()
-        );
-    }
-
-    // [tls]
-    match pacsgate::tls::server_config(&config.tls) {
-        Ok(_) => println!(
-            "ok: [tls] certificate {} and key {} load{}",
-            config.tls.certificate.display(),
-            config.tls.private_key.display(),
-            match &config.tls.client_ca {
-                Some(ca) => format!(", client CA {}", ca.display()),
-                None => String::new(),
-            }
-        ),
-        Err(e) => fail("[tls]", &e),
-    }
-    if !config.tls.client_crl.is_empty() {
-        match pacsgate::tls::load_crls(&config.tls.client_crl) {
-            Ok(crls) => println!("ok: [tls] {} client CRLs load", crls.len()),
-            Err(e) => fail("[tls] client_crl", &e),
-        }
-    }
-
-    // [auth.jwt], users and roles
-    if let Some(jwt) = &config.jwt {
-        match pacsgate::auth::jwt::JwtVerifier::load(jwt) {
-            Ok(_) => println!(
-                "ok: [auth.jwt] keys load (issuer {:?}, audience {:?})",
-                jwt.issuer, jwt.audience
-            ),
-            Err(e) => fail("[auth.jwt]", &e),
-        }
-    }
-    let with_password = config
-        .users
-        .values()
-        .filter(|u| u.password_hash.is_some())
-        .count();
-    println!(
-        "ok: {} users ({with_password} with a password), {} roles, {} devices",
-        config.users.len(),
-        config.roles.len(),
-        config.devices.len()
-    );
-
-    // [[destination]]: their TLS settings load like the reload loads them.
-    if !config.destinations.is_empty() {
-        match pacsgate::moves::DestinationConnectors::new(&config) {
-            Ok(_) => println!(
-                "ok: [[destination]] {} load",
-                config
-                    .destinations
-                    .iter()
-                    .map(|d| d.ae_title.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            Err(e) => fail("[[destination]]", &e),
-        }
-    }
-
-    // [admin]: the bearer token file and the client CA load as `run` and a reload load them.
-    if config.admin.is_some() {
-        match pacsgate::admin::AdminAccess::load(&config) {
-            Ok(_) => println!("ok: [admin] access settings load"),
-            Err(e) => fail("[admin]", &e),
-        }
-        for warning in pacsgate::admin::warnings(&config) {
-            println!("warning: {warning}");
-        }
-    }
-
-    // [audit]: the file (or the folder it will be created in) and the syslog CA, as `run` opens them.
-    if let Some(audit) = &config.audit {
-        if let Some(file) = &audit.file {
-            match audit_file_writable(file) {
-                Ok(how) => println!("ok: [audit] file {}: {how}", file.display()),
-                Err(e) => fail(&format!("[audit] file {}", file.display()), &e),
-            }
-        }
-        if let Some(pacsgate::config::SyslogTarget::Tls { ca, .. }) = &audit.syslog {
-            match pacsgate::tls::client_config(ca, None, None) {
-                Ok(_) => println!("ok: [audit] syslog_ca {} loads", ca.display()),
-                Err(e) => fail("[audit] syslog_ca", &e),
-            }
-        }
-    }
-
-    if offline {
-        return Ok(if failures > 0 {
-            Verdict::Refused(failures)
-        } else {
-            println!(
-                "configuration is ready (offline: no address was bound, no archive or collector contacted)"
-            );
-            Verdict::Ready
-        });
-    }
-
-    let rt = runtime()?;
-    // Listeners: every address this file names must be free, or be held by the pacsgate about to be reloaded.
-    for kind in Kind::ALL {
-        let Some(address) = kind.address(&config) else {
-            continue;
-        };
-        match rt.block_on(tokio::net::TcpListener::bind(address)) {
-            Ok(_) => println!("ok: {} {address} can be bound", kind.key()),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                match listening_process(address.port()) {
-                    Some((pid, name)) if name == "pacsgate" => println!(
-                        "ok: {} {address} is held by the running pacsgate (pid {pid}): a reload keeps it",
-                        kind.key()
-                    ),
-                    Some((pid, name)) => {
-                        failures += 1;
-                        println!(
-                            "error: {}: cannot listen on {address}: {e} (by pid {pid}, {name:?})",
-                            kind.key()
-                        );
-                    }
-                    None => {
-                        failures += 1;
-                        println!(
-                            "error: {}: cannot listen on {address}: {e} (if that is this gateway running, a reload keeps it)",
-                            kind.key()
-                        );
-                    }
-                }
-            }
-            Err(e) => {
-                failures += 1;
-                println!("error: {}: cannot listen on {address}: {e}", kind.key());
-            }
-        }
-    }
-
-    // Reachability: reported; it does not make the file unusable (exit status 2, not 1).
-    let within = config.timeouts.upstream_connect;
-    let mut unreachable = 0usize;
-    let mut reach = |what: String, address: &str| {
-        let reached = rt.block_on(async {
-            tokio::time::timeout(within, tokio::net::TcpStream::connect(address)).await
-        });
-        match reached {
-            Ok(Ok(_)) => println!("ok: {what} at {address} accepts connections"),
-            Ok(Err(e)) => {
-                unreachable += 1;
-                println!("unreachable: {what} at {address}: {e}");
-            }
-            Err(_) => {
-                unreachable += 1;
-                println!("unreachable: {what} at {address}: no answer within {within:?}");
-            }
-        }
-    };
-    for u in &config.upstreams {
-        reach(
-            format!("[[upstream]] {} ({})", u.called_ae, u.ae_title),
-            &u.address,
-        );
-    }
-    if let Some(http) = &config.http {
-        let authority = http.upstream.trim_start_matches("http://");
-        let address = if authority.starts_with('[') || authority.matches(':').count() == 1 {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
-        };
-        reach(
-            format!("[http] upstream {}{}", http.upstream, http.dicomweb_path),
-            &address,
-        );
-    }
-    for d in &config.destinations {
-        reach(format!("[[destination]] {}", d.ae_title), &d.address);
-    }
-    if let Some(audit) = &config.audit {
-        match &audit.syslog {
-            Some(pacsgate::config::SyslogTarget::Tls { address, .. }) => {
-                reach("[audit] syslog collector".to_string(), address)
-            }
-            Some(pacsgate::config::SyslogTarget::Udp(address)) => println!(
-                "ok: [audit] syslog udp://{address} (datagrams: whether the collector listens cannot be seen)"
-            ),
-            None => {}
-        }
-    }
-
-    Ok(if failures > 0 {
-        Verdict::Refused(failures)
-    } else if unreachable > 0 {
-        println!(
-            "configuration is ready, but {unreachable} peer(s) did not answer (reported, not fatal: `run` starts without them)"
-        );
-        Verdict::Unreachable
-    } else {
-        println!("configuration is ready");
-        Verdict::Ready
-    })
-}
-
-/// Can the audit file be appended to, as `run` opens it? An existing file is opened for appending
-/// (nothing written); a missing one is tested by creating and removing a scratch file in its folder,
-/// so `check` run as root does not leave a root-owned audit file the service cannot open.
-fn audit_file_writable(file: &Path) -> std::io::Result<&'static str> {
-    match std::fs::OpenOptions::new().append(true).open(file) {
-        Ok(_) => return Ok("exists and can be appended to"),
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        Err(_) => {}
-    }
-    let folder = match file.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let scratch = folder.join(format!(".pacsgate-check-{}", std::process::id()));
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&scratch)
-        .map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("cannot be created in {}: {e}", folder.display()),
-            )
-        })?;
-    let _ = std::fs::remove_file(&scratch);
-    Ok("does not exist yet; its folder lets it be created")
-}
-
-/// The process listening on TCP `port` (pid and command name), from /proc; `None` when it cannot be
-/// seen (another user's process without privileges, or no /proc).
-fn listening_process(port: u16) -> Option<(u32, String)> {
-    let mut inodes = std::collections::HashSet::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 10 || cols[3] != "0A" {
-                continue;
-            }
-            let local = cols[1]
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if local == Some(port) {
-                inodes.insert(format!("socket:[{}]", cols[9]));
-            }
-        }
-    }
-    if inodes.is_empty() {
-        return None;
-    }
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        let holds = fds.flatten().any(|fd| {
-            std::fs::read_link(fd.path())
-                .is_ok_and(|t| inodes.contains(t.to_string_lossy().as_ref()))
-        });
-        if holds {
-            let name = std::fs::read_to_string(entry.path().join("comm"))
-                .map(|c| c.trim().to_string())
-                .unwrap_or_default();
-            return Some((pid, name));
-        }
-    }
-    None
-}
-
-/// An error and its causes joined with ": ", leaving out a cause whose text the message already
-/// carries (`{source}` in a message, then the same source as the next cause).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let next = c.to_string();
-        if !next.is_empty() && !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        cause = c.source();
-    }
-    text
-}
-
 /// Print an error of `run`, `check` and the other commands: one line naming the problem; a TOML
 /// error then gets toml's own rendering (the line quoted, the column marked).
 fn print_error(e: &anyhow::Error) {
     let error: &dyn std::error::Error = e.as_ref();
-    eprintln!("pacsgate: error: {}", error_chain(error));
+    eprintln!("pacsgate: error: {}", pacsgate::check::error_chain(error));
     if let Some(pacsgate::config::ConfigError::Parse { rendering, .. }) =
         e.downcast_ref::<pacsgate::config::ConfigError>()
     {

@@ -17,40 +17,20 @@ const PASSWORD: &str = "correct horse battery staple";
 /// A config with user `alice` (reader: echo + find) in front of the archive at `upstream_port`;
 /// `extra` is appended (an `[audit]` section, `[admin]`, `[http]`).
 fn config(port: u16, pki: &Pki, upstream_port: u16, extra: &str) -> String {
-    let h = password_hash(PASSWORD);
-    format!(
-        r#"
-[gateway]
-listen = "127.0.0.1:{port}"
-
-[tls]
-certificate = "{cert}"
-private_key = "{key}"
-
-[[upstream]]
-called_ae = "ARCHIVE"
-address = "127.0.0.1:{upstream_port}"
-ae_title = "PYARCHIVE"
-
-[[role]]
-name = "reader"
-allow = ["echo", "find"]
-unrestricted_queries = true
-
-[[user]]
-name = "alice"
-password_hash = "{h}"
-roles = ["reader"]
-
-[limits]
-failed_logins = 1000
-failed_logins_per_address = 1000
-queries_per_minute = 60000
-{extra}
-"#,
-        cert = pki.server_cert.display(),
-        key = pki.server_key.display(),
-    )
+    GatewayConfig::new(port)
+        .tls(pki)
+        .upstream("ARCHIVE", upstream_port, "PYARCHIVE")
+        .role_with(
+            "reader",
+            &["echo", "find"],
+            &["unrestricted_queries = true"],
+        )
+        .user("alice", &password_hash(PASSWORD), &["reader"])
+        .set("limits", "failed_logins = 1000")
+        .set("limits", "failed_logins_per_address = 1000")
+        .set("limits", "queries_per_minute = 60000")
+        .raw(extra)
+        .to_toml()
 }
 
 /// `tests/peers/syslog_collector.py MODE --port P --out FILE ARGS...`, killed on drop.

@@ -125,56 +125,25 @@ fn bench() -> Bench {
     let hash = password_hash(PASSWORD);
     let port = free_port();
     let audit = data.path().join("audit.jsonl");
-    let config = format!(
-        r#"
-[gateway]
-listen = "127.0.0.1:{port}"
-return_listen = "127.0.0.1:{return_port}"
-
-[tls]
-certificate = "{cert}"
-private_key = "{key}"
-
-[[upstream]]
-called_ae = "ARCHIVE"
-address = "127.0.0.1:{archive}"
-ae_title = "ORTHANC"
-
-[[destination]]
-ae_title = "VIEWER"
-address = "127.0.0.1:{viewer}"
-
-[limits]
-max_query_results = 2
-
-[audit]
-file = "{audit}"
-
-[[role]]
-name = "reader"
-allow = ["echo", "find", "worklist"]
-
-[[role]]
-name = "clinician"
-allow = ["echo", "find", "move", "get"]
-move_destinations = ["VIEWER"]
-
-[[user]]
-name = "reader"
-password_hash = "{hash}"
-roles = ["reader"]
-
-[[user]]
-name = "clinician"
-password_hash = "{hash}"
-roles = ["clinician"]
-"#,
-        cert = pki.server_cert.display(),
-        key = pki.server_key.display(),
-        archive = orthanc.dicom_port,
-        viewer = viewer.port,
-        audit = audit.display(),
-    );
+    let config = GatewayConfig::new(port)
+        .set(
+            "gateway",
+            &format!("return_listen = \"127.0.0.1:{return_port}\""),
+        )
+        .tls(&pki)
+        .upstream("ARCHIVE", orthanc.dicom_port, "ORTHANC")
+        .destination("VIEWER", viewer.port)
+        .set("limits", "max_query_results = 2")
+        .path("audit", "file", &audit)
+        .role("reader", &["echo", "find", "worklist"])
+        .role_with(
+            "clinician",
+            &["echo", "find", "move", "get"],
+            &["move_destinations = [\"VIEWER\"]"],
+        )
+        .user("reader", &hash, &["reader"])
+        .user("clinician", &hash, &["clinician"])
+        .to_toml();
     let mut gateway = Gateway::start(port, &config);
     gateway.wait_listening(return_port);
     Bench {

@@ -15,36 +15,15 @@ use common::*;
 /// A gateway configuration for `check`: the TLS listener on `port`, one archive at `upstream`,
 /// a reader with a password; `extra` is appended.
 fn config(pki: &Pki, port: u16, upstream: u16, extra: &str) -> String {
-    format!(
-        r#"[gateway]
-listen = "127.0.0.1:{port}"
-
-[tls]
-certificate = "{cert}"
-private_key = "{key}"
-client_ca = "{ca}"
-
-[[upstream]]
-called_ae = "ARCHIVE"
-address = "127.0.0.1:{upstream}"
-ae_title = "ORTHANC"
-
-[[role]]
-name = "reader"
-allow = ["echo", "find"]
-
-[[user]]
-name = "alice"
-password_hash = "{hash}"
-roles = ["reader"]
-
-{extra}
-"#,
-        cert = pki.server_cert.display(),
-        key = pki.server_key.display(),
-        ca = pki.ca_cert.display(),
-        hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$UVj6MxF1qNOeN4ku7+xoQJBYzRNL66ox5xrpa/M0G4s",
-    )
+    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$UVj6MxF1qNOeN4ku7+xoQJBYzRNL66ox5xrpa/M0G4s";
+    GatewayConfig::new(port)
+        .tls(pki)
+        .client_ca(pki)
+        .upstream("ARCHIVE", upstream, "ORTHANC")
+        .role("reader", &["echo", "find"])
+        .user("alice", HASH, &["reader"])
+        .raw(extra)
+        .to_toml()
 }
 
 fn check(path: &Path, offline: bool) -> (Option<i32>, String) {

@@ -23,46 +23,22 @@ fn gateway(pki: &Pki, archive_port: u16) -> Gateway {
 
 /// [`gateway`] with extra TOML (e.g. a `[timeouts]` section).
 fn gateway_with(pki: &Pki, archive_port: u16, extra: &str) -> Gateway {
-    let out = Gateway::run_command(&["hash-password"], Some(PASSWORD));
-    assert!(out.status.success(), "hash-password: {}", output_text(&out));
-    let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let port = free_port();
-    let config = format!(
-        r#"
-[gateway]
-listen = "127.0.0.1:{port}"
-
-[tls]
-certificate = "{cert}"
-private_key = "{key}"
-
-[[upstream]]
-called_ae = "ARCHIVE"
-address = "127.0.0.1:{archive_port}"
-ae_title = "ORTHANC"
-
-[auth.jwt]
-issuer = "{ISSUER}"
-audience = "pacsgate"
-public_key = "{jwt}"
-algorithms = ["ES256"]
-
-[[role]]
-name = "clinician"
-allow = ["echo", "find", "get"]
-unrestricted_queries = true
-
-[[user]]
-name = "clinician"
-password_hash = "{hash}"
-roles = ["clinician"]
-
-{extra}
-"#,
-        cert = pki.server_cert.display(),
-        key = pki.server_key.display(),
-        jwt = pki.jwt_public_pem.display(),
-    );
+    let config = GatewayConfig::new(port)
+        .tls(pki)
+        .upstream("ARCHIVE", archive_port, "ORTHANC")
+        .set("auth.jwt", &format!("issuer = \"{ISSUER}\""))
+        .set("auth.jwt", "audience = \"pacsgate\"")
+        .path("auth.jwt", "public_key", &pki.jwt_public_pem)
+        .set("auth.jwt", "algorithms = [\"ES256\"]")
+        .role_with(
+            "clinician",
+            &["echo", "find", "get"],
+            &["unrestricted_queries = true"],
+        )
+        .user("clinician", &password_hash(PASSWORD), &["clinician"])
+        .raw(extra)
+        .to_toml();
     Gateway::start(port, &config)
 }
 

@@ -97,80 +97,40 @@ fn start(opts: Opts) -> Web {
 impl Base {
     /// The gateway's configuration with these options, ports and users.
     fn config(&self, opts: Opts, dimse_port: u16, port: u16, users: &[&str]) -> String {
-        let audit = if opts.audit {
-            format!("[audit]\nfile = \"{}\"\n", self.audit.display())
-        } else {
-            String::new()
-        };
-        let users: String = users
-            .iter()
-            .map(|u| {
-                format!(
-                    "[[user]]\nname = \"{u}\"\npassword_hash = \"{}\"\nroles = [\"{u}\"]\n\n",
-                    self.hash
-                )
-            })
-            .collect();
-        format!(
-            r#"
-[gateway]
-listen = "127.0.0.1:{dimse_port}"
-
-[tls]
-certificate = "{cert}"
-private_key = "{key}"
-client_ca = "{ca}"
-
-[http]
-listen = "127.0.0.1:{port}"
-upstream = "http://127.0.0.1:{http}"
-dicomweb_path = "/dicom-web"
-wado_uri_path = "/wado"
-{http_extra}
-
-[limits]
-{limits}
-
-[timeouts]
-{timeouts}
-
-{audit}
-[auth.jwt]
-issuer = "https://idp.test"
-audience = "pacsgate"
-public_key = "{jwt}"
-
-[[upstream]]
-called_ae = "ARCHIVE"
-address = "127.0.0.1:{dicom}"
-ae_title = "ORTHANC"
-
-[[role]]
-name = "reader"
-allow = ["echo", "find", "get"]
-
-[[role]]
-name = "writer"
-allow = ["echo", "find", "get", "store"]
-unrestricted_queries = true
-
-[[role]]
-name = "harvester"
-allow = ["find", "get"]
-unrestricted_queries = true
-max_query_results = 2
-
-{users}"#,
-            cert = self.pki.server_cert.display(),
-            key = self.pki.server_key.display(),
-            ca = self.pki.ca_cert.display(),
-            jwt = self.pki.jwt_public_pem.display(),
-            http = self.orthanc.http_port,
-            dicom = self.orthanc.dicom_port,
-            http_extra = opts.http,
-            limits = opts.limits,
-            timeouts = opts.timeouts,
-        )
+        let mut config = GatewayConfig::new(dimse_port)
+            .tls(&self.pki)
+            .client_ca(&self.pki)
+            .set("http", &format!("listen = \"127.0.0.1:{port}\""))
+            .set(
+                "http",
+                &format!("upstream = \"http://127.0.0.1:{}\"", self.orthanc.http_port),
+            )
+            .set("http", "dicomweb_path = \"/dicom-web\"")
+            .set("http", "wado_uri_path = \"/wado\"")
+            .set("http", opts.http)
+            .set("limits", opts.limits)
+            .set("timeouts", opts.timeouts);
+        if opts.audit {
+            config = config.path("audit", "file", &self.audit);
+        }
+        config = config
+            .jwt(&self.pki)
+            .upstream("ARCHIVE", self.orthanc.dicom_port, "ORTHANC")
+            .role("reader", &["echo", "find", "get"])
+            .role_with(
+                "writer",
+                &["echo", "find", "get", "store"],
+                &["unrestricted_queries = true"],
+            )
+            .role_with(
+                "harvester",
+                &["find", "get"],
+                &["unrestricted_queries = true", "max_query_results = 2"],
+            );
+        for u in users {
+            config = config.user(u, &self.hash, &[u]);
+        }
+        config.to_toml()
     }
 
     /// A gateway in front of this archive, listening on both ports.

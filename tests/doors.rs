@@ -21,53 +21,19 @@ const PASSWORD: &str = "correct horse battery staple";
 /// A gateway config in front of `upstream_port`: client certificates from the test CA, user
 /// alice (password), certificate user bob, JWTs from the test key; `extra` is appended.
 fn config(port: u16, pki: &Pki, upstream_port: u16, extra: &str) -> String {
-    let hash = password_hash(PASSWORD);
-    format!(
-        r#"
-[gateway]
-listen = "127.0.0.1:{port}"
-ae_title = "PACSGATE"
-
-[tls]
-certificate = "{cert}"
-private_key = "{key}"
-client_ca = "{ca}"
-
-[timeouts]
-association_request = 5
-upstream_connect = 2
-
-[[upstream]]
-called_ae = "ARCHIVE"
-address = "127.0.0.1:{upstream_port}"
-ae_title = "ARCHIVE"
-
-[auth.jwt]
-issuer = "https://idp.test"
-audience = "pacsgate"
-public_key = "{jwt}"
-algorithms = ["ES256"]
-
-[[role]]
-name = "reader"
-allow = ["echo", "find"]
-
-[[user]]
-name = "alice"
-password_hash = "{hash}"
-roles = ["reader"]
-
-[[user]]
-name = "bob"
-roles = ["reader"]
-
-{extra}
-"#,
-        cert = pki.server_cert.display(),
-        key = pki.server_key.display(),
-        ca = pki.ca_cert.display(),
-        jwt = pki.jwt_public_pem.display(),
-    )
+    GatewayConfig::new(port)
+        .set("gateway", "ae_title = \"PACSGATE\"")
+        .tls(pki)
+        .client_ca(pki)
+        .set("timeouts", "association_request = 5")
+        .set("timeouts", "upstream_connect = 2")
+        .upstream("ARCHIVE", upstream_port, "ARCHIVE")
+        .jwt_es256(pki)
+        .role("reader", &["echo", "find"])
+        .user("alice", &password_hash(PASSWORD), &["reader"])
+        .user_cert("bob", &["reader"])
+        .raw(extra)
+        .to_toml()
 }
 
 fn path(p: &std::path::Path) -> &str {

@@ -16,52 +16,22 @@ const PASSWORD: &str = "correct horse battery staple";
 /// A gateway config in front of `upstream_port` with user alice (password + certificate),
 /// certificate-only user bob, and JWTs from the test PKI's key.
 fn config(port: u16, pki: &Pki, upstream_port: u16, upstream_ae: &str) -> String {
-    let hash = password_hash(PASSWORD);
-    format!(
-        r#"
-[gateway]
-listen = "127.0.0.1:{port}"
-ae_title = "PACSGATE"
-
-[tls]
-certificate = "{cert}"
-private_key = "{key}"
-client_ca = "{ca}"
-
-[timeouts]
-association_request = 5
-upstream_connect = 3
-
-[[upstream]]
-called_ae = "ARCHIVE"
-address = "127.0.0.1:{upstream_port}"
-ae_title = "{upstream_ae}"
-
-[auth.jwt]
-issuer = "https://idp.test"
-audience = "pacsgate"
-public_key = "{jwt}"
-algorithms = ["ES256"]
-
-[[role]]
-name = "reader"
-allow = ["echo", "find", "get", "move", "store"]
-unrestricted_queries = true
-
-[[user]]
-name = "alice"
-password_hash = "{hash}"
-roles = ["reader"]
-
-[[user]]
-name = "bob"
-roles = ["reader"]
-"#,
-        cert = pki.server_cert.display(),
-        key = pki.server_key.display(),
-        ca = pki.ca_cert.display(),
-        jwt = pki.jwt_public_pem.display(),
-    )
+    GatewayConfig::new(port)
+        .set("gateway", "ae_title = \"PACSGATE\"")
+        .tls(pki)
+        .client_ca(pki)
+        .set("timeouts", "association_request = 5")
+        .set("timeouts", "upstream_connect = 3")
+        .upstream("ARCHIVE", upstream_port, upstream_ae)
+        .jwt_es256(pki)
+        .role_with(
+            "reader",
+            &["echo", "find", "get", "move", "store"],
+            &["unrestricted_queries = true"],
+        )
+        .user("alice", &password_hash(PASSWORD), &["reader"])
+        .user_cert("bob", &["reader"])
+        .to_toml()
 }
 
 fn token(key: &std::path::Path, exp_offset: i64, aud: &str) -> String {

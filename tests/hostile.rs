@@ -12,8 +12,8 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -40,66 +40,29 @@ const SLACK: Duration = Duration::from_millis(1500);
 const VERIFICATION: &str = "1.2.840.10008.1.1";
 const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
 
-fn password_hash() -> &'static str {
-    static HASH: OnceLock<String> = OnceLock::new();
-    HASH.get_or_init(|| {
-        let out = Gateway::run_command(&["hash-password"], Some(PASSWORD));
-        assert!(out.status.success(), "hash-password: {}", output_text(&out));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    })
-}
-
 /// A gateway config with short phase timeouts, user alice (password), JWTs from the test PKI's key,
 /// one `[[upstream]]` per (called AE, port), and `extra` appended.
 fn config(port: u16, pki: &Pki, key: &Path, upstreams: &[(&str, u16)], extra: &str) -> String {
-    let upstreams: String = upstreams
-        .iter()
-        .map(|(ae, p)| {
-            format!(
-                "[[upstream]]\ncalled_ae = \"{ae}\"\naddress = \"127.0.0.1:{p}\"\nae_title = \"{ae}\"\n\n"
-            )
-        })
-        .collect();
-    format!(
-        r#"
-[gateway]
-listen = "127.0.0.1:{port}"
-
-[tls]
-certificate = "{cert}"
-private_key = "{key}"
-
-[timeouts]
-tls_handshake = 2
-association_request = 2
-idle = 3
-upstream_connect = 2
-upstream_response = 2
-
-{upstreams}
-[auth.jwt]
-issuer = "https://idp.test"
-audience = "pacsgate"
-public_key = "{jwt}"
-algorithms = ["ES256"]
-
-[[role]]
-name = "clinician"
-allow = ["echo", "find", "get", "move", "store"]
-unrestricted_queries = true
-
-[[user]]
-name = "alice"
-password_hash = "{hash}"
-roles = ["clinician"]
-
-{extra}
-"#,
-        cert = pki.server_cert.display(),
-        key = key.display(),
-        jwt = pki.jwt_public_pem.display(),
-        hash = password_hash(),
-    )
+    let mut config = GatewayConfig::new(port)
+        .tls_key(pki, key)
+        .set("timeouts", "tls_handshake = 2")
+        .set("timeouts", "association_request = 2")
+        .set("timeouts", "idle = 3")
+        .set("timeouts", "upstream_connect = 2")
+        .set("timeouts", "upstream_response = 2");
+    for (ae, p) in upstreams {
+        config = config.upstream(ae, *p, ae);
+    }
+    config
+        .jwt_es256(pki)
+        .role_with(
+            "clinician",
+            &["echo", "find", "get", "move", "store"],
+            &["unrestricted_queries = true"],
+        )
+        .user("alice", &password_hash(PASSWORD), &["clinician"])
+        .raw(extra)
+        .to_toml()
 }
 
 fn s(v: &[&str]) -> Vec<String> {

@@ -120,38 +120,15 @@ fn config(port: u16, pki: &Pki, sink_port: u16) -> String {
 }
 
 fn config_with(port: u16, pki: &Pki, sink_port: u16, limits: &str) -> String {
-    format!(
-        r#"
-[gateway]
-listen = "127.0.0.1:{port}"
-
-[tls]
-certificate = "{cert}"
-private_key = "{key}"
-client_ca = "{ca}"
-
-[timeouts]
-idle = 60
-
-[[upstream]]
-called_ae = "SINK"
-address = "127.0.0.1:{sink_port}"
-ae_title = "SINK"
-
-[limits]
-{limits}
-[[role]]
-name = "modality"
-allow = ["echo", "store"]
-
-[[user]]
-name = "loader"
-roles = ["modality"]
-"#,
-        cert = pki.server_cert.display(),
-        key = pki.server_key.display(),
-        ca = pki.ca_cert.display(),
-    )
+    GatewayConfig::new(port)
+        .tls(pki)
+        .client_ca(pki)
+        .set("timeouts", "idle = 60")
+        .upstream("SINK", sink_port, "SINK")
+        .set("limits", limits)
+        .role("modality", &["echo", "store"])
+        .user_cert("loader", &["modality"])
+        .to_toml()
 }
 
 /// One client's result: stores acknowledged with Success, and storescu's output when that is not all of them.

@@ -126,51 +126,18 @@ fn start(limits: &str) -> Setup {
     let port = free_port();
     let web_port = free_port();
     let closed = free_port();
-    let config = format!(
-        r#"
-[gateway]
-listen = "127.0.0.1:{port}"
-
-[tls]
-certificate = "{cert}"
-private_key = "{key}"
-client_ca = "{ca}"
-
-[http]
-listen = "127.0.0.1:{web_port}"
-upstream = "http://127.0.0.1:{closed}"
-
-[audit]
-file = "{audit}"
-
-[[upstream]]
-called_ae = "ARCHIVE"
-address = "127.0.0.1:{archive}"
-ae_title = "PYARCHIVE"
-
-[limits]
-{limits}
-
-[[role]]
-name = "reader"
-allow = ["echo", "find"]
-
-[[user]]
-name = "alice"
-password_hash = "{hash}"
-roles = ["reader"]
-
-[[user]]
-name = "bob"
-password_hash = "{hash}"
-roles = ["reader"]
-"#,
-        cert = pki.server_cert.display(),
-        key = pki.server_key.display(),
-        ca = pki.ca_cert.display(),
-        audit = audit.display(),
-        archive = archive.port,
-    );
+    let config = GatewayConfig::new(port)
+        .tls(&pki)
+        .client_ca(&pki)
+        .set("http", &format!("listen = \"127.0.0.1:{web_port}\""))
+        .set("http", &format!("upstream = \"http://127.0.0.1:{closed}\""))
+        .path("audit", "file", &audit)
+        .upstream("ARCHIVE", archive.port, "PYARCHIVE")
+        .set("limits", limits)
+        .role("reader", &["echo", "find"])
+        .user("alice", &hash, &["reader"])
+        .user("bob", &hash, &["reader"])
+        .to_toml();
     let mut gateway = Gateway::start(port, &config);
     gateway.wait_listening(web_port);
     Setup {

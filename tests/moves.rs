@@ -57,40 +57,22 @@ fn setup_with(
     }
     let hash = password_hash(PASSWORD);
     let port = free_port();
-    let config = format!(
-        r#"
-[gateway]
-listen = "127.0.0.1:{port}"
-return_listen = "127.0.0.1:{return_port}"
-{gateway_extra}
-
-[tls]
-certificate = "{cert}"
-private_key = "{key}"
-
-[[upstream]]
-called_ae = "ARCHIVE"
-address = "127.0.0.1:{archive}"
-ae_title = "ORTHANC"
-
-[[destination]]
-ae_title = "VIEWER"
-address = "127.0.0.1:{viewer_port}"
-
-[[role]]
-name = "clinician"
-allow = ["echo", "find", "get", "move"]
-move_destinations = ["VIEWER"]
-
-[[user]]
-name = "clinician"
-password_hash = "{hash}"
-roles = ["clinician"]
-"#,
-        cert = pki.server_cert.display(),
-        key = pki.server_key.display(),
-        archive = orthanc.dicom_port,
-    );
+    let config = GatewayConfig::new(port)
+        .set(
+            "gateway",
+            &format!("return_listen = \"127.0.0.1:{return_port}\""),
+        )
+        .set("gateway", gateway_extra)
+        .tls(&pki)
+        .upstream("ARCHIVE", orthanc.dicom_port, "ORTHANC")
+        .destination("VIEWER", viewer_port)
+        .role_with(
+            "clinician",
+            &["echo", "find", "get", "move"],
+            &["move_destinations = [\"VIEWER\"]"],
+        )
+        .user("clinician", &hash, &["clinician"])
+        .to_toml();
     let mut gateway = Gateway::start(port, &config);
     gateway.wait_listening(return_port);
     Setup {

@@ -15,45 +15,16 @@ const PASSWORD: &str = "correct horse battery staple";
 /// A config with users `alice` (reader: echo+find) and `writer` (store); `extra` is appended.
 fn config(port: u16, pki: &Pki, upstream_port: u16, extra: &str) -> String {
     let h = password_hash(PASSWORD);
-    format!(
-        r#"
-[gateway]
-listen = "127.0.0.1:{port}"
-
-[tls]
-certificate = "{cert}"
-private_key = "{key}"
-
-[timeouts]
-shutdown_grace = 20
-
-[[upstream]]
-called_ae = "ARCHIVE"
-address = "127.0.0.1:{upstream_port}"
-ae_title = "ORTHANC"
-
-[[role]]
-name = "reader"
-allow = ["echo", "find"]
-
-[[role]]
-name = "writer"
-allow = ["echo", "store"]
-
-[[user]]
-name = "alice"
-password_hash = "{h}"
-roles = ["reader"]
-
-[[user]]
-name = "writer"
-password_hash = "{h}"
-roles = ["writer"]
-{extra}
-"#,
-        cert = pki.server_cert.display(),
-        key = pki.server_key.display(),
-    )
+    GatewayConfig::new(port)
+        .tls(pki)
+        .set("timeouts", "shutdown_grace = 20")
+        .upstream("ARCHIVE", upstream_port, "ORTHANC")
+        .role("reader", &["echo", "find"])
+        .role("writer", &["echo", "store"])
+        .user("alice", &h, &["reader"])
+        .user("writer", &h, &["writer"])
+        .raw(extra)
+        .to_toml()
 }
 
 fn scu(cmd: &str, port: u16, pki: &Pki, user: &str, rest: &[&str]) -> Value {

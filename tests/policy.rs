@@ -21,62 +21,24 @@ fn config(
     extra: &str,
 ) -> String {
     let hash = password_hash(PASSWORD);
-    format!(
-        r#"
-[gateway]
-listen = "127.0.0.1:{port}"
-
-[tls]
-certificate = "{cert}"
-private_key = "{key}"
-client_ca = "{ca}"
-
-[[upstream]]
-called_ae = "ARCHIVE"
-address = "127.0.0.1:{upstream_port}"
-ae_title = "{upstream_ae}"
-
-[limits]
-{limits}
-
-[[role]]
-name = "reader"
-allow = ["echo", "find"]
-
-[[role]]
-name = "clinician"
-allow = ["echo", "find", "get", "move", "store"]
-
-[[role]]
-name = "analyst"
-allow = ["echo", "find"]
-unrestricted_queries = true
-
-[[role]]
-name = "modality"
-allow = ["echo", "store"]
-
-[[user]]
-name = "reader"
-password_hash = "{hash}"
-roles = ["reader"]
-
-[[user]]
-name = "clinician"
-password_hash = "{hash}"
-roles = ["clinician"]
-
-[[user]]
-name = "analyst"
-password_hash = "{hash}"
-roles = ["analyst"]
-
-{extra}
-"#,
-        cert = pki.server_cert.display(),
-        key = pki.server_key.display(),
-        ca = pki.ca_cert.display(),
-    )
+    GatewayConfig::new(port)
+        .tls(pki)
+        .client_ca(pki)
+        .upstream("ARCHIVE", upstream_port, upstream_ae)
+        .set("limits", limits)
+        .role("reader", &["echo", "find"])
+        .role("clinician", &["echo", "find", "get", "move", "store"])
+        .role_with(
+            "analyst",
+            &["echo", "find"],
+            &["unrestricted_queries = true"],
+        )
+        .role("modality", &["echo", "store"])
+        .user("reader", &hash, &["reader"])
+        .user("clinician", &hash, &["clinician"])
+        .user("analyst", &hash, &["analyst"])
+        .raw(extra)
+        .to_toml()
 }
 
 fn args(cmd: &str, port: u16, pki: &Pki, user: &str, password: &str, rest: &[&str]) -> Vec<String> {

@@ -236,39 +236,21 @@ fn the_dicomweb_walkthrough_runs_with_curl_and_dicomweb_client_and_retrieve_urls
         orthanc.upload(&std::fs::read(&i.path).expect("read"));
     }
     let (dimse, web) = (free_port(), free_port());
-    let config = format!(
-        r#"[gateway]
-listen = "127.0.0.1:{dimse}"
-
-[tls]
-certificate = "{cert}"
-private_key = "{key}"
-
-[http]
-listen = "127.0.0.1:{web}"
-upstream = "http://127.0.0.1:{http}/dicom-web"
-wado_uri_path = "/wado"
-
-[[upstream]]
-called_ae = "PACS"
-address = "127.0.0.1:{dicom}"
-ae_title = "PACS"
-
-[[role]]
-name = "reader"
-allow = ["echo", "find", "get"]
-
-[[user]]
-name = "dr.house"
-password_hash = "{hash}"
-roles = ["reader"]
-"#,
-        cert = pki.server_cert.display(),
-        key = pki.server_key.display(),
-        http = orthanc.http_port,
-        dicom = orthanc.dicom_port,
-        hash = password_hash(PASSPHRASE),
-    );
+    let config = GatewayConfig::new(dimse)
+        .tls(&pki)
+        .set("http", &format!("listen = \"127.0.0.1:{web}\""))
+        .set(
+            "http",
+            &format!(
+                "upstream = \"http://127.0.0.1:{}/dicom-web\"",
+                orthanc.http_port
+            ),
+        )
+        .set("http", "wado_uri_path = \"/wado\"")
+        .upstream("PACS", orthanc.dicom_port, "PACS")
+        .role("reader", &["echo", "find", "get"])
+        .user("dr.house", &password_hash(PASSPHRASE), &["reader"])
+        .to_toml();
     let mut gw = Gateway::start(dimse, &config);
     gw.wait_listening(web);
     let cwd = data.path().join("client");

@@ -356,38 +356,18 @@ fn demo_refuses_non_loopback_addresses_and_foreign_folders() {
 /// A gateway config in front of `upstream` with TLS files from `certs` (ca.crt, server.crt/.key),
 /// user alice (client certificate), JWTs from `jwt_public` with leeway 0.
 fn gateway_config(port: u16, certs: &Path, jwt_public: &Path, upstream: u16) -> String {
-    format!(
-        r#"
-[gateway]
-listen = "127.0.0.1:{port}"
-
-[tls]
-certificate = "{dir}/server.crt"
-private_key = "{dir}/server.key"
-client_ca = "{dir}/ca.crt"
-
-[[upstream]]
-called_ae = "ARCHIVE"
-address = "127.0.0.1:{upstream}"
-ae_title = "ORTHANC"
-
-[auth.jwt]
-issuer = "pacsgate-dev"
-audience = "pacsgate"
-public_key = "{jwt}"
-leeway = 0
-
-[[role]]
-name = "reader"
-allow = ["echo", "find"]
-
-[[user]]
-name = "alice"
-roles = ["reader"]
-"#,
-        dir = certs.display(),
-        jwt = jwt_public.display(),
-    )
+    GatewayConfig::new(port)
+        .path("tls", "certificate", &certs.join("server.crt"))
+        .path("tls", "private_key", &certs.join("server.key"))
+        .path("tls", "client_ca", &certs.join("ca.crt"))
+        .upstream("ARCHIVE", upstream, "ORTHANC")
+        .set("auth.jwt", "issuer = \"pacsgate-dev\"")
+        .set("auth.jwt", "audience = \"pacsgate\"")
+        .path("auth.jwt", "public_key", jwt_public)
+        .set("auth.jwt", "leeway = 0")
+        .role("reader", &["echo", "find"])
+        .user_cert("alice", &["reader"])
+        .to_toml()
 }
 
 #[test]

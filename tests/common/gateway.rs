@@ -153,13 +153,30 @@ pub fn write_config(path: &Path, text: &str) {
         .unwrap_or_else(|e| panic!("chmod 600 {}: {e}", path.display()));
 }
 
-/// An argon2id hash of `password` made by the binary under test (`pacsgate hash-password`).
+/// An argon2id hash of `password` made by the binary under test (`pacsgate hash-password`), once per
+/// password and test process (a debug build's argon2id takes about a second).
 pub fn password_hash(password: &str) -> String {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static HASHES: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    let hashes = HASHES.get_or_init(Default::default);
+    if let Some(hash) = hashes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(password)
+    {
+        return hash.clone();
+    }
     let out = Gateway::run_command(&["hash-password"], Some(password));
     assert!(
         out.status.success(),
         "hash-password: {}",
         super::output_text(&out)
     );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    hashes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(password.to_string(), hash.clone());
+    hash
 }

@@ -4,17 +4,20 @@
 //! - [`Orthanc`]: a throwaway Orthanc archive (orthanc.rs)
 //! - [`Pki`], [`mint_jwt`], [`jwt_alg_none`]: test certificates and tokens (pki.rs)
 //! - [`Gateway`]: the pacsgate binary under test (gateway.rs)
+//! - [`GatewayConfig`], [`password_hash`]: its configuration file, built (config.rs)
 //! - [`dcmtk`], [`pyscu`], [`PyArchive`], [`make_instances`]: DICOM peers and data (peers.rs)
 //!
 //! Everything talks to loopback only, and every process started here is killed by its own
 //! handle when the value that owns it is dropped.
 #![allow(dead_code, unused_imports)]
 
+pub mod config;
 pub mod gateway;
 pub mod orthanc;
 pub mod peers;
 pub mod pki;
 
+pub use config::GatewayConfig;
 pub use gateway::{Gateway, password_hash, write_config};
 pub use orthanc::Orthanc;
 pub use peers::{
