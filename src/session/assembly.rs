@@ -84,6 +84,23 @@ impl Session {
         back: &mut PDataWriter,
     ) -> Result<(), String> {
         if pdv.is_command {
+            self.step_command(from, pdv, pc, asm, pieces, back)
+        } else {
+            self.step_data(pdv, asm, pieces, back)
+        }
+    }
+
+    /// A command fragment: reassemble the command set, decide on it, and set up its data set's fate.
+    fn step_command<'a>(
+        &mut self,
+        from: Side,
+        pdv: Pdv<'a>,
+        pc: u8,
+        asm: &mut Assembly,
+        pieces: &mut Vec<Piece<'a>>,
+        back: &mut PDataWriter,
+    ) -> Result<(), String> {
+        {
             if !matches!(asm.data, DataMode::Idle) {
                 return Err("a command began before the previous data set ended".into());
             }
@@ -205,8 +222,18 @@ impl Session {
                 }
                 Decision::Violation(reason) => return Err(reason),
             }
-            return Ok(());
+            Ok(())
         }
+    }
+
+    /// A data set fragment: forward, swallow, or hold it, as its command's decision said.
+    fn step_data<'a>(
+        &mut self,
+        pdv: Pdv<'a>,
+        asm: &mut Assembly,
+        pieces: &mut Vec<Piece<'a>>,
+        back: &mut PDataWriter,
+    ) -> Result<(), String> {
         match &mut asm.data {
             DataMode::Idle => return Err("data set fragment without a command".into()),
             DataMode::Forward { message } => {
