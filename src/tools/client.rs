@@ -28,8 +28,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::ToolError;
-use crate::ul::association::{DICOM_APPLICATION_CONTEXT, UpstreamAnswer, parse_answer};
 use crate::dimse::{self, Command, PDataWriter, command_field, status};
+use crate::ul::association::{DICOM_APPLICATION_CONTEXT, UpstreamAnswer, parse_answer};
 use crate::ul::pdu::{self, PduError};
 
 /// Verification SOP class (C-ECHO).
@@ -39,10 +39,10 @@ pub const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
 /// Patient Root Query/Retrieve Information Model - FIND.
 pub const PATIENT_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.1.1";
 
-const IMPLEMENTATION_CLASS_UID: &str = "1.2.826.0.1.3680043.10.1234.0.2";
+use crate::ul::IMPLEMENTATION_CLASS_UID;
+pub use crate::ul::MAX_PDU_LENGTH;
+/// Implementation Version Name of the command-line tools.
 const IMPLEMENTATION_VERSION_NAME: &str = "PACSGATE-TOOLS";
-/// What we announce as our Maximum Length and accept in a P-DATA-TF.
-pub const MAX_PDU_LENGTH: u32 = 256 * 1024;
 /// Largest A-ASSOCIATE-AC / -RJ we read.
 const MAX_ANSWER_LENGTH: u32 = 64 * 1024;
 /// Largest identifier (C-FIND response data set) we keep.
