@@ -174,15 +174,7 @@ pub fn accepted_contexts(rq: &AssociationRQ, ac: &AssociationAC) -> HashMap<u8, 
 
 /// The Maximum Length a peer announced; 0 ("unlimited") and absurd values are clamped.
 pub fn max_length(items: &[UserVariableItem]) -> u32 {
-    items
-        .iter()
-        .find_map(|v| match v {
-            UserVariableItem::MaxLength(n) => Some(*n),
-            _ => None,
-        })
-        .filter(|n| *n != 0)
-        .unwrap_or(MAX_PDU_LENGTH)
-        .clamp(4096, 16 * 1024 * 1024)
+    crate::ul::association::peer_max_length(items, MAX_PDU_LENGTH)
 }
 
 /// One PDV item, owned.

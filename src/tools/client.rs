@@ -544,16 +544,7 @@ pub async fn associate(conn: Connection, request: &Request) -> Result<Associatio
             })
         })
         .collect();
-    let peer_max_pdu = ac
-        .user_variables
-        .iter()
-        .find_map(|v| match v {
-            UserVariableItem::MaxLength(n) => Some(*n),
-            _ => None,
-        })
-        .filter(|n| *n != 0)
-        .unwrap_or(MAX_PDU_LENGTH)
-        .clamp(4096, 16 * 1024 * 1024);
+    let peer_max_pdu = crate::ul::association::peer_max_length(&ac.user_variables, MAX_PDU_LENGTH);
     let identity_confirmed = ac
         .user_variables
         .iter()

@@ -487,7 +487,8 @@ fn negotiate(rq: &AssociationRQ, ae_title: &str) -> Result<Negotiated, Rejection
         });
     }
 
-    let mut peer_max_pdu = dicom_ul::pdu::DEFAULT_MAX_PDU;
+    let peer_max_pdu = crate::ul::association::announced_max_length(&rq.user_variables)
+        .unwrap_or(dicom_ul::pdu::DEFAULT_MAX_PDU);
     let mut user_variables = vec![
         UserVariableItem::MaxLength(DEMO_RECEIVE_MAX_PDU),
         UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_string()),
@@ -496,7 +497,6 @@ fn negotiate(rq: &AssociationRQ, ae_title: &str) -> Result<Negotiated, Rejection
     let mut scp_role = HashSet::new();
     for item in &rq.user_variables {
         match item {
-            UserVariableItem::MaxLength(n) => peer_max_pdu = *n,
             // Role selection (PS3.7 D.3.3.4): grant what is asked for storage SOP classes, so a
             // C-GET requestor can take the SCP role for the C-STORE sub-operations.
             UserVariableItem::ScuScpRoleSelectionSubItem(sop_class, roles) => {
