@@ -495,26 +495,24 @@ fn negotiate(rq: &AssociationRQ, ae_title: &str) -> Result<Negotiated, Rejection
         UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.to_string()),
     ];
     let mut scp_role = HashSet::new();
+    // Role selection (PS3.7 D.3.3.4): grant what is asked for storage SOP classes, so a
+    // C-GET requestor can take the SCP role for the C-STORE sub-operations.
     for item in &rq.user_variables {
-        match item {
-            // Role selection (PS3.7 D.3.3.4): grant what is asked for storage SOP classes, so a
-            // C-GET requestor can take the SCP role for the C-STORE sub-operations.
-            UserVariableItem::ScuScpRoleSelectionSubItem(sop_class, roles) => {
-                let sop_class = trim_uid(sop_class);
-                if is_storage_sop_class(sop_class) {
-                    if roles.scp {
-                        scp_role.insert(sop_class.to_string());
-                    }
-                    user_variables.push(UserVariableItem::ScuScpRoleSelectionSubItem(
-                        sop_class.to_string(),
-                        RequestorRoles {
-                            scu: roles.scu,
-                            scp: roles.scp,
-                        },
-                    ));
-                }
+        let UserVariableItem::ScuScpRoleSelectionSubItem(sop_class, roles) = item else {
+            continue;
+        };
+        let sop_class = trim_uid(sop_class);
+        if is_storage_sop_class(sop_class) {
+            if roles.scp {
+                scp_role.insert(sop_class.to_string());
             }
-            _ => {}
+            user_variables.push(UserVariableItem::ScuScpRoleSelectionSubItem(
+                sop_class.to_string(),
+                RequestorRoles {
+                    scu: roles.scu,
+                    scp: roles.scp,
+                },
+            ));
         }
     }
 
