@@ -354,6 +354,47 @@ impl rustls::server::ProducesTickets for NoTickets {
     }
 }
 
+/// How a client config checks the server's certificate.
+pub enum ServerVerification {
+    /// The chain must lead to one of these roots (WebPKI).
+    Roots(RootCertStore),
+    /// A custom verifier (the tools' TLS probe, which accepts any certificate).
+    Custom(Arc<dyn rustls::client::danger::ServerCertVerifier>),
+}
+
+/// Which step of [`build_client_config`] failed; each caller words the error in its own terms.
+#[derive(Debug)]
+pub enum ClientBuildError {
+    /// The provider refused the protocol versions.
+    Versions(rustls::Error),
+    /// The client certificate and key do not form a usable pair.
+    ClientAuth(rustls::Error),
+}
+
+/// The one TLS client builder (tools, connect, the gateway's outgoing TLS): the aws-lc-rs provider,
+/// TLS 1.3 and 1.2, the given server verification, and a client certificate when given.
+pub fn build_client_config(
+    verification: ServerVerification,
+    client_auth: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<rustls::ClientConfig, ClientBuildError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(ClientBuildError::Versions)?;
+    let builder = match verification {
+        ServerVerification::Roots(roots) => builder.with_root_certificates(roots),
+        ServerVerification::Custom(verifier) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(verifier),
+    };
+    match client_auth {
+        None => Ok(builder.with_no_client_auth()),
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(ClientBuildError::ClientAuth),
+    }
+}
+
 /// A client config for the gateway's own outgoing TLS (e.g. to a C-MOVE destination): the CA that
 /// signs the peer's certificate, and optionally the gateway's client certificate and key.
 pub fn client_config(
@@ -361,27 +402,26 @@ pub fn client_config(
     certificate: Option<&Path>,
     private_key: Option<&Path>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let roots = load_roots("destination CA", ca)?;
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError::Setup {
-            path: ca.to_path_buf(),
-            message: e.to_string(),
-        })?
-        .with_root_certificates(roots);
-    let config = match (certificate, private_key) {
-        (Some(cert), Some(key)) => builder
-            .with_client_auth_cert(
-                load_certificates("certificate", cert)?,
-                load_private_key(key)?,
-            )
-            .map_err(|e| TlsError::Setup {
-                path: key.to_path_buf(),
-                message: format!("certificate and private key do not form a usable pair: {e}"),
-            })?,
-        _ => builder.with_no_client_auth(),
+    let client_auth = match (certificate, private_key) {
+        (Some(cert), Some(key)) => Some((
+            load_certificates("certificate", cert)?,
+            load_private_key(key)?,
+        )),
+        _ => None,
     };
+    let config = build_client_config(ServerVerification::Roots(roots), client_auth).map_err(
+        |e| match e {
+            ClientBuildError::Versions(e) => TlsError::Setup {
+                path: ca.to_path_buf(),
+                message: e.to_string(),
+            },
+            ClientBuildError::ClientAuth(e) => TlsError::Setup {
+                path: private_key.unwrap_or(ca).to_path_buf(),
+                message: format!("certificate and private key do not form a usable pair: {e}"),
+            },
+        },
+    )?;
     Ok(Arc::new(config))
 }
 

@@ -193,26 +193,31 @@ impl Gateway {
             ),
             None => system_roots()?,
         };
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| ConnectError::TlsSetup(e.to_string()))?
-            .with_root_certificates(roots);
-        let config = match tls.client {
-            None => builder.with_no_client_auth(),
-            Some((cert, key)) => builder
-                .with_client_auth_cert(
-                    crate::tls::load_certificates("client certificate", cert)?,
-                    crate::tls::load_private_key(key)?,
-                )
-                .map_err(|e| {
-                    ConnectError::TlsSetup(format!(
-                        "{} and {} do not form a usable pair: {e}",
-                        cert.display(),
-                        key.display()
-                    ))
-                })?,
+        let client_auth = match tls.client {
+            None => None,
+            Some((cert, key)) => Some((
+                crate::tls::load_certificates("client certificate", cert)?,
+                crate::tls::load_private_key(key)?,
+            )),
         };
+        let config = crate::tls::build_client_config(
+            crate::tls::ServerVerification::Roots(roots),
+            client_auth,
+        )
+        .map_err(|e| match (e, tls.client) {
+            (crate::tls::ClientBuildError::ClientAuth(e), Some((cert, key))) => {
+                ConnectError::TlsSetup(format!(
+                    "{} and {} do not form a usable pair: {e}",
+                    cert.display(),
+                    key.display()
+                ))
+            }
+            (
+                crate::tls::ClientBuildError::Versions(e)
+                | crate::tls::ClientBuildError::ClientAuth(e),
+                _,
+            ) => ConnectError::TlsSetup(e.to_string()),
+        })?;
         let name = server_name.trim_start_matches('[').trim_end_matches(']');
         let server_name = ServerName::try_from(name.to_string()).map_err(|_| {
             ConnectError::Usage(format!("{name:?} is not a host name or IP address"))

@@ -12,16 +12,15 @@ use dicom_ul::pdu::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::ul::association::{DICOM_APPLICATION_CONTEXT, UpstreamAnswer, parse_answer};
 use crate::dimse::{self, Command, PDataWriter};
+use crate::ul::association::{DICOM_APPLICATION_CONTEXT, UpstreamAnswer, parse_answer};
 use crate::ul::pdu::{self, PduError};
 
-/// What we announce as our Maximum Length, and the largest PDU we read.
-pub const MAX_PDU_LENGTH: u32 = 256 * 1024;
+use crate::ul::IMPLEMENTATION_CLASS_UID;
+pub use crate::ul::MAX_PDU_LENGTH;
 /// Largest A-ASSOCIATE-AC / -RJ we read.
 const MAX_ANSWER_LENGTH: u32 = 1024 * 1024;
-/// Implementation Class UID and Version Name of pacsgate connect.
-const IMPLEMENTATION_CLASS_UID: &str = "1.2.826.0.1.3680043.10.1234.0.3";
+/// Implementation Version Name of pacsgate connect.
 const IMPLEMENTATION_VERSION_NAME: &str = "PACSGATE-CONNECT";
 
 /// Explicit VR Little Endian and Implicit VR Little Endian.
@@ -175,15 +174,7 @@ pub fn accepted_contexts(rq: &AssociationRQ, ac: &AssociationAC) -> HashMap<u8, 
 
 /// The Maximum Length a peer announced; 0 ("unlimited") and absurd values are clamped.
 pub fn max_length(items: &[UserVariableItem]) -> u32 {
-    items
-        .iter()
-        .find_map(|v| match v {
-            UserVariableItem::MaxLength(n) => Some(*n),
-            _ => None,
-        })
-        .filter(|n| *n != 0)
-        .unwrap_or(MAX_PDU_LENGTH)
-        .clamp(4096, 16 * 1024 * 1024)
+    crate::ul::association::peer_max_length(items, MAX_PDU_LENGTH)
 }
 
 /// One PDV item, owned.

@@ -35,9 +35,9 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::client::TlsStream;
 use tokio_util::task::TaskTracker;
 
+use crate::relay::{self, PassThrough, RelayEnd, RelayLimits, RelayStats};
 use crate::ul::association;
 use crate::ul::pdu::{self, PduError, Rejection, read_pdu};
-use crate::relay::{self, PassThrough, RelayEnd, RelayLimits, RelayStats};
 use gateway::{Gateway, OpenError};
 use link::Answer;
 use local::{Caller, Callers, Listeners};

@@ -20,8 +20,8 @@ use super::gateway::Gateway;
 use super::link::Context;
 use super::retrieve::{self, LocalStore, Retrieval, get_model};
 use crate::dimse::{self, Command, PDataWriter, command_field as cf};
-use crate::ul::pdu::read_pdu;
 use crate::relay::{self, Actions, Forward, Inspector, RelayEnd, RelayLimits, RelayStats, Side};
+use crate::ul::pdu::read_pdu;
 
 /// The largest C-MOVE identifier held back.
 const MAX_IDENTIFIER: usize = 1024 * 1024;

@@ -7,6 +7,7 @@
 //! before `write_pdu` truncates its 16-bit length, and the probe needs the raw first bytes of a
 //! server that does not speak DICOM at all.
 
+use crate::tls::{ClientBuildError, ServerVerification};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -28,8 +29,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::ToolError;
-use crate::ul::association::{DICOM_APPLICATION_CONTEXT, UpstreamAnswer, parse_answer};
 use crate::dimse::{self, Command, PDataWriter, command_field, status};
+use crate::ul::association::{DICOM_APPLICATION_CONTEXT, UpstreamAnswer, parse_answer};
 use crate::ul::pdu::{self, PduError};
 
 /// Verification SOP class (C-ECHO).
@@ -39,10 +40,10 @@ pub const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
 /// Patient Root Query/Retrieve Information Model - FIND.
 pub const PATIENT_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.1.1";
 
-const IMPLEMENTATION_CLASS_UID: &str = "1.2.826.0.1.3680043.10.1234.0.2";
+use crate::ul::IMPLEMENTATION_CLASS_UID;
+pub use crate::ul::MAX_PDU_LENGTH;
+/// Implementation Version Name of the command-line tools.
 const IMPLEMENTATION_VERSION_NAME: &str = "PACSGATE-TOOLS";
-/// What we announce as our Maximum Length and accept in a P-DATA-TF.
-pub const MAX_PDU_LENGTH: u32 = 256 * 1024;
 /// Largest A-ASSOCIATE-AC / -RJ we read.
 const MAX_ANSWER_LENGTH: u32 = 64 * 1024;
 /// Largest identifier (C-FIND response data set) we keep.
@@ -131,20 +132,22 @@ impl TlsClient {
         server_name: &str,
     ) -> Result<TlsClient, ToolError> {
         let roots = crate::tls::load_roots("CA", ca)?;
-        let builder = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| tls_setup(ca, e))?
-            .with_root_certificates(roots);
-        let config = match client {
-            None => builder.with_no_client_auth(),
-            Some((cert, key)) => {
-                let chain = crate::tls::load_certificates("client certificate", cert)?;
-                let key_der = crate::tls::load_private_key(key)?;
-                builder
-                    .with_client_auth_cert(chain, key_der)
-                    .map_err(|e| tls_setup(key, format!("unusable with {}: {e}", cert.display())))?
-            }
+        let client_auth = match client {
+            None => None,
+            Some((cert, key)) => Some((
+                crate::tls::load_certificates("client certificate", cert)?,
+                crate::tls::load_private_key(key)?,
+            )),
         };
+        let config = crate::tls::build_client_config(ServerVerification::Roots(roots), client_auth)
+            .map_err(|e| match (e, client) {
+                (ClientBuildError::ClientAuth(e), Some((cert, key))) => {
+                    tls_setup(key, format!("unusable with {}: {e}", cert.display()))
+                }
+                (ClientBuildError::Versions(e) | ClientBuildError::ClientAuth(e), _) => {
+                    tls_setup(ca, e)
+                }
+            })?;
         Ok(TlsClient {
             config: Arc::new(config),
             server_name: server_name_of(server_name)?,
@@ -156,12 +159,12 @@ impl TlsClient {
     /// port speaks TLS. Nothing secret is ever sent over such a connection.
     pub fn accept_any_server(server_name: &str) -> Result<TlsClient, ToolError> {
         let verifier = Arc::new(AnyServer(provider()));
-        let config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| ToolError::TlsSetup(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
+        let config = crate::tls::build_client_config(ServerVerification::Custom(verifier), None)
+            .map_err(
+                |(ClientBuildError::Versions(e) | ClientBuildError::ClientAuth(e))| {
+                    ToolError::TlsSetup(e.to_string())
+                },
+            )?;
         Ok(TlsClient {
             config: Arc::new(config),
             server_name: server_name_of(server_name)?,
@@ -544,16 +547,7 @@ pub async fn associate(conn: Connection, request: &Request) -> Result<Associatio
             })
         })
         .collect();
-    let peer_max_pdu = ac
-        .user_variables
-        .iter()
-        .find_map(|v| match v {
-            UserVariableItem::MaxLength(n) => Some(*n),
-            _ => None,
-        })
-        .filter(|n| *n != 0)
-        .unwrap_or(MAX_PDU_LENGTH)
-        .clamp(4096, 16 * 1024 * 1024);
+    let peer_max_pdu = crate::ul::association::peer_max_length(&ac.user_variables, MAX_PDU_LENGTH);
     let identity_confirmed = ac
         .user_variables
         .iter()

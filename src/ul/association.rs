@@ -66,14 +66,26 @@ pub fn user_identity(rq: &AssociationRQ) -> Option<&UserIdentity> {
     })
 }
 
+/// The Maximum Length sub-item (PS3.8 D.1) as announced, 0 ("unlimited") included; `None` when absent.
+/// The one reader of that sub-item: callers apply their own defaults.
+pub fn announced_max_length(items: &[UserVariableItem]) -> Option<u32> {
+    items.iter().find_map(|v| match v {
+        UserVariableItem::MaxLength(n) => Some(*n),
+        _ => None,
+    })
+}
+
+/// The Maximum Length a requestor uses for its peer: `default` when absent or 0 ("unlimited"),
+/// and absurd values clamped to 4 KiB .. 16 MiB.
+pub fn peer_max_length(items: &[UserVariableItem], default: u32) -> u32 {
+    announced_max_length(items)
+        .filter(|n| *n != 0)
+        .unwrap_or(default)
+        .clamp(4096, 16 * 1024 * 1024)
+}
+
 fn max_length(items: &[UserVariableItem]) -> u32 {
-    items
-        .iter()
-        .find_map(|v| match v {
-            UserVariableItem::MaxLength(n) => Some(*n),
-            _ => None,
-        })
-        .unwrap_or(0)
+    announced_max_length(items).unwrap_or(0)
 }
 
 /// Set the Maximum Length sub-item to what the peer asked, clamped to the gateway's limit (0 means unlimited).

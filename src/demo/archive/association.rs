@@ -20,8 +20,9 @@ use tokio::net::TcpStream;
 use super::DemoArchiveError;
 use super::dimse::{self, Command};
 
-/// Largest PDU (variable field) we accept, announced as our Maximum Length.
-pub(crate) const MAX_PDU_LENGTH: u32 = 64 * 1024;
+/// Largest PDU (variable field) the demo acceptor receives, announced as its Maximum Length
+/// (not the requestors' `ul::MAX_PDU_LENGTH`).
+pub(crate) const DEMO_RECEIVE_MAX_PDU: u32 = 64 * 1024;
 /// Largest PDU we send when the peer announces 0 (no limit).
 const UNLIMITED_PEER_PDU: u32 = 1024 * 1024;
 /// Largest command set we assemble (real ones are a few hundred bytes).
@@ -36,7 +37,8 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
-const IMPLEMENTATION_CLASS_UID: &str = "1.2.826.0.1.3680043.10.1234.0.1";
+use crate::ul::IMPLEMENTATION_CLASS_UID;
+/// Implementation Version Name of the demo archive.
 const IMPLEMENTATION_VERSION_NAME: &str = "PACSGATE-DEMO";
 
 /// Query/retrieve information model of a presentation context.
@@ -485,34 +487,32 @@ fn negotiate(rq: &AssociationRQ, ae_title: &str) -> Result<Negotiated, Rejection
         });
     }
 
-    let mut peer_max_pdu = dicom_ul::pdu::DEFAULT_MAX_PDU;
+    let peer_max_pdu = crate::ul::association::announced_max_length(&rq.user_variables)
+        .unwrap_or(dicom_ul::pdu::DEFAULT_MAX_PDU);
     let mut user_variables = vec![
-        UserVariableItem::MaxLength(MAX_PDU_LENGTH),
+        UserVariableItem::MaxLength(DEMO_RECEIVE_MAX_PDU),
         UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_string()),
         UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.to_string()),
     ];
     let mut scp_role = HashSet::new();
+    // Role selection (PS3.7 D.3.3.4): grant what is asked for storage SOP classes, so a
+    // C-GET requestor can take the SCP role for the C-STORE sub-operations.
     for item in &rq.user_variables {
-        match item {
-            UserVariableItem::MaxLength(n) => peer_max_pdu = *n,
-            // Role selection (PS3.7 D.3.3.4): grant what is asked for storage SOP classes, so a
-            // C-GET requestor can take the SCP role for the C-STORE sub-operations.
-            UserVariableItem::ScuScpRoleSelectionSubItem(sop_class, roles) => {
-                let sop_class = trim_uid(sop_class);
-                if is_storage_sop_class(sop_class) {
-                    if roles.scp {
-                        scp_role.insert(sop_class.to_string());
-                    }
-                    user_variables.push(UserVariableItem::ScuScpRoleSelectionSubItem(
-                        sop_class.to_string(),
-                        RequestorRoles {
-                            scu: roles.scu,
-                            scp: roles.scp,
-                        },
-                    ));
-                }
+        let UserVariableItem::ScuScpRoleSelectionSubItem(sop_class, roles) = item else {
+            continue;
+        };
+        let sop_class = trim_uid(sop_class);
+        if is_storage_sop_class(sop_class) {
+            if roles.scp {
+                scp_role.insert(sop_class.to_string());
             }
-            _ => {}
+            user_variables.push(UserVariableItem::ScuScpRoleSelectionSubItem(
+                sop_class.to_string(),
+                RequestorRoles {
+                    scu: roles.scu,
+                    scp: roles.scp,
+                },
+            ));
         }
     }
 
@@ -531,7 +531,7 @@ fn trim_uid(uid: &str) -> &str {
     dimse::trim_value(uid)
 }
 
-/// Read one PDU within `timeout`, refusing lengths above `MAX_PDU_LENGTH` before allocating.
+/// Read one PDU within `timeout`, refusing lengths above `DEMO_RECEIVE_MAX_PDU` before allocating.
 /// On error the caller aborts the association.
 async fn read_frame(
     stream: &mut BufReader<TcpStream>,
@@ -547,10 +547,10 @@ async fn read_frame(
         }
         let pdu_type = header[0];
         let length = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
-        if length > MAX_PDU_LENGTH {
+        if length > DEMO_RECEIVE_MAX_PDU {
             return Err(DemoArchiveError::PduTooLarge {
                 length,
-                max: MAX_PDU_LENGTH,
+                max: DEMO_RECEIVE_MAX_PDU,
             });
         }
         let mut pdu = vec![0u8; 6 + length as usize];
@@ -559,7 +559,7 @@ async fn read_frame(
         match pdu_type {
             0x05 => Ok(Frame::ReleaseRq),
             0x07 => Ok(Frame::Abort),
-            _ => match read_pdu(&pdu[..], MAX_PDU_LENGTH, true)? {
+            _ => match read_pdu(&pdu[..], DEMO_RECEIVE_MAX_PDU, true)? {
                 Some(pdu) => Ok(Frame::Pdu(pdu)),
                 None => Err(DemoArchiveError::Protocol("truncated PDU".into())),
             },
