@@ -22,12 +22,7 @@ const REMEMBER_REFUSED: usize = 64;
 /// Requests from the archive (C-GET's C-STORE sub-operations) awaiting the client's response, at most.
 const MAX_ARCHIVE_REQUESTS: usize = 1024;
 
-/// One accepted presentation context: what may be said on it, and how.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Context {
-    pub abstract_syntax: String,
-    pub transfer_syntax: String,
-}
+pub use crate::ul::association::Context;
 
 /// Who is on this association, for log lines.
 #[derive(Debug, Clone)]

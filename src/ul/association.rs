@@ -179,13 +179,20 @@ pub fn client_max_pdu(rq: &AssociationRQ, max_pdu_length: u32) -> u32 {
     }
 }
 
+/// One accepted presentation context (PS3.8 9.3.3.2): what may be said on it, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Context {
+    pub abstract_syntax: String,
+    pub transfer_syntax: String,
+}
+
 /// The presentation contexts the archive accepted, each with the abstract syntax the requestor proposed
 /// under that ID and the transfer syntax the archive chose. An accepted ID that was never proposed is left
 /// out, so that nothing can be said on it.
 pub fn accepted_contexts(
     rq: &AssociationRQ,
     ac: &AssociationAC,
-) -> std::collections::HashMap<u8, crate::session::Context> {
+) -> std::collections::HashMap<u8, Context> {
     ac.presentation_contexts
         .iter()
         .filter(|pc| pc.reason == dicom_ul::pdu::PresentationContextResultReason::Acceptance)
@@ -193,7 +200,7 @@ pub fn accepted_contexts(
             let proposed = rq.presentation_contexts.iter().find(|p| p.id == pc.id)?;
             Some((
                 pc.id,
-                crate::session::Context {
+                Context {
                     abstract_syntax: proposed
                         .abstract_syntax
                         .trim_end_matches(['\0', ' '])
