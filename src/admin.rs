@@ -25,8 +25,8 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, Tls};
-use crate::metrics::metrics;
 use crate::gateway::Gateway;
+use crate::metrics::metrics;
 
 /// The longest one admin connection lives (a scraper reconnects; an idle holder is let go).
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);

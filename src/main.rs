@@ -8,8 +8,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 use pacsgate::config::Config;
-use pacsgate::listeners::{Kind, Listeners};
 use pacsgate::gateway::{Gateway, State};
+use pacsgate::listeners::{Kind, Listeners};
 
 const DEFAULT_CONFIG: &str = "config/pacsgate.toml";
 

@@ -18,13 +18,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
-use crate::ul::association;
 use crate::config::{Config, Destination, unmapped};
 use crate::dimse::{self, command_field as cf};
-use crate::ul::pdu::Rejection;
-use crate::relay::{self, Actions, Inspector, RelayLimits, Side};
 use crate::gateway::{self, Gateway, Stop};
+use crate::relay::{self, Actions, Inspector, RelayLimits, Side};
 use crate::tls::{self, TlsError};
+use crate::ul::association;
+use crate::ul::pdu::Rejection;
 
 /// A byte stream the relay can use, plain or TLS.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}

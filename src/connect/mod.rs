@@ -5,15 +5,19 @@
 //! - `gateway.rs`         TLS to the gateway (verified, fail closed), credentials, answers in words
 //! - `mod.rs`             the accept loop and one association's way: request, gateway, answer, relay
 //! - `move_as_get.rs`     C-MOVE to a local storage SCP taken out of the relay ...
+//! - `injection.rs`       ... the relay with its C-MOVE responses injected and keep-alive C-ECHOs
+//! - `buffer.rs`          ... what it holds for local clients, capped per association and in total
 //! - `retrieve.rs`        ... and performed as a C-GET whose C-STOREs are forwarded to that SCP
 //! - `local.rs`           the local listeners (TCP on loopback, Unix socket) and who is calling (UID)
 //! - `link.rs`            the associations connect requests itself (C-GET, local storage)
 //! - `dimse_extra.rs`     C-MOVE-RSP with counts, C-STORE-RQ re-addressed
 //! - `storage_classes.rs` the storage SOP classes proposed for C-GET
 
+pub mod buffer;
 pub mod cli;
 pub mod dimse_extra;
 pub mod gateway;
+pub mod injection;
 pub mod link;
 pub mod local;
 pub mod move_as_get;
@@ -35,9 +39,9 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::client::TlsStream;
 use tokio_util::task::TaskTracker;
 
+use crate::relay::{self, PassThrough, RelayEnd, RelayLimits, RelayStats};
 use crate::ul::association;
 use crate::ul::pdu::{self, PduError, Rejection, read_pdu};
-use crate::relay::{self, PassThrough, RelayEnd, RelayLimits, RelayStats};
 use gateway::{Gateway, OpenError};
 use link::Answer;
 use local::{Caller, Callers, Listeners};

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 use super::dimse_extra::{self, SubOperations};
@@ -20,8 +19,7 @@ use super::gateway::Gateway;
 use super::link::Context;
 use super::retrieve::{self, LocalStore, Retrieval, get_model};
 use crate::dimse::{self, Command, PDataWriter, command_field as cf};
-use crate::ul::pdu::read_pdu;
-use crate::relay::{self, Actions, Forward, Inspector, RelayEnd, RelayLimits, RelayStats, Side};
+use crate::relay::{Actions, Forward, Inspector, Side};
 
 /// The largest C-MOVE identifier held back.
 const MAX_IDENTIFIER: usize = 1024 * 1024;
@@ -38,134 +36,11 @@ const OUT_OF_RESOURCES_MATCHES: u16 = 0xA701;
 const MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
 /// Status: SOP class not supported.
 const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
-/// Buffer of the in-process pipe between the relay and the local client's socket.
-const PIPE: usize = 256 * 1024;
 
-/// Default of --move-buffer: bytes held for one association.
-pub const DEFAULT_BUFFER: usize = 1 << 20;
-/// Default of --move-buffer-total: bytes held for all associations together.
-pub const DEFAULT_BUFFER_TOTAL: usize = 16 << 20;
-/// The smallest buffer accepted: one whole command set.
-pub const MIN_BUFFER: usize = dimse::MAX_COMMAND_LENGTH;
-
-/// How many bytes move-as-get may hold for local clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BufferLimits {
-    pub per_association: usize,
-    pub total: usize,
-}
-
-impl Default for BufferLimits {
-    fn default() -> BufferLimits {
-        BufferLimits {
-            per_association: DEFAULT_BUFFER,
-            total: DEFAULT_BUFFER_TOTAL,
-        }
-    }
-}
-
-/// The account of everything move-as-get holds, for the whole process.
-#[derive(Debug)]
-pub struct Buffer {
-    limits: BufferLimits,
-    held: AtomicUsize,
-}
-
-/// A reservation would pass a cap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Exceeded {
-    #[error("the move-as-get buffer of this association ({0} bytes, --move-buffer) is full")]
-    Association(usize),
-    #[error("the move-as-get buffer of all associations ({0} bytes, --move-buffer-total) is full")]
-    Total(usize),
-}
-
-impl Buffer {
-    pub fn new(limits: BufferLimits) -> Arc<Buffer> {
-        Arc::new(Buffer {
-            limits,
-            held: AtomicUsize::new(0),
-        })
-    }
-
-    /// Bytes held now, by all associations.
-    pub fn held(&self) -> usize {
-        self.held.load(Ordering::SeqCst)
-    }
-
-    /// A new association's account.
-    pub fn association(self: &Arc<Buffer>) -> Account {
-        Account {
-            buffer: self.clone(),
-            held: Arc::new(AtomicUsize::new(0)),
-        }
-    }
-}
-
-/// Add `n` to `counter` unless that passes `limit`.
-fn add_within(counter: &AtomicUsize, n: usize, limit: usize) -> bool {
-    counter
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |h| {
-            h.checked_add(n).filter(|t| *t <= limit)
-        })
-        .is_ok()
-}
-
-/// One association's share of the [`Buffer`].
-#[derive(Debug, Clone)]
-pub struct Account {
-    buffer: Arc<Buffer>,
-    held: Arc<AtomicUsize>,
-}
-
-impl Account {
-    /// Nothing reserved yet; grow it as bytes arrive.
-    pub fn reservation(&self) -> Reservation {
-        Reservation {
-            account: self.clone(),
-            bytes: 0,
-        }
-    }
-
-    fn take(&self, n: usize) -> Result<(), Exceeded> {
-        let limits = self.buffer.limits;
-        if !add_within(&self.held, n, limits.per_association) {
-            return Err(Exceeded::Association(limits.per_association));
-        }
-        if !add_within(&self.buffer.held, n, limits.total) {
-            self.held.fetch_sub(n, Ordering::SeqCst);
-            return Err(Exceeded::Total(limits.total));
-        }
-        Ok(())
-    }
-
-    fn give_back(&self, n: usize) {
-        self.held.fetch_sub(n, Ordering::SeqCst);
-        self.buffer.held.fetch_sub(n, Ordering::SeqCst);
-    }
-}
-
-/// Bytes held for one purpose (an identifier, a command), given back when dropped.
-#[derive(Debug)]
-pub struct Reservation {
-    account: Account,
-    bytes: usize,
-}
-
-impl Reservation {
-    /// Hold `n` more bytes, or say which cap that would pass (holding nothing more).
-    pub fn grow(&mut self, n: usize) -> Result<(), Exceeded> {
-        self.account.take(n)?;
-        self.bytes += n;
-        Ok(())
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        self.account.give_back(self.bytes);
-    }
-}
+pub use super::buffer::{
+    Account, Buffer, BufferLimits, DEFAULT_BUFFER, DEFAULT_BUFFER_TOTAL, Exceeded, MIN_BUFFER,
+    Reservation,
+};
 
 /// Verification SOP class (C-ECHO).
 pub const VERIFICATION: &str = "1.2.840.10008.1.1";
@@ -223,7 +98,7 @@ enum Piece<'a> {
 pub struct Interceptor {
     settings: Arc<Settings>,
     gateway: Arc<Gateway>,
-    association: Association,
+    pub(super) association: Association,
     out: mpsc::Sender<Vec<u8>>,
     /// This association's share of the move-as-get buffer.
     account: Account,
@@ -592,112 +467,7 @@ impl Inspector for Interceptor {
     }
 }
 
-/// [`relay::relay`] between the local client and the gateway, with the PDUs that arrive on
-/// `inject` (the retrievals' C-MOVE responses) written to the local client between whole PDUs,
-/// and, every `keepalive` interval while a retrieval runs, a C-ECHO-RQ to the gateway on the
-/// association's keep-alive context (its response never reaches the client).
-pub async fn relay_with_injection<L, G>(
-    local: L,
-    gateway: G,
-    limits: RelayLimits,
-    inspector: Interceptor,
-    mut inject: mpsc::Receiver<Vec<u8>>,
-    keepalive: Option<Duration>,
-    shutdown: watch::Receiver<bool>,
-) -> (RelayEnd, RelayStats)
-where
-    L: AsyncRead + AsyncWrite + Send + 'static,
-    G: AsyncRead + AsyncWrite + Unpin,
-{
-    let (relay_side, pump_side) = tokio::io::duplex(PIPE);
-    let (mut pump_rd, pump_wr) = tokio::io::split(pump_side);
-    let (mut local_rd, local_wr) = tokio::io::split(local);
-    let local_wr = Arc::new(tokio::sync::Mutex::new(local_wr));
-    let pump_wr = Arc::new(tokio::sync::Mutex::new(pump_wr));
-
-    // Local client -> relay, and connect's keep-alives -> relay: whole PDUs each.
-    let to_relay = pump_wr.clone();
-    let up_limit = limits.from_client;
-    let up = tokio::spawn(async move {
-        let mut buf = Vec::new();
-        while read_pdu(&mut local_rd, &mut buf, up_limit).await.is_ok() {
-            let mut w = to_relay.lock().await;
-            if w.write_all(&buf).await.is_err() {
-                break;
-            }
-        }
-        let _ = to_relay.lock().await.shutdown().await;
-    });
-    let echo = match (keepalive, inspector.association.keepalive_context) {
-        (Some(every), Some(context)) => {
-            let running = inspector.running();
-            let to_relay = pump_wr.clone();
-            let max = inspector.association.to_gateway_max;
-            Some(tokio::spawn(async move {
-                let mut id: u16 = 0;
-                loop {
-                    tokio::time::sleep(every).await;
-                    if running.load(Ordering::SeqCst) == 0 {
-                        continue;
-                    }
-                    id = id.wrapping_add(1).max(1);
-                    let command = crate::tools::client::request_command(
-                        cf::C_ECHO_RQ,
-                        VERIFICATION,
-                        id,
-                        false,
-                    );
-                    let mut writer = PDataWriter::new(max);
-                    writer.push(context, true, true, &command);
-                    if to_relay
-                        .lock()
-                        .await
-                        .write_all(&writer.into_bytes())
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            }))
-        }
-        _ => None,
-    };
-    // Relay -> local client: whole PDUs, so injected ones never land inside another.
-    let writer = local_wr.clone();
-    let limit = limits.from_archive;
-    let down = tokio::spawn(async move {
-        let mut buf = Vec::new();
-        while read_pdu(&mut pump_rd, &mut buf, limit).await.is_ok() {
-            let mut w = writer.lock().await;
-            if w.write_all(&buf).await.is_err() || w.flush().await.is_err() {
-                break;
-            }
-        }
-        let _ = writer.lock().await.shutdown().await;
-    });
-    let writer = local_wr.clone();
-    let injector = tokio::spawn(async move {
-        while let Some(pdus) = inject.recv().await {
-            let mut w = writer.lock().await;
-            if w.write_all(&pdus).await.is_err() || w.flush().await.is_err() {
-                break;
-            }
-        }
-    });
-
-    let (end, stats, inspector) =
-        relay::relay(relay_side, gateway, limits, inspector, shutdown).await;
-    // Dropping the inspector drops the cancel senders: retrievals still running stop.
-    drop(inspector);
-    if let Some(echo) = echo {
-        echo.abort();
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(5), down).await;
-    up.abort();
-    injector.abort();
-    (end, stats)
-}
+pub use super::injection::relay_with_injection;
 
 /// A free odd presentation context ID for connect's own keep-alive context, from the top down.
 pub fn free_context_id(used: impl Iterator<Item = u8>) -> Option<u8> {

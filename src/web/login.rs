@@ -21,10 +21,10 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::auth::Principal;
+use crate::gateway::State;
 use crate::metrics::metrics;
 use crate::policy;
 use crate::policy::login::{Door, Refused, normalize_user};
-use crate::gateway::State;
 
 /// Seconds a client told "busy" (503) is asked to wait.
 const BUSY_RETRY_AFTER: u64 = 2;

@@ -40,10 +40,10 @@ use tokio::net::TcpListener;
 
 use crate::auth::Principal;
 use crate::config::{Http, Operation};
+use crate::gateway::{Gateway, PendingSlot, State};
 use crate::metrics::metrics;
 use crate::policy::Grants;
 use crate::policy::query_guard::GuardError;
-use crate::gateway::{Gateway, PendingSlot, State};
 use login::{NotAuthenticated, WebLogin};
 use path::{Path, PathError};
 use query::{Qido, QueryError, WadoUri};
