@@ -248,175 +248,225 @@ impl Interceptor {
         w.into_bytes()
     }
 
+    /// A C-MOVE response refusing `command` with `status`, as P-DATA-TF PDUs for the client.
+    fn move_refusal(&self, pc: u8, command: &Command, status: u16, comment: &str) -> Vec<u8> {
+        let rsp =
+            dimse_extra::move_response(command, status, &SubOperations::default(), false, comment);
+        let mut w = PDataWriter::new(self.association.to_client_max);
+        w.push(pc, true, true, &rsp);
+        w.into_bytes()
+    }
+
     fn client_pdata(&mut self, pdata: &[u8]) -> Result<Actions, String> {
         self.active.retain(|_, cancel| !cancel.is_closed());
-        let mut pieces: Vec<Piece<'_>> = Vec::new();
-        let mut changed = false;
-        let mut back = Vec::new();
+        let mut out = Rebuild::default();
         for pdv in dimse::pdv_items(pdata) {
-            let pc = pdv.presentation_context_id;
-            if !pdv.is_command {
-                if self.refusing.contains_key(&pc) {
-                    changed = true;
-                    if pdv.is_last
-                        && let Some(answer) = self.refusing.remove(&pc)
-                    {
-                        back.extend_from_slice(&answer);
-                    }
-                    continue;
-                }
-                let Some(held) = self.held.get_mut(&pc) else {
-                    if self.association.local_only.contains(&pc) {
-                        // A data set of nothing in progress on a local-only context: dropped.
-                        changed = true;
-                    } else {
-                        pieces.push(Piece::Original(pdv));
-                    }
-                    continue;
-                };
-                changed = true;
-                let room = if held.identifier.len() + pdv.data.len() > MAX_IDENTIFIER {
-                    Err(format!("a C-MOVE identifier over {MAX_IDENTIFIER} bytes"))
-                } else {
-                    held.reservation
-                        .grow(pdv.data.len())
-                        .map_err(|e| e.to_string())
-                };
-                if let Err(reason) = room {
-                    // Refused 0xA701 once the rest of the identifier has gone by (unread, unheld).
-                    let Some(held) = self.held.remove(&pc) else {
-                        continue;
-                    };
-                    tracing::warn!(
-                        calling_ae = ?self.association.calling_ae,
-                        destination = %held.store,
-                        held_total = self.settings.buffer.held(),
-                        reason = %reason,
-                        "move-as-get: C-MOVE refused 0xA701"
-                    );
-                    let rsp = dimse_extra::move_response(
-                        &held.command,
-                        OUT_OF_RESOURCES_MATCHES,
-                        &SubOperations::default(),
-                        false,
-                        "move-as-get: identifier over the memory cap",
-                    );
-                    let mut w = PDataWriter::new(self.association.to_client_max);
-                    w.push(pc, true, true, &rsp);
-                    if pdv.is_last {
-                        back.extend_from_slice(&w.into_bytes());
-                    } else {
-                        self.refusing.insert(pc, w.into_bytes());
-                    }
-                    continue;
-                }
-                held.identifier.extend_from_slice(pdv.data);
-                if pdv.is_last
-                    && let Some(held) = self.held.remove(&pc)
-                {
-                    self.start(pc, held);
-                }
-                continue;
+            if pdv.is_command {
+                self.command_pdv(pdv, &mut out)?;
+            } else {
+                self.data_pdv(pdv, &mut out);
             }
-            if self.held.contains_key(&pc) || self.refusing.contains_key(&pc) {
-                return Err("a command set before the previous data set was complete".into());
+        }
+        Ok(out.into_actions(self.association.to_gateway_max))
+    }
+
+    /// A data set PDV: an identifier held back, one being refused, or one passed on.
+    fn data_pdv<'a>(&mut self, pdv: dimse::Pdv<'a>, out: &mut Rebuild<'a>) {
+        let pc = pdv.presentation_context_id;
+        if self.refusing.contains_key(&pc) {
+            out.changed = true;
+            if pdv.is_last
+                && let Some(answer) = self.refusing.remove(&pc)
+            {
+                out.back.extend_from_slice(&answer);
             }
-            let partial = self.partial.remove(&pc);
-            let size = partial.as_ref().map_or(0, |(b, _)| b.len()) + pdv.data.len();
-            if size > dimse::MAX_COMMAND_LENGTH {
-                return Err(format!("a command set over {size} bytes"));
+            return;
+        }
+        let Some(held) = self.held.get_mut(&pc) else {
+            if self.association.local_only.contains(&pc) {
+                // A data set of nothing in progress on a local-only context: dropped.
+                out.changed = true;
+            } else {
+                out.pieces.push(Piece::Original(pdv));
             }
-            if !pdv.is_last {
-                let (mut buf, mut reservation) =
-                    partial.unwrap_or_else(|| (Vec::new(), self.account.reservation()));
-                reservation
-                    .grow(pdv.data.len())
-                    .map_err(|e| format!("command fragments: {e}"))?;
+            return;
+        };
+        out.changed = true;
+        let room = if held.identifier.len() + pdv.data.len() > MAX_IDENTIFIER {
+            Err(format!("a C-MOVE identifier over {MAX_IDENTIFIER} bytes"))
+        } else {
+            held.reservation
+                .grow(pdv.data.len())
+                .map_err(|e| e.to_string())
+        };
+        if let Err(reason) = room {
+            self.refuse_identifier(pc, pdv.is_last, &reason, out);
+            return;
+        }
+        held.identifier.extend_from_slice(pdv.data);
+        if pdv.is_last
+            && let Some(held) = self.held.remove(&pc)
+        {
+            self.start(pc, held);
+        }
+    }
+
+    /// Refused 0xA701 once the rest of the identifier has gone by (unread, unheld).
+    fn refuse_identifier(&mut self, pc: u8, is_last: bool, reason: &str, out: &mut Rebuild<'_>) {
+        let Some(held) = self.held.remove(&pc) else {
+            return;
+        };
+        tracing::warn!(
+            calling_ae = ?self.association.calling_ae,
+            destination = %held.store,
+            held_total = self.settings.buffer.held(),
+            reason = %reason,
+            "move-as-get: C-MOVE refused 0xA701"
+        );
+        let answer = self.move_refusal(
+            pc,
+            &held.command,
+            OUT_OF_RESOURCES_MATCHES,
+            "move-as-get: identifier over the memory cap",
+        );
+        if is_last {
+            out.back.extend_from_slice(&answer);
+        } else {
+            self.refusing.insert(pc, answer);
+        }
+    }
+
+    /// A command PDV: a fragment kept until the command set is whole, then decided on.
+    fn command_pdv<'a>(
+        &mut self,
+        pdv: dimse::Pdv<'a>,
+        out: &mut Rebuild<'a>,
+    ) -> Result<(), String> {
+        let pc = pdv.presentation_context_id;
+        if self.held.contains_key(&pc) || self.refusing.contains_key(&pc) {
+            return Err("a command set before the previous data set was complete".into());
+        }
+        let partial = self.partial.remove(&pc);
+        let size = partial.as_ref().map_or(0, |(b, _)| b.len()) + pdv.data.len();
+        if size > dimse::MAX_COMMAND_LENGTH {
+            return Err(format!("a command set over {size} bytes"));
+        }
+        if !pdv.is_last {
+            let (mut buf, mut reservation) =
+                partial.unwrap_or_else(|| (Vec::new(), self.account.reservation()));
+            reservation
+                .grow(pdv.data.len())
+                .map_err(|e| format!("command fragments: {e}"))?;
+            buf.extend_from_slice(pdv.data);
+            self.partial.insert(pc, (buf, reservation));
+            out.changed = true;
+            return Ok(());
+        }
+        let bytes: Cow<'a, [u8]> = match partial.map(|(b, _)| b) {
+            Some(mut buf) => {
                 buf.extend_from_slice(pdv.data);
-                self.partial.insert(pc, (buf, reservation));
-                changed = true;
-                continue;
+                out.changed = true;
+                Cow::Owned(buf)
             }
-            let bytes: Cow<'_, [u8]> = match partial.map(|(b, _)| b) {
-                Some(mut buf) => {
-                    buf.extend_from_slice(pdv.data);
-                    changed = true;
-                    Cow::Owned(buf)
+            None => Cow::Borrowed(pdv.data),
+        };
+        self.command(pdv, bytes, out)
+    }
+
+    /// A whole command set from the client: forwarded, answered here, or a move-as-get begun.
+    fn command<'a>(
+        &mut self,
+        pdv: dimse::Pdv<'a>,
+        bytes: Cow<'a, [u8]>,
+        out: &mut Rebuild<'a>,
+    ) -> Result<(), String> {
+        let pc = pdv.presentation_context_id;
+        match self.decide(pc, &bytes) {
+            Decision::Forward if self.association.local_only.contains(&pc) => {
+                out.changed = true;
+                let command = dimse::decode_command(&bytes).map_err(|e| e.to_string())?;
+                let answer = self.local_answer(pc, &command);
+                if command.has_data_set {
+                    self.refusing.insert(pc, answer);
+                } else {
+                    out.back.extend_from_slice(&answer);
                 }
-                None => Cow::Borrowed(pdv.data),
-            };
-            match self.decide(pc, &bytes) {
-                Decision::Forward if self.association.local_only.contains(&pc) => {
-                    changed = true;
-                    let command = dimse::decode_command(&bytes).map_err(|e| e.to_string())?;
-                    let answer = self.local_answer(pc, &command);
-                    if command.has_data_set {
-                        self.refusing.insert(pc, answer);
-                    } else {
-                        back.extend_from_slice(&answer);
-                    }
+            }
+            Decision::Forward => match bytes {
+                Cow::Borrowed(_) => out.pieces.push(Piece::Original(pdv)),
+                Cow::Owned(bytes) => out.pieces.push(Piece::Command { pc, bytes }),
+            },
+            Decision::Intercept(command, _) if self.active.len() >= MAX_RETRIEVALS => {
+                out.changed = true;
+                let answer = self.move_refusal(
+                    pc,
+                    &command,
+                    UNABLE_TO_PERFORM,
+                    "too many move-as-get retrievals at once",
+                );
+                if command.has_data_set {
+                    self.refusing.insert(pc, answer);
+                } else {
+                    out.back.extend_from_slice(&answer);
                 }
-                Decision::Forward => match bytes {
-                    Cow::Borrowed(_) => pieces.push(Piece::Original(pdv)),
-                    Cow::Owned(bytes) => pieces.push(Piece::Command { pc, bytes }),
-                },
-                Decision::Intercept(command, _) if self.active.len() >= MAX_RETRIEVALS => {
-                    changed = true;
-                    let rsp = dimse_extra::move_response(
-                        &command,
-                        UNABLE_TO_PERFORM,
-                        &SubOperations::default(),
-                        false,
-                        "too many move-as-get retrievals at once",
+            }
+            Decision::Intercept(command, store) => {
+                out.changed = true;
+                if command.has_data_set {
+                    let reservation = self.account.reservation();
+                    self.held.insert(
+                        pc,
+                        Held {
+                            command: *command,
+                            store,
+                            identifier: Vec::new(),
+                            reservation,
+                        },
                     );
-                    let mut w = PDataWriter::new(self.association.to_client_max);
-                    w.push(pc, true, true, &rsp);
-                    if command.has_data_set {
-                        self.refusing.insert(pc, w.into_bytes());
-                    } else {
-                        back.extend_from_slice(&w.into_bytes());
-                    }
+                } else {
+                    let answer = self.move_refusal(
+                        pc,
+                        &command,
+                        IDENTIFIER_DOES_NOT_MATCH,
+                        "C-MOVE without identifier",
+                    );
+                    out.back.extend_from_slice(&answer);
                 }
-                Decision::Intercept(command, store) => {
-                    changed = true;
-                    if command.has_data_set {
-                        self.held.insert(
-                            pc,
-                            Held {
-                                command: *command,
-                                store,
-                                identifier: Vec::new(),
-                                reservation: self.account.reservation(),
-                            },
-                        );
-                    } else {
-                        let rsp = dimse_extra::move_response(
-                            &command,
-                            IDENTIFIER_DOES_NOT_MATCH,
-                            &SubOperations::default(),
-                            false,
-                            "C-MOVE without identifier",
-                        );
-                        let mut w = PDataWriter::new(self.association.to_client_max);
-                        w.push(pc, true, true, &rsp);
-                        back.extend_from_slice(&w.into_bytes());
-                    }
-                }
-                Decision::Cancel(id) => {
-                    changed = true;
-                    if let Some(cancel) = self.active.get(&id) {
-                        cancel.send_replace(true);
-                    }
+            }
+            Decision::Cancel(id) => {
+                out.changed = true;
+                if let Some(cancel) = self.active.get(&id) {
+                    cancel.send_replace(true);
                 }
             }
         }
+        Ok(())
+    }
+}
+
+/// What one P-DATA-TF from the client becomes, built PDV by PDV: the pieces for the gateway
+/// (unless nothing `changed`) and the PDUs answered `back` to the client.
+#[derive(Default)]
+struct Rebuild<'a> {
+    pieces: Vec<Piece<'a>>,
+    changed: bool,
+    back: Vec<u8>,
+}
+
+impl Rebuild<'_> {
+    fn into_actions(self, to_gateway_max: u32) -> Actions {
+        let Rebuild {
+            pieces,
+            changed,
+            back,
+        } = self;
         if !changed {
-            return Ok(Actions {
+            return Actions {
                 forward: Forward::Unchanged,
                 back,
-            });
+            };
         }
-        let mut writer = PDataWriter::new(self.association.to_gateway_max);
+        let mut writer = PDataWriter::new(to_gateway_max);
         for piece in &pieces {
             match piece {
                 Piece::Original(p) => {
@@ -430,7 +480,7 @@ impl Interceptor {
         } else {
             Forward::Rebuilt(writer.into_bytes())
         };
-        Ok(Actions { forward, back })
+        Actions { forward, back }
     }
 }
 
