@@ -214,10 +214,19 @@ async fn respond(
     })
 }
 
+/// The C-GET association to the gateway, with its GET presentation context and transfer syntax.
+struct GetAssociation {
+    link: Link<GatewayStream>,
+    pc: u8,
+    ts: String,
+}
+
+type GatewayStream = tokio_rustls::client::TlsStream<TcpStream>;
+
 async fn perform(
     r: &Retrieval,
     out: &mpsc::Sender<Vec<u8>>,
-    mut cancel: watch::Receiver<bool>,
+    cancel: watch::Receiver<bool>,
 ) -> Result<Finished, Failure> {
     let model = get_model(&r.request.affected_sop_class).ok_or_else(|| {
         failure(
@@ -226,8 +235,27 @@ async fn perform(
             format!("no C-GET model for {}", r.request.affected_sop_class),
         )
     })?;
+    let mut get = open_get(r, model).await?;
+    let identifier = identifier_for(r, &get.ts)?;
+    let get_id = get.link.message_id();
+    let command = crate::tools::client::request_command(cf::C_GET_RQ, model, get_id, true);
+    get.link
+        .send_message(get.pc, &command, Some(&identifier))
+        .await?;
 
-    // The C-GET association: both GET models, every storage class with the SCP role.
+    let mut local = LocalStorage::new(r);
+    // An error of `exchange` itself leaves the C-GET association as it is (dropped, no A-ABORT).
+    let result = exchange(r, out, cancel, &mut get, get_id, &mut local).await?;
+    match &result {
+        Ok(_) => get.link.release().await,
+        Err(_) => get.link.abort().await,
+    }
+    local.close().await;
+    result
+}
+
+/// Open the C-GET association: both GET models, every storage class with the SCP role.
+async fn open_get(r: &Retrieval, model: &str) -> Result<GetAssociation, Failure> {
     let uncompressed = vec![EXPLICIT_LE.to_string(), IMPLICIT_LE.to_string()];
     let mut proposals: Vec<Proposal> = [STUDY_ROOT_GET, PATIENT_ROOT_GET]
         .iter()
@@ -274,89 +302,94 @@ async fn perform(
             ));
         }
     };
-    let mut get = Link::new(stream, &rq, &ac, r.archive_wait);
-    let Some(get_pc) = get.context_for(model, None) else {
-        get.abort().await;
+    let link = Link::new(stream, &rq, &ac, r.archive_wait);
+    let Some(pc) = link.context_for(model, None) else {
+        link.abort().await;
         return Err(failure(
             UNABLE_TO_PERFORM,
             "move-as-get: the gateway did not accept C-GET",
             format!("the gateway did not accept the presentation context for {model}"),
         ));
     };
-    let get_ts = get
+    let ts = link
         .contexts
-        .get(&get_pc)
+        .get(&pc)
         .map(|c| c.transfer_syntax.clone())
         .unwrap_or_default();
-    let identifier = if get_ts == r.identifier_ts {
-        r.identifier.clone()
-    } else {
-        let object = dimse::decode_identifier(&r.identifier, &r.identifier_ts)
-            .map_err(|e| failure(0xA900, "identifier does not match", e.to_string()))?;
-        crate::tools::client::encode_identifier(&object, &get_ts)
-            .map_err(|e| failure(0xA900, "identifier does not match", e.to_string()))?
-    };
-    let get_id = get.message_id();
-    let command = crate::tools::client::request_command(cf::C_GET_RQ, model, get_id, true);
-    get.send_message(get_pc, &command, Some(&identifier))
-        .await?;
+    Ok(GetAssociation { link, pc, ts })
+}
 
-    let mut local = LocalStorage::new(r);
+/// The local C-MOVE's identifier in the C-GET context's transfer syntax.
+fn identifier_for(r: &Retrieval, get_ts: &str) -> Result<Vec<u8>, Failure> {
+    if get_ts == r.identifier_ts {
+        return Ok(r.identifier.clone());
+    }
+    let object = dimse::decode_identifier(&r.identifier, &r.identifier_ts)
+        .map_err(|e| failure(0xA900, "identifier does not match", e.to_string()))?;
+    crate::tools::client::encode_identifier(&object, get_ts)
+        .map_err(|e| failure(0xA900, "identifier does not match", e.to_string()))
+}
+
+/// Count one local C-STORE's status among the sub-operations.
+fn tally(mine: &mut SubOperations, status: u16) {
+    match status {
+        status::SUCCESS => mine.completed = mine.completed.saturating_add(1),
+        s if s == 0x0001 || s & 0xF000 == 0xB000 => mine.warning = mine.warning.saturating_add(1),
+        _ => mine.failed = mine.failed.saturating_add(1),
+    }
+}
+
+/// The C-GET exchange: C-STOREs handed to the local SCP and answered, C-GET responses passed to
+/// the client as C-MOVE responses, a C-CANCEL sent once on `cancel`. The inner result is how the
+/// retrieval ended (the association then released or aborted); an outer error ends it at once.
+async fn exchange(
+    r: &Retrieval,
+    out: &mpsc::Sender<Vec<u8>>,
+    mut cancel: watch::Receiver<bool>,
+    get: &mut GetAssociation,
+    get_id: u16,
+    local: &mut LocalStorage<'_>,
+) -> Result<Result<Finished, Failure>, Failure> {
     let mut mine = SubOperations::default();
     let mut cancel_sent = false;
-    let mut result = Err(failure(
-        UNABLE_TO_PERFORM,
-        "move-as-get: too many messages",
-        "message bound reached",
-    ));
     for _ in 0..MAX_MESSAGES {
         match cancel.has_changed() {
             Ok(true) if !cancel_sent => {
                 cancel.borrow_and_update();
                 cancel_sent = true;
-                get.send_message(get_pc, &dimse::c_cancel(get_id), None)
+                get.link
+                    .send_message(get.pc, &dimse::c_cancel(get_id), None)
                     .await?;
             }
             Ok(_) => {}
             Err(_) => {
-                result = Err(failure(
+                return Ok(Err(failure(
                     UNABLE_TO_PERFORM,
                     "",
                     "the local client's association ended",
-                ));
-                break;
+                )));
             }
         }
-        let (pc, command) = match get.read_command("waiting for C-GET responses").await {
+        let (pc, command) = match get.link.read_command("waiting for C-GET responses").await {
             Ok(m) => m,
-            Err(e) => {
-                result = Err(e.into());
-                break;
-            }
+            Err(e) => return Ok(Err(e.into())),
         };
         if command.field == cf::C_STORE_RQ {
-            let status = match store_one(&mut get, &mut local, pc, &command).await {
+            let status = match store_one(&mut get.link, local, pc, &command).await {
                 Ok(s) => s,
-                Err(e) => {
-                    result = Err(e.into());
-                    break;
-                }
+                Err(e) => return Ok(Err(e.into())),
             };
-            match status {
-                status::SUCCESS => mine.completed = mine.completed.saturating_add(1),
-                s if s == 0x0001 || s & 0xF000 == 0xB000 => {
-                    mine.warning = mine.warning.saturating_add(1)
-                }
-                _ => mine.failed = mine.failed.saturating_add(1),
-            }
-            get.send_message(pc, &dimse::refusal(&command, status, ""), None)
+            tally(&mut mine, status);
+            get.link
+                .send_message(pc, &dimse::refusal(&command, status, ""), None)
                 .await?;
             continue;
         }
         if command.field != (cf::C_GET_RQ | cf::RESPONSE) || command.responded_to != get_id {
             // Nothing else is expected here; skip it (and its data set).
             if command.has_data_set {
-                get.read_data(pc, MAX_RESPONSE_IDENTIFIER, "skipping a data set")
+                get.link
+                    .read_data(pc, MAX_RESPONSE_IDENTIFIER, "skipping a data set")
                     .await?;
             }
             continue;
@@ -368,7 +401,7 @@ async fn perform(
             mine
         };
         let data = if command.has_data_set {
-            read_held(&mut get, pc, &r.account).await?
+            read_held(&mut get.link, pc, &r.account).await?
         } else {
             None
         };
@@ -378,23 +411,21 @@ async fn perform(
         }
         counts.remaining = None;
         // The Failed SOP Instance UID List goes along when it is in the client's transfer syntax.
-        let data = data.filter(|_| get_ts == r.identifier_ts).map(|(d, _)| d);
+        let data = data.filter(|_| get.ts == r.identifier_ts).map(|(d, _)| d);
         let comment = dimse::attribute(&command.object, dicom_dictionary_std::tags::ERROR_COMMENT);
         respond(r, out, st, &counts, data.as_deref(), &comment).await?;
-        result = Ok(Finished {
+        return Ok(Ok(Finished {
             status: st,
             counts,
             stored: local.stored,
             failed: local.failed,
-        });
-        break;
+        }));
     }
-    match &result {
-        Ok(_) => get.release().await,
-        Err(_) => get.abort().await,
-    }
-    local.close().await;
-    result
+    Ok(Err(failure(
+        UNABLE_TO_PERFORM,
+        "move-as-get: too many messages",
+        "message bound reached",
+    )))
 }
 
 /// A C-GET response's data set (a Failed SOP Instance UID List), held within the move-as-get buffer:
