@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::{
     CALLED_AE, CERTIFICATE_USER, Demo, PASSWORD, PASSWORD_USER, READER_PASSWORD, READER_ROLE,
-    READER_USER, ROLE, TOKEN_USER, Tried,
+    READER_USER, ROLE, TOKEN_USER,
 };
 
 /// The lines printed after the reader's two queries.
@@ -154,4 +154,55 @@ Press Ctrl-C to stop. One log line per association follows.
         sample = q(&f.sample),
         script = q(&f.python_client),
     )
+}
+
+/// What one query of the reader gave.
+#[derive(Debug, Clone)]
+pub struct Tried {
+    /// The -k keys, as typed.
+    pub keys: Vec<String>,
+    pub result: Result<crate::tools::client::FindOutcome, String>,
+    /// PatientName of each match.
+    pub names: Vec<String>,
+}
+
+impl Tried {
+    /// The -k words as typed.
+    fn keys_typed(&self) -> String {
+        self.keys
+            .iter()
+            .map(|k| format!("-k {}", shell_quote(k)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// One line: the keys (padded to `width`), then the status in words and what matched.
+    pub fn line(&self, width: usize) -> String {
+        use crate::tools::client::status_words;
+        let keys = self.keys_typed();
+        let result = match &self.result {
+            Ok(o) if o.status == 0 => {
+                let mut names = self.names.clone();
+                names.dedup();
+                format!(
+                    "works: {} match{} ({}), status 0x0000",
+                    o.matches,
+                    if o.matches == 1 { "" } else { "es" },
+                    names.join(", ")
+                )
+            }
+            Ok(o) => format!(
+                "refused 0x{:04X} ({}){}",
+                o.status,
+                status_words(o.status),
+                if o.error_comment.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", o.error_comment)
+                }
+            ),
+            Err(e) => format!("failed: {e}"),
+        };
+        format!("{keys:<width$}  {result}")
+    }
 }

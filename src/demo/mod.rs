@@ -10,7 +10,7 @@ pub mod archive;
 mod instructions;
 
 use instructions::python_snippet;
-pub use instructions::{guard_lines, instructions, shell_quote};
+pub use instructions::{Tried, guard_lines, instructions, shell_quote};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -461,57 +461,6 @@ pub async fn start(
         listener: Some(listener),
         archive_task,
     })
-}
-
-/// What one query of the reader gave.
-#[derive(Debug, Clone)]
-pub struct Tried {
-    /// The -k keys, as typed.
-    pub keys: Vec<String>,
-    pub result: Result<crate::tools::client::FindOutcome, String>,
-    /// PatientName of each match.
-    pub names: Vec<String>,
-}
-
-impl Tried {
-    /// The -k words as typed.
-    pub(super) fn keys_typed(&self) -> String {
-        self.keys
-            .iter()
-            .map(|k| format!("-k {}", shell_quote(k)))
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-
-    /// One line: the keys (padded to `width`), then the status in words and what matched.
-    pub fn line(&self, width: usize) -> String {
-        use crate::tools::client::status_words;
-        let keys = self.keys_typed();
-        let result = match &self.result {
-            Ok(o) if o.status == 0 => {
-                let mut names = self.names.clone();
-                names.dedup();
-                format!(
-                    "works: {} match{} ({}), status 0x0000",
-                    o.matches,
-                    if o.matches == 1 { "" } else { "es" },
-                    names.join(", ")
-                )
-            }
-            Ok(o) => format!(
-                "refused 0x{:04X} ({}){}",
-                o.status,
-                status_words(o.status),
-                if o.error_comment.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", o.error_comment)
-                }
-            ),
-            Err(e) => format!("failed: {e}"),
-        };
-        format!("{keys:<width$}  {result}")
-    }
 }
 
 impl Demo {
