@@ -184,7 +184,7 @@ pub struct Settings {
     pub keepalive: Option<Duration>,
 }
 
-fn usage(message: impl Into<String>) -> ConnectError {
+pub(super) fn usage(message: impl Into<String>) -> ConnectError {
     ConnectError::Usage(message.into())
 }
 
@@ -282,144 +282,196 @@ fn seconds(key: &str, value: Option<f64>, default: f64) -> Result<Duration, Conn
     Ok(Duration::from_secs_f64(v))
 }
 
+/// `gateway` (HOST:PORT) and the name its certificate must carry (`server_name`, else the host).
+fn gateway_and_name(
+    args: &ConnectArgs,
+    file: &mut FileConnect,
+) -> Result<(String, String), ConnectError> {
+    let gateway = args
+        .gateway
+        .clone()
+        .or(file.gateway.take())
+        .ok_or_else(|| usage("gateway: missing: give --gateway HOST:PORT (or gateway = \"HOST:PORT\" in [connect])"))?;
+    let host = match gateway.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        _ => return Err(usage(format!("gateway: {gateway:?} is not HOST:PORT"))),
+    };
+    let server_name = args
+        .server_name
+        .clone()
+        .or(file.server_name.take())
+        .unwrap_or(host);
+    Ok((gateway, server_name))
+}
+
+/// Where to listen, whether that is the default, and whether beyond loopback is allowed.
+struct Listen {
+    address: SocketAddr,
+    default: bool,
+    allow_remote: bool,
+}
+
+fn listen(args: &ConnectArgs, file: &mut FileConnect) -> Result<Listen, ConnectError> {
+    let default = args.listen.is_none() && file.listen.is_none();
+    let address = match (args.listen, file.listen.take()) {
+        (Some(l), _) => l,
+        (None, Some(text)) => text
+            .parse()
+            .map_err(|e| usage(format!("listen: {text:?} is not an address:port ({e})")))?,
+        (None, None) => DEFAULT_LISTEN
+            .parse()
+            .map_err(|e| usage(format!("listen: {e}")))?,
+    };
+    let allow_remote = args.allow_remote || file.allow_remote.unwrap_or(false);
+    if !address.ip().is_loopback() && !allow_remote {
+        return Err(usage(format!(
+            "listen: {address} is not a loopback address: anyone who can reach it would use your credentials. \
+             Listen on 127.0.0.1, or pass --allow-remote (allow_remote = true) if you really mean it"
+        )));
+    }
+    Ok(Listen {
+        address,
+        default,
+        allow_remote,
+    })
+}
+
+/// The client certificate and its key: both or neither.
+fn client_certificate(
+    args: &ConnectArgs,
+    file: &mut FileConnect,
+) -> Result<Option<(PathBuf, PathBuf)>, ConnectError> {
+    let cert = args.cert.clone().or(file.cert.take());
+    let key = args.key.clone().or(file.key.take());
+    match (cert, key) {
+        (Some(c), Some(k)) => Ok(Some((c, k))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(usage("cert: needs key (the certificate's private key)")),
+        (None, Some(_)) => Err(usage("key: needs cert")),
+    }
+}
+
+/// Who the clinician is: a user with a password source, a token file, or the certificate alone.
+fn identity(
+    args: &ConnectArgs,
+    file: &mut FileConnect,
+    has_certificate: bool,
+) -> Result<IdentitySource, ConnectError> {
+    let user = args.user.clone().or(file.user.take());
+    let password_env = args.password_env.clone().or(file.password_env.take());
+    let password_file = args.password_file.clone().or(file.password_file.take());
+    let token_file = args.token_file.clone().or(file.token_file.take());
+    match (user, token_file) {
+        (Some(_), Some(_)) => Err(usage(
+            "user and token_file exclude each other: choose a password or a token",
+        )),
+        (Some(user), None) => {
+            if password_env.is_some() && password_file.is_some() {
+                return Err(usage("password_env and password_file exclude each other"));
+            }
+            Ok(IdentitySource::Password {
+                user,
+                env: password_env,
+                file: password_file,
+            })
+        }
+        (None, token) => {
+            if password_env.is_some() || password_file.is_some() {
+                return Err(usage("password_env / password_file need user"));
+            }
+            match token {
+                Some(path) => Ok(IdentitySource::TokenFile(path)),
+                None if has_certificate => Ok(IdentitySource::Certificate),
+                None => Err(usage(
+                    "no credentials: give --user NAME, --token-file FILE, or --cert FILE --key FILE",
+                )),
+            }
+        }
+    }
+}
+
+/// The --local-store entries: each AE title once, each on this machine unless --allow-remote-store.
+fn local_stores(
+    args: &ConnectArgs,
+    file: &mut FileConnect,
+) -> Result<Vec<LocalStore>, ConnectError> {
+    let allow_remote_store = args.allow_remote_store || file.allow_remote_store.unwrap_or(false);
+    let stores = if args.local_store.is_empty() {
+        file.local_store.take().unwrap_or_default()
+    } else {
+        args.local_store.clone()
+    };
+    let mut local_stores: Vec<LocalStore> = Vec::new();
+    for s in &stores {
+        let store: LocalStore = s.parse().map_err(|e| usage(format!("local_store: {e}")))?;
+        if local_stores.iter().any(|l| l.ae_title == store.ae_title) {
+            return Err(usage(format!(
+                "local_store: AE title {} is listed twice",
+                store.ae_title
+            )));
+        }
+        if !allow_remote_store && !is_local_host(&store.address) {
+            return Err(usage(format!(
+                "local_store: {store} is not on this machine: its instances would leave it in plain DICOM. \
+                 Use a loopback address (127.0.0.1, [::1], localhost), or pass --allow-remote-store \
+                 (allow_remote_store = true) if you really mean it"
+            )));
+        }
+        local_stores.push(store);
+    }
+    Ok(local_stores)
+}
+
+/// The move-as-get buffers: per association and in total (the total at least the former).
+fn buffer(
+    args: &ConnectArgs,
+    file: &FileConnect,
+) -> Result<move_as_get::BufferLimits, ConnectError> {
+    let per_association = bytes(
+        "move_buffer",
+        args.move_buffer.as_deref().or(file.move_buffer.as_deref()),
+        move_as_get::DEFAULT_BUFFER,
+    )?;
+    let total = bytes(
+        "move_buffer_total",
+        args.move_buffer_total
+            .as_deref()
+            .or(file.move_buffer_total.as_deref()),
+        move_as_get::DEFAULT_BUFFER_TOTAL,
+    )?;
+    if total < per_association {
+        return Err(usage(format!(
+            "move_buffer_total: {total} bytes is less than move_buffer ({per_association})"
+        )));
+    }
+    Ok(move_as_get::BufferLimits {
+        per_association,
+        total,
+    })
+}
+
 impl Settings {
     /// Merge the command line over the file (if any) and validate. Reads no secret.
     pub fn from_args(args: &ConnectArgs) -> Result<Settings, ConnectError> {
-        let file = match &args.config {
+        let mut file = match &args.config {
             Some(path) => read_file(path)?,
             None => FileConnect::default(),
         };
-        let gateway = args
-            .gateway
-            .clone()
-            .or(file.gateway)
-            .ok_or_else(|| usage("gateway: missing: give --gateway HOST:PORT (or gateway = \"HOST:PORT\" in [connect])"))?;
-        let host = match gateway.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
-                host.trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_string()
-            }
-            _ => return Err(usage(format!("gateway: {gateway:?} is not HOST:PORT"))),
-        };
-        let server_name = args
-            .server_name
-            .clone()
-            .or(file.server_name)
-            .unwrap_or(host);
-
-        let default_listen = args.listen.is_none() && file.listen.is_none();
-        let listen = match (args.listen, file.listen) {
-            (Some(l), _) => l,
-            (None, Some(text)) => text
-                .parse()
-                .map_err(|e| usage(format!("listen: {text:?} is not an address:port ({e})")))?,
-            (None, None) => DEFAULT_LISTEN
-                .parse()
-                .map_err(|e| usage(format!("listen: {e}")))?,
-        };
-        let allow_remote = args.allow_remote || file.allow_remote.unwrap_or(false);
-        if !listen.ip().is_loopback() && !allow_remote {
-            return Err(usage(format!(
-                "listen: {listen} is not a loopback address: anyone who can reach it would use your credentials. \
-                 Listen on 127.0.0.1, or pass --allow-remote (allow_remote = true) if you really mean it"
-            )));
-        }
-
-        let cert = args.cert.clone().or(file.cert);
-        let key = args.key.clone().or(file.key);
-        let client_certificate = match (cert, key) {
-            (Some(c), Some(k)) => Some((c, k)),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(usage("cert: needs key (the certificate's private key)"));
-            }
-            (None, Some(_)) => return Err(usage("key: needs cert")),
-        };
-
-        let user = args.user.clone().or(file.user);
-        let password_env = args.password_env.clone().or(file.password_env);
-        let password_file = args.password_file.clone().or(file.password_file);
-        let token_file = args.token_file.clone().or(file.token_file);
-        let identity = match (user, token_file) {
-            (Some(_), Some(_)) => {
-                return Err(usage(
-                    "user and token_file exclude each other: choose a password or a token",
-                ));
-            }
-            (Some(user), None) => {
-                if password_env.is_some() && password_file.is_some() {
-                    return Err(usage("password_env and password_file exclude each other"));
-                }
-                IdentitySource::Password {
-                    user,
-                    env: password_env,
-                    file: password_file,
-                }
-            }
-            (None, token) => {
-                if password_env.is_some() || password_file.is_some() {
-                    return Err(usage("password_env / password_file need user"));
-                }
-                match token {
-                    Some(path) => IdentitySource::TokenFile(path),
-                    None if client_certificate.is_some() => IdentitySource::Certificate,
-                    None => {
-                        return Err(usage(
-                            "no credentials: give --user NAME, --token-file FILE, or --cert FILE --key FILE",
-                        ));
-                    }
-                }
-            }
-        };
+        let (gateway, server_name) = gateway_and_name(args, &mut file)?;
+        let listen = listen(args, &mut file)?;
+        let client_certificate = client_certificate(args, &mut file)?;
+        let identity = identity(args, &mut file, client_certificate.is_some())?;
 
         let mut allow_users = args.allow_user.clone();
         if allow_users.is_empty() {
-            allow_users = file.allow_user.unwrap_or_default();
+            allow_users = file.allow_user.take().unwrap_or_default();
         }
-        let allow_remote_store =
-            args.allow_remote_store || file.allow_remote_store.unwrap_or(false);
         let move_as_get = args.move_as_get || file.move_as_get.unwrap_or(false);
-        let stores = if args.local_store.is_empty() {
-            file.local_store.unwrap_or_default()
-        } else {
-            args.local_store.clone()
-        };
-        let mut local_stores: Vec<LocalStore> = Vec::new();
-        for s in &stores {
-            let store: LocalStore = s.parse().map_err(|e| usage(format!("local_store: {e}")))?;
-            if local_stores.iter().any(|l| l.ae_title == store.ae_title) {
-                return Err(usage(format!(
-                    "local_store: AE title {} is listed twice",
-                    store.ae_title
-                )));
-            }
-            if !allow_remote_store && !is_local_host(&store.address) {
-                return Err(usage(format!(
-                    "local_store: {store} is not on this machine: its instances would leave it in plain DICOM. \
-                     Use a loopback address (127.0.0.1, [::1], localhost), or pass --allow-remote-store \
-                     (allow_remote_store = true) if you really mean it"
-                )));
-            }
-            local_stores.push(store);
-        }
-        let per_association = bytes(
-            "move_buffer",
-            args.move_buffer.as_deref().or(file.move_buffer.as_deref()),
-            move_as_get::DEFAULT_BUFFER,
-        )?;
-        let total = bytes(
-            "move_buffer_total",
-            args.move_buffer_total
-                .as_deref()
-                .or(file.move_buffer_total.as_deref()),
-            move_as_get::DEFAULT_BUFFER_TOTAL,
-        )?;
-        if total < per_association {
-            return Err(usage(format!(
-                "move_buffer_total: {total} bytes is less than move_buffer ({per_association})"
-            )));
-        }
+        let local_stores = local_stores(args, &mut file)?;
+        let buffer = buffer(args, &file)?;
         if move_as_get && local_stores.is_empty() {
             return Err(usage(
                 "move_as_get: needs at least one --local-store AE@HOST:PORT (the viewer's storage SCP)",
@@ -434,9 +486,9 @@ impl Settings {
         Ok(Settings {
             gateway,
             server_name,
-            listen,
-            default_listen,
-            allow_remote,
+            listen: listen.address,
+            default_listen: listen.default,
+            allow_remote: listen.allow_remote,
             socket: args.socket.clone().or(file.socket),
             allow_users,
             ca: args.ca.clone().or(file.ca),
@@ -444,10 +496,7 @@ impl Settings {
             identity,
             move_as_get,
             local_stores,
-            buffer: move_as_get::BufferLimits {
-                per_association,
-                total,
-            },
+            buffer,
             timeout: seconds("timeout", args.timeout.or(file.timeout), DEFAULT_TIMEOUT_S)?,
             idle: seconds(
                 "idle_timeout",
@@ -516,79 +565,7 @@ impl Settings {
     }
 }
 
-/// `pacsgate connect`: validate, read the secrets, listen, and serve until SIGTERM or Ctrl-C.
-pub async fn run(args: ConnectArgs) -> Result<(), ConnectError> {
-    let settings = Settings::from_args(&args)?;
-    if let Some((_, key)) = &settings.client_certificate
-        && let Some(warning) = crate::tls::key_permission_warning(key)
-    {
-        tracing::warn!("{warning}");
-    }
-    let credentials = settings.credentials()?;
-    let tunnel = Arc::new(settings.tunnel(credentials)?);
-    // Fail now, not at the first association, when the identity cannot be sent at all.
-    tunnel.gateway.identity()?;
-    if !settings.listen.ip().is_loopback() {
-        tracing::warn!(
-            listen = %settings.listen,
-            "listening beyond loopback (--allow-remote): anyone who reaches this port uses your credentials"
-        );
-    }
-    let tcp = match tokio::net::TcpListener::bind(settings.listen).await {
-        Ok(l) => l,
-        Err(source)
-            if source.kind() == std::io::ErrorKind::AddrInUse && settings.default_listen =>
-        {
-            return Err(usage(format!(
-                "cannot listen on {} (the default): the port is in use, perhaps by another connect; \
-                 use --listen 127.0.0.1:PORT with a free port",
-                settings.listen
-            )));
-        }
-        Err(source) => {
-            return Err(ConnectError::Listen {
-                address: settings.listen,
-                source,
-            });
-        }
-    };
-    let unix = match &settings.socket {
-        Some(path) => Some((
-            super::local::bind_unix(path).map_err(|source| ConnectError::ListenUnix {
-                path: path.clone(),
-                source,
-            })?,
-            path.clone(),
-        )),
-        None => None,
-    };
-    let listeners = super::local::Listeners { tcp, unix };
-    tracing::info!(
-        listen = %settings.listen,
-        socket = ?settings.socket,
-        owner_uid = tunnel.callers.owner,
-        allowed_uids = %tunnel.callers.describe(),
-        gateway = %settings.gateway,
-        trust = %tunnel.gateway.trust,
-        credentials = ?tunnel.gateway.credentials,
-        move_as_get = %if settings.local_stores.is_empty() {
-            "off".to_string()
-        } else {
-            settings.local_stores.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",")
-        },
-        "pacsgate connect listening (plain DICOM) -> gateway (DICOM TLS)"
-    );
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(ConnectError::Signal)?;
-    let stop = async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    };
-    super::serve(tunnel, listeners, stop).await;
-    Ok(())
-}
+pub use super::run::run;
 
 #[cfg(test)]
 mod tests {

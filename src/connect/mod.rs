@@ -1,23 +1,31 @@
 //! `pacsgate connect`: a local tunnel on the clinician's machine. Plain DICOM from a viewer on loopback
 //! goes to the gateway over TLS with the clinician's credentials in the A-ASSOCIATE-RQ.
 //!
-//! - `cli.rs`             the command line and `[connect]` file, validated into `Settings`; `run`
+//! - `cli.rs`             the command line and `[connect]` file, validated into `Settings`
+//! - `run.rs`             `run`: settings, secrets, listeners, serve until a signal
 //! - `gateway.rs`         TLS to the gateway (verified, fail closed), credentials, answers in words
 //! - `mod.rs`             the accept loop and one association's way: request, gateway, answer, relay
 //! - `move_as_get.rs`     C-MOVE to a local storage SCP taken out of the relay ...
+//! - `injection.rs`       ... the relay with its C-MOVE responses injected and keep-alive C-ECHOs
+//! - `buffer.rs`          ... what it holds for local clients, capped per association and in total
 //! - `retrieve.rs`        ... and performed as a C-GET whose C-STOREs are forwarded to that SCP
+//! - `local_storage.rs`  ... the association to that local SCP
 //! - `local.rs`           the local listeners (TCP on loopback, Unix socket) and who is calling (UID)
 //! - `link.rs`            the associations connect requests itself (C-GET, local storage)
 //! - `dimse_extra.rs`     C-MOVE-RSP with counts, C-STORE-RQ re-addressed
 //! - `storage_classes.rs` the storage SOP classes proposed for C-GET
 
+pub mod buffer;
 pub mod cli;
 pub mod dimse_extra;
 pub mod gateway;
+pub mod injection;
 pub mod link;
 pub mod local;
+mod local_storage;
 pub mod move_as_get;
 pub mod retrieve;
+mod run;
 pub mod storage_classes;
 
 use std::collections::{HashMap, HashSet};

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 use super::dimse_extra::{self, SubOperations};
@@ -20,8 +19,7 @@ use super::gateway::Gateway;
 use super::link::Context;
 use super::retrieve::{self, LocalStore, Retrieval, get_model};
 use crate::dimse::{self, Command, PDataWriter, command_field as cf};
-use crate::relay::{self, Actions, Forward, Inspector, RelayEnd, RelayLimits, RelayStats, Side};
-use crate::ul::pdu::read_pdu;
+use crate::relay::{Actions, Forward, Inspector, Side};
 
 /// The largest C-MOVE identifier held back.
 const MAX_IDENTIFIER: usize = 1024 * 1024;
@@ -38,134 +36,11 @@ const OUT_OF_RESOURCES_MATCHES: u16 = 0xA701;
 const MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
 /// Status: SOP class not supported.
 const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
-/// Buffer of the in-process pipe between the relay and the local client's socket.
-const PIPE: usize = 256 * 1024;
 
-/// Default of --move-buffer: bytes held for one association.
-pub const DEFAULT_BUFFER: usize = 1 << 20;
-/// Default of --move-buffer-total: bytes held for all associations together.
-pub const DEFAULT_BUFFER_TOTAL: usize = 16 << 20;
-/// The smallest buffer accepted: one whole command set.
-pub const MIN_BUFFER: usize = dimse::MAX_COMMAND_LENGTH;
-
-/// How many bytes move-as-get may hold for local clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BufferLimits {
-    pub per_association: usize,
-    pub total: usize,
-}
-
-impl Default for BufferLimits {
-    fn default() -> BufferLimits {
-        BufferLimits {
-            per_association: DEFAULT_BUFFER,
-            total: DEFAULT_BUFFER_TOTAL,
-        }
-    }
-}
-
-/// The account of everything move-as-get holds, for the whole process.
-#[derive(Debug)]
-pub struct Buffer {
-    limits: BufferLimits,
-    held: AtomicUsize,
-}
-
-/// A reservation would pass a cap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Exceeded {
-    #[error("the move-as-get buffer of this association ({0} bytes, --move-buffer) is full")]
-    Association(usize),
-    #[error("the move-as-get buffer of all associations ({0} bytes, --move-buffer-total) is full")]
-    Total(usize),
-}
-
-impl Buffer {
-    pub fn new(limits: BufferLimits) -> Arc<Buffer> {
-        Arc::new(Buffer {
-            limits,
-            held: AtomicUsize::new(0),
-        })
-    }
-
-    /// Bytes held now, by all associations.
-    pub fn held(&self) -> usize {
-        self.held.load(Ordering::SeqCst)
-    }
-
-    /// A new association's account.
-    pub fn association(self: &Arc<Buffer>) -> Account {
-        Account {
-            buffer: self.clone(),
-            held: Arc::new(AtomicUsize::new(0)),
-        }
-    }
-}
-
-/// Add `n` to `counter` unless that passes `limit`.
-fn add_within(counter: &AtomicUsize, n: usize, limit: usize) -> bool {
-    counter
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |h| {
-            h.checked_add(n).filter(|t| *t <= limit)
-        })
-        .is_ok()
-}
-
-/// One association's share of the [`Buffer`].
-#[derive(Debug, Clone)]
-pub struct Account {
-    buffer: Arc<Buffer>,
-    held: Arc<AtomicUsize>,
-}
-
-impl Account {
-    /// Nothing reserved yet; grow it as bytes arrive.
-    pub fn reservation(&self) -> Reservation {
-        Reservation {
-            account: self.clone(),
-            bytes: 0,
-        }
-    }
-
-    fn take(&self, n: usize) -> Result<(), Exceeded> {
-        let limits = self.buffer.limits;
-        if !add_within(&self.held, n, limits.per_association) {
-            return Err(Exceeded::Association(limits.per_association));
-        }
-        if !add_within(&self.buffer.held, n, limits.total) {
-            self.held.fetch_sub(n, Ordering::SeqCst);
-            return Err(Exceeded::Total(limits.total));
-        }
-        Ok(())
-    }
-
-    fn give_back(&self, n: usize) {
-        self.held.fetch_sub(n, Ordering::SeqCst);
-        self.buffer.held.fetch_sub(n, Ordering::SeqCst);
-    }
-}
-
-/// Bytes held for one purpose (an identifier, a command), given back when dropped.
-#[derive(Debug)]
-pub struct Reservation {
-    account: Account,
-    bytes: usize,
-}
-
-impl Reservation {
-    /// Hold `n` more bytes, or say which cap that would pass (holding nothing more).
-    pub fn grow(&mut self, n: usize) -> Result<(), Exceeded> {
-        self.account.take(n)?;
-        self.bytes += n;
-        Ok(())
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        self.account.give_back(self.bytes);
-    }
-}
+pub use super::buffer::{
+    Account, Buffer, BufferLimits, DEFAULT_BUFFER, DEFAULT_BUFFER_TOTAL, Exceeded, MIN_BUFFER,
+    Reservation,
+};
 
 /// Verification SOP class (C-ECHO).
 pub const VERIFICATION: &str = "1.2.840.10008.1.1";
@@ -223,7 +98,7 @@ enum Piece<'a> {
 pub struct Interceptor {
     settings: Arc<Settings>,
     gateway: Arc<Gateway>,
-    association: Association,
+    pub(super) association: Association,
     out: mpsc::Sender<Vec<u8>>,
     /// This association's share of the move-as-get buffer.
     account: Account,
@@ -373,175 +248,225 @@ impl Interceptor {
         w.into_bytes()
     }
 
+    /// A C-MOVE response refusing `command` with `status`, as P-DATA-TF PDUs for the client.
+    fn move_refusal(&self, pc: u8, command: &Command, status: u16, comment: &str) -> Vec<u8> {
+        let rsp =
+            dimse_extra::move_response(command, status, &SubOperations::default(), false, comment);
+        let mut w = PDataWriter::new(self.association.to_client_max);
+        w.push(pc, true, true, &rsp);
+        w.into_bytes()
+    }
+
     fn client_pdata(&mut self, pdata: &[u8]) -> Result<Actions, String> {
         self.active.retain(|_, cancel| !cancel.is_closed());
-        let mut pieces: Vec<Piece<'_>> = Vec::new();
-        let mut changed = false;
-        let mut back = Vec::new();
+        let mut out = Rebuild::default();
         for pdv in dimse::pdv_items(pdata) {
-            let pc = pdv.presentation_context_id;
-            if !pdv.is_command {
-                if self.refusing.contains_key(&pc) {
-                    changed = true;
-                    if pdv.is_last
-                        && let Some(answer) = self.refusing.remove(&pc)
-                    {
-                        back.extend_from_slice(&answer);
-                    }
-                    continue;
-                }
-                let Some(held) = self.held.get_mut(&pc) else {
-                    if self.association.local_only.contains(&pc) {
-                        // A data set of nothing in progress on a local-only context: dropped.
-                        changed = true;
-                    } else {
-                        pieces.push(Piece::Original(pdv));
-                    }
-                    continue;
-                };
-                changed = true;
-                let room = if held.identifier.len() + pdv.data.len() > MAX_IDENTIFIER {
-                    Err(format!("a C-MOVE identifier over {MAX_IDENTIFIER} bytes"))
-                } else {
-                    held.reservation
-                        .grow(pdv.data.len())
-                        .map_err(|e| e.to_string())
-                };
-                if let Err(reason) = room {
-                    // Refused 0xA701 once the rest of the identifier has gone by (unread, unheld).
-                    let Some(held) = self.held.remove(&pc) else {
-                        continue;
-                    };
-                    tracing::warn!(
-                        calling_ae = ?self.association.calling_ae,
-                        destination = %held.store,
-                        held_total = self.settings.buffer.held(),
-                        reason = %reason,
-                        "move-as-get: C-MOVE refused 0xA701"
-                    );
-                    let rsp = dimse_extra::move_response(
-                        &held.command,
-                        OUT_OF_RESOURCES_MATCHES,
-                        &SubOperations::default(),
-                        false,
-                        "move-as-get: identifier over the memory cap",
-                    );
-                    let mut w = PDataWriter::new(self.association.to_client_max);
-                    w.push(pc, true, true, &rsp);
-                    if pdv.is_last {
-                        back.extend_from_slice(&w.into_bytes());
-                    } else {
-                        self.refusing.insert(pc, w.into_bytes());
-                    }
-                    continue;
-                }
-                held.identifier.extend_from_slice(pdv.data);
-                if pdv.is_last
-                    && let Some(held) = self.held.remove(&pc)
-                {
-                    self.start(pc, held);
-                }
-                continue;
+            if pdv.is_command {
+                self.command_pdv(pdv, &mut out)?;
+            } else {
+                self.data_pdv(pdv, &mut out);
             }
-            if self.held.contains_key(&pc) || self.refusing.contains_key(&pc) {
-                return Err("a command set before the previous data set was complete".into());
+        }
+        Ok(out.into_actions(self.association.to_gateway_max))
+    }
+
+    /// A data set PDV: an identifier held back, one being refused, or one passed on.
+    fn data_pdv<'a>(&mut self, pdv: dimse::Pdv<'a>, out: &mut Rebuild<'a>) {
+        let pc = pdv.presentation_context_id;
+        if self.refusing.contains_key(&pc) {
+            out.changed = true;
+            if pdv.is_last
+                && let Some(answer) = self.refusing.remove(&pc)
+            {
+                out.back.extend_from_slice(&answer);
             }
-            let partial = self.partial.remove(&pc);
-            let size = partial.as_ref().map_or(0, |(b, _)| b.len()) + pdv.data.len();
-            if size > dimse::MAX_COMMAND_LENGTH {
-                return Err(format!("a command set over {size} bytes"));
+            return;
+        }
+        let Some(held) = self.held.get_mut(&pc) else {
+            if self.association.local_only.contains(&pc) {
+                // A data set of nothing in progress on a local-only context: dropped.
+                out.changed = true;
+            } else {
+                out.pieces.push(Piece::Original(pdv));
             }
-            if !pdv.is_last {
-                let (mut buf, mut reservation) =
-                    partial.unwrap_or_else(|| (Vec::new(), self.account.reservation()));
-                reservation
-                    .grow(pdv.data.len())
-                    .map_err(|e| format!("command fragments: {e}"))?;
+            return;
+        };
+        out.changed = true;
+        let room = if held.identifier.len() + pdv.data.len() > MAX_IDENTIFIER {
+            Err(format!("a C-MOVE identifier over {MAX_IDENTIFIER} bytes"))
+        } else {
+            held.reservation
+                .grow(pdv.data.len())
+                .map_err(|e| e.to_string())
+        };
+        if let Err(reason) = room {
+            self.refuse_identifier(pc, pdv.is_last, &reason, out);
+            return;
+        }
+        held.identifier.extend_from_slice(pdv.data);
+        if pdv.is_last
+            && let Some(held) = self.held.remove(&pc)
+        {
+            self.start(pc, held);
+        }
+    }
+
+    /// Refused 0xA701 once the rest of the identifier has gone by (unread, unheld).
+    fn refuse_identifier(&mut self, pc: u8, is_last: bool, reason: &str, out: &mut Rebuild<'_>) {
+        let Some(held) = self.held.remove(&pc) else {
+            return;
+        };
+        tracing::warn!(
+            calling_ae = ?self.association.calling_ae,
+            destination = %held.store,
+            held_total = self.settings.buffer.held(),
+            reason = %reason,
+            "move-as-get: C-MOVE refused 0xA701"
+        );
+        let answer = self.move_refusal(
+            pc,
+            &held.command,
+            OUT_OF_RESOURCES_MATCHES,
+            "move-as-get: identifier over the memory cap",
+        );
+        if is_last {
+            out.back.extend_from_slice(&answer);
+        } else {
+            self.refusing.insert(pc, answer);
+        }
+    }
+
+    /// A command PDV: a fragment kept until the command set is whole, then decided on.
+    fn command_pdv<'a>(
+        &mut self,
+        pdv: dimse::Pdv<'a>,
+        out: &mut Rebuild<'a>,
+    ) -> Result<(), String> {
+        let pc = pdv.presentation_context_id;
+        if self.held.contains_key(&pc) || self.refusing.contains_key(&pc) {
+            return Err("a command set before the previous data set was complete".into());
+        }
+        let partial = self.partial.remove(&pc);
+        let size = partial.as_ref().map_or(0, |(b, _)| b.len()) + pdv.data.len();
+        if size > dimse::MAX_COMMAND_LENGTH {
+            return Err(format!("a command set over {size} bytes"));
+        }
+        if !pdv.is_last {
+            let (mut buf, mut reservation) =
+                partial.unwrap_or_else(|| (Vec::new(), self.account.reservation()));
+            reservation
+                .grow(pdv.data.len())
+                .map_err(|e| format!("command fragments: {e}"))?;
+            buf.extend_from_slice(pdv.data);
+            self.partial.insert(pc, (buf, reservation));
+            out.changed = true;
+            return Ok(());
+        }
+        let bytes: Cow<'a, [u8]> = match partial.map(|(b, _)| b) {
+            Some(mut buf) => {
                 buf.extend_from_slice(pdv.data);
-                self.partial.insert(pc, (buf, reservation));
-                changed = true;
-                continue;
+                out.changed = true;
+                Cow::Owned(buf)
             }
-            let bytes: Cow<'_, [u8]> = match partial.map(|(b, _)| b) {
-                Some(mut buf) => {
-                    buf.extend_from_slice(pdv.data);
-                    changed = true;
-                    Cow::Owned(buf)
+            None => Cow::Borrowed(pdv.data),
+        };
+        self.command(pdv, bytes, out)
+    }
+
+    /// A whole command set from the client: forwarded, answered here, or a move-as-get begun.
+    fn command<'a>(
+        &mut self,
+        pdv: dimse::Pdv<'a>,
+        bytes: Cow<'a, [u8]>,
+        out: &mut Rebuild<'a>,
+    ) -> Result<(), String> {
+        let pc = pdv.presentation_context_id;
+        match self.decide(pc, &bytes) {
+            Decision::Forward if self.association.local_only.contains(&pc) => {
+                out.changed = true;
+                let command = dimse::decode_command(&bytes).map_err(|e| e.to_string())?;
+                let answer = self.local_answer(pc, &command);
+                if command.has_data_set {
+                    self.refusing.insert(pc, answer);
+                } else {
+                    out.back.extend_from_slice(&answer);
                 }
-                None => Cow::Borrowed(pdv.data),
-            };
-            match self.decide(pc, &bytes) {
-                Decision::Forward if self.association.local_only.contains(&pc) => {
-                    changed = true;
-                    let command = dimse::decode_command(&bytes).map_err(|e| e.to_string())?;
-                    let answer = self.local_answer(pc, &command);
-                    if command.has_data_set {
-                        self.refusing.insert(pc, answer);
-                    } else {
-                        back.extend_from_slice(&answer);
-                    }
+            }
+            Decision::Forward => match bytes {
+                Cow::Borrowed(_) => out.pieces.push(Piece::Original(pdv)),
+                Cow::Owned(bytes) => out.pieces.push(Piece::Command { pc, bytes }),
+            },
+            Decision::Intercept(command, _) if self.active.len() >= MAX_RETRIEVALS => {
+                out.changed = true;
+                let answer = self.move_refusal(
+                    pc,
+                    &command,
+                    UNABLE_TO_PERFORM,
+                    "too many move-as-get retrievals at once",
+                );
+                if command.has_data_set {
+                    self.refusing.insert(pc, answer);
+                } else {
+                    out.back.extend_from_slice(&answer);
                 }
-                Decision::Forward => match bytes {
-                    Cow::Borrowed(_) => pieces.push(Piece::Original(pdv)),
-                    Cow::Owned(bytes) => pieces.push(Piece::Command { pc, bytes }),
-                },
-                Decision::Intercept(command, _) if self.active.len() >= MAX_RETRIEVALS => {
-                    changed = true;
-                    let rsp = dimse_extra::move_response(
-                        &command,
-                        UNABLE_TO_PERFORM,
-                        &SubOperations::default(),
-                        false,
-                        "too many move-as-get retrievals at once",
+            }
+            Decision::Intercept(command, store) => {
+                out.changed = true;
+                if command.has_data_set {
+                    let reservation = self.account.reservation();
+                    self.held.insert(
+                        pc,
+                        Held {
+                            command: *command,
+                            store,
+                            identifier: Vec::new(),
+                            reservation,
+                        },
                     );
-                    let mut w = PDataWriter::new(self.association.to_client_max);
-                    w.push(pc, true, true, &rsp);
-                    if command.has_data_set {
-                        self.refusing.insert(pc, w.into_bytes());
-                    } else {
-                        back.extend_from_slice(&w.into_bytes());
-                    }
+                } else {
+                    let answer = self.move_refusal(
+                        pc,
+                        &command,
+                        IDENTIFIER_DOES_NOT_MATCH,
+                        "C-MOVE without identifier",
+                    );
+                    out.back.extend_from_slice(&answer);
                 }
-                Decision::Intercept(command, store) => {
-                    changed = true;
-                    if command.has_data_set {
-                        self.held.insert(
-                            pc,
-                            Held {
-                                command: *command,
-                                store,
-                                identifier: Vec::new(),
-                                reservation: self.account.reservation(),
-                            },
-                        );
-                    } else {
-                        let rsp = dimse_extra::move_response(
-                            &command,
-                            IDENTIFIER_DOES_NOT_MATCH,
-                            &SubOperations::default(),
-                            false,
-                            "C-MOVE without identifier",
-                        );
-                        let mut w = PDataWriter::new(self.association.to_client_max);
-                        w.push(pc, true, true, &rsp);
-                        back.extend_from_slice(&w.into_bytes());
-                    }
-                }
-                Decision::Cancel(id) => {
-                    changed = true;
-                    if let Some(cancel) = self.active.get(&id) {
-                        cancel.send_replace(true);
-                    }
+            }
+            Decision::Cancel(id) => {
+                out.changed = true;
+                if let Some(cancel) = self.active.get(&id) {
+                    cancel.send_replace(true);
                 }
             }
         }
+        Ok(())
+    }
+}
+
+/// What one P-DATA-TF from the client becomes, built PDV by PDV: the pieces for the gateway
+/// (unless nothing `changed`) and the PDUs answered `back` to the client.
+#[derive(Default)]
+struct Rebuild<'a> {
+    pieces: Vec<Piece<'a>>,
+    changed: bool,
+    back: Vec<u8>,
+}
+
+impl Rebuild<'_> {
+    fn into_actions(self, to_gateway_max: u32) -> Actions {
+        let Rebuild {
+            pieces,
+            changed,
+            back,
+        } = self;
         if !changed {
-            return Ok(Actions {
+            return Actions {
                 forward: Forward::Unchanged,
                 back,
-            });
+            };
         }
-        let mut writer = PDataWriter::new(self.association.to_gateway_max);
+        let mut writer = PDataWriter::new(to_gateway_max);
         for piece in &pieces {
             match piece {
                 Piece::Original(p) => {
@@ -555,7 +480,7 @@ impl Interceptor {
         } else {
             Forward::Rebuilt(writer.into_bytes())
         };
-        Ok(Actions { forward, back })
+        Actions { forward, back }
     }
 }
 
@@ -592,112 +517,7 @@ impl Inspector for Interceptor {
     }
 }
 
-/// [`relay::relay`] between the local client and the gateway, with the PDUs that arrive on
-/// `inject` (the retrievals' C-MOVE responses) written to the local client between whole PDUs,
-/// and, every `keepalive` interval while a retrieval runs, a C-ECHO-RQ to the gateway on the
-/// association's keep-alive context (its response never reaches the client).
-pub async fn relay_with_injection<L, G>(
-    local: L,
-    gateway: G,
-    limits: RelayLimits,
-    inspector: Interceptor,
-    mut inject: mpsc::Receiver<Vec<u8>>,
-    keepalive: Option<Duration>,
-    shutdown: watch::Receiver<bool>,
-) -> (RelayEnd, RelayStats)
-where
-    L: AsyncRead + AsyncWrite + Send + 'static,
-    G: AsyncRead + AsyncWrite + Unpin,
-{
-    let (relay_side, pump_side) = tokio::io::duplex(PIPE);
-    let (mut pump_rd, pump_wr) = tokio::io::split(pump_side);
-    let (mut local_rd, local_wr) = tokio::io::split(local);
-    let local_wr = Arc::new(tokio::sync::Mutex::new(local_wr));
-    let pump_wr = Arc::new(tokio::sync::Mutex::new(pump_wr));
-
-    // Local client -> relay, and connect's keep-alives -> relay: whole PDUs each.
-    let to_relay = pump_wr.clone();
-    let up_limit = limits.from_client;
-    let up = tokio::spawn(async move {
-        let mut buf = Vec::new();
-        while read_pdu(&mut local_rd, &mut buf, up_limit).await.is_ok() {
-            let mut w = to_relay.lock().await;
-            if w.write_all(&buf).await.is_err() {
-                break;
-            }
-        }
-        let _ = to_relay.lock().await.shutdown().await;
-    });
-    let echo = match (keepalive, inspector.association.keepalive_context) {
-        (Some(every), Some(context)) => {
-            let running = inspector.running();
-            let to_relay = pump_wr.clone();
-            let max = inspector.association.to_gateway_max;
-            Some(tokio::spawn(async move {
-                let mut id: u16 = 0;
-                loop {
-                    tokio::time::sleep(every).await;
-                    if running.load(Ordering::SeqCst) == 0 {
-                        continue;
-                    }
-                    id = id.wrapping_add(1).max(1);
-                    let command = crate::tools::client::request_command(
-                        cf::C_ECHO_RQ,
-                        VERIFICATION,
-                        id,
-                        false,
-                    );
-                    let mut writer = PDataWriter::new(max);
-                    writer.push(context, true, true, &command);
-                    if to_relay
-                        .lock()
-                        .await
-                        .write_all(&writer.into_bytes())
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            }))
-        }
-        _ => None,
-    };
-    // Relay -> local client: whole PDUs, so injected ones never land inside another.
-    let writer = local_wr.clone();
-    let limit = limits.from_archive;
-    let down = tokio::spawn(async move {
-        let mut buf = Vec::new();
-        while read_pdu(&mut pump_rd, &mut buf, limit).await.is_ok() {
-            let mut w = writer.lock().await;
-            if w.write_all(&buf).await.is_err() || w.flush().await.is_err() {
-                break;
-            }
-        }
-        let _ = writer.lock().await.shutdown().await;
-    });
-    let writer = local_wr.clone();
-    let injector = tokio::spawn(async move {
-        while let Some(pdus) = inject.recv().await {
-            let mut w = writer.lock().await;
-            if w.write_all(&pdus).await.is_err() || w.flush().await.is_err() {
-                break;
-            }
-        }
-    });
-
-    let (end, stats, inspector) =
-        relay::relay(relay_side, gateway, limits, inspector, shutdown).await;
-    // Dropping the inspector drops the cancel senders: retrievals still running stop.
-    drop(inspector);
-    if let Some(echo) = echo {
-        echo.abort();
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(5), down).await;
-    up.abort();
-    injector.abort();
-    (end, stats)
-}
+pub use super::injection::relay_with_injection;
 
 /// A free odd presentation context ID for connect's own keep-alive context, from the top down.
 pub fn free_context_id(used: impl Iterator<Item = u8>) -> Option<u8> {

@@ -3,7 +3,6 @@
 //! SCP over a plain association, answered with its status, and the C-GET responses go back to the
 //! local client as C-MOVE responses with the same counts.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use super::dimse_extra::{self, SubOperations};
 use super::gateway::Gateway;
 use super::link::{self, Answer, EXPLICIT_LE, IMPLICIT_LE, Link, LinkError, Proposal};
+use super::local_storage::LocalStorage;
 use super::storage_classes::STORAGE_CLASSES;
 use crate::dimse::{self, Command, PDataWriter, command_field as cf, status};
 
@@ -24,11 +24,11 @@ pub const PATIENT_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.1.2";
 pub const PATIENT_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.1.3";
 
 /// C-STORE status: processing failure (PS3.7 C.4.2), when the local SCP cannot be reached.
-const PROCESSING_FAILURE: u16 = 0x0110;
+pub(super) const PROCESSING_FAILURE: u16 = 0x0110;
 /// C-MOVE status: refused, unable to perform sub-operations.
 const UNABLE_TO_PERFORM: u16 = 0xA702;
 /// The largest identifier (e.g. a Failed SOP Instance UID List) taken from a C-GET response.
-const MAX_RESPONSE_IDENTIFIER: usize = 4 * 1024 * 1024;
+pub(super) const MAX_RESPONSE_IDENTIFIER: usize = 4 * 1024 * 1024;
 /// Messages read on one C-GET association at most: a bound on the loop, far above real studies.
 const MAX_MESSAGES: usize = 10_000_000;
 
@@ -214,10 +214,19 @@ async fn respond(
     })
 }
 
+/// The C-GET association to the gateway, with its GET presentation context and transfer syntax.
+struct GetAssociation {
+    link: Link<GatewayStream>,
+    pc: u8,
+    ts: String,
+}
+
+type GatewayStream = tokio_rustls::client::TlsStream<TcpStream>;
+
 async fn perform(
     r: &Retrieval,
     out: &mpsc::Sender<Vec<u8>>,
-    mut cancel: watch::Receiver<bool>,
+    cancel: watch::Receiver<bool>,
 ) -> Result<Finished, Failure> {
     let model = get_model(&r.request.affected_sop_class).ok_or_else(|| {
         failure(
@@ -226,8 +235,27 @@ async fn perform(
             format!("no C-GET model for {}", r.request.affected_sop_class),
         )
     })?;
+    let mut get = open_get(r, model).await?;
+    let identifier = identifier_for(r, &get.ts)?;
+    let get_id = get.link.message_id();
+    let command = crate::tools::client::request_command(cf::C_GET_RQ, model, get_id, true);
+    get.link
+        .send_message(get.pc, &command, Some(&identifier))
+        .await?;
 
-    // The C-GET association: both GET models, every storage class with the SCP role.
+    let mut local = LocalStorage::new(r);
+    // An error of `exchange` itself leaves the C-GET association as it is (dropped, no A-ABORT).
+    let result = exchange(r, out, cancel, &mut get, get_id, &mut local).await?;
+    match &result {
+        Ok(_) => get.link.release().await,
+        Err(_) => get.link.abort().await,
+    }
+    local.close().await;
+    result
+}
+
+/// Open the C-GET association: both GET models, every storage class with the SCP role.
+async fn open_get(r: &Retrieval, model: &str) -> Result<GetAssociation, Failure> {
     let uncompressed = vec![EXPLICIT_LE.to_string(), IMPLICIT_LE.to_string()];
     let mut proposals: Vec<Proposal> = [STUDY_ROOT_GET, PATIENT_ROOT_GET]
         .iter()
@@ -274,89 +302,94 @@ async fn perform(
             ));
         }
     };
-    let mut get = Link::new(stream, &rq, &ac, r.archive_wait);
-    let Some(get_pc) = get.context_for(model, None) else {
-        get.abort().await;
+    let link = Link::new(stream, &rq, &ac, r.archive_wait);
+    let Some(pc) = link.context_for(model, None) else {
+        link.abort().await;
         return Err(failure(
             UNABLE_TO_PERFORM,
             "move-as-get: the gateway did not accept C-GET",
             format!("the gateway did not accept the presentation context for {model}"),
         ));
     };
-    let get_ts = get
+    let ts = link
         .contexts
-        .get(&get_pc)
+        .get(&pc)
         .map(|c| c.transfer_syntax.clone())
         .unwrap_or_default();
-    let identifier = if get_ts == r.identifier_ts {
-        r.identifier.clone()
-    } else {
-        let object = dimse::decode_identifier(&r.identifier, &r.identifier_ts)
-            .map_err(|e| failure(0xA900, "identifier does not match", e.to_string()))?;
-        crate::tools::client::encode_identifier(&object, &get_ts)
-            .map_err(|e| failure(0xA900, "identifier does not match", e.to_string()))?
-    };
-    let get_id = get.message_id();
-    let command = crate::tools::client::request_command(cf::C_GET_RQ, model, get_id, true);
-    get.send_message(get_pc, &command, Some(&identifier))
-        .await?;
+    Ok(GetAssociation { link, pc, ts })
+}
 
-    let mut local = LocalStorage::new(r);
+/// The local C-MOVE's identifier in the C-GET context's transfer syntax.
+fn identifier_for(r: &Retrieval, get_ts: &str) -> Result<Vec<u8>, Failure> {
+    if get_ts == r.identifier_ts {
+        return Ok(r.identifier.clone());
+    }
+    let object = dimse::decode_identifier(&r.identifier, &r.identifier_ts)
+        .map_err(|e| failure(0xA900, "identifier does not match", e.to_string()))?;
+    crate::tools::client::encode_identifier(&object, get_ts)
+        .map_err(|e| failure(0xA900, "identifier does not match", e.to_string()))
+}
+
+/// Count one local C-STORE's status among the sub-operations.
+fn tally(mine: &mut SubOperations, status: u16) {
+    match status {
+        status::SUCCESS => mine.completed = mine.completed.saturating_add(1),
+        s if s == 0x0001 || s & 0xF000 == 0xB000 => mine.warning = mine.warning.saturating_add(1),
+        _ => mine.failed = mine.failed.saturating_add(1),
+    }
+}
+
+/// The C-GET exchange: C-STOREs handed to the local SCP and answered, C-GET responses passed to
+/// the client as C-MOVE responses, a C-CANCEL sent once on `cancel`. The inner result is how the
+/// retrieval ended (the association then released or aborted); an outer error ends it at once.
+async fn exchange(
+    r: &Retrieval,
+    out: &mpsc::Sender<Vec<u8>>,
+    mut cancel: watch::Receiver<bool>,
+    get: &mut GetAssociation,
+    get_id: u16,
+    local: &mut LocalStorage<'_>,
+) -> Result<Result<Finished, Failure>, Failure> {
     let mut mine = SubOperations::default();
     let mut cancel_sent = false;
-    let mut result = Err(failure(
-        UNABLE_TO_PERFORM,
-        "move-as-get: too many messages",
-        "message bound reached",
-    ));
     for _ in 0..MAX_MESSAGES {
         match cancel.has_changed() {
             Ok(true) if !cancel_sent => {
                 cancel.borrow_and_update();
                 cancel_sent = true;
-                get.send_message(get_pc, &dimse::c_cancel(get_id), None)
+                get.link
+                    .send_message(get.pc, &dimse::c_cancel(get_id), None)
                     .await?;
             }
             Ok(_) => {}
             Err(_) => {
-                result = Err(failure(
+                return Ok(Err(failure(
                     UNABLE_TO_PERFORM,
                     "",
                     "the local client's association ended",
-                ));
-                break;
+                )));
             }
         }
-        let (pc, command) = match get.read_command("waiting for C-GET responses").await {
+        let (pc, command) = match get.link.read_command("waiting for C-GET responses").await {
             Ok(m) => m,
-            Err(e) => {
-                result = Err(e.into());
-                break;
-            }
+            Err(e) => return Ok(Err(e.into())),
         };
         if command.field == cf::C_STORE_RQ {
-            let status = match store_one(&mut get, &mut local, pc, &command).await {
+            let status = match store_one(&mut get.link, local, pc, &command).await {
                 Ok(s) => s,
-                Err(e) => {
-                    result = Err(e.into());
-                    break;
-                }
+                Err(e) => return Ok(Err(e.into())),
             };
-            match status {
-                status::SUCCESS => mine.completed = mine.completed.saturating_add(1),
-                s if s == 0x0001 || s & 0xF000 == 0xB000 => {
-                    mine.warning = mine.warning.saturating_add(1)
-                }
-                _ => mine.failed = mine.failed.saturating_add(1),
-            }
-            get.send_message(pc, &dimse::refusal(&command, status, ""), None)
+            tally(&mut mine, status);
+            get.link
+                .send_message(pc, &dimse::refusal(&command, status, ""), None)
                 .await?;
             continue;
         }
         if command.field != (cf::C_GET_RQ | cf::RESPONSE) || command.responded_to != get_id {
             // Nothing else is expected here; skip it (and its data set).
             if command.has_data_set {
-                get.read_data(pc, MAX_RESPONSE_IDENTIFIER, "skipping a data set")
+                get.link
+                    .read_data(pc, MAX_RESPONSE_IDENTIFIER, "skipping a data set")
                     .await?;
             }
             continue;
@@ -368,7 +401,7 @@ async fn perform(
             mine
         };
         let data = if command.has_data_set {
-            read_held(&mut get, pc, &r.account).await?
+            read_held(&mut get.link, pc, &r.account).await?
         } else {
             None
         };
@@ -378,23 +411,21 @@ async fn perform(
         }
         counts.remaining = None;
         // The Failed SOP Instance UID List goes along when it is in the client's transfer syntax.
-        let data = data.filter(|_| get_ts == r.identifier_ts).map(|(d, _)| d);
+        let data = data.filter(|_| get.ts == r.identifier_ts).map(|(d, _)| d);
         let comment = dimse::attribute(&command.object, dicom_dictionary_std::tags::ERROR_COMMENT);
         respond(r, out, st, &counts, data.as_deref(), &comment).await?;
-        result = Ok(Finished {
+        return Ok(Ok(Finished {
             status: st,
             counts,
             stored: local.stored,
             failed: local.failed,
-        });
-        break;
+        }));
     }
-    match &result {
-        Ok(_) => get.release().await,
-        Err(_) => get.abort().await,
-    }
-    local.close().await;
-    result
+    Ok(Err(failure(
+        UNABLE_TO_PERFORM,
+        "move-as-get: too many messages",
+        "message bound reached",
+    )))
 }
 
 /// A C-GET response's data set (a Failed SOP Instance UID List), held within the move-as-get buffer:
@@ -489,201 +520,6 @@ async fn store_one<G: AsyncRead + AsyncWrite + Unpin>(
         Err(e) => {
             local.note_failure(command, &e);
             Ok(PROCESSING_FAILURE)
-        }
-    }
-}
-
-/// The association to the local storage SCP, opened on the first sub-operation and re-opened when
-/// a sub-operation brings a SOP class / transfer syntax pair it was not proposed.
-struct LocalStorage<'a> {
-    store: &'a LocalStore,
-    /// Our calling AE title: the AE the local client called (the archive, as the viewer knows it).
-    calling_ae: &'a str,
-    /// The local C-MOVE's message ID and its requestor, for Move Originator.
-    originator_ae: &'a str,
-    originator_id: u16,
-    timeout: Duration,
-    link: Option<Link<TcpStream>>,
-    proposed: Vec<(String, String)>,
-    refused: HashSet<(String, String)>,
-    stored: u32,
-    failed: u32,
-}
-
-impl<'a> LocalStorage<'a> {
-    fn new(r: &'a Retrieval) -> LocalStorage<'a> {
-        LocalStorage {
-            store: &r.store,
-            calling_ae: &r.called_ae,
-            originator_ae: &r.calling_ae,
-            originator_id: r.request.message_id,
-            timeout: r.timeout,
-            link: None,
-            proposed: Vec::new(),
-            refused: HashSet::new(),
-            stored: 0,
-            failed: 0,
-        }
-    }
-
-    fn note_failure(&mut self, command: &Command, reason: &str) {
-        self.failed += 1;
-        tracing::warn!(
-            destination = %self.store,
-            sop_instance_uid = %command.affected_sop_instance,
-            reason,
-            "move-as-get: an instance could not be stored locally"
-        );
-    }
-
-    /// Send the C-STORE-RQ for `command`; returns the local context and message ID.
-    async fn begin(&mut self, command: &Command, ts: &str) -> Result<(u8, u16), String> {
-        let lpc = self.context(&command.affected_sop_class, ts).await?;
-        let Some(link) = self.link.as_mut() else {
-            return Err("no association".into());
-        };
-        let id = link.message_id();
-        let rq = dimse_extra::store_request(command, id, self.originator_ae, self.originator_id);
-        if let Err(e) = link.send_message(lpc, &rq, None).await {
-            self.drop_link().await;
-            return Err(e.to_string());
-        }
-        Ok((lpc, id))
-    }
-
-    async fn send_data(&mut self, lpc: u8, data: &[u8], is_last: bool) -> Result<(), String> {
-        let Some(link) = self.link.as_mut() else {
-            return Err("no association".into());
-        };
-        if let Err(e) = link.send_data(lpc, data, is_last).await {
-            self.drop_link().await;
-            return Err(e.to_string());
-        }
-        Ok(())
-    }
-
-    /// The local C-STORE-RSP to message `id`.
-    async fn finish(&mut self, id: u16) -> Result<u16, String> {
-        let Some(link) = self.link.as_mut() else {
-            return Err("no association".into());
-        };
-        for _ in 0..64 {
-            let (pc, rsp) = match link.read_command("waiting for the local C-STORE-RSP").await {
-                Ok(m) => m,
-                Err(e) => {
-                    self.drop_link().await;
-                    return Err(e.to_string());
-                }
-            };
-            if rsp.has_data_set
-                && let Err(e) = link
-                    .read_data(pc, MAX_RESPONSE_IDENTIFIER, "skipping")
-                    .await
-            {
-                self.drop_link().await;
-                return Err(e.to_string());
-            }
-            if rsp.field == (cf::C_STORE_RQ | cf::RESPONSE) && rsp.responded_to == id {
-                return Ok(rsp.status.unwrap_or(PROCESSING_FAILURE));
-            }
-        }
-        Err("no C-STORE-RSP".into())
-    }
-
-    async fn drop_link(&mut self) {
-        if let Some(link) = self.link.take() {
-            link.abort().await;
-        }
-    }
-
-    /// The local presentation context for this SOP class and transfer syntax, (re)associating if needed.
-    async fn context(&mut self, class: &str, ts: &str) -> Result<u8, String> {
-        if let Some(id) = self
-            .link
-            .as_ref()
-            .and_then(|l| l.context_for(class, Some(ts)))
-        {
-            return Ok(id);
-        }
-        let pair = (class.to_string(), ts.to_string());
-        let refused = || {
-            format!(
-                "{} does not accept SOP class {class} in transfer syntax {ts}",
-                self.store
-            )
-        };
-        if self.refused.contains(&pair) {
-            return Err(refused());
-        }
-        if !self.proposed.contains(&pair) {
-            if self.proposed.len() >= 128 {
-                return Err("more than 128 SOP class / transfer syntax pairs".into());
-            }
-            self.proposed.push(pair.clone());
-        } else if self.link.is_some() {
-            self.refused.insert(pair);
-            return Err(refused());
-        }
-        if let Some(old) = self.link.take() {
-            old.release().await;
-        }
-        self.link = Some(self.open().await?);
-        match self
-            .link
-            .as_ref()
-            .and_then(|l| l.context_for(class, Some(ts)))
-        {
-            Some(id) => Ok(id),
-            None => {
-                self.refused.insert(pair);
-                Err(refused())
-            }
-        }
-    }
-
-    async fn open(&self) -> Result<Link<TcpStream>, String> {
-        let proposals: Vec<Proposal> = self
-            .proposed
-            .iter()
-            .map(|(class, ts)| Proposal {
-                abstract_syntax: class.clone(),
-                transfer_syntaxes: vec![ts.clone()],
-            })
-            .collect();
-        let rq = link::request(self.calling_ae, &self.store.ae_title, &proposals, &[], None);
-        let bytes = link::encode(&dicom_ul::pdu::Pdu::AssociationRQ(rq.clone()))
-            .map_err(|e| e.to_string())?;
-        let mut stream =
-            match tokio::time::timeout(self.timeout, TcpStream::connect(&self.store.address)).await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(format!("{} unreachable: {e}", self.store)),
-                Err(_) => return Err(format!("{} connect timed out", self.store)),
-            };
-        let _ = stream.set_nodelay(true);
-        match link::exchange(&mut stream, &bytes, self.timeout).await {
-            Ok(Answer::Accepted(ac)) => Ok(Link::new(stream, &rq, &ac, self.timeout)),
-            Ok(Answer::Rejected(rj)) => {
-                let code = |i: usize| rj.get(i).copied().unwrap_or(0);
-                let r = crate::tools::client::Rejection {
-                    result: code(7),
-                    source: code(8),
-                    reason: code(9),
-                };
-                Err(format!("{} rejected the association: {r}", self.store))
-            }
-            Ok(Answer::Aborted(abort)) => Err(format!(
-                "{}: {}",
-                self.store,
-                super::gateway::abort_words(&abort)
-            )),
-            Err(e) => Err(format!("{}: {e}", self.store)),
-        }
-    }
-
-    async fn close(&mut self) {
-        if let Some(link) = self.link.take() {
-            link.release().await;
         }
     }
 }
