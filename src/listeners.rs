@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::gateway::{Gateway, ServerError};
 use crate::config::Config;
+use crate::gateway::{Gateway, ServerError};
 
 /// One kind of listener, named after its configuration key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
