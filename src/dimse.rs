@@ -23,22 +23,38 @@ pub mod command_field {
     pub const RESPONSE: u16 = 0x8000;
 }
 
-/// Statuses the gateway answers with itself (PS3.7 annex C).
+/// Every DIMSE status pacsgate sends or tests for (PS3.7 annex C; PS3.4 B, C): the gateway, the demo
+/// archive and `pacsgate connect` all name them from here.
 pub mod status {
     pub const SUCCESS: u16 = 0x0000;
+    /// C-STORE: processing failure (PS3.7 C.4.2).
+    pub const PROCESSING_FAILURE: u16 = 0x0110;
     pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
     pub const REFUSED_NOT_AUTHORIZED: u16 = 0x0124;
     pub const DUPLICATE_INVOCATION: u16 = 0x0210;
+    pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
     pub const OUT_OF_RESOURCES: u16 = 0xA700;
+    /// C-MOVE / C-GET: out of resources, unable to calculate number of matches.
     pub const OUT_OF_RESOURCES_MATCHES: u16 = 0xA701;
+    /// C-MOVE / C-GET: out of resources, unable to perform sub-operations.
+    pub const UNABLE_TO_PERFORM_SUB_OPERATIONS: u16 = 0xA702;
     pub const MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
+    /// C-FIND / C-MOVE / C-GET: identifier does not match SOP class; C-STORE: data set does not match.
     pub const IDENTIFIER_DOES_NOT_MATCH: u16 = 0xA900;
+    /// C-MOVE / C-GET warning: sub-operations complete, one or more failures.
+    pub const SUB_OPERATIONS_WITH_FAILURES: u16 = 0xB000;
+    pub const UNABLE_TO_PROCESS: u16 = 0xC000;
     pub const CANCEL: u16 = 0xFE00;
     pub const PENDING: u16 = 0xFF00;
     pub const PENDING_WARNING: u16 = 0xFF01;
 
     pub fn is_pending(s: u16) -> bool {
         s == PENDING || s == PENDING_WARNING
+    }
+
+    /// Warning statuses are 0x0001 and 0xBxxx (PS3.7 C.3).
+    pub fn is_warning(status: u16) -> bool {
+        status == 0x0001 || status & 0xF000 == 0xB000
     }
 }
 
@@ -350,7 +366,11 @@ pub fn decode_command(bytes: &[u8]) -> Result<Command, DimseError> {
     })
 }
 
-fn encode_command(elements: Vec<DataElement<InMemDicomObject>>) -> Vec<u8> {
+/// The one command-set encoder (PS3.7 6.3.1: implicit VR little endian, (0000,0000) computed): every
+/// command pacsgate writes, as gateway, tool, `connect` or demo archive, is encoded here.
+pub fn encode_command(
+    elements: impl IntoIterator<Item = DataElement<InMemDicomObject>>,
+) -> Vec<u8> {
     let object = InMemDicomObject::command_from_element_iter(elements);
     let mut out = Vec::new();
     // Writing an in-memory object of fixed, well-formed elements into a Vec does not fail.
@@ -405,7 +425,7 @@ pub fn with_status(response: &Command, status: u16, comment: &str) -> Vec<u8> {
             PrimitiveValue::from(comment),
         ));
     }
-    encode_command(object.into_iter().collect())
+    encode_command(object)
 }
 
 /// C-CANCEL-RQ for the request with `message_id` (PS3.7 9.3.2.3).

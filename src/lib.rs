@@ -1,16 +1,43 @@
 //! pacsgate: an authenticating DICOM gateway in front of a legacy PACS.
 //!
-//! The data path, in the order an association meets it:
-//! - `server`: accept loop; per association TLS handshake, A-ASSOCIATE-RQ, called AE, authentication,
-//!   upstream connect, the archive's answer, then the relay; one log line per association.
-//! - `tls`: rustls server config (TLS 1.2/1.3, ECDHE + AEAD) and certificate loading.
-//! - `pdu`: bounded PDU framing and the rejection / abort PDUs the gateway sends itself.
-//! - `association`: parse the request, strip User Identity, rewrite AE titles and maximum PDU lengths.
-//! - `auth`: client certificate, username + passcode (argon2id) and JWT credentials.
+//! # Layout
+//! Wire (PS3.8 / PS3.7, no policy):
+//! - `ul`: the DICOM upper layer: PDU framing, RJ / A-ABORT (`ul::pdu`), association items, the one
+//!   Maximum Length reader and the implementation UID (`ul::association`, `ul`), flushed writes and the
+//!   bounded A-ASSOCIATE-RQ read (`ul::io`).
+//! - `dimse`: DIMSE command sets and statuses, PDV items, data-set structure checks.
+//! - `tls`: rustls server and client configs (TLS 1.2/1.3, ECDHE + AEAD), certificate loading.
+//!
+//! The gateway (one association, in the order it meets them):
+//! - `gateway`: the accept loop, `Gateway` / `State` (reload, drain); `gateway::associate` runs the phases
+//!   (TLS, A-ASSOCIATE-RQ, called AE, authentication, archive connect, the archive's answer, relay), each
+//!   returning `Result<_, Stop>`; `gateway::stop` turns a `Stop` into the wire answer, log line, metric and
+//!   audit event; `gateway::return_path` carries C-MOVE results back.
 //! - `relay`: whole PDUs both ways, P-DATA offered to an `Inspector` (the seam for DIMSE policy).
-//! - `config`: the TOML file format and its validation.
+//! - `session`: the DIMSE policy per association (assembly, decisions, reporting).
+//! - `moves`: the registry of C-MOVEs in progress (a leaf).
+//! - `web`: the HTTPS door (DICOMweb, sign-in, forwarding).
+//!
+//! Policy:
+//! - `auth`: client certificate, username + passcode (argon2id) and JWT credentials.
+//! - `policy`: grants, limits and admission, lockout, the failed-login rule, the query guard.
+//! - `config`: the TOML file format (`config::file`), its validation one section at a time
+//!   (`config::validate`) into the runtime types (`config::runtime`).
+//!
+//! Operations:
+//! - `service`: `pacsgate run` assembled: config in force, listeners, admin port, signals, drain.
 //! - `listeners`: the listening sockets by configuration key, opened, moved and closed on reload.
 //! - `admin`: the admin port (`/metrics`, `/healthz`, `/readyz`), bounded so it cannot starve the doors.
+//! - `audit`, `metrics`, `logfmt`: the audit trail (file, syslog), Prometheus metrics, log-field quoting.
+//! - `check`: `pacsgate check` (config, files, reachability; exit 0/1/2).
+//!
+//! Tools:
+//! - `tools`: `echo`, `find`, `probe`, `token`, `hash-password` requestors and helpers.
+//! - `connect`: `pacsgate connect`, a local port that signs a viewer in and forwards to the gateway.
+//! - `demo`: `pacsgate demo` and its in-process demo archive (`demo::archive`).
+//! - `devcerts`: `pacsgate certs`, a development CA and certificates.
+//!
+//! Where a change goes (a new sign-in method, config key, DICOM check): ARCHITECTURE.md.
 #![forbid(unsafe_code)]
 
 pub mod admin;

@@ -443,10 +443,7 @@ where
     }
 }
 
-async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
-}
+use crate::ul::io::write_flush;
 
 #[cfg(test)]
 mod tests {

@@ -32,7 +32,7 @@ const PASSWORD: &str = "hostile-test passphrase 7";
 const PHASE: Duration = Duration::from_secs(2);
 /// `idle` in the test configs, in milliseconds.
 const IDLE_MS: u64 = 3000;
-/// How long the gateway waits for a peer to close after its last A-ABORT / A-ASSOCIATE-RJ (server.rs).
+/// How long the gateway waits for a peer to close after its last A-ABORT / A-ASSOCIATE-RJ (src/ul/io.rs).
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Scheduling slack on a loaded 2-core machine.
 const SLACK: Duration = Duration::from_millis(1500);

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pacsgate::association::{
+use pacsgate::ul::association::{
     UpstreamAnswer, client_max_pdu, parse_answer, parse_request, rewrite_accept, rewrite_request,
     user_identity,
 };

@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use pacsgate::dimse::{check_pdv_items, pdv_items};
-use pacsgate::pdu::{self, PduError, read_pdu};
+use pacsgate::ul::pdu::{self, PduError, read_pdu};
 use pacsgate_fuzz::poll_once;
 
 fuzz_target!(|data: &[u8]| {

@@ -8,7 +8,7 @@ use dicom_ul::pdu::{
     AssociationRQ, Pdu, PresentationContextProposed, UserIdentityType, UserVariableItem, write_pdu,
 };
 use libfuzzer_sys::fuzz_target;
-use pacsgate::association::{parse_request, rewrite_request, user_identity};
+use pacsgate::ul::association::{parse_request, rewrite_request, user_identity};
 use pacsgate::auth::Origin;
 use pacsgate_fuzz::{authenticator, poll_once};
 

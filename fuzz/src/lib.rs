@@ -97,7 +97,7 @@ pub fn authenticator() -> &'static Authenticator {
     AUTH.get_or_init(|| Authenticator::new(config()).expect("authenticator"))
 }
 
-/// The DIMSE policy of one association, as `server::associate` builds it: presentation context 1
+/// The DIMSE policy of one association, as `gateway::associate` builds it: presentation context 1
 /// Explicit VR Little Endian, 3 Implicit VR Little Endian, 5 a compressed syntax; both peers 16 KiB PDUs.
 pub fn session(user_role: &str) -> Session {
     let cfg = config();
@@ -134,7 +134,7 @@ pub const PDU_LIMIT: u32 = 16384;
 /// Wrap a P-DATA-TF body in its 6-byte header.
 pub fn pdata(body: &[u8]) -> Vec<u8> {
     let mut pdu = Vec::with_capacity(body.len() + 6);
-    pdu.extend_from_slice(&[pacsgate::pdu::P_DATA_TF, 0]);
+    pdu.extend_from_slice(&[pacsgate::ul::pdu::P_DATA_TF, 0]);
     pdu.extend_from_slice(&(body.len() as u32).to_be_bytes());
     pdu.extend_from_slice(body);
     pdu
@@ -146,7 +146,7 @@ pub fn assert_well_formed_pdata(bytes: &[u8], max_body: u32, what: &str) {
     let mut rest = bytes;
     while !rest.is_empty() {
         assert!(rest.len() >= 6, "{what}: a truncated PDU header");
-        assert_eq!(rest[0], pacsgate::pdu::P_DATA_TF, "{what}: not a P-DATA-TF");
+        assert_eq!(rest[0], pacsgate::ul::pdu::P_DATA_TF, "{what}: not a P-DATA-TF");
         let len = u32::from_be_bytes([rest[2], rest[3], rest[4], rest[5]]);
         assert!(
             len <= max_body,

@@ -1,5 +1,5 @@
 //! `pacsgate connect` options, from the command line and an optional `[connect]` section of a TOML
-//! file (the command line wins), validated into [`Settings`]; and [`run`], which main.rs calls.
+//! file (the command line wins), validated into [`Settings`]; and [`run`] (in `run.rs`, re-exported here), which main.rs calls.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -5,7 +5,6 @@ use dicom_core::header::Header;
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
-use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
 
 use crate::dimse::{self, Command, NO_DATA_SET, command_field};
 
@@ -52,14 +51,11 @@ fn us(tag: Tag, v: u16) -> DataElement<InMemDicomObject> {
 
 fn encode(object: InMemDicomObject) -> Vec<u8> {
     // Re-encoding keeps every element but (0000,0000), which command_from_element_iter recomputes.
-    let elements = object
-        .into_iter()
-        .filter(|e| e.tag() != tags::COMMAND_GROUP_LENGTH);
-    let object = InMemDicomObject::command_from_element_iter(elements);
-    let mut out = Vec::new();
-    // Writing well-formed command elements into a Vec does not fail.
-    let _ = object.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased());
-    out
+    dimse::encode_command(
+        object
+            .into_iter()
+            .filter(|e| e.tag() != tags::COMMAND_GROUP_LENGTH),
+    )
 }
 
 /// A C-MOVE-RSP to `request` (a C-MOVE-RQ) with `status` and the sub-operation counts
@@ -206,7 +202,10 @@ mod tests {
         ]);
         let mut bytes = Vec::new();
         object
-            .write_dataset_with_ts(&mut bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+            .write_dataset_with_ts(
+                &mut bytes,
+                &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+            )
             .expect("encode");
         let received = decode_command(&bytes).expect("decode");
         let out = decode_command(&store_request(&received, 5, "ARCHIVE", 9)).expect("decode");

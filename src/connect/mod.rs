@@ -44,8 +44,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::task::TaskTracker;
 
 use crate::relay::{self, PassThrough, RelayEnd, RelayLimits, RelayStats};
-use crate::ul::association;
-use crate::ul::pdu::{self, PduError, Rejection, read_pdu};
+use crate::ul::pdu::{self, Rejection};
 use gateway::{Gateway, OpenError};
 use link::Answer;
 use local::{Caller, Callers, Listeners};
@@ -291,7 +290,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Local for T {}
 
 /// Send a last PDU to the local client and close (bounded).
 async fn refuse(stream: &mut impl Local, bytes: &[u8]) {
-    crate::gateway::send(stream, bytes).await;
+    crate::ul::io::send(stream, bytes).await;
 }
 
 /// One local association: its request, the gateway's answer, the accept, then the relay.
@@ -373,34 +372,17 @@ async fn associate(
 
 /// Phase: the local A-ASSOCIATE-RQ, bounded in size and time (ARTIM), parsed.
 async fn read_request(local: &mut impl Local, within: Duration) -> Result<AssociationRQ, Stop> {
-    let mut buf = Vec::new();
-    let pdu_type =
-        match tokio::time::timeout(within, read_pdu(local, &mut buf, MAX_REQUEST_LENGTH)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(PduError::Closed)) => {
-                return Err(stop("closed", "closed before A-ASSOCIATE-RQ"));
-            }
-            Ok(Err(e)) => {
-                refuse(local, &pdu::abort(2)).await;
-                return Err(stop("protocol_error", format!("association request: {e}")));
-            }
-            Err(_) => {
-                refuse(local, &pdu::abort(0)).await;
-                return Err(stop("timeout", "association request timed out (ARTIM)"));
-            }
-        };
-    if pdu_type != pdu::A_ASSOCIATE_RQ {
-        refuse(local, &pdu::abort(1)).await;
-        return Err(stop(
-            "protocol_error",
-            format!("PDU type {pdu_type:#04x} before A-ASSOCIATE-RQ"),
-        ));
-    }
-    match association::parse_request(&buf) {
+    use crate::ul::io::RequestError;
+    match crate::ul::io::read_request(local, within, MAX_REQUEST_LENGTH).await {
         Ok(rq) => Ok(rq),
+        Err(e @ RequestError::Closed) => Err(stop("closed", e.to_string())),
         Err(e) => {
-            refuse(local, &pdu::abort(2)).await;
-            Err(stop("protocol_error", e.to_string()))
+            refuse(local, &pdu::abort(e.abort_reason())).await;
+            let outcome = match e {
+                RequestError::Timeout => "timeout",
+                _ => "protocol_error",
+            };
+            Err(stop(outcome, e.to_string()))
         }
     }
 }
@@ -571,7 +553,4 @@ fn relay_limit(receiver: &[UserVariableItem]) -> u32 {
         .min(MAX_RELAY_PDU)
 }
 
-async fn write_flush(stream: &mut impl Local, bytes: &[u8]) -> std::io::Result<()> {
-    stream.write_all(bytes).await?;
-    stream.flush().await
-}
+use crate::ul::io::write_flush;

@@ -23,19 +23,15 @@ use crate::relay::{Actions, Forward, Inspector, Side};
 
 /// The largest C-MOVE identifier held back.
 const MAX_IDENTIFIER: usize = 1024 * 1024;
-/// C-MOVE status: identifier does not match SOP class (a C-MOVE without identifier).
-const IDENTIFIER_DOES_NOT_MATCH: u16 = 0xA900;
 /// Retrievals one association may run at once.
 const MAX_RETRIEVALS: usize = 4;
-/// C-MOVE status: refused, unable to perform sub-operations.
-const UNABLE_TO_PERFORM: u16 = 0xA702;
-/// C-MOVE status: refused, out of resources (unable to calculate number of matches): the identifier
-/// cannot be held within the move-as-get buffer.
-const OUT_OF_RESOURCES_MATCHES: u16 = 0xA701;
-/// C-MOVE status: move destination unknown.
-const MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
-/// Status: SOP class not supported.
-const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+// C-MOVE statuses (crate::dimse::status): 0xA900 for a C-MOVE without identifier, 0xA701 for an
+// identifier that cannot be held within the move-as-get buffer.
+use crate::dimse::status::UNABLE_TO_PERFORM_SUB_OPERATIONS as UNABLE_TO_PERFORM;
+use crate::dimse::status::{
+    IDENTIFIER_DOES_NOT_MATCH, MOVE_DESTINATION_UNKNOWN, OUT_OF_RESOURCES_MATCHES,
+    SOP_CLASS_NOT_SUPPORTED,
+};
 
 pub use super::buffer::{
     Account, Buffer, BufferLimits, DEFAULT_BUFFER, DEFAULT_BUFFER_TOTAL, Exceeded, MIN_BUFFER,

@@ -23,10 +23,9 @@ pub const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
 pub const PATIENT_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.1.2";
 pub const PATIENT_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.1.3";
 
-/// C-STORE status: processing failure (PS3.7 C.4.2), when the local SCP cannot be reached.
-pub(super) const PROCESSING_FAILURE: u16 = 0x0110;
-/// C-MOVE status: refused, unable to perform sub-operations.
-const UNABLE_TO_PERFORM: u16 = 0xA702;
+// C-STORE processing failure (0x0110) when the local SCP cannot be reached.
+pub(super) use crate::dimse::status::PROCESSING_FAILURE;
+use crate::dimse::status::UNABLE_TO_PERFORM_SUB_OPERATIONS as UNABLE_TO_PERFORM;
 /// The largest identifier (e.g. a Failed SOP Instance UID List) taken from a C-GET response.
 pub(super) const MAX_RESPONSE_IDENTIFIER: usize = 4 * 1024 * 1024;
 /// Messages read on one C-GET association at most: a bound on the loop, far above real studies.
@@ -324,17 +323,27 @@ fn identifier_for(r: &Retrieval, get_ts: &str) -> Result<Vec<u8>, Failure> {
     if get_ts == r.identifier_ts {
         return Ok(r.identifier.clone());
     }
-    let object = dimse::decode_identifier(&r.identifier, &r.identifier_ts)
-        .map_err(|e| failure(0xA900, "identifier does not match", e.to_string()))?;
-    crate::tools::client::encode_identifier(&object, get_ts)
-        .map_err(|e| failure(0xA900, "identifier does not match", e.to_string()))
+    let object = dimse::decode_identifier(&r.identifier, &r.identifier_ts).map_err(|e| {
+        failure(
+            status::IDENTIFIER_DOES_NOT_MATCH,
+            "identifier does not match",
+            e.to_string(),
+        )
+    })?;
+    crate::tools::client::encode_identifier(&object, get_ts).map_err(|e| {
+        failure(
+            status::IDENTIFIER_DOES_NOT_MATCH,
+            "identifier does not match",
+            e.to_string(),
+        )
+    })
 }
 
 /// Count one local C-STORE's status among the sub-operations.
 fn tally(mine: &mut SubOperations, status: u16) {
     match status {
         status::SUCCESS => mine.completed = mine.completed.saturating_add(1),
-        s if s == 0x0001 || s & 0xF000 == 0xB000 => mine.warning = mine.warning.saturating_add(1),
+        s if status::is_warning(s) => mine.warning = mine.warning.saturating_add(1),
         _ => mine.failed = mine.failed.saturating_add(1),
     }
 }
@@ -510,7 +519,7 @@ async fn store_one<G: AsyncRead + AsyncWrite + Unpin>(
     };
     match local.finish(id).await {
         Ok(status) => {
-            if status == status::SUCCESS || status == 0x0001 || status & 0xF000 == 0xB000 {
+            if status == status::SUCCESS || status::is_warning(status) {
                 local.stored += 1;
             } else {
                 local.failed += 1;

@@ -26,7 +26,8 @@ use crate::relay::{self, RelayEnd, RelayLimits};
 use crate::session::{Party, Session};
 use crate::tls;
 use crate::ul::association::{self, DICOM_APPLICATION_CONTEXT, UpstreamAnswer};
-use crate::ul::pdu::{self, PduError, Rejection, read_pdu};
+use crate::ul::io::RequestError;
+use crate::ul::pdu::{self, Rejection, read_pdu};
 
 /// A connection just accepted, with what its association will need.
 pub(super) struct Accepted {
@@ -474,19 +475,14 @@ pub(crate) async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
         .timeouts
         .association_request
         .saturating_sub(started.elapsed());
-    let mut buf = Vec::new();
     let limit = cfg.gateway.max_association_request_length;
-    let pdu_type = match tokio::time::timeout(artim, read_pdu(client, &mut buf, limit)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(PduError::Closed)) => return Err(Stop::Closed),
-        Ok(Err(e)) => return Err(Stop::protocol(2, format!("association request: {e}"))),
-        Err(_) => return Err(Stop::RequestTimeout),
-    };
-    if pdu_type != pdu::A_ASSOCIATE_RQ {
-        let reason = format!("PDU type {pdu_type:#04x} before A-ASSOCIATE-RQ");
-        return Err(Stop::protocol(1, reason));
-    }
-    let rq = association::parse_request(&buf).map_err(|e| Stop::protocol(2, e.to_string()))?;
+    let rq = crate::ul::io::read_request(client, artim, limit)
+        .await
+        .map_err(|e| match e {
+            RequestError::Closed => Stop::Closed,
+            RequestError::Timeout => Stop::RequestTimeout,
+            e => Stop::protocol(e.abort_reason(), e.to_string()),
+        })?;
     if rq.protocol_version & 1 == 0 {
         let reason = "protocol version 1 not offered";
         return Err(Stop::rejected(Rejection::ProtocolVersion, reason));

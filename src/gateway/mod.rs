@@ -1,7 +1,7 @@
 //! The running gateway: its [`State`] (replaced whole on reload), the accept loop, reload and drain.
 //! One association's way through it is in [`associate`], the typed [`Stop`] and its one answer and
-//! report in [`stop`], the C-MOVE return path in [`return_path`], the assembly of `pacsgate run` in
-//! [`service`].
+//! report in [`stop`], the C-MOVE return path in [`return_path`], the bounded TCP connect and write in
+//! [`io`]; `pacsgate run` is assembled in [`crate::service`].
 
 mod associate;
 mod io;

@@ -638,11 +638,7 @@ pub fn request_command(field: u16, sop_class: &str, message_id: u16, with_data: 
     if field != command_field::C_ECHO_RQ {
         elements.push(us(tags::PRIORITY, 0));
     }
-    let object = InMemDicomObject::command_from_element_iter(elements);
-    let mut out = Vec::new();
-    // Fixed, well-formed elements written into a Vec: this cannot fail.
-    let _ = object.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LITTLE_ENDIAN.erased());
-    out
+    dimse::encode_command(elements)
 }
 
 /// Encode an identifier in a context's transfer syntax (Implicit or Explicit VR Little Endian).

@@ -1,6 +1,7 @@
 //! The DICOM upper layer (PS3.8): PDU framing and the association items, shared by the gateway,
 //! the command-line tools, `pacsgate connect` and the demo archive.
 pub mod association;
+pub mod io;
 pub mod pdu;
 
 /// Implementation Class UID (PS3.7 D.3.3.2) every pacsgate requestor and the demo acceptor announce;

@@ -23,21 +23,14 @@ pub(crate) mod command {
     pub const RESPONSE_BIT: u16 = f::RESPONSE;
 }
 
-/// Status values used by the demo archive (PS3.7 annex C, PS3.4 B, C).
+/// Status values used by the demo archive: `crate::dimse::status`'s, under the names this code reads by.
 pub(crate) mod status {
-    pub use crate::dimse::status::{CANCEL, OUT_OF_RESOURCES, PENDING, SUCCESS};
-    pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
-    pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
-    pub const UNABLE_TO_PERFORM_SUB_OPERATIONS: u16 = 0xA702;
-    /// C-STORE: data set does not match SOP class; C-FIND/C-GET: identifier does not match SOP class.
-    pub const DOES_NOT_MATCH_SOP_CLASS: u16 = 0xA900;
-    pub const UNABLE_TO_PROCESS: u16 = 0xC000;
-    pub const SUB_OPERATIONS_WITH_FAILURES: u16 = 0xB000;
-
-    /// Warning statuses are 0x0001 and 0xBxxx (PS3.7 C.3).
-    pub fn is_warning(status: u16) -> bool {
-        status == 0x0001 || status & 0xF000 == 0xB000
-    }
+    pub use crate::dimse::status::IDENTIFIER_DOES_NOT_MATCH as DOES_NOT_MATCH_SOP_CLASS;
+    pub use crate::dimse::status::{
+        CANCEL, OUT_OF_RESOURCES, PENDING, SOP_CLASS_NOT_SUPPORTED, SUB_OPERATIONS_WITH_FAILURES,
+        SUCCESS, UNABLE_TO_PERFORM_SUB_OPERATIONS, UNABLE_TO_PROCESS, UNRECOGNIZED_OPERATION,
+        is_warning,
+    };
 }
 
 /// (0000,0800) value meaning "no data set follows".
@@ -163,13 +156,9 @@ impl CommandBuilder {
         self.us(tags::COMMAND_DATA_SET_TYPE, value)
     }
 
-    /// Encode as Implicit VR Little Endian with (0000,0000) computed by dicom-object.
+    /// Encode as Implicit VR Little Endian with (0000,0000) computed (`dimse::encode_command`).
     pub fn encode(self) -> Result<Vec<u8>, DemoArchiveError> {
-        let obj = InMemDicomObject::command_from_element_iter(self.0);
-        let mut out = Vec::with_capacity(128);
-        obj.write_dataset_with_ts(&mut out, &IMPLICIT_VR_LE.erased())
-            .map_err(|e| DemoArchiveError::Command(e.to_string()))?;
-        Ok(out)
+        Ok(crate::dimse::encode_command(self.0))
     }
 }
 
