@@ -216,7 +216,7 @@ async fn handle(tunnel: &Tunnel, caller: Caller, aborted: watch::Receiver<bool>)
                 ),
                 Err(e) => (None, format!("the calling local user is unknown: {e}")),
             };
-            let answered = match read_request(&mut stream, tunnel.request_timeout).await {
+            let answered = match local_request(&mut stream, tunnel.request_timeout).await {
                 Ok(rq) => {
                     seen.calling_ae = rq.calling_ae_title.trim().to_string();
                     seen.called_ae = rq.called_ae_title.trim().to_string();
@@ -303,7 +303,7 @@ async fn associate(
     if let local::LocalStream::Tcp(tcp) = &local {
         let _ = tcp.set_nodelay(true);
     }
-    let rq = read_request(&mut local, tunnel.request_timeout).await?;
+    let rq = local_request(&mut local, tunnel.request_timeout).await?;
     seen.calling_ae = rq.calling_ae_title.trim().to_string();
     seen.called_ae = rq.called_ae_title.trim().to_string();
 
@@ -371,7 +371,7 @@ async fn associate(
 }
 
 /// Phase: the local A-ASSOCIATE-RQ, bounded in size and time (ARTIM), parsed.
-async fn read_request(local: &mut impl Local, within: Duration) -> Result<AssociationRQ, Stop> {
+async fn local_request(local: &mut impl Local, within: Duration) -> Result<AssociationRQ, Stop> {
     use crate::ul::io::RequestError;
     match crate::ul::io::read_request(local, within, MAX_REQUEST_LENGTH).await {
         Ok(rq) => Ok(rq),

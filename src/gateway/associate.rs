@@ -147,7 +147,7 @@ impl<'a> Association<'a> {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let cfg = &self.state.config;
-        let rq = read_request(client, cfg, self.started).await?;
+        let rq = request_phase(client, cfg, self.started).await?;
         self.outcome.calling_ae = rq.calling_ae_title.clone();
         self.outcome.called_ae = rq.called_ae_title.clone();
         self.check_address()?;
@@ -415,7 +415,7 @@ async fn refuse_request<S: AsyncRead + AsyncWrite + Unpin>(
     cap: Cap,
     outcome: &mut Outcome,
 ) -> Stop {
-    let stop = match read_request(client, cfg, started).await {
+    let stop = match request_phase(client, cfg, started).await {
         Ok(rq) => {
             outcome.calling_ae = rq.calling_ae_title.clone();
             outcome.called_ae = rq.called_ae_title.clone();
@@ -466,7 +466,7 @@ async fn handshake(
 /// Phase: the association request, within the ARTIM timer (counted from `started`), bounded in
 /// size, parsed, and checked for protocol version and application context. The stop it returns is
 /// for the caller to answer ([`Stop::answer`]).
-pub(crate) async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn request_phase<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut S,
     cfg: &Config,
     started: Instant,

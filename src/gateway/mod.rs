@@ -1,7 +1,7 @@
 //! The running gateway: its [`State`] (replaced whole on reload), the accept loop, reload and drain.
 //! One association's way through it is in [`associate`], the typed [`Stop`] and its one answer and
 //! report in [`stop`], the C-MOVE return path in [`return_path`], the bounded TCP connect and write in
-//! [`io`]; `pacsgate run` is assembled in [`crate::service`].
+//! [`io`]; `pacsgate run` is assembled in the `service` module.
 
 mod associate;
 mod io;
@@ -295,6 +295,6 @@ impl crate::admin::Running for Gateway {
 }
 
 pub(crate) use crate::policy::limits::{Bounds, Cap, PendingConnections, PendingSlot};
-pub(crate) use associate::{open_upstream, read_request};
+pub(crate) use associate::{open_upstream, request_phase};
 pub(crate) use io::{connect_tcp, send, write_within};
 pub(crate) use stop::Stop;

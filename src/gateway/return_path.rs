@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{Gateway, PendingSlot, State, Stop, open_upstream, read_request, send, write_within};
+use super::{Gateway, PendingSlot, State, Stop, open_upstream, request_phase, send, write_within};
 use crate::config::{Config, Destination, unmapped};
 use crate::dimse::{self, command_field as cf};
 use crate::moves::{Claim, DestinationConnectors, MovesInProgress};
@@ -274,7 +274,7 @@ impl ReturnAssociation<'_> {
             let reason = "address is not allowed on the return listener";
             return Err(Stop::Refused(reason.into()));
         }
-        let rq = read_request(archive, cfg, self.started).await?;
+        let rq = request_phase(archive, cfg, self.started).await?;
         self.line.calling_ae = rq.calling_ae_title.clone();
         self.line.called_ae = rq.called_ae_title.clone();
         let Some(destination) = cfg.destination(&rq.called_ae_title) else {
