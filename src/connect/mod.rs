@@ -44,6 +44,8 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::task::TaskTracker;
 
 use crate::relay::{self, PassThrough, RelayEnd, RelayLimits, RelayStats};
+use crate::ul::association;
+use crate::ul::io::write_flush;
 use crate::ul::pdu::{self, Rejection};
 use gateway::{Gateway, OpenError};
 use link::Answer;
@@ -543,14 +545,5 @@ fn accept_for_client(
 
 /// The largest PDU a side may send: what the receiver announced (0, unlimited, becomes 16 MiB).
 fn relay_limit(receiver: &[UserVariableItem]) -> u32 {
-    receiver
-        .iter()
-        .find_map(|v| match v {
-            UserVariableItem::MaxLength(n) if *n != 0 => Some(*n),
-            _ => None,
-        })
-        .unwrap_or(MAX_RELAY_PDU)
-        .min(MAX_RELAY_PDU)
+    association::limited_max_length(receiver, MAX_RELAY_PDU)
 }
-
-use crate::ul::io::write_flush;

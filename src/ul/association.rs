@@ -84,14 +84,18 @@ pub fn peer_max_length(items: &[UserVariableItem], default: u32) -> u32 {
         .clamp(4096, 16 * 1024 * 1024)
 }
 
-fn max_length(items: &[UserVariableItem]) -> u32 {
-    announced_max_length(items).unwrap_or(0)
+/// What a peer's Maximum Length means under a relay's own `limit`: absent or 0 ("unlimited") is
+/// `limit`, anything larger is clamped to it.
+pub fn limited_max_length(items: &[UserVariableItem], limit: u32) -> u32 {
+    match announced_max_length(items).unwrap_or(0) {
+        0 => limit,
+        n => n.min(limit),
+    }
 }
 
 /// Set the Maximum Length sub-item to what the peer asked, clamped to the gateway's limit (0 means unlimited).
 fn clamp_max_length(items: &mut Vec<UserVariableItem>, limit: u32) -> u32 {
-    let asked = max_length(items);
-    let clamped = if asked == 0 { limit } else { asked.min(limit) };
+    let clamped = limited_max_length(items, limit);
     items.retain(|v| !matches!(v, UserVariableItem::MaxLength(_)));
     items.insert(0, UserVariableItem::MaxLength(clamped));
     clamped
@@ -173,10 +177,7 @@ pub fn rewrite_accept(
 
 /// The maximum PDU length the client said it accepts, clamped to the gateway's limit.
 pub fn client_max_pdu(rq: &AssociationRQ, max_pdu_length: u32) -> u32 {
-    match max_length(&rq.user_variables) {
-        0 => max_pdu_length,
-        n => n.min(max_pdu_length),
-    }
+    limited_max_length(&rq.user_variables, max_pdu_length)
 }
 
 /// One accepted presentation context (PS3.8 9.3.3.2): what may be said on it, and how.
@@ -257,8 +258,24 @@ mod tests {
         assert!(user_identity(&again).is_none());
         assert_eq!(again.called_ae_title, "ORTHANC");
         assert_eq!(again.calling_ae_title, "VIEWER");
-        assert_eq!(max_length(&again.user_variables), 65536);
+        assert_eq!(announced_max_length(&again.user_variables), Some(65536));
         assert!(!out.windows(2).any(|w| w == b"pw"));
+    }
+
+    #[test]
+    fn one_reading_of_maximum_length_for_every_relay() {
+        use UserVariableItem::MaxLength;
+        assert_eq!(limited_max_length(&[], 65536), 65536);
+        assert_eq!(limited_max_length(&[MaxLength(0)], 65536), 65536);
+        assert_eq!(limited_max_length(&[MaxLength(1 << 30)], 65536), 65536);
+        assert_eq!(limited_max_length(&[MaxLength(16384)], 65536), 16384);
+        // Repeated items: the first is the one read, as clamp_max_length forwards it.
+        assert_eq!(
+            limited_max_length(&[MaxLength(0), MaxLength(4096)], 65536),
+            65536
+        );
+        assert_eq!(peer_max_length(&[MaxLength(0)], 262144), 262144);
+        assert_eq!(peer_max_length(&[MaxLength(100)], 262144), 4096);
     }
 
     #[test]
