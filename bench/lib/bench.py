@@ -22,6 +22,7 @@ option and listen on all interfaces: nothing but loopback clients ever connect t
 import argparse
 import concurrent.futures
 import datetime
+import glob
 import json
 import os
 import platform
@@ -458,10 +459,16 @@ def start_everything(e, procs, p):
             e.gateway_conf, e.gateway_limits = conf, limits
         # As deployed: RUST_BACKTRACE unset (with it set, every error value a dependency creates, even one
         # that is handled, captures a stack trace; see docs/performance.md).
-        e.gateways[g] = procs.start(g, [binary, "run", "--config", conf],
+        argv = [binary, "run", "--config", conf]
+        if e.callgrind:
+            # Counts instructions (repeatable whatever else the machine does); ~50x slower. Zeroed and
+            # dumped around each measured workload by callgrind_control (see callgrind_mark).
+            argv = ["valgrind", "--tool=callgrind", "--collect-atstart=yes",
+                    f"--callgrind-out-file={os.path.join(e.dir, 'callgrind.' + g)}.%p"] + argv
+        e.gateways[g] = procs.start(g, argv,
                                     env={"RUST_LOG": os.environ.get("RUST_LOG", "info"), "NO_COLOR": "1"},
                                     drop_env=("RUST_BACKTRACE", "RUST_LIB_BACKTRACE"))
-        wait_listening(procs, g, e.gateways[g], [e.ports[g]])
+        wait_listening(procs, g, e.gateways[g], [e.ports[g]], 120.0 if e.callgrind else 30.0)
     e.gateway = e.gateways["pacsgate"]
     e.stunnel = dict(procs.procs)["stunnel"]
 
@@ -611,6 +618,35 @@ class Results:
 def chunks(total, parts):
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def callgrind_zero(e):
+    """--callgrind: zero every gateway's instruction counters before a measured workload."""
+    for g, proc in e.gateways.items():
+        run(["callgrind_control", "-z", str(proc.pid)], 120)
+
+
+def callgrind_dump(e, key):
+    """--callgrind: dump every gateway's counters after workload `key`; returns {gateway: instructions}."""
+    counts = {}
+    for g, proc in e.gateways.items():
+        stem = os.path.join(e.dir, f"callgrind.{g}.{proc.pid}")
+        before = set(glob.glob(stem + ".*"))
+        run(["callgrind_control", "-d", key, str(proc.pid)], 300)
+        deadline = time.monotonic() + 120
+        new = []
+        while time.monotonic() < deadline and not new:
+            new = sorted(set(glob.glob(stem + ".*")) - before)
+            time.sleep(0.2)
+        if not new:
+            raise RuntimeError(f"callgrind_control wrote no dump for {g} after {key}")
+        with open(new[-1], errors="replace") as f:
+            for line in f:
+                if line.startswith("summary:") or line.startswith("totals:"):
+                    counts[g] = int(line.split()[1])
+                    break
+        e.callgrind_files.append(new[-1])
+    return counts
 
 
 def workload_store(e, p, res, key, service, folder, expected, timeout):
@@ -1023,11 +1059,38 @@ def report(e, p, res, started, finished):
     lines.append("")
     lines.append("## Targets")
     lines.append("")
-    for name, ok, detail in targets(by_key):
+    if e.callgrind:
+        lines.append("Not judged: under --callgrind the gateways run ~50x slower, so their rates above mean nothing; "
+                     "the instruction counts below are the figures of this run.")
+    for name, ok, detail in ([] if e.callgrind else targets(by_key)):
         mark = "not measured" if ok is None else ("met" if ok else "**missed**")
         lines.append(f"- {name}: {mark} ({detail})")
     lines.append("")
+    if e.callgrind_counts:
+        lines += callgrind_table(e, p)
     return "\n".join(lines)
+
+
+def callgrind_table(e, p):
+    """--callgrind: instructions each gateway executed per workload (zeroed before it, dumped after)."""
+    units = dict(small=(e.small_files * p.rounds, "instance"), large=(e.large_bytes / 1e6 * p.rounds, "MB"),
+                 archive=(e.archive_files * p.rounds, "instance"), find=(p.finds, "C-FIND"))
+    gws = list(e.gateways)
+    lines = ["## Instructions (callgrind, gateway process only)", "",
+             "Counted by valgrind's callgrind: the same binary and input give the same figure on a busy machine. "
+             "Every association of the workload through that gateway, TLS and sign-in included.", "",
+             "| workload | " + " | ".join(f"{g} total" for g in gws) + " | per unit | "
+             + ("pacsgate / base |" if "pacsgate_base" in gws else ""),
+             "|---|" + "---:|" * len(gws) + "---|" + ("---:|" if "pacsgate_base" in gws else "")]
+    for key, counts in e.callgrind_counts.items():
+        n, unit = units.get(key, (None, None))
+        per = "; ".join(f"{g} {counts[g] / n:,.0f}" for g in gws if g in counts) + f" per {unit}" if n else "-"
+        row = f"| {key} | " + " | ".join(f"{counts.get(g, 0):,}" for g in gws) + f" | {per} |"
+        if "pacsgate_base" in gws and counts.get("pacsgate_base"):
+            row += f" {counts.get('pacsgate', 0) / counts['pacsgate_base']:.3f} |"
+        lines.append(row)
+    lines.append("")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1109,6 +1172,10 @@ def main():
                     help="folder for <date>-<time>.md and .json (default bench/results; a smoke run writes none "
                          "unless this is given)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
+    ap.add_argument("--callgrind", action="store_true",
+                    help="run each gateway under valgrind's callgrind (about 50x slower: use with --only and "
+                         "--rounds 1) and report the instructions it executed per workload, a figure that "
+                         "repeats whatever else the machine does; with --base-bin, side by side")
     ap.add_argument("--perf", action="store_true",
                     help="record the gateway with `perf record -g` during the workloads (use with --only) and "
                          "write perf.data + a flat report next to the results")
@@ -1133,6 +1200,9 @@ def main():
     if e.base_bin:
         add_base_gateway()
     e.pdu = args.pdu
+    e.callgrind, e.callgrind_files, e.callgrind_counts = args.callgrind, [], {}
+    if e.callgrind and not shutil.which("callgrind_control"):
+        ap.error("--callgrind needs valgrind (Debian package valgrind)")
     e.socat_buffer = args.socat_buffer
     e.dir = tempfile.mkdtemp(prefix="pacsgate-bench-")
     e.log_config = os.path.join(e.dir, "dcmtk-log.cfg")
@@ -1166,34 +1236,34 @@ def main():
             procs.procs.append(("perf", perf))
             time.sleep(0.5)
         # Idle first: the gateway's memory is then not what earlier workloads left in its allocator.
-        if want("idle"):
-            log(f"(6) idle associations: {p.idle}")
-            workload_idle(e, p, res)
-        if want("small"):
-            log(f"(1) small instances: {e.small_files} per association")
-            workload_store(e, p, res, "small", "sink", e.small_dir, e.small_files, 600)
-        if want("large"):
-            log(f"(2) large instance: {e.large_bytes / 1e6:.0f} MB")
-            workload_store(e, p, res, "large", "sink", e.large_dir, 1, 600)
-        if want("setup"):
-            log(f"(3) association setup: {p.setup} per path")
-            workload_setup(e, p, res)
-        if want("find"):
-            log(f"(4) C-FIND: {p.finds} per path")
-            workload_find(e, p, res)
-        if want("concurrent"):
-            log(f"(5) concurrent: {p.concurrent} associations x {p.per_assoc} instances")
-            workload_concurrent(e, p, res)
-        if want("burst"):
-            log(f"(8) burst: {p.burst} associations at once x {p.burst_per_assoc} instances, from 1 and "
-                f"{BURST_ADDRESSES} addresses; (3d) {p.password_burst} password sign-ins at once")
-            workload_burst(e, p, res)
-        if want("archive"):
-            log(f"(1b) into Orthanc: {e.archive_files} instances")
-            workload_store(e, p, res, "archive", "orthanc", e.archive_dir, e.archive_files, 600)
-        if want("memory"):
-            log(f"(7) idle RSS after {p.memory_rounds} rounds of {p.memory_logins} password logins + stores")
-            workload_memory(e, p, res)
+        workloads = [
+            ("idle", f"(6) idle associations: {p.idle}", lambda: workload_idle(e, p, res)),
+            ("small", f"(1) small instances: {e.small_files} per association",
+             lambda: workload_store(e, p, res, "small", "sink", e.small_dir, e.small_files, 600)),
+            ("large", f"(2) large instance: {e.large_bytes / 1e6:.0f} MB",
+             lambda: workload_store(e, p, res, "large", "sink", e.large_dir, 1, 600)),
+            ("setup", f"(3) association setup: {p.setup} per path", lambda: workload_setup(e, p, res)),
+            ("find", f"(4) C-FIND: {p.finds} per path", lambda: workload_find(e, p, res)),
+            ("concurrent", f"(5) concurrent: {p.concurrent} associations x {p.per_assoc} instances",
+             lambda: workload_concurrent(e, p, res)),
+            ("burst", f"(8) burst: {p.burst} associations at once x {p.burst_per_assoc} instances, from 1 and "
+                      f"{BURST_ADDRESSES} addresses; (3d) {p.password_burst} password sign-ins at once",
+             lambda: workload_burst(e, p, res)),
+            ("archive", f"(1b) into Orthanc: {e.archive_files} instances",
+             lambda: workload_store(e, p, res, "archive", "orthanc", e.archive_dir, e.archive_files, 600)),
+            ("memory", f"(7) idle RSS after {p.memory_rounds} rounds of {p.memory_logins} password logins + stores",
+             lambda: workload_memory(e, p, res)),
+        ]
+        for key, what, workload in workloads:
+            if not want(key):
+                continue
+            log(what)
+            if e.callgrind:
+                callgrind_zero(e)
+            workload()
+            if e.callgrind:
+                e.callgrind_counts[key] = callgrind_dump(e, key)
+                log(f"  callgrind {key}: " + ", ".join(f"{g} {n:,} instructions" for g, n in e.callgrind_counts[key].items()))
         gateway_alive = all(proc.poll() is None for proc in e.gateways.values())
         if perf is not None:
             perf.send_signal(signal.SIGINT)
