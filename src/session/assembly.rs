@@ -63,13 +63,13 @@ impl Session {
             ));
         }
         let mut asm = std::mem::take(match from {
-            Side::Client => &mut self.from_client,
-            Side::Archive => &mut self.from_archive,
+            Side::Requestor => &mut self.from_client,
+            Side::Acceptor => &mut self.from_archive,
         });
         let result = self.step_in(from, pdv, pc, &mut asm, pieces, back);
         *match from {
-            Side::Client => &mut self.from_client,
-            Side::Archive => &mut self.from_archive,
+            Side::Requestor => &mut self.from_client,
+            Side::Acceptor => &mut self.from_archive,
         } = asm;
         result
     }
@@ -126,7 +126,7 @@ impl Session {
             let has_data = command.has_data_set;
             match self.decide(from, pc, &command, back) {
                 Decision::Forward => {
-                    let tracked = from == Side::Client
+                    let tracked = from == Side::Requestor
                         && !command.is_response()
                         && command.field != cf::C_CANCEL_RQ
                         && self.track(&command, None);

@@ -49,16 +49,16 @@ impl Session {
         back: &mut PDataWriter,
     ) -> Decision {
         match from {
-            Side::Archive => self.decide_archive(pc, c, back),
+            Side::Acceptor => self.decide_archive(pc, c, back),
             // A C-STORE-RSP to a C-GET sub-operation: only to a request the archive is waiting on.
-            Side::Client if c.is_response() => {
+            Side::Requestor if c.is_response() => {
                 if self.archive_requests.remove(&c.responded_to) {
                     Decision::Forward
                 } else {
                     Decision::Violation(untracked_response("client", c))
                 }
             }
-            Side::Client => {
+            Side::Requestor => {
                 self.counts.requests += 1;
                 let user = &self.party.user;
                 let op = match c.field {

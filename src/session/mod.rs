@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::audit::Audit;
-use crate::dimse::{self, PDataWriter};
+use crate::dimse::PDataWriter;
 use crate::moves::MoveRegistry;
 use crate::policy::{Grants, Limiter};
-use crate::relay::{Actions, Forward, Inspector, Side};
+use crate::relay::{Actions, Forward, Inspector, PData, Side};
 
 /// The Modality Worklist Information Model - FIND SOP class (PS3.4 K.6.1.2).
 const WORKLIST_FIND: &str = "1.2.840.10008.5.1.4.31";
@@ -110,19 +110,18 @@ impl Session {
 }
 
 impl Inspector for Session {
-    fn inspect(&mut self, from: Side, pdata: &[u8]) -> Result<Actions, String> {
+    fn inspect(&mut self, from: Side, pdata: PData<'_>) -> Result<Actions, String> {
         let (to_max, back_max) = match from {
-            Side::Client => (self.archive_max, self.client_max),
-            Side::Archive => (self.client_max, self.archive_max),
+            Side::Requestor => (self.archive_max, self.client_max),
+            Side::Acceptor => (self.client_max, self.archive_max),
         };
         let mut pieces = Vec::new();
         let mut back = PDataWriter::new(back_max);
-        let mut items = 0usize;
-        for pdv in dimse::pdv_items(pdata) {
-            items += 1;
+        for pdv in pdata.items() {
             self.step(from, pdv, &mut pieces, &mut back)?;
         }
-        let unchanged = pieces.len() == items && pieces.iter().all(|p| matches!(p, Piece::Pass(_)));
+        let unchanged =
+            pieces.len() == pdata.len() && pieces.iter().all(|p| matches!(p, Piece::Pass(_)));
         let forward = if unchanged {
             Forward::Unchanged
         } else if pieces.is_empty() {
