@@ -356,7 +356,7 @@ pub async fn relay<C, A, I>(
     archive: A,
     limits: RelayLimits,
     inspector: I,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> (RelayEnd, RelayStats, I)
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -377,52 +377,71 @@ where
 
     let end = {
         let up = direction(
-            Side::Requestor,
+            Legs {
+                side: Side::Requestor,
+                to: &archive_wr,
+                back: &client_wr,
+            },
             &mut client_rd,
-            &archive_wr,
-            &client_wr,
             limits.from_client,
             &shared,
             &mut from_client,
         );
         let down = direction(
-            Side::Acceptor,
+            Legs {
+                side: Side::Acceptor,
+                to: &client_wr,
+                back: &archive_wr,
+            },
             &mut archive_rd,
-            &client_wr,
-            &archive_wr,
             limits.from_archive,
             &shared,
             &mut from_archive,
         );
-        let watchdog = async {
-            loop {
-                let idle = shared.idle_for();
-                if idle >= limits.idle {
-                    return RelayEnd::IdleTimeout;
-                }
-                tokio::time::sleep(limits.idle - idle).await;
-            }
-        };
-        let stop = async {
-            // Ends when told to abort; a dropped sender means nobody will ever say so.
-            if shutdown.wait_for(|abort| *abort).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-            RelayEnd::Shutdown
-        };
         tokio::select! {
             end = up => end,
             end = down => end,
-            end = watchdog => end,
-            end = stop => end,
+            end = idle_timeout(&shared, limits.idle) => end,
+            end = shutting_down(shutdown) => end,
         }
     };
     stats.from_client = from_client;
     stats.from_archive = from_archive;
+    close(&end, client_wr.into_inner(), archive_wr.into_inner()).await;
+    let inspector = shared
+        .inspector
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
+    (end, stats, inspector)
+}
 
-    // Tell the side(s) still there that the association is over, then close both legs.
+/// Ends when neither side has sent anything for `idle`.
+async fn idle_timeout<I>(shared: &Shared<I>, idle: Duration) -> RelayEnd {
+    loop {
+        let quiet = shared.idle_for();
+        if quiet >= idle {
+            return RelayEnd::IdleTimeout;
+        }
+        tokio::time::sleep(idle - quiet).await;
+    }
+}
+
+/// Ends when told to abort; a dropped sender means nobody will ever say so.
+async fn shutting_down(mut shutdown: tokio::sync::watch::Receiver<bool>) -> RelayEnd {
+    if shutdown.wait_for(|abort| *abort).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    RelayEnd::Shutdown
+}
+
+/// Tell the side(s) still there that the association is over, then close both legs.
+async fn close<C: AsyncWrite, A: AsyncWrite>(
+    end: &RelayEnd,
+    mut client: WriteHalf<C>,
+    mut archive: WriteHalf<A>,
+) {
     let abort = pdu::abort(0);
-    let (abort_client, abort_archive) = match &end {
+    let (abort_client, abort_archive) = match end {
         RelayEnd::Released | RelayEnd::Aborted(_) => (false, false),
         RelayEnd::Closed(Side::Requestor) => (false, true),
         RelayEnd::Closed(Side::Acceptor) => (true, false),
@@ -431,29 +450,58 @@ where
         RelayEnd::IdleTimeout | RelayEnd::Shutdown => (true, true),
     };
     let bound = Duration::from_secs(2);
-    let mut cw = client_wr.into_inner();
-    let mut aw = archive_wr.into_inner();
     if abort_client {
-        let _ = tokio::time::timeout(bound, cw.write_all(&abort)).await;
+        let _ = tokio::time::timeout(bound, client.write_all(&abort)).await;
     }
     if abort_archive {
-        let _ = tokio::time::timeout(bound, aw.write_all(&abort)).await;
+        let _ = tokio::time::timeout(bound, archive.write_all(&abort)).await;
     }
-    let _ = tokio::time::timeout(bound, cw.shutdown()).await;
-    let _ = tokio::time::timeout(bound, aw.shutdown()).await;
-    let inspector = shared
-        .inspector
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner());
-    (end, stats, inspector)
+    let _ = tokio::time::timeout(bound, client.shutdown()).await;
+    let _ = tokio::time::timeout(bound, archive.shutdown()).await;
+}
+
+/// The writers of one direction: onward to the other side, and back to the side PDUs come from.
+struct Legs<'l, W, B> {
+    /// The side PDUs come from.
+    side: Side,
+    to: &'l tokio::sync::Mutex<WriteHalf<W>>,
+    back: &'l tokio::sync::Mutex<WriteHalf<B>>,
+}
+
+impl<W: AsyncWrite, B: AsyncWrite> Legs<'_, W, B> {
+    fn other(&self) -> Side {
+        match self.side {
+            Side::Requestor => Side::Acceptor,
+            Side::Acceptor => Side::Requestor,
+        }
+    }
+
+    /// Write onward; failing, the association ends with the other side's failure.
+    async fn forward(&self, bytes: &[u8]) -> Result<(), RelayEnd> {
+        write_flush(&mut *self.to.lock().await, bytes)
+            .await
+            .map_err(|e| RelayEnd::Failed(self.other(), e.to_string()))
+    }
+
+    /// Write back to the sender; failing, the association ends with its failure.
+    async fn answer(&self, bytes: &[u8]) -> Result<(), RelayEnd> {
+        write_flush(&mut *self.back.lock().await, bytes)
+            .await
+            .map_err(|e| RelayEnd::Failed(self.side, e.to_string()))
+    }
+
+    /// The sender failed or broke the protocol: what was gathered before goes on (as it would have
+    /// unbatched), whether or not that write works.
+    async fn fail(&self, gathered: &[u8], reason: String) -> RelayEnd {
+        let _ = write_flush(&mut *self.to.lock().await, gathered).await;
+        RelayEnd::Failed(self.side, reason)
+    }
 }
 
 /// Relay PDUs read from one side to the other until the association ends in this direction.
 async fn direction<R, W, B, I>(
-    side: Side,
+    legs: Legs<'_, W, B>,
     reader: &mut ReadHalf<R>,
-    to: &tokio::sync::Mutex<WriteHalf<W>>,
-    back: &tokio::sync::Mutex<WriteHalf<B>>,
     limit: u32,
     shared: &Shared<I>,
     bytes: &mut u64,
@@ -464,10 +512,27 @@ where
     B: AsyncWrite,
     I: Inspector,
 {
-    let other = match side {
-        Side::Requestor => Side::Acceptor,
-        Side::Acceptor => Side::Requestor,
-    };
+    match relay_pdus(&legs, reader, limit, shared, bytes).await {
+        Ok(never) => match never {},
+        Err(end) => end,
+    }
+}
+
+/// [`direction`]'s loop; its only way out is how the association ended, as the error.
+async fn relay_pdus<R, W, B, I>(
+    legs: &Legs<'_, W, B>,
+    reader: &mut ReadHalf<R>,
+    limit: u32,
+    shared: &Shared<I>,
+    bytes: &mut u64,
+) -> Result<std::convert::Infallible, RelayEnd>
+where
+    R: AsyncRead,
+    W: AsyncWrite,
+    B: AsyncWrite,
+    I: Inspector,
+{
+    let side = legs.side;
     let mut reader = PduReader::new(reader);
     // What is to be forwarded, gathered while the next whole PDU is already buffered: one write
     // (and one wake-up of the receiver) for several PDUs. Sent before waiting for more input, so
@@ -477,9 +542,7 @@ where
     let mut spans = PdvSpans::default();
     loop {
         if !out.is_empty() && (!reader.has_whole_pdu() || out.len() >= COALESCE_LIMIT) {
-            if let Err(e) = write_flush(&mut *to.lock().await, &out).await {
-                return RelayEnd::Failed(other, e.to_string());
-            }
+            legs.forward(&out).await?;
             out.clear();
         }
         if out.capacity() > KEEP_BUFFER && !reader.has_whole_pdu() {
@@ -487,43 +550,19 @@ where
         }
         let (pdu_type, buf) = match reader.next(limit).await {
             Ok((t, at)) => (t, reader.get(at)),
-            Err(PduError::Closed) => return RelayEnd::Closed(side),
-            Err(e) => return RelayEnd::Failed(side, e.to_string()),
+            Err(PduError::Closed) => return Err(RelayEnd::Closed(side)),
+            Err(e) => return Err(RelayEnd::Failed(side, e.to_string())),
         };
         shared.touch();
         *bytes += buf.len() as u64;
-        let actions = match pdu_type {
-            pdu::P_DATA_TF => {
-                let checked = spans
-                    .check(buf)
-                    .and_then(|pdata| match shared.inspector.lock() {
-                        Ok(mut inspector) => inspector.inspect(side, pdata),
-                        Err(_) => Err("inspector poisoned".into()),
-                    });
-                match checked {
-                    Ok(actions) => actions,
-                    Err(e) => {
-                        // What was checked before this PDU goes on, as it would have unbatched.
-                        let _ = write_flush(&mut *to.lock().await, &out).await;
-                        return RelayEnd::Failed(side, e);
-                    }
-                }
-            }
-            pdu::A_RELEASE_RQ | pdu::A_RELEASE_RP | pdu::A_ABORT => Actions::PASS,
-            other_type => {
-                let _ = write_flush(&mut *to.lock().await, &out).await;
-                return RelayEnd::Failed(
-                    side,
-                    format!("unexpected PDU type {other_type:#04x} during the association"),
-                );
-            }
+        let actions = match actions_for(side, pdu_type, buf, &mut spans, shared) {
+            Ok(actions) => actions,
+            Err(reason) => return Err(legs.fail(&out, reason).await),
         };
         match &actions.forward {
             // Nothing gathered and nothing more buffered: straight from the read buffer, no copy.
             Forward::Unchanged if out.is_empty() && !reader.has_whole_pdu() => {
-                if let Err(e) = write_flush(&mut *to.lock().await, buf).await {
-                    return RelayEnd::Failed(other, e.to_string());
-                }
+                legs.forward(buf).await?
             }
             Forward::Unchanged => out.extend_from_slice(buf),
             Forward::Rebuilt(pdus) => out.extend_from_slice(pdus),
@@ -531,27 +570,42 @@ where
         }
         if !actions.back.is_empty() {
             // An answer to the sender (a refusal) follows what was forwarded before it.
-            if let Err(e) = write_flush(&mut *to.lock().await, &out).await {
-                return RelayEnd::Failed(other, e.to_string());
-            }
+            legs.forward(&out).await?;
             out.clear();
-            if let Err(e) = write_flush(&mut *back.lock().await, &actions.back).await {
-                return RelayEnd::Failed(side, e.to_string());
+            legs.answer(&actions.back).await?;
+        }
+        if pdu_type == pdu::A_RELEASE_RP || pdu_type == pdu::A_ABORT {
+            legs.forward(&out).await?;
+            return Err(if pdu_type == pdu::A_RELEASE_RP {
+                RelayEnd::Released
+            } else {
+                RelayEnd::Aborted(side)
+            });
+        }
+    }
+}
+
+/// What to do with one whole PDU from `side`: a P-DATA-TF's PDV items checked (one pass) and offered
+/// to the inspector, release and abort passed on; an error ends the association.
+fn actions_for<I: Inspector>(
+    side: Side,
+    pdu_type: u8,
+    pdu: &[u8],
+    spans: &mut PdvSpans,
+    shared: &Shared<I>,
+) -> Result<Actions, String> {
+    match pdu_type {
+        pdu::P_DATA_TF => {
+            let pdata = spans.check(pdu)?;
+            match shared.inspector.lock() {
+                Ok(mut inspector) => inspector.inspect(side, pdata),
+                Err(_) => Err("inspector poisoned".into()),
             }
         }
-        match pdu_type {
-            pdu::A_RELEASE_RP | pdu::A_ABORT => {
-                if let Err(e) = write_flush(&mut *to.lock().await, &out).await {
-                    return RelayEnd::Failed(other, e.to_string());
-                }
-                return if pdu_type == pdu::A_RELEASE_RP {
-                    RelayEnd::Released
-                } else {
-                    RelayEnd::Aborted(side)
-                };
-            }
-            _ => {}
-        }
+        pdu::A_RELEASE_RQ | pdu::A_RELEASE_RP | pdu::A_ABORT => Ok(Actions::PASS),
+        other_type => Err(format!(
+            "unexpected PDU type {other_type:#04x} during the association"
+        )),
     }
 }
 
