@@ -2,7 +2,7 @@
 //! E.2), then its data set forwarded, held for a decision, or swallowed (PS3.7 6.3.1).
 
 use crate::dimse::{self, Command, PDataWriter, Pdv, command_field as cf, status};
-use crate::relay::Side;
+use crate::relay::{Forward, PData, Side};
 
 use super::*;
 
@@ -48,12 +48,78 @@ pub(super) enum Piece<'a> {
     },
 }
 
+/// The fates of one PDU's PDVs, in order. While every PDV so far passes as it came (the usual case)
+/// only their count is kept, allocating nothing; the list is written out at the first that does not.
+pub(super) struct Pieces<'a> {
+    pdata: PData<'a>,
+    /// The index of the PDV being stepped.
+    current: usize,
+    /// While there is no `list`: the PDVs from the first on passed as they came.
+    passed: usize,
+    list: Option<Vec<Piece<'a>>>,
+}
+
+impl<'a> Pieces<'a> {
+    pub(super) fn new(pdata: PData<'a>) -> Pieces<'a> {
+        Pieces {
+            pdata,
+            current: 0,
+            passed: 0,
+            list: None,
+        }
+    }
+
+    /// The PDV at `index` is stepped next.
+    pub(super) fn at(&mut self, index: usize) {
+        self.current = index;
+    }
+
+    /// The next piece of the rebuilt PDU (a `Pass` is always of the PDV being stepped).
+    pub(super) fn push(&mut self, piece: Piece<'a>) {
+        if self.list.is_none() && self.passed == self.current && matches!(piece, Piece::Pass(_)) {
+            self.passed += 1;
+            return;
+        }
+        let (pdata, passed) = (self.pdata, self.passed);
+        self.list
+            .get_or_insert_with(|| pdata.items().take(passed).map(Piece::Pass).collect())
+            .push(piece);
+    }
+
+    /// Where the PDU goes on: as it came when every PDV passed, else rebuilt for a peer accepting
+    /// PDUs of `max` bytes, or nothing.
+    pub(super) fn forward(self, max: u32) -> Forward {
+        match self.list {
+            None if self.passed == self.pdata.len() => Forward::Unchanged,
+            None if self.passed == 0 => Forward::Nothing,
+            None => rebuild(self.pdata.items().take(self.passed).map(Piece::Pass), max),
+            Some(list) if list.is_empty() => Forward::Nothing,
+            Some(list) => rebuild(list.into_iter(), max),
+        }
+    }
+}
+
+fn rebuild<'a>(pieces: impl Iterator<Item = Piece<'a>>, max: u32) -> Forward {
+    let mut out = PDataWriter::new(max);
+    for piece in pieces {
+        match piece {
+            Piece::Pass(p) => out.push(p.presentation_context_id, p.is_command, p.is_last, p.data),
+            Piece::Emit {
+                pc,
+                is_command,
+                bytes,
+            } => out.push(pc, is_command, true, &bytes),
+        }
+    }
+    Forward::Rebuilt(out.into_bytes())
+}
+
 impl Session {
     pub(super) fn step<'a>(
         &mut self,
         from: Side,
         pdv: Pdv<'a>,
-        pieces: &mut Vec<Piece<'a>>,
+        pieces: &mut Pieces<'a>,
         back: &mut PDataWriter,
     ) -> Result<(), String> {
         let pc = pdv.presentation_context_id;
@@ -80,7 +146,7 @@ impl Session {
         pdv: Pdv<'a>,
         pc: u8,
         asm: &mut Assembly,
-        pieces: &mut Vec<Piece<'a>>,
+        pieces: &mut Pieces<'a>,
         back: &mut PDataWriter,
     ) -> Result<(), String> {
         if pdv.is_command {
@@ -97,7 +163,7 @@ impl Session {
         pdv: Pdv<'a>,
         pc: u8,
         asm: &mut Assembly,
-        pieces: &mut Vec<Piece<'a>>,
+        pieces: &mut Pieces<'a>,
         back: &mut PDataWriter,
     ) -> Result<(), String> {
         if !matches!(asm.data, DataMode::Idle) {
@@ -119,7 +185,7 @@ impl Session {
         pc: u8,
         command: Command,
         set: CommandSet<'a>,
-        pieces: &mut Vec<Piece<'a>>,
+        pieces: &mut Pieces<'a>,
         back: &mut PDataWriter,
     ) -> Result<DataMode, String> {
         let has_data = command.has_data_set;
@@ -207,7 +273,7 @@ impl Session {
         &mut self,
         pdv: Pdv<'a>,
         asm: &mut Assembly,
-        pieces: &mut Vec<Piece<'a>>,
+        pieces: &mut Pieces<'a>,
         back: &mut PDataWriter,
     ) -> Result<(), String> {
         match &mut asm.data {
@@ -264,7 +330,7 @@ impl Session {
         pc: u8,
         command_bytes: Vec<u8>,
         data: Vec<u8>,
-        pieces: &mut Vec<Piece<'_>>,
+        pieces: &mut Pieces<'_>,
     ) {
         match self.rewrite_answer(pc, &data) {
             Ok(data) => emit_message(pieces, pc, command_bytes, data),
@@ -291,7 +357,7 @@ impl Session {
         command: &Command,
         command_bytes: Vec<u8>,
         data: Vec<u8>,
-        pieces: &mut Vec<Piece<'_>>,
+        pieces: &mut Pieces<'_>,
         back: &mut PDataWriter,
     ) {
         match self.decide_identifier(pc, command, &data) {
@@ -381,7 +447,7 @@ fn gather(data: &mut Vec<u8>, pdv: Pdv<'_>, max: usize, too_large: &str) -> Resu
 }
 
 /// A held message forwarded whole: its command set, then its data set.
-fn emit_message(pieces: &mut Vec<Piece<'_>>, pc: u8, command_bytes: Vec<u8>, data: Vec<u8>) {
+fn emit_message(pieces: &mut Pieces<'_>, pc: u8, command_bytes: Vec<u8>, data: Vec<u8>) {
     pieces.push(Piece::Emit {
         pc,
         is_command: true,

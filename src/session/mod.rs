@@ -9,7 +9,7 @@ use crate::audit::Audit;
 use crate::dimse::PDataWriter;
 use crate::moves::MoveRegistry;
 use crate::policy::{Grants, Limiter};
-use crate::relay::{Actions, Forward, Inspector, PData, Side};
+use crate::relay::{Actions, Inspector, PData, Side};
 
 /// The Modality Worklist Information Model - FIND SOP class (PS3.4 K.6.1.2).
 const WORKLIST_FIND: &str = "1.2.840.10008.5.1.4.31";
@@ -47,7 +47,7 @@ mod reporting;
 #[cfg(test)]
 mod tests;
 
-use assembly::{Assembly, Piece};
+use assembly::{Assembly, Pieces};
 use decisions::Decision;
 use reporting::{FindTrack, OpTrack, Retrieval, dimse_name, query_keys, untracked_response};
 pub use reporting::{error_comment, fit_comment};
@@ -115,33 +115,13 @@ impl Inspector for Session {
             Side::Requestor => (self.archive_max, self.client_max),
             Side::Acceptor => (self.client_max, self.archive_max),
         };
-        let mut pieces = Vec::new();
+        let mut pieces = Pieces::new(pdata);
         let mut back = PDataWriter::new(back_max);
-        for pdv in pdata.items() {
+        for (index, pdv) in pdata.items().enumerate() {
+            pieces.at(index);
             self.step(from, pdv, &mut pieces, &mut back)?;
         }
-        let unchanged =
-            pieces.len() == pdata.len() && pieces.iter().all(|p| matches!(p, Piece::Pass(_)));
-        let forward = if unchanged {
-            Forward::Unchanged
-        } else if pieces.is_empty() {
-            Forward::Nothing
-        } else {
-            let mut out = PDataWriter::new(to_max);
-            for piece in &pieces {
-                match piece {
-                    Piece::Pass(p) => {
-                        out.push(p.presentation_context_id, p.is_command, p.is_last, p.data)
-                    }
-                    Piece::Emit {
-                        pc,
-                        is_command,
-                        bytes,
-                    } => out.push(*pc, *is_command, true, bytes),
-                }
-            }
-            Forward::Rebuilt(out.into_bytes())
-        };
+        let forward = pieces.forward(to_max);
         Ok(Actions {
             forward,
             back: back.into_bytes(),

@@ -391,3 +391,71 @@ fn error_comments_fit_an_lo_and_end_on_a_word() {
     );
     assert_eq!(fit_comment("short"), "short");
 }
+
+/// `Pieces` (a count while every PDV passes) gives what the list of pieces it replaced gave, for
+/// every fate of three PDVs: nothing, passed, one or two pieces emitted.
+#[test]
+fn pieces_forward_as_the_full_list_did() {
+    use super::assembly::Piece;
+    let mut w = PDataWriter::new(1 << 16);
+    for i in 0..3u8 {
+        w.push(1, false, i == 2, &[i; 5]);
+    }
+    let pdu = w.into_bytes();
+    let mut spans = crate::relay::PdvSpans::default();
+    let pdata = spans.check(&pdu).expect("well-formed");
+    let emit = |n: u8| Piece::Emit {
+        pc: 1,
+        is_command: false,
+        bytes: vec![0x40 + n; 3],
+    };
+    for case in 0..4usize.pow(3) {
+        let mut pieces = Pieces::new(pdata);
+        let mut list = Vec::new();
+        for (index, pdv) in pdata.items().enumerate() {
+            pieces.at(index);
+            let fate = case / 4usize.pow(index as u32) % 4;
+            let step: Vec<Piece> = match fate {
+                0 => vec![],
+                1 => vec![Piece::Pass(pdv)],
+                2 => vec![emit(index as u8)],
+                _ => vec![emit(index as u8), emit(9)],
+            };
+            for piece in step {
+                list.push(match &piece {
+                    Piece::Pass(p) => Piece::Pass(*p),
+                    Piece::Emit { bytes, .. } => Piece::Emit {
+                        pc: 1,
+                        is_command: false,
+                        bytes: bytes.clone(),
+                    },
+                });
+                pieces.push(piece);
+            }
+        }
+        // The list as `Session::inspect` judged it before.
+        let unchanged =
+            list.len() == pdata.len() && list.iter().all(|p| matches!(p, Piece::Pass(_)));
+        let expected = if unchanged {
+            Forward::Unchanged
+        } else if list.is_empty() {
+            Forward::Nothing
+        } else {
+            let mut out = PDataWriter::new(4096);
+            for piece in &list {
+                match piece {
+                    Piece::Pass(p) => {
+                        out.push(p.presentation_context_id, p.is_command, p.is_last, p.data)
+                    }
+                    Piece::Emit {
+                        pc,
+                        is_command,
+                        bytes,
+                    } => out.push(*pc, *is_command, true, bytes),
+                }
+            }
+            Forward::Rebuilt(out.into_bytes())
+        };
+        assert_eq!(pieces.forward(4096), expected, "case {case}");
+    }
+}
