@@ -1,5 +1,6 @@
 //! The two-way relay of an established association: whole PDUs each way, P-DATA checked and offered
 //! to an inspector, release and abort passed through, an idle timeout, and an A-ABORT when a leg fails.
+//! `relay/pdata_view.rs`: the one pass over a P-DATA-TF PDU's PDV items (`PdvSpans`, `PData`).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,18 +15,25 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHa
 
 use crate::ul::pdu::{self, PduError, PduReader};
 
-/// Which side of the gateway a PDU came from.
+mod pdata_view;
+pub use pdata_view::{PData, PdvSpans};
+
+/// Which end of the association a PDU came from (PS3.8 names them association-requestor and
+/// -acceptor). For the gateway the requestor is the client and the acceptor the archive; on a C-MOVE
+/// return path the archive is the requestor and the destination the acceptor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
-    Client,
-    Archive,
+    Requestor,
+    Acceptor,
 }
 
 impl Side {
+    /// The name in log lines and abort reasons ("client", "archive"), kept for compatibility
+    /// (docs/operations.md).
     pub fn name(self) -> &'static str {
         match self {
-            Side::Client => "client",
-            Side::Archive => "archive",
+            Side::Requestor => "client",
+            Side::Acceptor => "archive",
         }
     }
 }
@@ -56,17 +64,26 @@ impl Actions {
     };
 }
 
-/// The seam where DIMSE policy looks at traffic. Called once per P-DATA-TF PDU, whole and with
-/// well-formed PDV items. An error is a protocol violation: both sides get an A-ABORT.
+/// The seam where DIMSE policy looks at traffic. Called once per P-DATA-TF PDU, whole, with its PDV
+/// items already checked by the relay (one pass, [`PdvSpans::check`]). An error is a protocol
+/// violation: both sides get an A-ABORT.
 pub trait Inspector: Send {
-    fn inspect(&mut self, from: Side, pdata: &[u8]) -> Result<Actions, String>;
+    fn inspect(&mut self, from: Side, pdata: PData<'_>) -> Result<Actions, String>;
+
+    /// Check a whole P-DATA-TF PDU as the relay does (same errors), then [`Inspector::inspect`] it;
+    /// for tests and fuzzing (the relay keeps one [`PdvSpans`] per direction instead).
+    fn inspect_pdu(&mut self, from: Side, pdu: &[u8]) -> Result<Actions, String> {
+        let mut spans = PdvSpans::default();
+        let pdata = spans.check(pdu)?;
+        self.inspect(from, pdata)
+    }
 }
 
-/// Forwards everything.
+/// Forwards everything (its PDUs' PDV items are still checked by the relay).
 pub struct PassThrough;
 
 impl Inspector for PassThrough {
-    fn inspect(&mut self, _from: Side, _pdata: &[u8]) -> Result<Actions, String> {
+    fn inspect(&mut self, _from: Side, _pdata: PData<'_>) -> Result<Actions, String> {
         Ok(Actions::PASS)
     }
 }
@@ -246,7 +263,7 @@ pub async fn relay<C, A, I>(
     archive: A,
     limits: RelayLimits,
     inspector: I,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> (RelayEnd, RelayStats, I)
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -267,70 +284,37 @@ where
 
     let end = {
         let up = direction(
-            Side::Client,
+            Legs {
+                side: Side::Requestor,
+                to: &archive_wr,
+                back: &client_wr,
+            },
             &mut client_rd,
-            &archive_wr,
-            &client_wr,
             limits.from_client,
             &shared,
             &mut from_client,
         );
         let down = direction(
-            Side::Archive,
+            Legs {
+                side: Side::Acceptor,
+                to: &client_wr,
+                back: &archive_wr,
+            },
             &mut archive_rd,
-            &client_wr,
-            &archive_wr,
             limits.from_archive,
             &shared,
             &mut from_archive,
         );
-        let watchdog = async {
-            loop {
-                let idle = shared.idle_for();
-                if idle >= limits.idle {
-                    return RelayEnd::IdleTimeout;
-                }
-                tokio::time::sleep(limits.idle - idle).await;
-            }
-        };
-        let stop = async {
-            // Ends when told to abort; a dropped sender means nobody will ever say so.
-            if shutdown.wait_for(|abort| *abort).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-            RelayEnd::Shutdown
-        };
         tokio::select! {
             end = up => end,
             end = down => end,
-            end = watchdog => end,
-            end = stop => end,
+            end = idle_timeout(&shared, limits.idle) => end,
+            end = shutting_down(shutdown) => end,
         }
     };
     stats.from_client = from_client;
     stats.from_archive = from_archive;
-
-    // Tell the side(s) still there that the association is over, then close both legs.
-    let abort = pdu::abort(0);
-    let (abort_client, abort_archive) = match &end {
-        RelayEnd::Released | RelayEnd::Aborted(_) => (false, false),
-        RelayEnd::Closed(Side::Client) => (false, true),
-        RelayEnd::Closed(Side::Archive) => (true, false),
-        // A peer that broke the protocol gets an A-ABORT too (PS3.8 AA-8), if it still listens.
-        RelayEnd::Failed(..) => (true, true),
-        RelayEnd::IdleTimeout | RelayEnd::Shutdown => (true, true),
-    };
-    let bound = Duration::from_secs(2);
-    let mut cw = client_wr.into_inner();
-    let mut aw = archive_wr.into_inner();
-    if abort_client {
-        let _ = tokio::time::timeout(bound, cw.write_all(&abort)).await;
-    }
-    if abort_archive {
-        let _ = tokio::time::timeout(bound, aw.write_all(&abort)).await;
-    }
-    let _ = tokio::time::timeout(bound, cw.shutdown()).await;
-    let _ = tokio::time::timeout(bound, aw.shutdown()).await;
+    close(&end, client_wr.into_inner(), archive_wr.into_inner()).await;
     let inspector = shared
         .inspector
         .into_inner()
@@ -338,12 +322,93 @@ where
     (end, stats, inspector)
 }
 
+/// Ends when neither side has sent anything for `idle`.
+async fn idle_timeout<I>(shared: &Shared<I>, idle: Duration) -> RelayEnd {
+    loop {
+        let quiet = shared.idle_for();
+        if quiet >= idle {
+            return RelayEnd::IdleTimeout;
+        }
+        tokio::time::sleep(idle - quiet).await;
+    }
+}
+
+/// Ends when told to abort; a dropped sender means nobody will ever say so.
+async fn shutting_down(mut shutdown: tokio::sync::watch::Receiver<bool>) -> RelayEnd {
+    if shutdown.wait_for(|abort| *abort).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    RelayEnd::Shutdown
+}
+
+/// Tell the side(s) still there that the association is over, then close both legs.
+async fn close<C: AsyncWrite, A: AsyncWrite>(
+    end: &RelayEnd,
+    mut client: WriteHalf<C>,
+    mut archive: WriteHalf<A>,
+) {
+    let abort = pdu::abort(0);
+    let (abort_client, abort_archive) = match end {
+        RelayEnd::Released | RelayEnd::Aborted(_) => (false, false),
+        RelayEnd::Closed(Side::Requestor) => (false, true),
+        RelayEnd::Closed(Side::Acceptor) => (true, false),
+        // A peer that broke the protocol gets an A-ABORT too (PS3.8 AA-8), if it still listens.
+        RelayEnd::Failed(..) => (true, true),
+        RelayEnd::IdleTimeout | RelayEnd::Shutdown => (true, true),
+    };
+    let bound = Duration::from_secs(2);
+    if abort_client {
+        let _ = tokio::time::timeout(bound, client.write_all(&abort)).await;
+    }
+    if abort_archive {
+        let _ = tokio::time::timeout(bound, archive.write_all(&abort)).await;
+    }
+    let _ = tokio::time::timeout(bound, client.shutdown()).await;
+    let _ = tokio::time::timeout(bound, archive.shutdown()).await;
+}
+
+/// The writers of one direction: onward to the other side, and back to the side PDUs come from.
+struct Legs<'l, W, B> {
+    /// The side PDUs come from.
+    side: Side,
+    to: &'l tokio::sync::Mutex<WriteHalf<W>>,
+    back: &'l tokio::sync::Mutex<WriteHalf<B>>,
+}
+
+impl<W: AsyncWrite, B: AsyncWrite> Legs<'_, W, B> {
+    fn other(&self) -> Side {
+        match self.side {
+            Side::Requestor => Side::Acceptor,
+            Side::Acceptor => Side::Requestor,
+        }
+    }
+
+    /// Write onward; failing, the association ends with the other side's failure.
+    async fn forward(&self, bytes: &[u8]) -> Result<(), RelayEnd> {
+        write_flush(&mut *self.to.lock().await, bytes)
+            .await
+            .map_err(|e| RelayEnd::Failed(self.other(), e.to_string()))
+    }
+
+    /// Write back to the sender; failing, the association ends with its failure.
+    async fn answer(&self, bytes: &[u8]) -> Result<(), RelayEnd> {
+        write_flush(&mut *self.back.lock().await, bytes)
+            .await
+            .map_err(|e| RelayEnd::Failed(self.side, e.to_string()))
+    }
+
+    /// The sender failed or broke the protocol: what was gathered before goes on (as it would have
+    /// unbatched), whether or not that write works.
+    async fn fail(&self, gathered: &[u8], reason: String) -> RelayEnd {
+        let _ = write_flush(&mut *self.to.lock().await, gathered).await;
+        RelayEnd::Failed(self.side, reason)
+    }
+}
+
 /// Relay PDUs read from one side to the other until the association ends in this direction.
 async fn direction<R, W, B, I>(
-    side: Side,
+    legs: Legs<'_, W, B>,
     reader: &mut ReadHalf<R>,
-    to: &tokio::sync::Mutex<WriteHalf<W>>,
-    back: &tokio::sync::Mutex<WriteHalf<B>>,
     limit: u32,
     shared: &Shared<I>,
     bytes: &mut u64,
@@ -354,20 +419,37 @@ where
     B: AsyncWrite,
     I: Inspector,
 {
-    let other = match side {
-        Side::Client => Side::Archive,
-        Side::Archive => Side::Client,
-    };
+    match relay_pdus(&legs, reader, limit, shared, bytes).await {
+        Ok(never) => match never {},
+        Err(end) => end,
+    }
+}
+
+/// [`direction`]'s loop; its only way out is how the association ended, as the error.
+async fn relay_pdus<R, W, B, I>(
+    legs: &Legs<'_, W, B>,
+    reader: &mut ReadHalf<R>,
+    limit: u32,
+    shared: &Shared<I>,
+    bytes: &mut u64,
+) -> Result<std::convert::Infallible, RelayEnd>
+where
+    R: AsyncRead,
+    W: AsyncWrite,
+    B: AsyncWrite,
+    I: Inspector,
+{
+    let side = legs.side;
     let mut reader = PduReader::new(reader);
     // What is to be forwarded, gathered while the next whole PDU is already buffered: one write
     // (and one wake-up of the receiver) for several PDUs. Sent before waiting for more input, so
     // nothing is held back from a peer that waits for it.
     let mut out: Vec<u8> = Vec::new();
+    // The PDV items of the P-DATA-TF PDU at hand, checked once and handed to the inspector.
+    let mut spans = PdvSpans::default();
     loop {
         if !out.is_empty() && (!reader.has_whole_pdu() || out.len() >= COALESCE_LIMIT) {
-            if let Err(e) = write_flush(&mut *to.lock().await, &out).await {
-                return RelayEnd::Failed(other, e.to_string());
-            }
+            legs.forward(&out).await?;
             out.clear();
         }
         if out.capacity() > KEEP_BUFFER && !reader.has_whole_pdu() {
@@ -375,43 +457,19 @@ where
         }
         let (pdu_type, buf) = match reader.next(limit).await {
             Ok((t, at)) => (t, reader.get(at)),
-            Err(PduError::Closed) => return RelayEnd::Closed(side),
-            Err(e) => return RelayEnd::Failed(side, e.to_string()),
+            Err(PduError::Closed) => return Err(RelayEnd::Closed(side)),
+            Err(e) => return Err(RelayEnd::Failed(side, e.to_string())),
         };
         shared.touch();
         *bytes += buf.len() as u64;
-        let actions = match pdu_type {
-            pdu::P_DATA_TF => {
-                let checked = crate::dimse::check_pdv_items(buf).and_then(|()| {
-                    match shared.inspector.lock() {
-                        Ok(mut inspector) => inspector.inspect(side, buf),
-                        Err(_) => Err("inspector poisoned".into()),
-                    }
-                });
-                match checked {
-                    Ok(actions) => actions,
-                    Err(e) => {
-                        // What was checked before this PDU goes on, as it would have unbatched.
-                        let _ = write_flush(&mut *to.lock().await, &out).await;
-                        return RelayEnd::Failed(side, e);
-                    }
-                }
-            }
-            pdu::A_RELEASE_RQ | pdu::A_RELEASE_RP | pdu::A_ABORT => Actions::PASS,
-            other_type => {
-                let _ = write_flush(&mut *to.lock().await, &out).await;
-                return RelayEnd::Failed(
-                    side,
-                    format!("unexpected PDU type {other_type:#04x} during the association"),
-                );
-            }
+        let actions = match actions_for(side, pdu_type, buf, &mut spans, shared) {
+            Ok(actions) => actions,
+            Err(reason) => return Err(legs.fail(&out, reason).await),
         };
         match &actions.forward {
             // Nothing gathered and nothing more buffered: straight from the read buffer, no copy.
             Forward::Unchanged if out.is_empty() && !reader.has_whole_pdu() => {
-                if let Err(e) = write_flush(&mut *to.lock().await, buf).await {
-                    return RelayEnd::Failed(other, e.to_string());
-                }
+                legs.forward(buf).await?
             }
             Forward::Unchanged => out.extend_from_slice(buf),
             Forward::Rebuilt(pdus) => out.extend_from_slice(pdus),
@@ -419,27 +477,42 @@ where
         }
         if !actions.back.is_empty() {
             // An answer to the sender (a refusal) follows what was forwarded before it.
-            if let Err(e) = write_flush(&mut *to.lock().await, &out).await {
-                return RelayEnd::Failed(other, e.to_string());
-            }
+            legs.forward(&out).await?;
             out.clear();
-            if let Err(e) = write_flush(&mut *back.lock().await, &actions.back).await {
-                return RelayEnd::Failed(side, e.to_string());
+            legs.answer(&actions.back).await?;
+        }
+        if pdu_type == pdu::A_RELEASE_RP || pdu_type == pdu::A_ABORT {
+            legs.forward(&out).await?;
+            return Err(if pdu_type == pdu::A_RELEASE_RP {
+                RelayEnd::Released
+            } else {
+                RelayEnd::Aborted(side)
+            });
+        }
+    }
+}
+
+/// What to do with one whole PDU from `side`: a P-DATA-TF's PDV items checked (one pass) and offered
+/// to the inspector, release and abort passed on; an error ends the association.
+fn actions_for<I: Inspector>(
+    side: Side,
+    pdu_type: u8,
+    pdu: &[u8],
+    spans: &mut PdvSpans,
+    shared: &Shared<I>,
+) -> Result<Actions, String> {
+    match pdu_type {
+        pdu::P_DATA_TF => {
+            let pdata = spans.check(pdu)?;
+            match shared.inspector.lock() {
+                Ok(mut inspector) => inspector.inspect(side, pdata),
+                Err(_) => Err("inspector poisoned".into()),
             }
         }
-        match pdu_type {
-            pdu::A_RELEASE_RP | pdu::A_ABORT => {
-                if let Err(e) = write_flush(&mut *to.lock().await, &out).await {
-                    return RelayEnd::Failed(other, e.to_string());
-                }
-                return if pdu_type == pdu::A_RELEASE_RP {
-                    RelayEnd::Released
-                } else {
-                    RelayEnd::Aborted(side)
-                };
-            }
-            _ => {}
-        }
+        pdu::A_RELEASE_RQ | pdu::A_RELEASE_RP | pdu::A_ABORT => Ok(Actions::PASS),
+        other_type => Err(format!(
+            "unexpected PDU type {other_type:#04x} during the association"
+        )),
     }
 }
 
@@ -472,6 +545,26 @@ mod tests {
         assert_eq!(r.buf.capacity(), 0, "an idle reader holds no buffer");
         drop(tx);
         assert_eq!(r.read(&mut [0u8; 16]).await.expect("eof"), 0);
+    }
+
+    /// A malformed PDV list ends the relay with the check's text, also under the pass-through.
+    #[tokio::test]
+    async fn a_malformed_pdv_list_fails_the_pass_through_relay_too() {
+        let (client, mut client_peer) = tokio::io::duplex(1 << 16);
+        let (archive, _archive_peer) = tokio::io::duplex(1 << 16);
+        let limits = RelayLimits {
+            from_client: 16384,
+            from_archive: 16384,
+            idle: Duration::from_secs(5),
+        };
+        let task = tokio::spawn(relay(client, archive, limits, PassThrough, never()));
+        let overrun = [4u8, 0, 0, 0, 0, 6, 0, 0, 0, 9, 1, 3];
+        client_peer.write_all(&overrun).await.expect("write");
+        let (end, _, _) = task.await.expect("join");
+        assert_eq!(
+            end,
+            RelayEnd::Failed(Side::Requestor, "PDV item length 9 overruns its PDU".into())
+        );
     }
 
     fn never() -> tokio::sync::watch::Receiver<bool> {
@@ -528,7 +621,7 @@ mod tests {
         client_peer.read_exact(&mut got).await.expect("abort");
         assert_eq!(got[0], pdu::A_ABORT);
         let (end, _, _) = task.await.expect("join");
-        assert_eq!(end, RelayEnd::Closed(Side::Archive));
+        assert_eq!(end, RelayEnd::Closed(Side::Acceptor));
     }
 
     #[tokio::test(start_paused = true)]

@@ -22,16 +22,16 @@ fuzz_target!(|data: &[u8]| {
         let (body, tail) = tail.split_at(len);
         rest = tail;
         let from = if flags & 1 == 0 {
-            Side::Client
+            Side::Requestor
         } else {
-            Side::Archive
+            Side::Acceptor
         };
         let pdu = pdata(body);
         // The relay drops the association on a malformed PDU before the inspector sees it.
         if check_pdv_items(&pdu).is_err() || body.len() > PDU_LIMIT as usize {
             return;
         }
-        let actions = match s.inspect(from, &pdu) {
+        let actions = match s.inspect_pdu(from, &pdu) {
             Ok(a) => a,
             Err(_) => return, // a protocol violation: the relay aborts both sides
         };

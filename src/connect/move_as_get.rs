@@ -19,7 +19,7 @@ use super::gateway::Gateway;
 use super::link::Context;
 use super::retrieve::{self, LocalStore, Retrieval, get_model};
 use crate::dimse::{self, Command, PDataWriter, command_field as cf};
-use crate::relay::{Actions, Forward, Inspector, Side};
+use crate::relay::{Actions, Forward, Inspector, PData, Side};
 
 /// The largest C-MOVE identifier held back.
 const MAX_IDENTIFIER: usize = 1024 * 1024;
@@ -253,10 +253,10 @@ impl Interceptor {
         w.into_bytes()
     }
 
-    fn client_pdata(&mut self, pdata: &[u8]) -> Result<Actions, String> {
+    fn client_pdata(&mut self, pdata: PData<'_>) -> Result<Actions, String> {
         self.active.retain(|_, cancel| !cancel.is_closed());
         let mut out = Rebuild::default();
-        for pdv in dimse::pdv_items(pdata) {
+        for pdv in pdata.items() {
             if pdv.is_command {
                 self.command_pdv(pdv, &mut out)?;
             } else {
@@ -482,15 +482,15 @@ impl Rebuild<'_> {
 
 impl Interceptor {
     /// From the gateway: everything but the answers on connect's own keep-alive context.
-    fn gateway_pdata(&mut self, pdata: &[u8]) -> Actions {
+    fn gateway_pdata(&mut self, pdata: PData<'_>) -> Actions {
         let Some(own) = self.association.keepalive_context else {
             return Actions::PASS;
         };
-        if dimse::pdv_items(pdata).all(|p| p.presentation_context_id != own) {
+        if pdata.items().all(|p| p.presentation_context_id != own) {
             return Actions::PASS;
         }
         let mut writer = PDataWriter::new(self.association.to_client_max);
-        for p in dimse::pdv_items(pdata).filter(|p| p.presentation_context_id != own) {
+        for p in pdata.items().filter(|p| p.presentation_context_id != own) {
             writer.push(p.presentation_context_id, p.is_command, p.is_last, p.data);
         }
         Actions {
@@ -505,10 +505,10 @@ impl Interceptor {
 }
 
 impl Inspector for Interceptor {
-    fn inspect(&mut self, from: Side, pdata: &[u8]) -> Result<Actions, String> {
+    fn inspect(&mut self, from: Side, pdata: PData<'_>) -> Result<Actions, String> {
         match from {
-            Side::Client => self.client_pdata(pdata),
-            Side::Archive => Ok(self.gateway_pdata(pdata)),
+            Side::Requestor => self.client_pdata(pdata),
+            Side::Acceptor => Ok(self.gateway_pdata(pdata)),
         }
     }
 }
@@ -626,11 +626,20 @@ mod tests {
         let (mut i, _rx) = interceptor();
         let echo = request_command(cf::C_ECHO_RQ, "1.2.840.10008.1.1", 1, false);
         let p = pdata(&[(3, true, true, &echo)]);
-        assert_eq!(i.inspect(Side::Client, &p).expect("ok"), Actions::PASS);
+        assert_eq!(
+            i.inspect_pdu(Side::Requestor, &p).expect("ok"),
+            Actions::PASS
+        );
         let other = move_command("ELSEWHERE", 2, true);
         let p = pdata(&[(1, true, true, &other), (1, false, true, b"\x08\x00")]);
-        assert_eq!(i.inspect(Side::Client, &p).expect("ok"), Actions::PASS);
-        assert_eq!(i.inspect(Side::Archive, &p).expect("ok"), Actions::PASS);
+        assert_eq!(
+            i.inspect_pdu(Side::Requestor, &p).expect("ok"),
+            Actions::PASS
+        );
+        assert_eq!(
+            i.inspect_pdu(Side::Acceptor, &p).expect("ok"),
+            Actions::PASS
+        );
     }
 
     #[tokio::test]
@@ -640,18 +649,18 @@ mod tests {
         let (a, b) = mv.split_at(10);
         // The command arrives in two fragments: nothing is forwarded until it is complete.
         let first = i
-            .inspect(Side::Client, &pdata(&[(1, true, false, a)]))
+            .inspect_pdu(Side::Requestor, &pdata(&[(1, true, false, a)]))
             .expect("ok");
         assert_eq!(first.forward, Forward::Nothing);
         let second = i
-            .inspect(Side::Client, &pdata(&[(1, true, true, b)]))
+            .inspect_pdu(Side::Requestor, &pdata(&[(1, true, true, b)]))
             .expect("ok");
         assert_eq!(second.forward, Forward::Nothing);
         assert!(i.held.contains_key(&1));
         // A command on the same context before the identifier is complete breaks the protocol.
         let echo = request_command(cf::C_ECHO_RQ, "1.2.840.10008.1.1", 6, false);
         assert!(
-            i.inspect(Side::Client, &pdata(&[(1, true, true, &echo)]))
+            i.inspect_pdu(Side::Requestor, &pdata(&[(1, true, true, &echo)]))
                 .is_err()
         );
 
@@ -660,10 +669,10 @@ mod tests {
         let echo = request_command(cf::C_ECHO_RQ, "1.2.840.10008.1.1", 7, false);
         let (a, b) = echo.split_at(12);
         let _ = i
-            .inspect(Side::Client, &pdata(&[(3, true, false, a)]))
+            .inspect_pdu(Side::Requestor, &pdata(&[(3, true, false, a)]))
             .expect("ok");
         let out = i
-            .inspect(Side::Client, &pdata(&[(3, true, true, b)]))
+            .inspect_pdu(Side::Requestor, &pdata(&[(3, true, true, b)]))
             .expect("ok");
         assert_eq!(
             out.forward,
@@ -684,15 +693,15 @@ mod tests {
         // First association: one 60 KiB fragment held, the second passes 100 KiB: refused.
         let mv = move_command("VIEWER", 1, true);
         let out = i
-            .inspect(
-                Side::Client,
+            .inspect_pdu(
+                Side::Requestor,
                 &pdata(&[(1, true, true, &mv), (1, false, false, &chunk)]),
             )
             .expect("ok");
         assert!(out.back.is_empty());
         assert_eq!(i.settings.buffer.held(), 60 * 1024);
         let out = i
-            .inspect(Side::Client, &pdata(&[(1, false, false, &chunk)]))
+            .inspect_pdu(Side::Requestor, &pdata(&[(1, false, false, &chunk)]))
             .expect("ok");
         assert!(
             out.back.is_empty(),
@@ -700,7 +709,7 @@ mod tests {
         );
         assert_eq!(i.settings.buffer.held(), 0, "nothing of it is held");
         let out = i
-            .inspect(Side::Client, &pdata(&[(1, false, true, &chunk)]))
+            .inspect_pdu(Side::Requestor, &pdata(&[(1, false, true, &chunk)]))
             .expect("ok");
         assert_eq!(status_of(&out.back), Some(OUT_OF_RESOURCES_MATCHES));
 
@@ -711,14 +720,14 @@ mod tests {
         j.account = shared.buffer.association();
         i.account = shared.buffer.association();
         let mv = move_command("VIEWER", 2, true);
-        i.inspect(
-            Side::Client,
+        i.inspect_pdu(
+            Side::Requestor,
             &pdata(&[(1, true, true, &mv), (1, false, false, &chunk)]),
         )
         .expect("ok");
         let out = j
-            .inspect(
-                Side::Client,
+            .inspect_pdu(
+                Side::Requestor,
                 &pdata(&[(1, true, true, &mv), (1, false, true, &chunk)]),
             )
             .expect("ok");
@@ -737,7 +746,7 @@ mod tests {
         let (mut i, _rx) = interceptor();
         let mv = move_command("VIEWER", 9, false);
         let out = i
-            .inspect(Side::Client, &pdata(&[(1, true, true, &mv)]))
+            .inspect_pdu(Side::Requestor, &pdata(&[(1, true, true, &mv)]))
             .expect("ok");
         assert_eq!(out.forward, Forward::Nothing);
         let item = dimse::pdv_items(&out.back).next().expect("a response");
@@ -753,13 +762,13 @@ mod tests {
         // A C-MOVE elsewhere: refused 0xA801 once its identifier is complete.
         let mv = move_command("ELSEWHERE", 4, true);
         let out = i
-            .inspect(Side::Client, &pdata(&[(1, true, true, &mv)]))
+            .inspect_pdu(Side::Requestor, &pdata(&[(1, true, true, &mv)]))
             .expect("ok");
         assert_eq!(out.forward, Forward::Nothing);
         assert!(out.back.is_empty());
         let out = i
-            .inspect(
-                Side::Client,
+            .inspect_pdu(
+                Side::Requestor,
                 &pdata(&[(1, false, true, b"\x08\x00\x52\x00")]),
             )
             .expect("ok");
@@ -772,8 +781,8 @@ mod tests {
         // A C-MOVE to the local store starts a retrieval (which fails here: no gateway).
         let mv = move_command("VIEWER", 5, true);
         let out = i
-            .inspect(
-                Side::Client,
+            .inspect_pdu(
+                Side::Requestor,
                 &pdata(&[(1, true, true, &mv), (1, false, true, b"")]),
             )
             .expect("ok");
@@ -795,7 +804,7 @@ mod tests {
             "",
         );
         let out = i
-            .inspect(Side::Archive, &pdata(&[(255, true, true, &echo_rsp)]))
+            .inspect_pdu(Side::Acceptor, &pdata(&[(255, true, true, &echo_rsp)]))
             .expect("ok");
         assert_eq!(out.forward, Forward::Nothing);
     }

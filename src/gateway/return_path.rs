@@ -20,7 +20,7 @@ use super::{Gateway, PendingSlot, State, Stop, open_upstream, request_phase, sen
 use crate::config::{Config, Destination, unmapped};
 use crate::dimse::{self, command_field as cf};
 use crate::moves::{Claim, DestinationConnectors, MovesInProgress};
-use crate::relay::{self, Actions, Inspector, RelayLimits, Side};
+use crate::relay::{self, Actions, Inspector, PData, RelayLimits, Side};
 use crate::ul::association;
 use crate::ul::pdu::Rejection;
 
@@ -109,13 +109,13 @@ pub struct SubOperations {
 }
 
 impl Inspector for SubOperations {
-    fn inspect(&mut self, from: Side, pdata: &[u8]) -> Result<Actions, String> {
-        // The relay's client side is the archive, its "archive" side the destination.
+    fn inspect(&mut self, from: Side, pdata: PData<'_>) -> Result<Actions, String> {
+        // The requestor is the archive, the acceptor the destination.
         let (slot, allowed, who) = match from {
-            Side::Client => (0, cf::C_STORE_RQ, "the archive"),
-            Side::Archive => (1, cf::C_STORE_RQ | cf::RESPONSE, "the destination"),
+            Side::Requestor => (0, cf::C_STORE_RQ, "the archive"),
+            Side::Acceptor => (1, cf::C_STORE_RQ | cf::RESPONSE, "the destination"),
         };
-        for pdv in dimse::pdv_items(pdata).filter(|p| p.is_command) {
+        for pdv in pdata.items().filter(|p| p.is_command) {
             let buf = &mut self.pending[slot];
             if buf.len() + pdv.data.len() > dimse::MAX_COMMAND_LENGTH {
                 return Err(format!(
@@ -136,7 +136,7 @@ impl Inspector for SubOperations {
                     command_name(c.field)
                 ));
             }
-            if from == Side::Archive {
+            if from == Side::Acceptor {
                 match c.status {
                     Some(0x0000) | Some(0xB000) | Some(0xB007) | Some(0xB006) => self.stored += 1,
                     _ => self.failed += 1,
@@ -413,26 +413,41 @@ mod tests {
     fn only_c_store_passes_the_return_path() {
         let mut s = SubOperations::default();
         let store = command(cf::C_STORE_RQ, None);
-        assert!(s.inspect(Side::Client, &pdata(&[(&store, true)])).is_ok());
+        assert!(
+            s.inspect_pdu(Side::Requestor, &pdata(&[(&store, true)]))
+                .is_ok()
+        );
         let ok = command(cf::C_STORE_RQ | cf::RESPONSE, Some(0));
-        assert!(s.inspect(Side::Archive, &pdata(&[(&ok, true)])).is_ok());
+        assert!(
+            s.inspect_pdu(Side::Acceptor, &pdata(&[(&ok, true)]))
+                .is_ok()
+        );
         assert_eq!((s.stored, s.failed), (1, 0));
 
         let echo = command(cf::C_ECHO_RQ, None);
         let err = s
-            .inspect(Side::Client, &pdata(&[(&echo, true)]))
+            .inspect_pdu(Side::Requestor, &pdata(&[(&echo, true)]))
             .unwrap_err();
         assert!(err.contains("C-ECHO-RQ"), "{err}");
         // Split over two PDUs, it is judged when complete.
         let find = command(cf::C_FIND_RQ, None);
         let (head, tail) = find.split_at(10);
-        assert!(s.inspect(Side::Client, &pdata(&[(head, false)])).is_ok());
-        assert!(s.inspect(Side::Client, &pdata(&[(tail, true)])).is_err());
+        assert!(
+            s.inspect_pdu(Side::Requestor, &pdata(&[(head, false)]))
+                .is_ok()
+        );
+        assert!(
+            s.inspect_pdu(Side::Requestor, &pdata(&[(tail, true)]))
+                .is_err()
+        );
         // The destination may not ask the archive anything either.
         let find = command(cf::C_FIND_RQ, None);
-        assert!(s.inspect(Side::Archive, &pdata(&[(&find, true)])).is_err());
         assert!(
-            s.inspect(Side::Client, &pdata(&[(b"garbage", true)]))
+            s.inspect_pdu(Side::Acceptor, &pdata(&[(&find, true)]))
+                .is_err()
+        );
+        assert!(
+            s.inspect_pdu(Side::Requestor, &pdata(&[(b"garbage", true)]))
                 .is_err()
         );
     }

@@ -155,12 +155,12 @@ fn end_kind(end: &RelayEnd) -> &'static str {
     use relay::Side;
     match end {
         RelayEnd::Released => "released",
-        RelayEnd::Aborted(Side::Client) => "aborted_by_client",
-        RelayEnd::Aborted(Side::Archive) => "aborted_by_upstream",
-        RelayEnd::Closed(Side::Client) => "client_closed",
-        RelayEnd::Closed(Side::Archive) => "upstream_closed",
-        RelayEnd::Failed(Side::Client, _) => "client_failed",
-        RelayEnd::Failed(Side::Archive, _) => "upstream_failed",
+        RelayEnd::Aborted(Side::Requestor) => "aborted_by_client",
+        RelayEnd::Aborted(Side::Acceptor) => "aborted_by_upstream",
+        RelayEnd::Closed(Side::Requestor) => "client_closed",
+        RelayEnd::Closed(Side::Acceptor) => "upstream_closed",
+        RelayEnd::Failed(Side::Requestor, _) => "client_failed",
+        RelayEnd::Failed(Side::Acceptor, _) => "upstream_failed",
         RelayEnd::IdleTimeout => "idle_timeout",
         RelayEnd::Shutdown => "shutdown",
     }

@@ -1,6 +1,8 @@
 //! What is allowed and what is refused: a request by the user's grants and limits, a response by
 //! the requests outstanding (PS3.7 9.3 MessageIDBeingRespondedTo), and the C-FIND result cap.
 
+use dicom_object::InMemDicomObject;
+
 use crate::config::Operation;
 use crate::dimse::{self, Command, PDataWriter, command_field as cf, status};
 use crate::policy::query_guard::{self, GuardError};
@@ -49,144 +51,170 @@ impl Session {
         back: &mut PDataWriter,
     ) -> Decision {
         match from {
-            Side::Archive => self.decide_archive(pc, c, back),
+            Side::Acceptor => self.decide_archive(pc, c, back),
             // A C-STORE-RSP to a C-GET sub-operation: only to a request the archive is waiting on.
-            Side::Client if c.is_response() => {
+            Side::Requestor if c.is_response() => {
                 if self.archive_requests.remove(&c.responded_to) {
                     Decision::Forward
                 } else {
                     Decision::Violation(untracked_response("client", c))
                 }
             }
-            Side::Client => {
-                self.counts.requests += 1;
-                let user = &self.party.user;
-                let op = match c.field {
-                    cf::C_ECHO_RQ => Operation::Echo,
-                    cf::C_STORE_RQ => Operation::Store,
-                    cf::C_FIND_RQ if c.affected_sop_class == WORKLIST_FIND => Operation::Worklist,
-                    cf::C_FIND_RQ => Operation::Find,
-                    cf::C_MOVE_RQ => Operation::Move,
-                    cf::C_GET_RQ => Operation::Get,
-                    cf::C_CANCEL_RQ => {
-                        self.counts.requests -= 1;
-                        return if self.refused.contains(&c.responded_to)
-                            && !self.outstanding(c.responded_to)
-                        {
-                            Decision::Drop
-                        } else {
-                            Decision::Forward
-                        };
-                    }
-                    other => {
-                        return self.refuse(
-                            status::REFUSED_NOT_AUTHORIZED,
-                            "unsupported_operation",
-                            format!("operation {other:#06x} is not supported through the gateway"),
-                        );
-                    }
+            Side::Requestor => self.decide_request(pc, c),
+        }
+    }
+
+    /// A request from the client, in order: its operation, its context, its message ID, the user's
+    /// grants, then the limits of the operation.
+    fn decide_request(&mut self, pc: u8, c: &Command) -> Decision {
+        self.counts.requests += 1;
+        let op = match c.field {
+            cf::C_ECHO_RQ => Operation::Echo,
+            cf::C_STORE_RQ => Operation::Store,
+            cf::C_FIND_RQ if c.affected_sop_class == WORKLIST_FIND => Operation::Worklist,
+            cf::C_FIND_RQ => Operation::Find,
+            cf::C_MOVE_RQ => Operation::Move,
+            cf::C_GET_RQ => Operation::Get,
+            cf::C_CANCEL_RQ => {
+                self.counts.requests -= 1;
+                return if self.refused.contains(&c.responded_to)
+                    && !self.outstanding(c.responded_to)
+                {
+                    Decision::Drop
+                } else {
+                    Decision::Forward
                 };
-                // The command must speak the context it travels on: the archive judges by the
-                // context's abstract syntax, the gateway by the command's SOP class (PS3.7 9.3).
-                let negotiated = self
-                    .contexts
-                    .get(&pc)
-                    .map(|ctx| ctx.abstract_syntax.as_str())
-                    .unwrap_or_default();
-                if c.affected_sop_class != negotiated {
-                    return self.refuse(
-                        status::SOP_CLASS_NOT_SUPPORTED,
-                        "context_mismatch",
-                        format!(
-                            "SOP class {:?} is not the abstract syntax of presentation context {pc}",
-                            c.affected_sop_class
-                        ),
-                    );
-                }
-                if self.outstanding(c.message_id) {
-                    return self.refuse(
-                        status::DUPLICATE_INVOCATION,
-                        "duplicate_message_id",
-                        format!("message ID {} is still in progress", c.message_id),
-                    );
-                }
-                if !self.grants.allows(op) {
-                    return self.refuse(
-                        status::REFUSED_NOT_AUTHORIZED,
-                        "not_authorized",
-                        format!("{} is not allowed for this user", op.name()),
-                    );
-                }
-                match op {
-                    Operation::Find | Operation::Worklist => {
-                        if !self.limiter.rates.queries.allow(user) {
-                            return self.refuse(
-                                status::OUT_OF_RESOURCES,
-                                "rate_limit",
-                                "query rate limit reached",
-                            );
-                        }
-                        Decision::Hold
-                    }
-                    Operation::Move => {
-                        if !self.grants.move_destinations.contains(&c.move_destination) {
-                            return self.refuse(
-                                status::MOVE_DESTINATION_UNKNOWN,
-                                "move_destination",
-                                format!(
-                                    "move destination {:?} is not allowed for this user",
-                                    c.move_destination
-                                ),
-                            );
-                        }
-                        if !self.limiter.rates.retrievals.allow(user) {
-                            return self.refuse(
-                                status::OUT_OF_RESOURCES_MATCHES,
-                                "rate_limit",
-                                "retrieval rate limit reached",
-                            );
-                        }
-                        Decision::Hold
-                    }
-                    Operation::Get => {
-                        if !self.limiter.rates.retrievals.allow(user) {
-                            return self.refuse(
-                                status::OUT_OF_RESOURCES_MATCHES,
-                                "rate_limit",
-                                "retrieval rate limit reached",
-                            );
-                        }
-                        Decision::Hold
-                    }
-                    Operation::Echo | Operation::Store => Decision::Forward,
-                }
             }
+            other => {
+                return self.refuse(
+                    status::REFUSED_NOT_AUTHORIZED,
+                    "unsupported_operation",
+                    format!("operation {other:#06x} is not supported through the gateway"),
+                );
+            }
+        };
+        // The command must speak the context it travels on: the archive judges by the context's
+        // abstract syntax, the gateway by the command's SOP class (PS3.7 9.3).
+        let negotiated = self
+            .contexts
+            .get(&pc)
+            .map(|ctx| ctx.abstract_syntax.as_str())
+            .unwrap_or_default();
+        if c.affected_sop_class != negotiated {
+            return self.refuse(
+                status::SOP_CLASS_NOT_SUPPORTED,
+                "context_mismatch",
+                format!(
+                    "SOP class {:?} is not the abstract syntax of presentation context {pc}",
+                    c.affected_sop_class
+                ),
+            );
+        }
+        if self.outstanding(c.message_id) {
+            return self.refuse(
+                status::DUPLICATE_INVOCATION,
+                "duplicate_message_id",
+                format!("message ID {} is still in progress", c.message_id),
+            );
+        }
+        if !self.grants.allows(op) {
+            return self.refuse(
+                status::REFUSED_NOT_AUTHORIZED,
+                "not_authorized",
+                format!("{} is not allowed for this user", op.name()),
+            );
+        }
+        self.decide_limits(op, c)
+    }
+
+    /// An allowed request against its operation's limits: the move destinations, the rate limits.
+    /// Queries and retrievals are held for their identifier.
+    fn decide_limits(&self, op: Operation, c: &Command) -> Decision {
+        let user = &self.party.user;
+        match op {
+            Operation::Find | Operation::Worklist => {
+                if !self.limiter.rates.queries.allow(user) {
+                    return self.refuse(
+                        status::OUT_OF_RESOURCES,
+                        "rate_limit",
+                        "query rate limit reached",
+                    );
+                }
+                Decision::Hold
+            }
+            Operation::Move if !self.grants.move_destinations.contains(&c.move_destination) => self
+                .refuse(
+                    status::MOVE_DESTINATION_UNKNOWN,
+                    "move_destination",
+                    format!(
+                        "move destination {:?} is not allowed for this user",
+                        c.move_destination
+                    ),
+                ),
+            Operation::Move | Operation::Get => {
+                if !self.limiter.rates.retrievals.allow(user) {
+                    return self.refuse(
+                        status::OUT_OF_RESOURCES_MATCHES,
+                        "rate_limit",
+                        "retrieval rate limit reached",
+                    );
+                }
+                Decision::Hold
+            }
+            Operation::Echo | Operation::Store => Decision::Forward,
         }
     }
 
     /// Decide on a held request once its identifier is complete.
     pub(super) fn decide_identifier(&mut self, pc: u8, c: &Command, data: &[u8]) -> Decision {
+        let identifier = match self.check_identifier(pc, c, data) {
+            Ok(identifier) => identifier,
+            Err(refusal) => return refusal,
+        };
+        if c.field == cf::C_FIND_RQ {
+            self.track(c, Some(query_keys(&identifier)));
+            self.finds.insert(
+                c.message_id,
+                FindTrack {
+                    matches: 0,
+                    cap: self.grants.max_query_results,
+                    capped: false,
+                    dropped: 0,
+                },
+            );
+        }
+        if c.field == cf::C_MOVE_RQ || c.field == cf::C_GET_RQ {
+            self.begin_retrieval(c, &identifier);
+        }
+        Decision::Forward
+    }
+
+    /// A held request's identifier: decoded in its context's transfer syntax, its UIDs and text
+    /// checked, and specific enough for the query guard; else the refusal.
+    fn check_identifier(
+        &self,
+        pc: u8,
+        c: &Command,
+        data: &[u8],
+    ) -> Result<InMemDicomObject, Decision> {
         let ts = self
             .contexts
             .get(&pc)
             .map(|ctx| ctx.transfer_syntax.as_str())
             .unwrap_or("");
-        let identifier = match dimse::decode_identifier(data, ts) {
-            Ok(i) => i,
-            Err(e) => {
-                return self.refuse(
-                    status::IDENTIFIER_DOES_NOT_MATCH,
-                    "bad_identifier",
-                    e.to_string(),
-                );
-            }
-        };
-        if let Err(e) = query_guard::check_identifier_uids(&identifier) {
-            return self.refuse(
+        let identifier = dimse::decode_identifier(data, ts).map_err(|e| {
+            self.refuse(
                 status::IDENTIFIER_DOES_NOT_MATCH,
                 "bad_identifier",
                 e.to_string(),
-            );
+            )
+        })?;
+        if let Err(e) = query_guard::check_identifier_uids(&identifier) {
+            return Err(self.refuse(
+                status::IDENTIFIER_DOES_NOT_MATCH,
+                "bad_identifier",
+                e.to_string(),
+            ));
         }
         let verdict = match c.field {
             cf::C_FIND_RQ
@@ -208,78 +236,65 @@ impl Session {
                 } else {
                     status::OUT_OF_RESOURCES_MATCHES
                 };
-                return self.refuse(status, "query_guard", reason);
+                return Err(self.refuse(status, "query_guard", reason));
             }
             Err(GuardError::Malformed(reason)) => {
-                return self.refuse(status::IDENTIFIER_DOES_NOT_MATCH, "bad_identifier", reason);
+                return Err(self.refuse(
+                    status::IDENTIFIER_DOES_NOT_MATCH,
+                    "bad_identifier",
+                    reason,
+                ));
             }
         }
-        if c.field == cf::C_FIND_RQ {
-            self.track(c, Some(query_keys(&identifier)));
-            self.finds.insert(
+        Ok(identifier)
+    }
+
+    /// A C-MOVE or C-GET allowed: tracked, registered (a C-MOVE, for its return path), logged.
+    fn begin_retrieval(&mut self, c: &Command, identifier: &InMemDicomObject) {
+        use dicom_dictionary_std::tags;
+        let op = if c.field == cf::C_MOVE_RQ {
+            "move"
+        } else {
+            "get"
+        };
+        let study = dimse::attribute(identifier, tags::STUDY_INSTANCE_UID);
+        let series = dimse::attribute(identifier, tags::SERIES_INSTANCE_UID);
+        let level = dimse::attribute(identifier, tags::QUERY_RETRIEVE_LEVEL);
+        self.track(c, None);
+        let registered = (op == "move").then(|| {
+            self.moves.begin(
+                &c.move_destination,
+                &self.party.user,
+                &self.party.calling_ae,
                 c.message_id,
-                FindTrack {
-                    matches: 0,
-                    cap: self.grants.max_query_results,
-                    capped: false,
-                    dropped: 0,
-                },
-            );
-        }
-        if c.field == cf::C_MOVE_RQ || c.field == cf::C_GET_RQ {
-            let op = if c.field == cf::C_MOVE_RQ {
-                "move"
-            } else {
-                "get"
-            };
-            let study =
-                dimse::attribute(&identifier, dicom_dictionary_std::tags::STUDY_INSTANCE_UID);
-            let series =
-                dimse::attribute(&identifier, dicom_dictionary_std::tags::SERIES_INSTANCE_UID);
-            let level = dimse::attribute(
-                &identifier,
-                dicom_dictionary_std::tags::QUERY_RETRIEVE_LEVEL,
-            );
-            self.track(c, None);
-            let registered = (op == "move").then(|| {
-                self.moves.begin(
-                    &c.move_destination,
-                    &self.party.user,
-                    &self.party.calling_ae,
-                    c.message_id,
-                )
-            });
-            tracing::info!(
-                peer = %self.party.peer,
-                user = ?self.party.user,
-                calling_ae = ?self.party.calling_ae,
-                called_ae = ?self.party.called_ae,
+            )
+        });
+        tracing::info!(
+            peer = %self.party.peer,
+            user = ?self.party.user,
+            calling_ae = ?self.party.calling_ae,
+            called_ae = ?self.party.called_ae,
+            op,
+            destination = ?c.move_destination,
+            level = ?level,
+            study_uid = ?study,
+            series_uid = ?series,
+            "retrieval requested"
+        );
+        self.retrievals.insert(
+            c.message_id,
+            Retrieval {
                 op,
-                destination = ?c.move_destination,
-                level = ?level,
-                study_uid = ?study,
-                series_uid = ?series,
-                "retrieval requested"
-            );
-            self.retrievals.insert(
-                c.message_id,
-                Retrieval {
-                    op,
-                    destination: c.move_destination.clone(),
-                    registered,
-                    patient: dimse::attribute(&identifier, dicom_dictionary_std::tags::PATIENT_ID),
-                    instance: dimse::attribute(
-                        &identifier,
-                        dicom_dictionary_std::tags::SOP_INSTANCE_UID,
-                    ),
-                    level,
-                    study,
-                    series,
-                    started: std::time::Instant::now(),
-                },
-            );
-        }
-        Decision::Forward
+                destination: c.move_destination.clone(),
+                registered,
+                patient: dimse::attribute(identifier, tags::PATIENT_ID),
+                instance: dimse::attribute(identifier, tags::SOP_INSTANCE_UID),
+                level,
+                study,
+                series,
+                started: std::time::Instant::now(),
+            },
+        );
     }
 
     /// Messages from the archive: a response must answer a request of the client still outstanding

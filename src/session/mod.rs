@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::audit::Audit;
-use crate::dimse::{self, PDataWriter};
+use crate::dimse::PDataWriter;
 use crate::moves::MoveRegistry;
 use crate::policy::{Grants, Limiter};
-use crate::relay::{Actions, Forward, Inspector, Side};
+use crate::relay::{Actions, Inspector, PData, Side};
 
 /// The Modality Worklist Information Model - FIND SOP class (PS3.4 K.6.1.2).
 const WORKLIST_FIND: &str = "1.2.840.10008.5.1.4.31";
@@ -47,7 +47,7 @@ mod reporting;
 #[cfg(test)]
 mod tests;
 
-use assembly::{Assembly, Piece};
+use assembly::{Assembly, Pieces};
 use decisions::Decision;
 use reporting::{FindTrack, OpTrack, Retrieval, dimse_name, query_keys, untracked_response};
 pub use reporting::{error_comment, fit_comment};
@@ -110,39 +110,18 @@ impl Session {
 }
 
 impl Inspector for Session {
-    fn inspect(&mut self, from: Side, pdata: &[u8]) -> Result<Actions, String> {
+    fn inspect(&mut self, from: Side, pdata: PData<'_>) -> Result<Actions, String> {
         let (to_max, back_max) = match from {
-            Side::Client => (self.archive_max, self.client_max),
-            Side::Archive => (self.client_max, self.archive_max),
+            Side::Requestor => (self.archive_max, self.client_max),
+            Side::Acceptor => (self.client_max, self.archive_max),
         };
-        let mut pieces = Vec::new();
+        let mut pieces = Pieces::new(pdata);
         let mut back = PDataWriter::new(back_max);
-        let mut items = 0usize;
-        for pdv in dimse::pdv_items(pdata) {
-            items += 1;
+        for (index, pdv) in pdata.items().enumerate() {
+            pieces.at(index);
             self.step(from, pdv, &mut pieces, &mut back)?;
         }
-        let unchanged = pieces.len() == items && pieces.iter().all(|p| matches!(p, Piece::Pass(_)));
-        let forward = if unchanged {
-            Forward::Unchanged
-        } else if pieces.is_empty() {
-            Forward::Nothing
-        } else {
-            let mut out = PDataWriter::new(to_max);
-            for piece in &pieces {
-                match piece {
-                    Piece::Pass(p) => {
-                        out.push(p.presentation_context_id, p.is_command, p.is_last, p.data)
-                    }
-                    Piece::Emit {
-                        pc,
-                        is_command,
-                        bytes,
-                    } => out.push(*pc, *is_command, true, bytes),
-                }
-            }
-            Forward::Rebuilt(out.into_bytes())
-        };
+        let forward = pieces.forward(to_max);
         Ok(Actions {
             forward,
             back: back.into_bytes(),

@@ -134,7 +134,7 @@ fn an_allowed_echo_takes_the_fast_path() {
         "1.2.840.10008.1.1",
     );
     let a = s
-        .inspect(Side::Client, &pdu(5, true, true, &echo))
+        .inspect_pdu(Side::Requestor, &pdu(5, true, true, &echo))
         .expect("inspect");
     assert_eq!(a, Actions::PASS);
 }
@@ -151,15 +151,15 @@ fn a_refused_store_swallows_its_data_and_answers_after_the_last_fragment() {
         CT,
     );
     let a = s
-        .inspect(Side::Client, &pdu(3, true, true, &store))
+        .inspect_pdu(Side::Requestor, &pdu(3, true, true, &store))
         .expect("command");
     assert_eq!((a.forward, a.back.len()), (Forward::Nothing, 0));
     let a = s
-        .inspect(Side::Client, &pdu(3, false, false, &[0u8; 1000]))
+        .inspect_pdu(Side::Requestor, &pdu(3, false, false, &[0u8; 1000]))
         .expect("data 1");
     assert_eq!((a.forward, a.back.len()), (Forward::Nothing, 0));
     let a = s
-        .inspect(Side::Client, &pdu(3, false, true, &[0u8; 10]))
+        .inspect_pdu(Side::Requestor, &pdu(3, false, true, &[0u8; 10]))
         .expect("data 2");
     assert_eq!(a.forward, Forward::Nothing);
     assert_eq!(statuses(&a.back), vec![0x0124]);
@@ -174,7 +174,7 @@ fn a_refused_store_swallows_its_data_and_answers_after_the_last_fragment() {
         "1.2.840.10008.1.1",
     );
     assert_eq!(
-        s.inspect(Side::Client, &pdu(5, true, true, &echo))
+        s.inspect_pdu(Side::Requestor, &pdu(5, true, true, &echo))
             .expect("echo"),
         Actions::PASS
     );
@@ -196,18 +196,18 @@ fn a_find_is_held_until_its_identifier_is_complete() {
         (tags::PATIENT_ID, VR::LO, "12345"),
     ]);
     let a = s
-        .inspect(Side::Client, &pdu(1, true, true, &find))
+        .inspect_pdu(Side::Requestor, &pdu(1, true, true, &find))
         .expect("command");
     assert_eq!(a.forward, Forward::Nothing, "held");
     let (first, second) = id.split_at(10);
     assert_eq!(
-        s.inspect(Side::Client, &pdu(1, false, false, first))
+        s.inspect_pdu(Side::Requestor, &pdu(1, false, false, first))
             .expect("1")
             .forward,
         Forward::Nothing
     );
     let a = s
-        .inspect(Side::Client, &pdu(1, false, true, second))
+        .inspect_pdu(Side::Requestor, &pdu(1, false, true, second))
         .expect("2");
     let Forward::Rebuilt(bytes) = a.forward else {
         panic!("expected the held request")
@@ -235,10 +235,10 @@ fn a_wildcard_find_is_refused_a700_and_the_cap_cancels_at_the_archive() {
         (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "STUDY"),
         (tags::PATIENT_NAME, VR::PN, "*"),
     ]);
-    s.inspect(Side::Client, &pdu(1, true, true, &find(4)))
+    s.inspect_pdu(Side::Requestor, &pdu(1, true, true, &find(4)))
         .expect("cmd");
     let a = s
-        .inspect(Side::Client, &pdu(1, false, true, &wild))
+        .inspect_pdu(Side::Requestor, &pdu(1, false, true, &wild))
         .expect("id");
     assert_eq!(
         (a.forward, statuses(&a.back)),
@@ -249,10 +249,10 @@ fn a_wildcard_find_is_refused_a700_and_the_cap_cancels_at_the_archive() {
         (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "STUDY"),
         (tags::PATIENT_NAME, VR::PN, "DOE*"),
     ]);
-    s.inspect(Side::Client, &pdu(1, true, true, &find(5)))
+    s.inspect_pdu(Side::Requestor, &pdu(1, true, true, &find(5)))
         .expect("cmd");
     assert!(matches!(
-        s.inspect(Side::Client, &pdu(1, false, true, &named))
+        s.inspect_pdu(Side::Requestor, &pdu(1, false, true, &named))
             .expect("id")
             .forward,
         Forward::Rebuilt(_)
@@ -272,10 +272,10 @@ fn a_wildcard_find_is_refused_a700_and_the_cap_cancels_at_the_archive() {
     let mut cancels = 0;
     for _ in 0..4 {
         let a = s
-            .inspect(Side::Archive, &pdu(1, true, true, &rsp(0xFF00, true)))
+            .inspect_pdu(Side::Acceptor, &pdu(1, true, true, &rsp(0xFF00, true)))
             .expect("pending");
         let b = s
-            .inspect(Side::Archive, &pdu(1, false, true, &named))
+            .inspect_pdu(Side::Acceptor, &pdu(1, false, true, &named))
             .expect("match");
         // A match is held whole (command and identifier), then forwarded re-encoded.
         if a.forward == Forward::Nothing && matches!(b.forward, Forward::Rebuilt(_)) {
@@ -285,7 +285,7 @@ fn a_wildcard_find_is_refused_a700_and_the_cap_cancels_at_the_archive() {
     }
     assert_eq!((relayed, cancels), (2, 1));
     let a = s
-        .inspect(Side::Archive, &pdu(1, true, true, &rsp(0x0000, false)))
+        .inspect_pdu(Side::Acceptor, &pdu(1, true, true, &rsp(0x0000, false)))
         .expect("final");
     let Forward::Rebuilt(bytes) = a.forward else {
         panic!("final response rewritten")
@@ -298,12 +298,12 @@ fn a_wildcard_find_is_refused_a700_and_the_cap_cancels_at_the_archive() {
 fn protocol_violations_are_errors() {
     let mut s = session();
     assert!(
-        s.inspect(Side::Client, &pdu(1, false, true, &[1, 2, 3]))
+        s.inspect_pdu(Side::Requestor, &pdu(1, false, true, &[1, 2, 3]))
             .is_err(),
         "data without command"
     );
     assert!(
-        s.inspect(Side::Client, &pdu(1, true, true, &[0xff; 9]))
+        s.inspect_pdu(Side::Requestor, &pdu(1, true, true, &[0xff; 9]))
             .is_err(),
         "garbage command"
     );
@@ -325,9 +325,9 @@ fn a_c_find_match_is_forwarded_re_encoded_with_the_called_ae_as_retrieve_ae_titl
         (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "STUDY"),
         (tags::PATIENT_ID, VR::LO, "P1"),
     ]);
-    s.inspect(Side::Client, &pdu(1, true, true, &rq))
+    s.inspect_pdu(Side::Requestor, &pdu(1, true, true, &rq))
         .expect("cmd");
-    s.inspect(Side::Client, &pdu(1, false, true, &named))
+    s.inspect_pdu(Side::Requestor, &pdu(1, false, true, &named))
         .expect("id");
     let rsp = command(
         vec![
@@ -344,7 +344,7 @@ fn a_c_find_match_is_forwarded_re_encoded_with_the_called_ae_as_retrieve_ae_titl
         (tags::PATIENT_ID, VR::LO, "P1"),
     ]);
     let a = s
-        .inspect(Side::Archive, &pdu(1, true, true, &rsp))
+        .inspect_pdu(Side::Acceptor, &pdu(1, true, true, &rsp))
         .expect("pending");
     assert_eq!(
         a.forward,
@@ -352,7 +352,7 @@ fn a_c_find_match_is_forwarded_re_encoded_with_the_called_ae_as_retrieve_ae_titl
         "held until the identifier is whole"
     );
     let b = s
-        .inspect(Side::Archive, &pdu(1, false, true, &answer))
+        .inspect_pdu(Side::Acceptor, &pdu(1, false, true, &answer))
         .expect("match");
     let Forward::Rebuilt(bytes) = b.forward else {
         panic!("the match is forwarded re-encoded")
@@ -390,4 +390,72 @@ fn error_comments_fit_an_lo_and_end_on_a_word() {
         "{c:?}"
     );
     assert_eq!(fit_comment("short"), "short");
+}
+
+/// `Pieces` (a count while every PDV passes) gives what the list of pieces it replaced gave, for
+/// every fate of three PDVs: nothing, passed, one or two pieces emitted.
+#[test]
+fn pieces_forward_as_the_full_list_did() {
+    use super::assembly::Piece;
+    let mut w = PDataWriter::new(1 << 16);
+    for i in 0..3u8 {
+        w.push(1, false, i == 2, &[i; 5]);
+    }
+    let pdu = w.into_bytes();
+    let mut spans = crate::relay::PdvSpans::default();
+    let pdata = spans.check(&pdu).expect("well-formed");
+    let emit = |n: u8| Piece::Emit {
+        pc: 1,
+        is_command: false,
+        bytes: vec![0x40 + n; 3],
+    };
+    for case in 0..4usize.pow(3) {
+        let mut pieces = Pieces::new(pdata);
+        let mut list = Vec::new();
+        for (index, pdv) in pdata.items().enumerate() {
+            pieces.at(index);
+            let fate = case / 4usize.pow(index as u32) % 4;
+            let step: Vec<Piece> = match fate {
+                0 => vec![],
+                1 => vec![Piece::Pass(pdv)],
+                2 => vec![emit(index as u8)],
+                _ => vec![emit(index as u8), emit(9)],
+            };
+            for piece in step {
+                list.push(match &piece {
+                    Piece::Pass(p) => Piece::Pass(*p),
+                    Piece::Emit { bytes, .. } => Piece::Emit {
+                        pc: 1,
+                        is_command: false,
+                        bytes: bytes.clone(),
+                    },
+                });
+                pieces.push(piece);
+            }
+        }
+        // The list as `Session::inspect` judged it before.
+        let unchanged =
+            list.len() == pdata.len() && list.iter().all(|p| matches!(p, Piece::Pass(_)));
+        let expected = if unchanged {
+            Forward::Unchanged
+        } else if list.is_empty() {
+            Forward::Nothing
+        } else {
+            let mut out = PDataWriter::new(4096);
+            for piece in &list {
+                match piece {
+                    Piece::Pass(p) => {
+                        out.push(p.presentation_context_id, p.is_command, p.is_last, p.data)
+                    }
+                    Piece::Emit {
+                        pc,
+                        is_command,
+                        bytes,
+                    } => out.push(*pc, *is_command, true, bytes),
+                }
+            }
+            Forward::Rebuilt(out.into_bytes())
+        };
+        assert_eq!(pieces.forward(4096), expected, "case {case}");
+    }
 }
