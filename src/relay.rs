@@ -15,7 +15,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHa
 
 use crate::ul::pdu::{self, PduError, PduReader};
 
+mod gather;
 mod pdata_view;
+use gather::Gathered;
 pub use pdata_view::{PData, PdvSpans};
 
 /// Which end of the association a PDU came from (PS3.8 names them association-requestor and
@@ -443,46 +445,44 @@ where
     let mut reader = PduReader::new(reader);
     // What is to be forwarded, gathered while the next whole PDU is already buffered: one write
     // (and one wake-up of the receiver) for several PDUs. Sent before waiting for more input, so
-    // nothing is held back from a peer that waits for it.
-    let mut out: Vec<u8> = Vec::new();
+    // nothing is held back from a peer that waits for it. PDUs forwarded as they came are written
+    // from the read buffer, not copied (see `gather`).
+    let mut out = Gathered::default();
     // The PDV items of the P-DATA-TF PDU at hand, checked once and handed to the inspector.
     let mut spans = PdvSpans::default();
     loop {
         if !out.is_empty() && (!reader.has_whole_pdu() || out.len() >= COALESCE_LIMIT) {
-            legs.forward(&out).await?;
+            legs.forward(out.bytes(&reader)).await?;
             out.clear();
         }
         if out.capacity() > KEEP_BUFFER && !reader.has_whole_pdu() {
-            out = Vec::new();
+            out.shrink();
         }
-        let (pdu_type, buf) = match reader.next(limit).await {
-            Ok((t, at)) => (t, reader.get(at)),
+        let (pdu_type, at) = match reader.next(limit).await {
+            Ok(next) => next,
             Err(PduError::Closed) => return Err(RelayEnd::Closed(side)),
             Err(e) => return Err(RelayEnd::Failed(side, e.to_string())),
         };
+        let buf = reader.get(at.clone());
         shared.touch();
         *bytes += buf.len() as u64;
         let actions = match actions_for(side, pdu_type, buf, &mut spans, shared) {
             Ok(actions) => actions,
-            Err(reason) => return Err(legs.fail(&out, reason).await),
+            Err(reason) => return Err(legs.fail(out.bytes(&reader), reason).await),
         };
         match &actions.forward {
-            // Nothing gathered and nothing more buffered: straight from the read buffer, no copy.
-            Forward::Unchanged if out.is_empty() && !reader.has_whole_pdu() => {
-                legs.forward(buf).await?
-            }
-            Forward::Unchanged => out.extend_from_slice(buf),
-            Forward::Rebuilt(pdus) => out.extend_from_slice(pdus),
+            Forward::Unchanged => out.pass(at, &reader),
+            Forward::Rebuilt(pdus) => out.push(pdus, &reader),
             Forward::Nothing => {}
         }
         if !actions.back.is_empty() {
             // An answer to the sender (a refusal) follows what was forwarded before it.
-            legs.forward(&out).await?;
+            legs.forward(out.bytes(&reader)).await?;
             out.clear();
             legs.answer(&actions.back).await?;
         }
         if pdu_type == pdu::A_RELEASE_RP || pdu_type == pdu::A_ABORT {
-            legs.forward(&out).await?;
+            legs.forward(out.bytes(&reader)).await?;
             return Err(if pdu_type == pdu::A_RELEASE_RP {
                 RelayEnd::Released
             } else {
