@@ -44,6 +44,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::task::TaskTracker;
 
 use crate::relay::{self, PassThrough, RelayEnd, RelayLimits, RelayStats};
+use crate::ul::MAX_PDU_LENGTH;
 use crate::ul::association;
 use crate::ul::io::write_flush;
 use crate::ul::pdu::{self, Rejection};
@@ -359,8 +360,8 @@ async fn associate(
             contexts: accepted.contexts,
             calling_ae: rq.calling_ae_title.trim().to_string(),
             called_ae: rq.called_ae_title.trim().to_string(),
-            to_client_max: link::max_length(&rq.user_variables),
-            to_gateway_max: link::max_length(&ac.user_variables),
+            to_client_max: association::peer_max_length(&rq.user_variables, MAX_PDU_LENGTH),
+            to_gateway_max: association::peer_max_length(&ac.user_variables, MAX_PDU_LENGTH),
             local_only: accepted.local_only,
         },
         tx,
@@ -485,7 +486,7 @@ async fn open_gateway(
 /// The accept as the local client sees it, and the contexts the relay works with.
 struct Accepted {
     ac: AssociationAC,
-    contexts: HashMap<u8, link::Context>,
+    contexts: HashMap<u8, association::Context>,
     local_only: HashSet<u8>,
 }
 
@@ -506,7 +507,7 @@ fn accept_for_client(
     to_client
         .presentation_contexts
         .retain(|pc| Some(pc.id) != own_context);
-    let mut contexts = link::accepted_contexts(to_gateway, ac);
+    let mut contexts = association::accepted_contexts(to_gateway, ac);
     let mut local_only = HashSet::new();
     let rejected = to_client
         .presentation_contexts
@@ -530,7 +531,7 @@ fn accept_for_client(
         local_only.insert(result.id);
         contexts.insert(
             result.id,
-            link::Context {
+            association::Context {
                 abstract_syntax: abstract_syntax.to_string(),
                 transfer_syntax: ts.to_string(),
             },

@@ -311,7 +311,7 @@ async fn open_get(r: &Retrieval, model: &str) -> Result<GetAssociation, Failure>
         ));
     };
     let ts = link
-        .contexts
+        .contexts()
         .get(&pc)
         .map(|c| c.transfer_syntax.clone())
         .unwrap_or_default();
@@ -488,7 +488,7 @@ async fn store_one<G: AsyncRead + AsyncWrite + Unpin>(
         return Ok(PROCESSING_FAILURE);
     }
     let ts = get
-        .contexts
+        .contexts()
         .get(&pc)
         .map(|c| c.transfer_syntax.clone())
         .unwrap_or_default();
