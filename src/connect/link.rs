@@ -9,7 +9,7 @@ use std::time::Duration;
 use dicom_ul::pdu::{AssociationAC, AssociationRQ, Pdu, UserIdentity, write_pdu};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::dimse::Command;
+use crate::dimse::{self, Command};
 use crate::ul::association::Context;
 use crate::ul::pdu::PduError;
 use crate::ul::requestor::{self, Requestor, RequestorError};
@@ -163,7 +163,13 @@ impl<S: AsyncRead + AsyncWrite> Link<S> {
 
     /// Read one whole command set; returns its presentation context ID and the command.
     pub async fn read_command(&mut self, phase: &'static str) -> Result<(u8, Command), LinkError> {
-        Ok(self.0.read_command(phase).await?)
+        let (context, bytes) = self
+            .0
+            .read_command_set(dimse::MAX_COMMAND_LENGTH, phase)
+            .await?;
+        let command =
+            dimse::decode_command(&bytes).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        Ok((context, command))
     }
 
     /// The next data set fragment on `context`.

@@ -1,7 +1,8 @@
 //! The one DICOM association requestor (PS3.8 requestor side) over any byte stream: the
 //! A-ASSOCIATE exchange, whole PDUs read with `ul::pdu::PduReader`, PDVs reassembled into whole
 //! command and data sets, messages sent within the acceptor's Maximum Length, message IDs,
-//! A-RELEASE and A-ABORT. Every network wait is bounded and named after its phase.
+//! A-RELEASE and A-ABORT. Every network wait is bounded and named after its phase. DIMSE is above
+//! it: command sets come out as bytes, for `dimse::decode_command`.
 //!
 //! It speaks PDUs itself rather than using dicom-ul's client association: a diagnostic tool has to
 //! report A-ASSOCIATE-RJ and A-ABORT codes that dicom-ul's strict reader refuses, and `connect`
@@ -22,7 +23,7 @@ use super::association::{
 };
 use super::pdu::{self, PduError, PduReader, read_pdu};
 use super::{IMPLEMENTATION_CLASS_UID, MAX_PDU_LENGTH};
-use crate::dimse::{self, Command, DimseError, PDataWriter};
+use crate::dimse::{self, PDataWriter};
 
 /// The phase of sending the A-ASSOCIATE-RQ.
 pub const SENDING_REQUEST: &str = "sending the A-ASSOCIATE-RQ";
@@ -80,8 +81,6 @@ pub enum RequestorError {
     DataForCommand(&'static str),
     #[error("command set too large")]
     CommandTooLarge,
-    #[error(transparent)]
-    Command(DimseError),
     #[error("expected a data set fragment on context {context} while {phase}")]
     NotOnContext { context: u8, phase: &'static str },
     #[error("a data set over {limit} bytes while {phase}")]
@@ -182,7 +181,7 @@ async fn bounded<T>(
         })
 }
 
-async fn write_flush<W: AsyncWrite + Unpin>(
+async fn write_bounded<W: AsyncWrite + Unpin>(
     stream: &mut W,
     bytes: &[u8],
     timeout: Duration,
@@ -201,7 +200,7 @@ pub async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     max_answer: u32,
     timeout: Duration,
 ) -> Result<Answer, RequestorError> {
-    write_flush(stream, request, timeout, SENDING_REQUEST).await?;
+    write_bounded(stream, request, timeout, SENDING_REQUEST).await?;
     let mut buf = Vec::new();
     let pdu_type = bounded(
         timeout,
@@ -305,7 +304,7 @@ impl<S: AsyncRead + AsyncWrite> Requestor<S> {
     }
 
     async fn write(&mut self, bytes: &[u8], phase: &'static str) -> Result<(), RequestorError> {
-        write_flush(&mut self.writer, bytes, self.timeout, phase).await
+        write_bounded(&mut self.writer, bytes, self.timeout, phase).await
     }
 
     /// Send one whole DIMSE message (command set, then the data set if any), split to the
@@ -369,24 +368,25 @@ impl<S: AsyncRead + AsyncWrite> Requestor<S> {
         Err(RequestorError::NoPdv(phase))
     }
 
-    /// Read one whole command set; returns its presentation context ID and the command.
-    pub async fn read_command(
+    /// Read one whole command set, at most `limit` bytes; returns its presentation context ID and
+    /// its bytes (decoding it is DIMSE's, `dimse::decode_command`).
+    pub async fn read_command_set(
         &mut self,
+        limit: usize,
         phase: &'static str,
-    ) -> Result<(u8, Command), RequestorError> {
+    ) -> Result<(u8, Vec<u8>), RequestorError> {
         let mut bytes = Vec::new();
         loop {
             let pdv = self.next_pdv(phase).await?;
             if !pdv.is_command {
                 return Err(RequestorError::DataForCommand(phase));
             }
-            if bytes.len() + pdv.data.len() > dimse::MAX_COMMAND_LENGTH {
+            if bytes.len() + pdv.data.len() > limit {
                 return Err(RequestorError::CommandTooLarge);
             }
             bytes.extend_from_slice(&pdv.data);
             if pdv.is_last {
-                let command = dimse::decode_command(&bytes).map_err(RequestorError::Command)?;
-                return Ok((pdv.context, command));
+                return Ok((pdv.context, bytes));
             }
         }
     }
