@@ -209,36 +209,7 @@ async fn handle(tunnel: &Tunnel, caller: Caller, aborted: watch::Receiver<bool>)
     let uid = match uid {
         Ok(uid) if tunnel.callers.admits(uid) => uid,
         refused => {
-            // Phase: the refused caller's A-ASSOCIATE-RQ (ARTIM), answered 1/1/1; nothing reaches the gateway.
-            let (local_uid, reason) = match &refused {
-                Ok(uid) => (
-                    Some(*uid),
-                    format!(
-                        "local user {uid} is not the user who started connect ({owner_uid}) nor an --allow-user"
-                    ),
-                ),
-                Err(e) => (None, format!("the calling local user is unknown: {e}")),
-            };
-            let answered = match local_request(&mut stream, tunnel.request_timeout).await {
-                Ok(rq) => {
-                    seen.calling_ae = rq.calling_ae_title.trim().to_string();
-                    seen.called_ae = rq.called_ae_title.trim().to_string();
-                    refuse(&mut stream, &REFUSED_CALLER.pdu()).await;
-                    "A-ASSOCIATE-RJ 1/1/1"
-                }
-                Err(s) => s.outcome,
-            };
-            tracing::warn!(
-                peer = %peer,
-                local_uid,
-                owner_uid,
-                calling_ae = ?seen.calling_ae,
-                called_ae = ?seen.called_ae,
-                outcome = "refused_local_user",
-                reason = %format!("{reason} ({answered})"),
-                duration_ms = started.elapsed().as_millis() as u64,
-                "association"
-            );
+            refuse_caller(tunnel, &mut stream, &peer, refused, started).await;
             return;
         }
     };
@@ -285,6 +256,49 @@ async fn handle(tunnel: &Tunnel, caller: Caller, aborted: watch::Receiver<bool>)
             "association"
         );
     }
+}
+
+/// A caller who is not the owner nor an --allow-user: its A-ASSOCIATE-RQ (ARTIM) is answered
+/// 1/1/1 and logged; nothing reaches the gateway.
+async fn refuse_caller(
+    tunnel: &Tunnel,
+    stream: &mut impl Local,
+    peer: &str,
+    refused: Result<u32, local::OwnerError>,
+    started: Instant,
+) {
+    let owner_uid = tunnel.callers.owner;
+    let (mut calling_ae, mut called_ae) = (String::new(), String::new());
+    // Phase: the refused caller's A-ASSOCIATE-RQ (ARTIM), answered 1/1/1; nothing reaches the gateway.
+    let (local_uid, reason) = match &refused {
+        Ok(uid) => (
+            Some(*uid),
+            format!(
+                "local user {uid} is not the user who started connect ({owner_uid}) nor an --allow-user"
+            ),
+        ),
+        Err(e) => (None, format!("the calling local user is unknown: {e}")),
+    };
+    let answered = match local_request(stream, tunnel.request_timeout).await {
+        Ok(rq) => {
+            calling_ae = rq.calling_ae_title.trim().to_string();
+            called_ae = rq.called_ae_title.trim().to_string();
+            refuse(stream, &REFUSED_CALLER.pdu()).await;
+            "A-ASSOCIATE-RJ 1/1/1"
+        }
+        Err(s) => s.outcome,
+    };
+    tracing::warn!(
+        peer = %peer,
+        local_uid,
+        owner_uid,
+        calling_ae = ?calling_ae,
+        called_ae = ?called_ae,
+        outcome = "refused_local_user",
+        reason = %format!("{reason} ({answered})"),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "association"
+    );
 }
 
 /// What a local client's connection is: TCP or the Unix socket.
