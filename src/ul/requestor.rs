@@ -473,3 +473,164 @@ impl<S: AsyncRead + AsyncWrite> Requestor<S> {
 const RELEASE_RQ: [u8; 10] = [pdu::A_RELEASE_RQ, 0, 0, 0, 0, 4, 0, 0, 0, 0];
 /// A-ABORT from the service user (source 0, reason 0; PS3.8 9.3.8).
 const USER_ABORT: [u8; 10] = [pdu::A_ABORT, 0, 0, 0, 0, 4, 0, 0, 0, 0];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dicom_ul::pdu::{PresentationContextResult, PresentationContextResultReason};
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    const VERIFICATION: &str = "1.2.840.10008.1.1";
+    const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+
+    fn pair(peer_max: u32) -> (Requestor<DuplexStream>, DuplexStream) {
+        let rq = request(
+            "TOOL",
+            "ARCHIVE",
+            "PACSGATE-TEST",
+            &[Proposal {
+                abstract_syntax: VERIFICATION.into(),
+                transfer_syntaxes: vec![IMPLICIT_LE.into()],
+            }],
+            &[],
+            None,
+        );
+        let ac = AssociationAC {
+            protocol_version: 1,
+            calling_ae_title: "TOOL".into(),
+            called_ae_title: "ARCHIVE".into(),
+            application_context_name: DICOM_APPLICATION_CONTEXT.into(),
+            presentation_contexts: vec![PresentationContextResult {
+                id: 1,
+                reason: PresentationContextResultReason::Acceptance,
+                transfer_syntax: format!("{IMPLICIT_LE}\0"),
+            }],
+            user_variables: vec![UserVariableItem::MaxLength(peer_max)],
+        };
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        (
+            Requestor::new(ours, &rq, &ac, Duration::from_secs(5)),
+            theirs,
+        )
+    }
+
+    /// One P-DATA-TF with one PDV.
+    fn p_data(context: u8, header: u8, data: &[u8]) -> Vec<u8> {
+        let mut out = vec![pdu::P_DATA_TF, 0];
+        out.extend_from_slice(&((data.len() + 6) as u32).to_be_bytes());
+        out.extend_from_slice(&((data.len() + 2) as u32).to_be_bytes());
+        out.extend_from_slice(&[context, header]);
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[tokio::test]
+    async fn the_answer_comes_back_as_it_came_and_waits_are_named() {
+        let (mut ours, mut theirs) = tokio::io::duplex(4096);
+        let rj = pdu::associate_rj(1, 2, 1);
+        let peer = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            read_pdu(&mut theirs, &mut buf, 4096).await.expect("rq");
+            theirs.write_all(&rj).await.expect("rj");
+            theirs
+        });
+        let answer = exchange(
+            &mut ours,
+            &[pdu::A_ASSOCIATE_RQ, 0, 0, 0, 0, 0],
+            4096,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("answer");
+        assert!(matches!(answer, Answer::Rejected(b) if b == rj));
+        let _theirs = peer.await.expect("peer");
+
+        let (mut ours, _silent) = tokio::io::duplex(4096);
+        let e = exchange(
+            &mut ours,
+            &[pdu::A_ASSOCIATE_RQ, 0, 0, 0, 0, 0],
+            4096,
+            Duration::from_millis(20),
+        )
+        .await
+        .expect_err("silence");
+        assert!(matches!(
+            e,
+            RequestorError::Timeout {
+                phase: WAITING_FOR_ANSWER,
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn pdvs_are_reassembled_and_messages_sent_within_the_peer_maximum() {
+        let (mut requestor, mut peer) = pair(4096);
+        assert_eq!(
+            requestor.context_for(VERIFICATION, Some(IMPLICIT_LE)),
+            Some(1)
+        );
+        assert_eq!((requestor.message_id(), requestor.message_id()), (1, 2));
+        let mut wire = p_data(1, 0x01, b"comm");
+        wire.extend(p_data(1, 0x03, b"and"));
+        wire.extend(p_data(1, 0x00, b"data "));
+        wire.extend(p_data(1, 0x02, b"set"));
+        wire.extend(p_data(1, 0x02, b"too large"));
+        peer.write_all(&wire).await.expect("write");
+        let (context, command) = requestor
+            .read_command_set(64, "reading")
+            .await
+            .expect("command");
+        assert_eq!((context, command.as_slice()), (1, &b"command"[..]));
+        let data = requestor.read_data(1, 64, "reading").await.expect("data");
+        assert_eq!(data, b"data set");
+        let e = requestor
+            .read_data(1, 4, "reading")
+            .await
+            .expect_err("limit");
+        assert!(matches!(e, RequestorError::DataTooLarge { limit: 4, .. }));
+
+        let big = vec![7u8; 10_000];
+        requestor
+            .send_message(1, b"cmd", Some(&big), "sending")
+            .await
+            .expect("send");
+        let mut buf = Vec::new();
+        let mut carried = 0;
+        while carried < big.len() + 3 {
+            read_pdu(&mut peer, &mut buf, 1 << 20).await.expect("pdu");
+            assert!(buf.len() - pdu::PDU_HEADER_LENGTH <= 4096);
+            carried += dimse::pdv_items(&buf).map(|p| p.data.len()).sum::<usize>();
+        }
+        assert_eq!(carried, big.len() + 3);
+    }
+
+    #[tokio::test]
+    async fn release_skips_late_p_data_and_an_abort_is_reported() {
+        let (requestor, mut peer) = pair(0);
+        let acceptor = tokio::spawn(async move {
+            let mut rq = [0u8; 10];
+            peer.read_exact(&mut rq).await.expect("release rq");
+            assert_eq!(rq, RELEASE_RQ);
+            peer.write_all(&p_data(1, 0x03, b"late"))
+                .await
+                .expect("late");
+            peer.write_all(&pdu::RELEASE_RP).await.expect("rp");
+        });
+        requestor.release().await.expect("released");
+        acceptor.await.expect("acceptor");
+
+        let (mut requestor, mut peer) = pair(0);
+        peer.write_all(&[pdu::A_ABORT, 0, 0, 0, 0, 4, 0, 0, 2, 1])
+            .await
+            .expect("abort");
+        let e = requestor.next_pdv("reading").await.expect_err("aborted");
+        assert!(matches!(
+            e,
+            RequestorError::Aborted {
+                origin: 2,
+                reason: 1
+            }
+        ));
+    }
+}
