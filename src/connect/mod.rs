@@ -11,7 +11,7 @@
 //! - `retrieve.rs`        ... and performed as a C-GET whose C-STOREs are forwarded to that SCP
 //! - `local_storage.rs`  ... the association to that local SCP
 //! - `local.rs`           the local listeners (TCP on loopback, Unix socket) and who is calling (UID)
-//! - `link.rs`            the associations connect requests itself (C-GET, local storage)
+//! - `link.rs`            the associations connect requests itself (C-GET, local storage), over `ul::requestor`
 //! - `dimse_extra.rs`     C-MOVE-RSP with counts, C-STORE-RQ re-addressed
 //! - `storage_classes.rs` the storage SOP classes proposed for C-GET
 

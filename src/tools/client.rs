@@ -1,11 +1,11 @@
-//! A small DICOM association requestor for pacsgate's own tools: TCP or TLS, a User Identity,
-//! C-ECHO and C-FIND, every wait bounded and named, and rejections decoded into words.
+//! The tools' DICOM requestor: TCP or TLS (`client/tls.rs`), a User Identity, C-ECHO and C-FIND,
+//! every wait bounded and named, and rejections decoded into words (`client/words.rs`).
 //!
-//! It speaks PDUs itself (dicom-ul's PDU types and `write_pdu`, pacsgate's bounded framing and
-//! DIMSE codec) rather than using dicom-ul's client association, because a diagnostic tool has to
-//! report A-ASSOCIATE-RJ and A-ABORT codes that dicom-ul's strict reader refuses, must cap a JWT
-//! before `write_pdu` truncates its 16-bit length, and the probe needs the raw first bytes of a
-//! server that does not speak DICOM at all.
+//! The association itself is `ul::requestor`'s (pacsgate's bounded framing, not dicom-ul's client
+//! association: a diagnostic tool has to report A-ASSOCIATE-RJ and A-ABORT codes that dicom-ul's
+//! strict reader refuses, and the probe needs the raw first bytes of a server that does not speak
+//! DICOM at all); this file words its failures as [`ToolError`] and caps a JWT before `write_pdu`
+//! truncates its 16-bit length.
 
 mod tls;
 mod words;
