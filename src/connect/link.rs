@@ -1,23 +1,21 @@
-//! A small association requestor over any byte stream, for the associations `connect` opens itself
-//! in move-as-get: the C-GET association to the gateway and the one to the local storage SCP.
-//! Arbitrary presentation contexts and SCP role selection, whole DIMSE commands, data sets streamed
-//! PDV by PDV, every wait bounded.
+//! The associations `connect` opens itself in move-as-get: the C-GET association to the gateway
+//! and the one to the local storage SCP. A thin wrapper over the one requestor
+//! (`ul::requestor`): arbitrary presentation contexts and SCP role selection, whole DIMSE commands,
+//! data sets streamed PDV by PDV, every wait bounded, failures in connect's words ([`LinkError`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::time::Duration;
 
-use dicom_ul::pdu::{
-    AssociationAC, AssociationRQ, Pdu, PresentationContextProposed,
-    PresentationContextResultReason, RequestorRoles, UserIdentity, UserVariableItem, write_pdu,
-};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use dicom_ul::pdu::{AssociationAC, AssociationRQ, Pdu, UserIdentity, write_pdu};
+use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::dimse::{self, Command, PDataWriter};
-use crate::ul::association::{DICOM_APPLICATION_CONTEXT, UpstreamAnswer, parse_answer};
-use crate::ul::pdu::{self, PduError};
+use crate::dimse::{self, Command};
+use crate::ul::association::Context;
+use crate::ul::pdu::PduError;
+use crate::ul::requestor::{self, Requestor, RequestorError};
 
-use crate::ul::IMPLEMENTATION_CLASS_UID;
 pub use crate::ul::MAX_PDU_LENGTH;
+pub use crate::ul::requestor::{Answer, OwnedPdv, Proposal};
 /// Largest A-ASSOCIATE-AC / -RJ we read.
 const MAX_ANSWER_LENGTH: u32 = 1024 * 1024;
 /// Implementation Version Name of pacsgate connect.
@@ -42,21 +40,19 @@ pub enum LinkError {
     Protocol(String),
 }
 
-/// The answer to an A-ASSOCIATE-RQ.
-#[derive(Debug)]
-pub enum Answer {
-    Accepted(AssociationAC),
-    /// A-ASSOCIATE-RJ, as it came.
-    Rejected(Vec<u8>),
-    /// A-ABORT, as it came.
-    Aborted(Vec<u8>),
-}
-
-/// One presentation context to propose.
-#[derive(Debug, Clone)]
-pub struct Proposal {
-    pub abstract_syntax: String,
-    pub transfer_syntaxes: Vec<String>,
+/// After the association is established.
+impl From<RequestorError> for LinkError {
+    fn from(e: RequestorError) -> LinkError {
+        if let Some(phase) = e.closed_phase() {
+            return LinkError::Closed(phase);
+        }
+        match e {
+            RequestorError::Timeout { phase, .. } => LinkError::Timeout(phase),
+            write @ RequestorError::Write { .. } => LinkError::Io(write.to_string()),
+            RequestorError::Aborted { origin, reason } => LinkError::Aborted { origin, reason },
+            other => LinkError::Protocol(other.to_string()),
+        }
+    }
 }
 
 /// An A-ASSOCIATE-RQ with `proposals` (context IDs 1, 3, 5, ...), the SCP role proposed for the
@@ -68,40 +64,14 @@ pub fn request(
     scp_roles: &[String],
     identity: Option<UserIdentity>,
 ) -> AssociationRQ {
-    let presentation_contexts = proposals
-        .iter()
-        .zip((1u8..=255).step_by(2))
-        .map(|(p, id)| PresentationContextProposed {
-            id,
-            abstract_syntax: p.abstract_syntax.clone(),
-            transfer_syntaxes: p.transfer_syntaxes.clone(),
-        })
-        .collect();
-    let mut user_variables = vec![
-        UserVariableItem::MaxLength(MAX_PDU_LENGTH),
-        UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_string()),
-        UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.to_string()),
-    ];
-    user_variables.extend(scp_roles.iter().map(|class| {
-        UserVariableItem::ScuScpRoleSelectionSubItem(
-            class.clone(),
-            RequestorRoles {
-                scu: false,
-                scp: true,
-            },
-        )
-    }));
-    if let Some(identity) = identity {
-        user_variables.push(UserVariableItem::UserIdentityItem(identity));
-    }
-    AssociationRQ {
-        protocol_version: 1,
-        calling_ae_title: calling_ae.to_string(),
-        called_ae_title: called_ae.to_string(),
-        application_context_name: DICOM_APPLICATION_CONTEXT.to_string(),
-        presentation_contexts,
-        user_variables,
-    }
+    requestor::request(
+        calling_ae,
+        called_ae,
+        IMPLEMENTATION_VERSION_NAME,
+        proposals,
+        scp_roles,
+        identity,
+    )
 }
 
 /// Encode a PDU.
@@ -111,138 +81,57 @@ pub fn encode(pdu: &Pdu) -> Result<Vec<u8>, LinkError> {
     Ok(out)
 }
 
-/// Send an encoded A-ASSOCIATE-RQ and read the answer, within `timeout`.
+/// Send an encoded A-ASSOCIATE-RQ and read the answer, both within `timeout`.
 pub async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     request: &[u8],
     timeout: Duration,
 ) -> Result<Answer, LinkError> {
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(timeout, async {
-        stream.write_all(request).await?;
-        stream.flush().await?;
-        pdu::read_pdu(stream, &mut buf, MAX_ANSWER_LENGTH)
-            .await
-            .map_err(|e| match e {
-                PduError::Io(e) => e,
-                other => std::io::Error::other(other.to_string()),
-            })
+    const PHASE: &str = requestor::WAITING_FOR_ANSWER;
+    let answer = tokio::time::timeout(
+        timeout,
+        requestor::exchange(stream, request, MAX_ANSWER_LENGTH, timeout),
+    )
+    .await
+    .map_err(|_| LinkError::Timeout(PHASE))?;
+    answer.map_err(|e| match e {
+        RequestorError::Timeout { .. } => LinkError::Timeout(PHASE),
+        RequestorError::Write { error, .. } => LinkError::Io(error.to_string()),
+        RequestorError::Read {
+            error: PduError::Io(error),
+            ..
+        } if error.kind() == std::io::ErrorKind::UnexpectedEof => LinkError::Closed(PHASE),
+        RequestorError::Read {
+            error: PduError::Io(error),
+            ..
+        } => LinkError::Io(error.to_string()),
+        RequestorError::Read { error, .. } => LinkError::Io(error.to_string()),
+        other => LinkError::Protocol(other.to_string()),
     })
-    .await;
-    match read {
-        Err(_) => return Err(LinkError::Timeout("waiting for the A-ASSOCIATE-AC")),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            return Err(LinkError::Closed("waiting for the A-ASSOCIATE-AC"));
-        }
-        Ok(Err(e)) => return Err(LinkError::Io(e.to_string())),
-        Ok(Ok(_)) => {}
-    }
-    match parse_answer(&buf) {
-        Ok(UpstreamAnswer::Accepted(ac)) => Ok(Answer::Accepted(ac)),
-        Ok(UpstreamAnswer::Refused { pdu_type, bytes }) if pdu_type == pdu::A_ASSOCIATE_RJ => {
-            Ok(Answer::Rejected(bytes))
-        }
-        Ok(UpstreamAnswer::Refused { bytes, .. }) => Ok(Answer::Aborted(bytes)),
-        Err(e) => Err(LinkError::Protocol(e.to_string())),
-    }
-}
-
-/// An accepted presentation context.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Context {
-    pub abstract_syntax: String,
-    pub transfer_syntax: String,
-}
-
-/// The contexts of `rq` that `ac` accepted, by presentation context ID.
-pub fn accepted_contexts(rq: &AssociationRQ, ac: &AssociationAC) -> HashMap<u8, Context> {
-    ac.presentation_contexts
-        .iter()
-        .filter(|c| c.reason == PresentationContextResultReason::Acceptance)
-        .filter_map(|c| {
-            let proposed = rq.presentation_contexts.iter().find(|p| p.id == c.id)?;
-            Some((
-                c.id,
-                Context {
-                    abstract_syntax: proposed.abstract_syntax.trim_end_matches('\0').to_string(),
-                    transfer_syntax: c.transfer_syntax.trim_end_matches('\0').to_string(),
-                },
-            ))
-        })
-        .collect()
-}
-
-/// The Maximum Length a peer announced; 0 ("unlimited") and absurd values are clamped.
-pub fn max_length(items: &[UserVariableItem]) -> u32 {
-    crate::ul::association::peer_max_length(items, MAX_PDU_LENGTH)
-}
-
-/// One PDV item, owned.
-#[derive(Debug)]
-pub struct OwnedPdv {
-    pub context: u8,
-    pub is_command: bool,
-    pub is_last: bool,
-    pub data: Vec<u8>,
 }
 
 /// An established association we requested.
-pub struct Link<S> {
-    stream: S,
-    pub contexts: HashMap<u8, Context>,
-    peer_max: u32,
-    timeout: Duration,
-    pending: VecDeque<OwnedPdv>,
-    next_message_id: u16,
-}
+pub struct Link<S>(Requestor<S>);
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
+impl<S: AsyncRead + AsyncWrite> Link<S> {
     /// The association `rq` / `ac` over `stream`; every later wait is bounded by `timeout`.
     pub fn new(stream: S, rq: &AssociationRQ, ac: &AssociationAC, timeout: Duration) -> Link<S> {
-        Link {
-            stream,
-            contexts: accepted_contexts(rq, ac),
-            peer_max: max_length(&ac.user_variables),
-            timeout,
-            pending: VecDeque::new(),
-            next_message_id: 1,
-        }
+        Link(Requestor::new(stream, rq, ac, timeout))
+    }
+
+    /// The accepted presentation contexts, by ID.
+    pub fn contexts(&self) -> &HashMap<u8, Context> {
+        &self.0.contexts
     }
 
     /// The accepted context for this abstract syntax (and transfer syntax, when given).
     pub fn context_for(&self, abstract_syntax: &str, transfer_syntax: Option<&str>) -> Option<u8> {
-        let mut ids: Vec<u8> = self
-            .contexts
-            .iter()
-            .filter(|(_, c)| {
-                c.abstract_syntax == abstract_syntax
-                    && transfer_syntax.is_none_or(|ts| c.transfer_syntax == ts)
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        ids.sort_unstable();
-        ids.first().copied()
+        self.0.context_for(abstract_syntax, transfer_syntax)
     }
 
     /// A fresh message ID for a request.
     pub fn message_id(&mut self) -> u16 {
-        let id = self.next_message_id;
-        self.next_message_id = self.next_message_id.wrapping_add(1).max(1);
-        id
-    }
-
-    async fn write(&mut self, bytes: &[u8], phase: &'static str) -> Result<(), LinkError> {
-        let stream = &mut self.stream;
-        match tokio::time::timeout(self.timeout, async {
-            stream.write_all(bytes).await?;
-            stream.flush().await
-        })
-        .await
-        {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(LinkError::Io(format!("{phase}: {e}"))),
-            Err(_) => Err(LinkError::Timeout(phase)),
-        }
+        self.0.message_id()
     }
 
     /// Send one whole DIMSE message.
@@ -252,12 +141,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
         command: &[u8],
         data: Option<&[u8]>,
     ) -> Result<(), LinkError> {
-        let mut writer = PDataWriter::new(self.peer_max);
-        writer.push(context, true, true, command);
-        if let Some(data) = data {
-            writer.push(context, false, true, data);
-        }
-        self.write(&writer.into_bytes(), "sending a message").await
+        let phase = "sending a message";
+        Ok(self.0.send_message(context, command, data, phase).await?)
     }
 
     /// Send one data set fragment (split to the peer's maximum PDU length).
@@ -267,80 +152,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
         data: &[u8],
         is_last: bool,
     ) -> Result<(), LinkError> {
-        let mut writer = PDataWriter::new(self.peer_max);
-        writer.push(context, false, is_last, data);
-        self.write(&writer.into_bytes(), "sending a data set").await
+        let phase = "sending a data set";
+        Ok(self.0.send_data(context, data, is_last, phase).await?)
     }
 
     /// The next PDV, reading PDUs as needed.
     pub async fn next_pdv(&mut self, phase: &'static str) -> Result<OwnedPdv, LinkError> {
-        // Bounded: every PDU holds at least one PDV, or the read fails.
-        for _ in 0..1_000_000 {
-            if let Some(pdv) = self.pending.pop_front() {
-                return Ok(pdv);
-            }
-            let mut buf = Vec::new();
-            let read = tokio::time::timeout(
-                self.timeout,
-                pdu::read_pdu(&mut self.stream, &mut buf, MAX_PDU_LENGTH),
-            )
-            .await
-            .map_err(|_| LinkError::Timeout(phase))?;
-            let pdu_type = match read {
-                Ok(t) => t,
-                Err(PduError::Closed) => return Err(LinkError::Closed(phase)),
-                Err(PduError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    return Err(LinkError::Closed(phase));
-                }
-                Err(e) => return Err(LinkError::Protocol(format!("{phase}: {e}"))),
-            };
-            match pdu_type {
-                pdu::P_DATA_TF => {
-                    dimse::check_pdv_items(&buf).map_err(LinkError::Protocol)?;
-                    self.pending
-                        .extend(dimse::pdv_items(&buf).map(|p| OwnedPdv {
-                            context: p.presentation_context_id,
-                            is_command: p.is_command,
-                            is_last: p.is_last,
-                            data: p.data.to_vec(),
-                        }));
-                }
-                pdu::A_ABORT => {
-                    return Err(LinkError::Aborted {
-                        origin: buf.get(8).copied().unwrap_or(0),
-                        reason: buf.get(9).copied().unwrap_or(0),
-                    });
-                }
-                other => {
-                    return Err(LinkError::Protocol(format!(
-                        "unexpected PDU type {other:#04x} while {phase}"
-                    )));
-                }
-            }
-        }
-        Err(LinkError::Protocol(format!("no PDV while {phase}")))
+        Ok(self.0.next_pdv(phase).await?)
     }
 
     /// Read one whole command set; returns its presentation context ID and the command.
     pub async fn read_command(&mut self, phase: &'static str) -> Result<(u8, Command), LinkError> {
-        let mut bytes = Vec::new();
-        loop {
-            let pdv = self.next_pdv(phase).await?;
-            if !pdv.is_command {
-                return Err(LinkError::Protocol(format!(
-                    "a data set fragment arrived where a command set was expected while {phase}"
-                )));
-            }
-            if bytes.len() + pdv.data.len() > dimse::MAX_COMMAND_LENGTH {
-                return Err(LinkError::Protocol("command set too large".into()));
-            }
-            bytes.extend_from_slice(&pdv.data);
-            if pdv.is_last {
-                let command = dimse::decode_command(&bytes)
-                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                return Ok((pdv.context, command));
-            }
-        }
+        let (context, bytes) = self
+            .0
+            .read_command_set(dimse::MAX_COMMAND_LENGTH, phase)
+            .await?;
+        let command =
+            dimse::decode_command(&bytes).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        Ok((context, command))
     }
 
     /// The next data set fragment on `context`.
@@ -349,13 +178,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
         context: u8,
         phase: &'static str,
     ) -> Result<OwnedPdv, LinkError> {
-        let pdv = self.next_pdv(phase).await?;
-        if pdv.is_command || pdv.context != context {
-            return Err(LinkError::Protocol(format!(
-                "expected a data set fragment on context {context} while {phase}"
-            )));
-        }
-        Ok(pdv)
+        Ok(self.0.read_data_pdv(context, phase).await?)
     }
 
     /// A whole data set on `context`, at most `limit` bytes.
@@ -365,61 +188,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
         limit: usize,
         phase: &'static str,
     ) -> Result<Vec<u8>, LinkError> {
-        let mut data = Vec::new();
-        loop {
-            let pdv = self.read_data_pdv(context, phase).await?;
-            if data.len() + pdv.data.len() > limit {
-                return Err(LinkError::Protocol(format!(
-                    "a data set over {limit} bytes while {phase}"
-                )));
-            }
-            data.extend_from_slice(&pdv.data);
-            if pdv.is_last {
-                return Ok(data);
-            }
-        }
+        Ok(self.0.read_data(context, limit, phase).await?)
     }
 
     /// A-RELEASE-RQ, then wait (bounded) for the A-RELEASE-RP; best effort.
-    pub async fn release(mut self) {
-        let rq = [pdu::A_RELEASE_RQ, 0, 0, 0, 0, 4, 0, 0, 0, 0];
-        if self.write(&rq, "sending the A-RELEASE-RQ").await.is_err() {
-            return;
-        }
-        let bound = self.timeout.min(Duration::from_secs(10));
-        let stream = &mut self.stream;
-        let _ = tokio::time::timeout(bound, async {
-            let mut buf = Vec::new();
-            // Late P-DATA may precede the A-RELEASE-RP; a few hundred PDUs at most.
-            for _ in 0..1024 {
-                match pdu::read_pdu(stream, &mut buf, MAX_PDU_LENGTH).await {
-                    Ok(pdu::A_RELEASE_RP) | Err(_) => break,
-                    Ok(pdu::A_ABORT) => break,
-                    Ok(_) => continue,
-                }
-            }
-        })
-        .await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.stream.shutdown()).await;
+    pub async fn release(self) {
+        self.0.release_quietly().await
     }
 
     /// A-ABORT (service user), best effort.
-    pub async fn abort(mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let _ = self
-                .stream
-                .write_all(&[pdu::A_ABORT, 0, 0, 0, 0, 4, 0, 0, 0, 0])
-                .await;
-            let _ = self.stream.shutdown().await;
-        })
-        .await;
+    pub async fn abort(self) {
+        self.0.abort().await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dicom_ul::pdu::PresentationContextResult;
+    use crate::ul::association::{DICOM_APPLICATION_CONTEXT, accepted_contexts, peer_max_length};
+    use dicom_ul::pdu::{
+        PresentationContextResult, PresentationContextResultReason, RequestorRoles,
+        UserVariableItem,
+    };
+
+    fn max_length(items: &[UserVariableItem]) -> u32 {
+        peer_max_length(items, MAX_PDU_LENGTH)
+    }
 
     #[test]
     fn requests_number_contexts_and_propose_the_scp_role() {

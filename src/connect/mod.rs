@@ -11,7 +11,7 @@
 //! - `retrieve.rs`        ... and performed as a C-GET whose C-STOREs are forwarded to that SCP
 //! - `local_storage.rs`  ... the association to that local SCP
 //! - `local.rs`           the local listeners (TCP on loopback, Unix socket) and who is calling (UID)
-//! - `link.rs`            the associations connect requests itself (C-GET, local storage)
+//! - `link.rs`            the associations connect requests itself (C-GET, local storage), over `ul::requestor`
 //! - `dimse_extra.rs`     C-MOVE-RSP with counts, C-STORE-RQ re-addressed
 //! - `storage_classes.rs` the storage SOP classes proposed for C-GET
 
@@ -44,6 +44,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::task::TaskTracker;
 
 use crate::relay::{self, PassThrough, RelayEnd, RelayLimits, RelayStats};
+use crate::ul::MAX_PDU_LENGTH;
 use crate::ul::association;
 use crate::ul::io::write_flush;
 use crate::ul::pdu::{self, Rejection};
@@ -208,36 +209,7 @@ async fn handle(tunnel: &Tunnel, caller: Caller, aborted: watch::Receiver<bool>)
     let uid = match uid {
         Ok(uid) if tunnel.callers.admits(uid) => uid,
         refused => {
-            // Phase: the refused caller's A-ASSOCIATE-RQ (ARTIM), answered 1/1/1; nothing reaches the gateway.
-            let (local_uid, reason) = match &refused {
-                Ok(uid) => (
-                    Some(*uid),
-                    format!(
-                        "local user {uid} is not the user who started connect ({owner_uid}) nor an --allow-user"
-                    ),
-                ),
-                Err(e) => (None, format!("the calling local user is unknown: {e}")),
-            };
-            let answered = match local_request(&mut stream, tunnel.request_timeout).await {
-                Ok(rq) => {
-                    seen.calling_ae = rq.calling_ae_title.trim().to_string();
-                    seen.called_ae = rq.called_ae_title.trim().to_string();
-                    refuse(&mut stream, &REFUSED_CALLER.pdu()).await;
-                    "A-ASSOCIATE-RJ 1/1/1"
-                }
-                Err(s) => s.outcome,
-            };
-            tracing::warn!(
-                peer = %peer,
-                local_uid,
-                owner_uid,
-                calling_ae = ?seen.calling_ae,
-                called_ae = ?seen.called_ae,
-                outcome = "refused_local_user",
-                reason = %format!("{reason} ({answered})"),
-                duration_ms = started.elapsed().as_millis() as u64,
-                "association"
-            );
+            refuse_caller(tunnel, &mut stream, &peer, refused, started).await;
             return;
         }
     };
@@ -284,6 +256,49 @@ async fn handle(tunnel: &Tunnel, caller: Caller, aborted: watch::Receiver<bool>)
             "association"
         );
     }
+}
+
+/// A caller who is not the owner nor an --allow-user: its A-ASSOCIATE-RQ (ARTIM) is answered
+/// 1/1/1 and logged; nothing reaches the gateway.
+async fn refuse_caller(
+    tunnel: &Tunnel,
+    stream: &mut impl Local,
+    peer: &str,
+    refused: Result<u32, local::OwnerError>,
+    started: Instant,
+) {
+    let owner_uid = tunnel.callers.owner;
+    let (mut calling_ae, mut called_ae) = (String::new(), String::new());
+    // Phase: the refused caller's A-ASSOCIATE-RQ (ARTIM), answered 1/1/1; nothing reaches the gateway.
+    let (local_uid, reason) = match &refused {
+        Ok(uid) => (
+            Some(*uid),
+            format!(
+                "local user {uid} is not the user who started connect ({owner_uid}) nor an --allow-user"
+            ),
+        ),
+        Err(e) => (None, format!("the calling local user is unknown: {e}")),
+    };
+    let answered = match local_request(stream, tunnel.request_timeout).await {
+        Ok(rq) => {
+            calling_ae = rq.calling_ae_title.trim().to_string();
+            called_ae = rq.called_ae_title.trim().to_string();
+            refuse(stream, &REFUSED_CALLER.pdu()).await;
+            "A-ASSOCIATE-RJ 1/1/1"
+        }
+        Err(s) => s.outcome,
+    };
+    tracing::warn!(
+        peer = %peer,
+        local_uid,
+        owner_uid,
+        calling_ae = ?calling_ae,
+        called_ae = ?called_ae,
+        outcome = "refused_local_user",
+        reason = %format!("{reason} ({answered})"),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "association"
+    );
 }
 
 /// What a local client's connection is: TCP or the Unix socket.
@@ -359,8 +374,8 @@ async fn associate(
             contexts: accepted.contexts,
             calling_ae: rq.calling_ae_title.trim().to_string(),
             called_ae: rq.called_ae_title.trim().to_string(),
-            to_client_max: link::max_length(&rq.user_variables),
-            to_gateway_max: link::max_length(&ac.user_variables),
+            to_client_max: association::peer_max_length(&rq.user_variables, MAX_PDU_LENGTH),
+            to_gateway_max: association::peer_max_length(&ac.user_variables, MAX_PDU_LENGTH),
             local_only: accepted.local_only,
         },
         tx,
@@ -485,7 +500,7 @@ async fn open_gateway(
 /// The accept as the local client sees it, and the contexts the relay works with.
 struct Accepted {
     ac: AssociationAC,
-    contexts: HashMap<u8, link::Context>,
+    contexts: HashMap<u8, association::Context>,
     local_only: HashSet<u8>,
 }
 
@@ -506,7 +521,7 @@ fn accept_for_client(
     to_client
         .presentation_contexts
         .retain(|pc| Some(pc.id) != own_context);
-    let mut contexts = link::accepted_contexts(to_gateway, ac);
+    let mut contexts = association::accepted_contexts(to_gateway, ac);
     let mut local_only = HashSet::new();
     let rejected = to_client
         .presentation_contexts
@@ -530,7 +545,7 @@ fn accept_for_client(
         local_only.insert(result.id);
         contexts.insert(
             result.id,
-            link::Context {
+            association::Context {
                 abstract_syntax: abstract_syntax.to_string(),
                 transfer_syntax: ts.to_string(),
             },

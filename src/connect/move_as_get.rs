@@ -16,10 +16,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::dimse_extra::{self, SubOperations};
 use super::gateway::Gateway;
-use super::link::Context;
 use super::retrieve::{self, LocalStore, Retrieval, get_model};
 use crate::dimse::{self, Command, PDataWriter, command_field as cf};
 use crate::relay::{Actions, Forward, Inspector, PData, Side};
+use crate::ul::association::Context;
 
 /// The largest C-MOVE identifier held back.
 const MAX_IDENTIFIER: usize = 1024 * 1024;

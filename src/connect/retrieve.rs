@@ -311,7 +311,7 @@ async fn open_get(r: &Retrieval, model: &str) -> Result<GetAssociation, Failure>
         ));
     };
     let ts = link
-        .contexts
+        .contexts()
         .get(&pc)
         .map(|c| c.transfer_syntax.clone())
         .unwrap_or_default();
@@ -348,6 +348,34 @@ fn tally(mine: &mut SubOperations, status: u16) {
     }
 }
 
+/// Send the C-CANCEL once, when the local client cancelled; the inner error is the failure when
+/// the local client's association ended, an outer error a failed send.
+async fn forward_cancel(
+    cancel: &mut watch::Receiver<bool>,
+    cancel_sent: &mut bool,
+    get: &mut GetAssociation,
+    get_id: u16,
+) -> Result<Result<(), Failure>, Failure> {
+    match cancel.has_changed() {
+        Ok(true) if !*cancel_sent => {
+            cancel.borrow_and_update();
+            *cancel_sent = true;
+            get.link
+                .send_message(get.pc, &dimse::c_cancel(get_id), None)
+                .await?;
+        }
+        Ok(_) => {}
+        Err(_) => {
+            return Ok(Err(failure(
+                UNABLE_TO_PERFORM,
+                "",
+                "the local client's association ended",
+            )));
+        }
+    }
+    Ok(Ok(()))
+}
+
 /// The C-GET exchange: C-STOREs handed to the local SCP and answered, C-GET responses passed to
 /// the client as C-MOVE responses, a C-CANCEL sent once on `cancel`. The inner result is how the
 /// retrieval ended (the association then released or aborted); an outer error ends it at once.
@@ -362,22 +390,8 @@ async fn exchange(
     let mut mine = SubOperations::default();
     let mut cancel_sent = false;
     for _ in 0..MAX_MESSAGES {
-        match cancel.has_changed() {
-            Ok(true) if !cancel_sent => {
-                cancel.borrow_and_update();
-                cancel_sent = true;
-                get.link
-                    .send_message(get.pc, &dimse::c_cancel(get_id), None)
-                    .await?;
-            }
-            Ok(_) => {}
-            Err(_) => {
-                return Ok(Err(failure(
-                    UNABLE_TO_PERFORM,
-                    "",
-                    "the local client's association ended",
-                )));
-            }
+        if let Err(ended) = forward_cancel(&mut cancel, &mut cancel_sent, get, get_id).await? {
+            return Ok(Err(ended));
         }
         let (pc, command) = match get.link.read_command("waiting for C-GET responses").await {
             Ok(m) => m,
@@ -488,7 +502,7 @@ async fn store_one<G: AsyncRead + AsyncWrite + Unpin>(
         return Ok(PROCESSING_FAILURE);
     }
     let ts = get
-        .contexts
+        .contexts()
         .get(&pc)
         .map(|c| c.transfer_syntax.clone())
         .unwrap_or_default();

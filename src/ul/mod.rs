@@ -3,6 +3,7 @@
 pub mod association;
 pub mod io;
 pub mod pdu;
+pub mod requestor;
 
 /// Implementation Class UID (PS3.7 D.3.3.2) every pacsgate requestor and the demo acceptor announce;
 /// the Implementation Version Name stays per component (PACSGATE-TOOLS, PACSGATE-CONNECT, PACSGATE-DEMO).
