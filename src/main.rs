@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 use pacsgate::config::Config;
+use pacsgate::tools::commands::{self, ClientArgs};
 
 const DEFAULT_CONFIG: &str = "config/pacsgate.toml";
 
@@ -221,53 +222,6 @@ enum Command {
     },
 }
 
-/// Where and how `echo` and `find` connect, and who they say they are.
-#[derive(clap::Args)]
-struct ClientArgs {
-    /// host:port of the gateway (or archive).
-    address: String,
-    /// Calling AE title: who we are.
-    #[arg(long, default_value = "PACSGATE-SCU")]
-    aet: String,
-    /// Called AE title: the archive we ask for.
-    #[arg(long, default_value = "ANY-SCP")]
-    aec: String,
-    /// CA certificate (PEM) the server certificate must be signed by: turns TLS on.
-    #[arg(long, required_unless_present = "plain")]
-    ca: Option<PathBuf>,
-    /// Client certificate (PEM) to present in the TLS handshake.
-    #[arg(long, requires = "key", requires = "ca")]
-    cert: Option<PathBuf>,
-    /// Private key (PEM) of --cert.
-    #[arg(long, requires = "cert")]
-    key: Option<PathBuf>,
-    /// Name the server certificate must carry (default: the host of ADDRESS).
-    #[arg(long)]
-    server_name: Option<String>,
-    /// Plain TCP without TLS (no credentials can be sent then), e.g. to check an archive directly.
-    #[arg(long, conflicts_with_all = ["ca", "user", "token_file", "token_env"])]
-    plain: bool,
-    /// User name for a username + password identity; the password comes from --password-env,
-    /// --password-file or a prompt.
-    #[arg(long, conflicts_with_all = ["token_file", "token_env"])]
-    user: Option<String>,
-    /// Environment variable holding the password.
-    #[arg(long, requires = "user")]
-    password_env: Option<String>,
-    /// File holding the password (one line).
-    #[arg(long, requires = "user", conflicts_with = "password_env")]
-    password_file: Option<PathBuf>,
-    /// File holding a JWT to send as the identity.
-    #[arg(long, conflicts_with = "token_env")]
-    token_file: Option<PathBuf>,
-    /// Environment variable holding a JWT to send as the identity.
-    #[arg(long)]
-    token_env: Option<String>,
-    /// Seconds to wait for each step (connect, handshake, each answer).
-    #[arg(long, default_value = "30")]
-    timeout: f64,
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -275,21 +229,23 @@ fn main() -> std::process::ExitCode {
             init_logging();
             demo(&dir, listen)
         }
-        Command::Echo { client } => return tool_exit(echo(&client)),
+        Command::Echo { client } => return commands::exit_code(commands::echo(&client)),
         Command::Find {
             client,
             level,
             patient_root,
             keys,
             json,
-        } => return tool_exit(find(&client, &level, patient_root, &keys, json)),
+        } => {
+            return commands::exit_code(commands::find(&client, &level, patient_root, &keys, json));
+        }
         Command::Probe {
             address,
             aet,
             aec,
             tls_ca,
             timeout,
-        } => return tool_exit(probe(address, aet, aec, tls_ca, timeout)),
+        } => return commands::exit_code(commands::probe(address, aet, aec, tls_ca, timeout)),
         Command::Connect(args) => {
             init_logging();
             runtime().and_then(|rt| Ok(rt.block_on(pacsgate::connect::cli::run(args))?))
@@ -359,10 +315,7 @@ fn init_logging() {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
+    Ok(commands::runtime()?)
 }
 
 fn run(path: &Path) -> anyhow::Result<()> {
@@ -549,157 +502,4 @@ fn demo(dir: &Path, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> 
         }
         Ok(())
     })
-}
-
-/// Exit code of a tool: 0 on success; otherwise the error (and its meaning) on stderr.
-fn tool_exit(result: Result<(), ToolFailure>) -> std::process::ExitCode {
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(ToolFailure::Tool(e)) => {
-            eprintln!("pacsgate: {}", e.explain());
-            std::process::ExitCode::from(e.exit_code())
-        }
-        Err(ToolFailure::Other(e)) => {
-            print_error(&e);
-            std::process::ExitCode::FAILURE
-        }
-        Err(ToolFailure::Open) => std::process::ExitCode::from(3),
-    }
-}
-
-/// How a tool ended when it did not succeed.
-enum ToolFailure {
-    Tool(pacsgate::tools::ToolError),
-    Other(anyhow::Error),
-    /// `probe` found the door open.
-    Open,
-}
-
-impl From<pacsgate::tools::ToolError> for ToolFailure {
-    fn from(e: pacsgate::tools::ToolError) -> Self {
-        ToolFailure::Tool(e)
-    }
-}
-
-impl From<anyhow::Error> for ToolFailure {
-    fn from(e: anyhow::Error) -> Self {
-        ToolFailure::Other(e)
-    }
-}
-
-fn seconds(value: f64, option: &str) -> anyhow::Result<std::time::Duration> {
-    if value.is_finite() && value > 0.0 && value <= 3600.0 {
-        Ok(std::time::Duration::from_secs_f64(value))
-    } else {
-        bail!("{option} {value}: expected seconds above 0 and at most 3600")
-    }
-}
-
-/// The target, TLS settings and identity of `echo` / `find`.
-fn client_setup(
-    args: &ClientArgs,
-) -> Result<
-    (
-        pacsgate::tools::Target,
-        Option<pacsgate::tools::client::TlsClient>,
-    ),
-    ToolFailure,
-> {
-    use pacsgate::tools::{Target, client, secret};
-    let timeout = seconds(args.timeout, "--timeout")?;
-    let identity = if let Some(user) = &args.user {
-        let password = secret::password(
-            user,
-            args.password_env.as_deref(),
-            args.password_file.as_deref(),
-        )?;
-        client::Identity::Password {
-            user: user.clone(),
-            password,
-        }
-    } else if let Some(token) =
-        secret::token(args.token_env.as_deref(), args.token_file.as_deref())?
-    {
-        client::Identity::Jwt(token)
-    } else {
-        client::Identity::None
-    };
-    let tls = match &args.ca {
-        Some(ca) => {
-            let host = match &args.server_name {
-                Some(name) => name.clone(),
-                None => args
-                    .address
-                    .rsplit_once(':')
-                    .map(|(h, _)| h.to_string())
-                    .ok_or_else(|| anyhow::anyhow!("{:?} is not host:port", args.address))?,
-            };
-            let client_cert = args.cert.as_deref().zip(args.key.as_deref());
-            Some(client::TlsClient::new(ca, client_cert, &host)?)
-        }
-        None => None,
-    };
-    let target = Target {
-        address: args.address.clone(),
-        calling_ae: args.aet.clone(),
-        called_ae: args.aec.clone(),
-        identity,
-        timeout,
-    };
-    Ok((target, tls))
-}
-
-fn echo(args: &ClientArgs) -> Result<(), ToolFailure> {
-    let (target, tls) = client_setup(args)?;
-    let mut out = std::io::stdout();
-    runtime()?.block_on(pacsgate::tools::run_echo(&target, tls.as_ref(), &mut out))?;
-    Ok(())
-}
-
-fn find(
-    args: &ClientArgs,
-    level: &str,
-    patient_root: bool,
-    keys: &[String],
-    json: bool,
-) -> Result<(), ToolFailure> {
-    let query = pacsgate::tools::query::Find::new(patient_root, level, keys)?;
-    let (target, tls) = client_setup(args)?;
-    let mut out = std::io::stdout();
-    runtime()?.block_on(pacsgate::tools::run_find(
-        &target,
-        tls.as_ref(),
-        &query,
-        json,
-        &mut out,
-    ))?;
-    Ok(())
-}
-
-fn probe(
-    address: String,
-    aet: Option<String>,
-    aec: Option<String>,
-    tls_ca: Option<PathBuf>,
-    timeout: f64,
-) -> Result<(), ToolFailure> {
-    let settings = pacsgate::tools::probe::ProbeSettings {
-        address,
-        calling_ae: aet,
-        called_ae: aec,
-        tls_ca,
-        timeout: seconds(timeout, "--timeout")?,
-    };
-    eprintln!(
-        "pacsgate probe {}: checking without changing anything (C-ECHO and C-FIND only)",
-        settings.address
-    );
-    let mut progress = |line: &str| eprintln!("probe: {line} ...");
-    let report = runtime()?.block_on(pacsgate::tools::probe::probe(&settings, &mut progress))?;
-    print!("{}", report.verdict());
-    if report.open() {
-        Err(ToolFailure::Open)
-    } else {
-        Ok(())
-    }
 }
