@@ -30,6 +30,7 @@
 //! - `admin`: the admin port (`/metrics`, `/healthz`, `/readyz`), bounded so it cannot starve the doors.
 //! - `audit`, `metrics`, `logfmt`: the audit trail (file, syslog), Prometheus metrics, log-field quoting.
 //! - `check`: `pacsgate check` (config, files, reachability; exit 0/1/2).
+//! - `procnet`: the kernel's TCP socket tables (LISTEN sockets, a loopback caller's UID), Linux only.
 //!
 //! Tools:
 //! - `tools`: `echo`, `find`, `probe`, `token`, `hash-password` requestors and helpers.
@@ -55,6 +56,7 @@ pub mod logfmt;
 pub mod metrics;
 pub mod moves;
 pub mod policy;
+pub mod procnet;
 pub mod relay;
 pub mod service;
 pub mod session;
