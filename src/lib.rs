@@ -33,7 +33,8 @@
 //! - `procnet`: the kernel's TCP socket tables (LISTEN sockets, a loopback caller's UID), Linux only.
 //!
 //! Tools:
-//! - `tools`: `echo`, `find`, `probe`, `token`, `hash-password` requestors and helpers.
+//! - `tools`: `echo`, `find`, `probe`, `token`, `hash-password` requestors and helpers, and their command
+//!   lines (`tools::commands`; `tools::credentials` for `certs`, `token`, `hash-password`).
 //! - `connect`: `pacsgate connect`, a local port that signs a viewer in and forwards to the gateway.
 //! - `demo`: `pacsgate demo` and its in-process demo archive (`demo::archive`).
 //! - `devcerts`: `pacsgate certs`, a development CA and certificates.

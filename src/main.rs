@@ -1,14 +1,15 @@
 //! pacsgate command line: subcommands and logging setup; the only place for anyhow.
 #![forbid(unsafe_code)]
 
-use std::io::{IsTerminal, Read};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use pacsgate::config::Config;
 use pacsgate::tools::commands::{self, ClientArgs};
+use pacsgate::tools::credentials;
 
 const DEFAULT_CONFIG: &str = "config/pacsgate.toml";
 
@@ -277,13 +278,14 @@ fn main() -> std::process::ExitCode {
             };
         }
         Command::PackageAssets { out } => package_assets(&out),
-        Command::HashPassword => hash_password(),
+        Command::HashPassword => credentials::hash_password().map_err(anyhow::Error::from),
         Command::Certs {
             out,
             hosts,
             clients,
             ca_dir,
-        } => certs(&out, ca_dir.as_deref(), &hosts, &clients),
+        } => credentials::certs(&out, ca_dir.as_deref(), &hosts, &clients)
+            .map_err(anyhow::Error::from),
         Command::Token {
             key,
             sub,
@@ -292,7 +294,8 @@ fn main() -> std::process::ExitCode {
             iss,
             aud,
             roles_claim,
-        } => token(&key, &sub, &roles, &ttl, &iss, &aud, &roles_claim),
+        } => credentials::token(&key, &sub, &roles, &ttl, &iss, &aud, &roles_claim)
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -364,113 +367,6 @@ fn package_assets(out: &Path) -> anyhow::Result<()> {
         println!("{}", path.display());
     }
     println!("{}/*.1", man.display());
-    Ok(())
-}
-
-fn hash_password() -> anyhow::Result<()> {
-    let mut input = String::new();
-    std::io::stdin()
-        .read_to_string(&mut input)
-        .context("cannot read the password from standard input")?;
-    let password = input.strip_suffix('\n').unwrap_or(&input);
-    let password = password.strip_suffix('\r').unwrap_or(password);
-    if password.is_empty() {
-        bail!("empty password on standard input");
-    }
-    let hash = pacsgate::auth::password::hash_password(password).map_err(anyhow::Error::msg)?;
-    println!("{hash}");
-    Ok(())
-}
-
-fn certs(
-    out: &Path,
-    ca_dir: Option<&Path>,
-    hosts: &[String],
-    clients: &[String],
-) -> anyhow::Result<()> {
-    let made = pacsgate::devcerts::generate_with_ca(out, ca_dir.unwrap_or(out), hosts, clients)?;
-    let ca = if made.reused_ca { "reused" } else { "new" };
-    println!(
-        "CA ({ca}):      {}  (key {})",
-        made.ca_cert.display(),
-        made.ca_key.display()
-    );
-    if made.reused_server {
-        println!(
-            "server:        {}  (key {}) kept (no --host given)",
-            made.server_cert.display(),
-            made.server_key.display()
-        );
-    } else {
-        let default_hosts = pacsgate::devcerts::DEFAULT_HOSTS.join(", ");
-        println!(
-            "server:        {}  (key {}) for {}",
-            made.server_cert.display(),
-            made.server_key.display(),
-            if hosts.is_empty() {
-                default_hosts
-            } else {
-                hosts.join(", ")
-            }
-        );
-    }
-    for (name, cert, key) in &made.clients {
-        println!("client {name}: {}  (key {})", cert.display(), key.display());
-    }
-    println!(
-        "Private keys are mode 600, owned by you: for a service user, chown root:pacsgate KEY && chmod 640 KEY \
-         (docs/operations.md). Keep ca.key off the gateway host. These are development certificates: see \
-         certs/README.md for production."
-    );
-    if ca_dir.is_none_or(|d| d == out) {
-        println!(
-            "The CA's key {} can issue certificates the gateway trusts: keep it off the gateway host \
-             (next time: --ca-dir on the machine where you issue certificates).",
-            made.ca_key.display()
-        );
-    }
-    Ok(())
-}
-
-/// Parse "3600", "90s", "15m", "8h" or "2d" into seconds.
-fn parse_ttl(ttl: &str) -> anyhow::Result<u64> {
-    let ttl = ttl.trim();
-    let (digits, unit) = match ttl.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => ttl.split_at(i),
-        None => (ttl, "s"),
-    };
-    let n: u64 = digits
-        .parse()
-        .with_context(|| format!("--ttl {ttl:?}: expected e.g. 3600, 90s, 15m, 8h, 2d"))?;
-    let factor = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        other => bail!("--ttl {ttl:?}: unknown unit {other:?} (use s, m, h or d)"),
-    };
-    Ok(n.saturating_mul(factor))
-}
-
-fn token(
-    key: &Path,
-    sub: &str,
-    roles: &[String],
-    ttl: &str,
-    iss: &str,
-    aud: &str,
-    roles_claim: &str,
-) -> anyhow::Result<()> {
-    let ttl = parse_ttl(ttl)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .context("system clock before 1970")?
-        .as_secs();
-    let mut claims = serde_json::json!({
-        "iss": iss, "aud": aud, "sub": sub, "iat": now, "nbf": now, "exp": now + ttl,
-    });
-    claims[roles_claim] = serde_json::json!(roles);
-    println!("{}", pacsgate::auth::jwt::mint(key, &claims)?);
     Ok(())
 }
 
