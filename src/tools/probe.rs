@@ -268,8 +268,8 @@ struct Titles {
     made_up_calling: bool,
 }
 
-/// 1. Plain DICOM: an association without credentials (and, when accepted and no --aec was given,
-/// one to a made-up called AE title). True when the first was accepted.
+/// The first step, plain DICOM: an association without credentials (and, when accepted and no
+/// --aec was given, one to a made-up called AE title). True when the first was accepted.
 async fn probe_plain(
     settings: &ProbeSettings,
     aes: &Titles,
@@ -311,8 +311,8 @@ async fn probe_plain(
     Ok(plain_accepted)
 }
 
-/// 2. TLS: a handshake, then an association without credentials over it. True when the port
-/// speaks TLS.
+/// The second step, TLS: a handshake, then an association without credentials over it. True
+/// when the port speaks TLS.
 async fn probe_tls(
     settings: &ProbeSettings,
     aes: &Titles,
