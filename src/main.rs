@@ -255,28 +255,7 @@ fn main() -> std::process::ExitCode {
             init_logging();
             run(&config)
         }
-        Command::Check { config, offline } => {
-            use pacsgate::check::{CheckError, Verdict};
-            return match pacsgate::check::check(&config, offline) {
-                Ok(Verdict::Ready) => std::process::ExitCode::SUCCESS,
-                Ok(Verdict::Unreachable) => std::process::ExitCode::from(2),
-                Ok(Verdict::Refused(n)) => {
-                    eprintln!(
-                        "pacsgate: error: {n} problem(s) above: `run` and a reload would refuse {}",
-                        config.display()
-                    );
-                    std::process::ExitCode::FAILURE
-                }
-                Err(e) => {
-                    // A configuration error stays one (print_error renders its TOML context).
-                    print_error(&match e {
-                        CheckError::Config(e) => anyhow::Error::from(e),
-                        e => anyhow::Error::from(e),
-                    });
-                    std::process::ExitCode::FAILURE
-                }
-            };
-        }
+        Command::Check { config, offline } => return check(&config, offline),
         Command::PackageAssets { out } => package_assets(&out),
         Command::HashPassword => credentials::hash_password().map_err(anyhow::Error::from),
         Command::Certs {
@@ -301,6 +280,30 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             print_error(&e);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `pacsgate check`: exit 0 ready, 1 refused (or not loadable), 2 a peer did not answer.
+fn check(config: &Path, offline: bool) -> std::process::ExitCode {
+    use pacsgate::check::{CheckError, Verdict};
+    match pacsgate::check::check(config, offline) {
+        Ok(Verdict::Ready) => std::process::ExitCode::SUCCESS,
+        Ok(Verdict::Unreachable) => std::process::ExitCode::from(2),
+        Ok(Verdict::Refused(n)) => {
+            eprintln!(
+                "pacsgate: error: {n} problem(s) above: `run` and a reload would refuse {}",
+                config.display()
+            );
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            // A configuration error stays one (print_error renders its TOML context).
+            print_error(&match e {
+                CheckError::Config(e) => anyhow::Error::from(e),
+                e => anyhow::Error::from(e),
+            });
             std::process::ExitCode::FAILURE
         }
     }
