@@ -21,7 +21,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, Tls};
@@ -509,36 +509,44 @@ async fn accept_loop<G: Running>(gateway: G, listener: TcpListener, readiness: A
         let g = gateway.clone();
         let readiness = readiness.clone();
         let tls = state.access().tls.clone();
+        let header_timeout = admin.header_timeout;
         tokio::spawn(async move {
             let _slot = slot;
-            let header_timeout = admin.header_timeout;
-            match tls {
-                None => serve_connection(stream, g, readiness, header_timeout, false, peer).await,
-                Some(acceptor) => {
-                    let tls = match tokio::time::timeout(header_timeout, acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            let reason = crate::tls::handshake_failure(&e);
-                            tracing::info!(peer = %peer, outcome = "tls_failed", reason = ?reason, "admin connection");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::info!(peer = %peer, outcome = "tls_failed", reason = "TLS handshake timed out", "admin connection");
-                            return;
-                        }
-                    };
-                    let certificate = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .is_some_and(|c| !c.is_empty());
-                    serve_connection(tls, g, readiness, header_timeout, certificate, peer).await
-                }
-            }
+            connection(stream, peer, tls, g, readiness, header_timeout).await
         });
     }
+}
+
+/// One admin connection: the TLS handshake (when the port has TLS), then its requests.
+async fn connection<G: Running>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    gateway: G,
+    readiness: Arc<Readiness>,
+    header_timeout: Duration,
+) {
+    let Some(acceptor) = tls else {
+        return serve_connection(stream, gateway, readiness, header_timeout, false, peer).await;
+    };
+    let tls = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let reason = crate::tls::handshake_failure(&e);
+            tracing::info!(peer = %peer, outcome = "tls_failed", reason = ?reason, "admin connection");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(peer = %peer, outcome = "tls_failed", reason = "TLS handshake timed out", "admin connection");
+            return;
+        }
+    };
+    let certificate = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .is_some_and(|c| !c.is_empty());
+    serve_connection(tls, gateway, readiness, header_timeout, certificate, peer).await
 }
 
 #[cfg(test)]

@@ -324,25 +324,7 @@ fn audit_file_writable(file: &Path) -> std::io::Result<&'static str> {
 /// The process listening on TCP `port` (pid and command name), from /proc; `None` when it cannot be
 /// seen (another user's process without privileges, or no /proc).
 fn listening_process(port: u16) -> Option<(u32, String)> {
-    let mut inodes = std::collections::HashSet::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 10 || cols[3] != "0A" {
-                continue;
-            }
-            let local = cols[1]
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if local == Some(port) {
-                inodes.insert(format!("socket:[{}]", cols[9]));
-            }
-        }
-    }
+    let inodes = crate::procnet::listening_inodes(port);
     if inodes.is_empty() {
         return None;
     }
@@ -354,14 +336,7 @@ fn listening_process(port: u16) -> Option<(u32, String)> {
         else {
             continue;
         };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        let holds = fds.flatten().any(|fd| {
-            std::fs::read_link(fd.path())
-                .is_ok_and(|t| inodes.contains(t.to_string_lossy().as_ref()))
-        });
-        if holds {
+        if crate::procnet::holds_socket(pid, &inodes) {
             let name = std::fs::read_to_string(entry.path().join("comm"))
                 .map(|c| c.trim().to_string())
                 .unwrap_or_default();

@@ -208,28 +208,14 @@ pub fn generate_with_ca(
     }
 
     let (server_cert, server_key_path) = (dir.join("server.crt"), dir.join("server.key"));
-    let safe_name = |name: &str| -> String {
-        name.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect()
-    };
     // Without --host, an existing server pair is kept (a run that only adds clients must not replace
     // the certificate the gateway serves); with --host, or when there is none, it is issued.
     let reused_server = hosts.is_empty() && server_cert.is_file() && server_key_path.is_file();
     let mut targets: Vec<PathBuf> = clients
         .iter()
         .flat_map(|n| {
-            let safe = safe_name(n);
-            [
-                dir.join(format!("{safe}.crt")),
-                dir.join(format!("{safe}.key")),
-            ]
+            let (c, k) = client_paths(dir, n);
+            [c, k]
         })
         .collect();
     if !reused_server {
@@ -248,29 +234,7 @@ pub fn generate_with_ca(
 
     let mut out_clients = Vec::new();
     for name in clients {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(gen_err(format!("key for {name}")))?;
-        let mut params =
-            CertificateParams::new(Vec::<String>::new()).map_err(gen_err(name.clone()))?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, name.as_str());
-        if let Ok(dns) = name.clone().try_into() {
-            params.subject_alt_names.push(SanType::DnsName(dns));
-        }
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        validity(&mut params);
-        let cert = params
-            .signed_by(&key, &ca)
-            .map_err(gen_err(format!("certificate for {name}")))?;
-        let safe = safe_name(name);
-        let (c, k) = (
-            dir.join(format!("{safe}.crt")),
-            dir.join(format!("{safe}.key")),
-        );
-        write_file(&c, cert.pem().as_bytes(), false)?;
-        write_file(&k, key.serialize_pem().as_bytes(), true)?;
+        let (c, k) = issue_client(&ca, dir, name)?;
         out_clients.push((name.clone(), c, k));
     }
     Ok(DevCerts {
@@ -282,6 +246,55 @@ pub fn generate_with_ca(
         reused_ca,
         reused_server,
     })
+}
+
+/// A client name as a file name: letters, digits, `-` and `.` kept, anything else `_`.
+fn safe_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The certificate and key files of client `name` in `dir`.
+fn client_paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let safe = safe_name(name);
+    (
+        dir.join(format!("{safe}.crt")),
+        dir.join(format!("{safe}.key")),
+    )
+}
+
+/// Issues a client certificate (ECDSA P-256, `name` as subject CN and, when it is one, DNS SAN)
+/// and writes it with its key into `dir`; returns their paths.
+fn issue_client(
+    ca: &Issuer<'static, KeyPair>,
+    dir: &Path,
+    name: &str,
+) -> Result<(PathBuf, PathBuf), CertsError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .map_err(gen_err(format!("key for {name}")))?;
+    let mut params =
+        CertificateParams::new(Vec::<String>::new()).map_err(gen_err(name.to_string()))?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    if let Ok(dns) = name.to_string().try_into() {
+        params.subject_alt_names.push(SanType::DnsName(dns));
+    }
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    validity(&mut params);
+    let cert = params
+        .signed_by(&key, ca)
+        .map_err(gen_err(format!("certificate for {name}")))?;
+    let (c, k) = client_paths(dir, name);
+    write_file(&c, cert.pem().as_bytes(), false)?;
+    write_file(&k, key.serialize_pem().as_bytes(), true)?;
+    Ok((c, k))
 }
 
 /// Issues the server certificate for `hosts` (DNS names or IP addresses) and writes it with its key.

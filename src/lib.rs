@@ -30,9 +30,11 @@
 //! - `admin`: the admin port (`/metrics`, `/healthz`, `/readyz`), bounded so it cannot starve the doors.
 //! - `audit`, `metrics`, `logfmt`: the audit trail (file, syslog), Prometheus metrics, log-field quoting.
 //! - `check`: `pacsgate check` (config, files, reachability; exit 0/1/2).
+//! - `procnet`: the kernel's TCP socket tables (LISTEN sockets, a loopback caller's UID), Linux only.
 //!
 //! Tools:
-//! - `tools`: `echo`, `find`, `probe`, `token`, `hash-password` requestors and helpers.
+//! - `tools`: `echo`, `find`, `probe`, `token`, `hash-password` requestors and helpers, and their command
+//!   lines (`tools::commands`; `tools::credentials` for `certs`, `token`, `hash-password`).
 //! - `connect`: `pacsgate connect`, a local port that signs a viewer in and forwards to the gateway.
 //! - `demo`: `pacsgate demo` and its in-process demo archive (`demo::archive`).
 //! - `devcerts`: `pacsgate certs`, a development CA and certificates.
@@ -55,6 +57,7 @@ pub mod logfmt;
 pub mod metrics;
 pub mod moves;
 pub mod policy;
+pub mod procnet;
 pub mod relay;
 pub mod service;
 pub mod session;

@@ -1,13 +1,15 @@
 //! pacsgate command line: subcommands and logging setup; the only place for anyhow.
 #![forbid(unsafe_code)]
 
-use std::io::{IsTerminal, Read};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use pacsgate::config::Config;
+use pacsgate::tools::commands::{self, ClientArgs};
+use pacsgate::tools::credentials;
 
 const DEFAULT_CONFIG: &str = "config/pacsgate.toml";
 
@@ -221,53 +223,6 @@ enum Command {
     },
 }
 
-/// Where and how `echo` and `find` connect, and who they say they are.
-#[derive(clap::Args)]
-struct ClientArgs {
-    /// host:port of the gateway (or archive).
-    address: String,
-    /// Calling AE title: who we are.
-    #[arg(long, default_value = "PACSGATE-SCU")]
-    aet: String,
-    /// Called AE title: the archive we ask for.
-    #[arg(long, default_value = "ANY-SCP")]
-    aec: String,
-    /// CA certificate (PEM) the server certificate must be signed by: turns TLS on.
-    #[arg(long, required_unless_present = "plain")]
-    ca: Option<PathBuf>,
-    /// Client certificate (PEM) to present in the TLS handshake.
-    #[arg(long, requires = "key", requires = "ca")]
-    cert: Option<PathBuf>,
-    /// Private key (PEM) of --cert.
-    #[arg(long, requires = "cert")]
-    key: Option<PathBuf>,
-    /// Name the server certificate must carry (default: the host of ADDRESS).
-    #[arg(long)]
-    server_name: Option<String>,
-    /// Plain TCP without TLS (no credentials can be sent then), e.g. to check an archive directly.
-    #[arg(long, conflicts_with_all = ["ca", "user", "token_file", "token_env"])]
-    plain: bool,
-    /// User name for a username + password identity; the password comes from --password-env,
-    /// --password-file or a prompt.
-    #[arg(long, conflicts_with_all = ["token_file", "token_env"])]
-    user: Option<String>,
-    /// Environment variable holding the password.
-    #[arg(long, requires = "user")]
-    password_env: Option<String>,
-    /// File holding the password (one line).
-    #[arg(long, requires = "user", conflicts_with = "password_env")]
-    password_file: Option<PathBuf>,
-    /// File holding a JWT to send as the identity.
-    #[arg(long, conflicts_with = "token_env")]
-    token_file: Option<PathBuf>,
-    /// Environment variable holding a JWT to send as the identity.
-    #[arg(long)]
-    token_env: Option<String>,
-    /// Seconds to wait for each step (connect, handshake, each answer).
-    #[arg(long, default_value = "30")]
-    timeout: f64,
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -275,21 +230,23 @@ fn main() -> std::process::ExitCode {
             init_logging();
             demo(&dir, listen)
         }
-        Command::Echo { client } => return tool_exit(echo(&client)),
+        Command::Echo { client } => return commands::exit_code(commands::echo(&client)),
         Command::Find {
             client,
             level,
             patient_root,
             keys,
             json,
-        } => return tool_exit(find(&client, &level, patient_root, &keys, json)),
+        } => {
+            return commands::exit_code(commands::find(&client, &level, patient_root, &keys, json));
+        }
         Command::Probe {
             address,
             aet,
             aec,
             tls_ca,
             timeout,
-        } => return tool_exit(probe(address, aet, aec, tls_ca, timeout)),
+        } => return commands::exit_code(commands::probe(address, aet, aec, tls_ca, timeout)),
         Command::Connect(args) => {
             init_logging();
             runtime().and_then(|rt| Ok(rt.block_on(pacsgate::connect::cli::run(args))?))
@@ -298,36 +255,16 @@ fn main() -> std::process::ExitCode {
             init_logging();
             run(&config)
         }
-        Command::Check { config, offline } => {
-            use pacsgate::check::{CheckError, Verdict};
-            return match pacsgate::check::check(&config, offline) {
-                Ok(Verdict::Ready) => std::process::ExitCode::SUCCESS,
-                Ok(Verdict::Unreachable) => std::process::ExitCode::from(2),
-                Ok(Verdict::Refused(n)) => {
-                    eprintln!(
-                        "pacsgate: error: {n} problem(s) above: `run` and a reload would refuse {}",
-                        config.display()
-                    );
-                    std::process::ExitCode::FAILURE
-                }
-                Err(e) => {
-                    // A configuration error stays one (print_error renders its TOML context).
-                    print_error(&match e {
-                        CheckError::Config(e) => anyhow::Error::from(e),
-                        e => anyhow::Error::from(e),
-                    });
-                    std::process::ExitCode::FAILURE
-                }
-            };
-        }
+        Command::Check { config, offline } => return check(&config, offline),
         Command::PackageAssets { out } => package_assets(&out),
-        Command::HashPassword => hash_password(),
+        Command::HashPassword => credentials::hash_password().map_err(anyhow::Error::from),
         Command::Certs {
             out,
             hosts,
             clients,
             ca_dir,
-        } => certs(&out, ca_dir.as_deref(), &hosts, &clients),
+        } => credentials::certs(&out, ca_dir.as_deref(), &hosts, &clients)
+            .map_err(anyhow::Error::from),
         Command::Token {
             key,
             sub,
@@ -336,12 +273,37 @@ fn main() -> std::process::ExitCode {
             iss,
             aud,
             roles_claim,
-        } => token(&key, &sub, &roles, &ttl, &iss, &aud, &roles_claim),
+        } => credentials::token(&key, &sub, &roles, &ttl, &iss, &aud, &roles_claim)
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             print_error(&e);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `pacsgate check`: exit 0 ready, 1 refused (or not loadable), 2 a peer did not answer.
+fn check(config: &Path, offline: bool) -> std::process::ExitCode {
+    use pacsgate::check::{CheckError, Verdict};
+    match pacsgate::check::check(config, offline) {
+        Ok(Verdict::Ready) => std::process::ExitCode::SUCCESS,
+        Ok(Verdict::Unreachable) => std::process::ExitCode::from(2),
+        Ok(Verdict::Refused(n)) => {
+            eprintln!(
+                "pacsgate: error: {n} problem(s) above: `run` and a reload would refuse {}",
+                config.display()
+            );
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            // A configuration error stays one (print_error renders its TOML context).
+            print_error(&match e {
+                CheckError::Config(e) => anyhow::Error::from(e),
+                e => anyhow::Error::from(e),
+            });
             std::process::ExitCode::FAILURE
         }
     }
@@ -359,10 +321,7 @@ fn init_logging() {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
+    Ok(commands::runtime()?)
 }
 
 fn run(path: &Path) -> anyhow::Result<()> {
@@ -414,113 +373,6 @@ fn package_assets(out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn hash_password() -> anyhow::Result<()> {
-    let mut input = String::new();
-    std::io::stdin()
-        .read_to_string(&mut input)
-        .context("cannot read the password from standard input")?;
-    let password = input.strip_suffix('\n').unwrap_or(&input);
-    let password = password.strip_suffix('\r').unwrap_or(password);
-    if password.is_empty() {
-        bail!("empty password on standard input");
-    }
-    let hash = pacsgate::auth::password::hash_password(password).map_err(anyhow::Error::msg)?;
-    println!("{hash}");
-    Ok(())
-}
-
-fn certs(
-    out: &Path,
-    ca_dir: Option<&Path>,
-    hosts: &[String],
-    clients: &[String],
-) -> anyhow::Result<()> {
-    let made = pacsgate::devcerts::generate_with_ca(out, ca_dir.unwrap_or(out), hosts, clients)?;
-    let ca = if made.reused_ca { "reused" } else { "new" };
-    println!(
-        "CA ({ca}):      {}  (key {})",
-        made.ca_cert.display(),
-        made.ca_key.display()
-    );
-    if made.reused_server {
-        println!(
-            "server:        {}  (key {}) kept (no --host given)",
-            made.server_cert.display(),
-            made.server_key.display()
-        );
-    } else {
-        let default_hosts = pacsgate::devcerts::DEFAULT_HOSTS.join(", ");
-        println!(
-            "server:        {}  (key {}) for {}",
-            made.server_cert.display(),
-            made.server_key.display(),
-            if hosts.is_empty() {
-                default_hosts
-            } else {
-                hosts.join(", ")
-            }
-        );
-    }
-    for (name, cert, key) in &made.clients {
-        println!("client {name}: {}  (key {})", cert.display(), key.display());
-    }
-    println!(
-        "Private keys are mode 600, owned by you: for a service user, chown root:pacsgate KEY && chmod 640 KEY \
-         (docs/operations.md). Keep ca.key off the gateway host. These are development certificates: see \
-         certs/README.md for production."
-    );
-    if ca_dir.is_none_or(|d| d == out) {
-        println!(
-            "The CA's key {} can issue certificates the gateway trusts: keep it off the gateway host \
-             (next time: --ca-dir on the machine where you issue certificates).",
-            made.ca_key.display()
-        );
-    }
-    Ok(())
-}
-
-/// Parse "3600", "90s", "15m", "8h" or "2d" into seconds.
-fn parse_ttl(ttl: &str) -> anyhow::Result<u64> {
-    let ttl = ttl.trim();
-    let (digits, unit) = match ttl.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => ttl.split_at(i),
-        None => (ttl, "s"),
-    };
-    let n: u64 = digits
-        .parse()
-        .with_context(|| format!("--ttl {ttl:?}: expected e.g. 3600, 90s, 15m, 8h, 2d"))?;
-    let factor = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        other => bail!("--ttl {ttl:?}: unknown unit {other:?} (use s, m, h or d)"),
-    };
-    Ok(n.saturating_mul(factor))
-}
-
-fn token(
-    key: &Path,
-    sub: &str,
-    roles: &[String],
-    ttl: &str,
-    iss: &str,
-    aud: &str,
-    roles_claim: &str,
-) -> anyhow::Result<()> {
-    let ttl = parse_ttl(ttl)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .context("system clock before 1970")?
-        .as_secs();
-    let mut claims = serde_json::json!({
-        "iss": iss, "aud": aud, "sub": sub, "iat": now, "nbf": now, "exp": now + ttl,
-    });
-    claims[roles_claim] = serde_json::json!(roles);
-    println!("{}", pacsgate::auth::jwt::mint(key, &claims)?);
-    Ok(())
-}
-
 fn demo(dir: &Path, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut progress = |line: &str| eprintln!("pacsgate demo: {line}");
@@ -549,157 +401,4 @@ fn demo(dir: &Path, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> 
         }
         Ok(())
     })
-}
-
-/// Exit code of a tool: 0 on success; otherwise the error (and its meaning) on stderr.
-fn tool_exit(result: Result<(), ToolFailure>) -> std::process::ExitCode {
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(ToolFailure::Tool(e)) => {
-            eprintln!("pacsgate: {}", e.explain());
-            std::process::ExitCode::from(e.exit_code())
-        }
-        Err(ToolFailure::Other(e)) => {
-            print_error(&e);
-            std::process::ExitCode::FAILURE
-        }
-        Err(ToolFailure::Open) => std::process::ExitCode::from(3),
-    }
-}
-
-/// How a tool ended when it did not succeed.
-enum ToolFailure {
-    Tool(pacsgate::tools::ToolError),
-    Other(anyhow::Error),
-    /// `probe` found the door open.
-    Open,
-}
-
-impl From<pacsgate::tools::ToolError> for ToolFailure {
-    fn from(e: pacsgate::tools::ToolError) -> Self {
-        ToolFailure::Tool(e)
-    }
-}
-
-impl From<anyhow::Error> for ToolFailure {
-    fn from(e: anyhow::Error) -> Self {
-        ToolFailure::Other(e)
-    }
-}
-
-fn seconds(value: f64, option: &str) -> anyhow::Result<std::time::Duration> {
-    if value.is_finite() && value > 0.0 && value <= 3600.0 {
-        Ok(std::time::Duration::from_secs_f64(value))
-    } else {
-        bail!("{option} {value}: expected seconds above 0 and at most 3600")
-    }
-}
-
-/// The target, TLS settings and identity of `echo` / `find`.
-fn client_setup(
-    args: &ClientArgs,
-) -> Result<
-    (
-        pacsgate::tools::Target,
-        Option<pacsgate::tools::client::TlsClient>,
-    ),
-    ToolFailure,
-> {
-    use pacsgate::tools::{Target, client, secret};
-    let timeout = seconds(args.timeout, "--timeout")?;
-    let identity = if let Some(user) = &args.user {
-        let password = secret::password(
-            user,
-            args.password_env.as_deref(),
-            args.password_file.as_deref(),
-        )?;
-        client::Identity::Password {
-            user: user.clone(),
-            password,
-        }
-    } else if let Some(token) =
-        secret::token(args.token_env.as_deref(), args.token_file.as_deref())?
-    {
-        client::Identity::Jwt(token)
-    } else {
-        client::Identity::None
-    };
-    let tls = match &args.ca {
-        Some(ca) => {
-            let host = match &args.server_name {
-                Some(name) => name.clone(),
-                None => args
-                    .address
-                    .rsplit_once(':')
-                    .map(|(h, _)| h.to_string())
-                    .ok_or_else(|| anyhow::anyhow!("{:?} is not host:port", args.address))?,
-            };
-            let client_cert = args.cert.as_deref().zip(args.key.as_deref());
-            Some(client::TlsClient::new(ca, client_cert, &host)?)
-        }
-        None => None,
-    };
-    let target = Target {
-        address: args.address.clone(),
-        calling_ae: args.aet.clone(),
-        called_ae: args.aec.clone(),
-        identity,
-        timeout,
-    };
-    Ok((target, tls))
-}
-
-fn echo(args: &ClientArgs) -> Result<(), ToolFailure> {
-    let (target, tls) = client_setup(args)?;
-    let mut out = std::io::stdout();
-    runtime()?.block_on(pacsgate::tools::run_echo(&target, tls.as_ref(), &mut out))?;
-    Ok(())
-}
-
-fn find(
-    args: &ClientArgs,
-    level: &str,
-    patient_root: bool,
-    keys: &[String],
-    json: bool,
-) -> Result<(), ToolFailure> {
-    let query = pacsgate::tools::query::Find::new(patient_root, level, keys)?;
-    let (target, tls) = client_setup(args)?;
-    let mut out = std::io::stdout();
-    runtime()?.block_on(pacsgate::tools::run_find(
-        &target,
-        tls.as_ref(),
-        &query,
-        json,
-        &mut out,
-    ))?;
-    Ok(())
-}
-
-fn probe(
-    address: String,
-    aet: Option<String>,
-    aec: Option<String>,
-    tls_ca: Option<PathBuf>,
-    timeout: f64,
-) -> Result<(), ToolFailure> {
-    let settings = pacsgate::tools::probe::ProbeSettings {
-        address,
-        calling_ae: aet,
-        called_ae: aec,
-        tls_ca,
-        timeout: seconds(timeout, "--timeout")?,
-    };
-    eprintln!(
-        "pacsgate probe {}: checking without changing anything (C-ECHO and C-FIND only)",
-        settings.address
-    );
-    let mut progress = |line: &str| eprintln!("probe: {line} ...");
-    let report = runtime()?.block_on(pacsgate::tools::probe::probe(&settings, &mut progress))?;
-    print!("{}", report.verdict());
-    if report.open() {
-        Err(ToolFailure::Open)
-    } else {
-        Ok(())
-    }
 }

@@ -4,8 +4,8 @@
 //! UIDs given with --allow-user, are let through.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::io::BufRead;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -77,29 +77,6 @@ pub fn own_uid() -> Result<u32, OwnerError> {
         .ok_or_else(|| OwnerError::OwnUid("/proc/self/status has no Uid line".into()))
 }
 
-/// One address of /proc/net/tcp{,6}: `0100007F:1F90` (the address as the kernel holds it, printed
-/// as native-endian 32-bit words; the port in host order).
-fn parse_address(text: &str) -> Option<SocketAddr> {
-    let (ip, port) = text.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let word = |i: usize| -> Option<[u8; 4]> {
-        let w = u32::from_str_radix(ip.get(i * 8..i * 8 + 8)?, 16).ok()?;
-        Some(w.to_ne_bytes())
-    };
-    let ip = match ip.len() {
-        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
-        32 => {
-            let mut bytes = [0u8; 16];
-            for i in 0..4 {
-                bytes[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
-            }
-            IpAddr::V6(Ipv6Addr::from(bytes))
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port))
-}
-
 /// An IPv4-mapped IPv6 address as the IPv4 address it is.
 fn canonical(a: SocketAddr) -> SocketAddr {
     match a.ip() {
@@ -138,34 +115,15 @@ fn owner_in(
     local: SocketAddr,
 ) -> std::io::Result<Option<TableRow>> {
     let mut orphan = None;
-    for line in table.lines().skip(1) {
-        let line = line?;
-        let mut f = line.split_whitespace();
-        let (Some(_sl), Some(l), Some(r)) = (f.next(), f.next(), f.next()) else {
-            continue;
-        };
-        let (Some(l), Some(r)) = (parse_address(l), parse_address(r)) else {
-            continue;
-        };
-        if canonical(l) != peer || canonical(r) != local {
+    for row in crate::procnet::rows(table) {
+        let row = row?;
+        if canonical(row.local) != peer || canonical(row.remote) != local {
             continue;
         }
-        // st, tx:rx queue, tr:when, retrnsmt, uid, timeout, inode.
-        let rest: Vec<&str> = f.take(7).collect();
-        let [st, _queues, _timer, _retrnsmt, uid, _timeout, inode] = rest[..] else {
-            continue;
-        };
-        let (Ok(st), Ok(uid), Ok(inode)) = (
-            u8::from_str_radix(st, 16),
-            uid.parse::<u32>(),
-            inode.parse::<u64>(),
-        ) else {
-            continue;
-        };
-        if OWNED_STATES.contains(&st) && inode != 0 {
-            return Ok(Some(TableRow::Owned(uid)));
+        if OWNED_STATES.contains(&row.state) && row.inode != 0 {
+            return Ok(Some(TableRow::Owned(row.uid)));
         }
-        orphan = Some(TableRow::Orphaned(st));
+        orphan = Some(TableRow::Orphaned(row.state));
     }
     Ok(orphan)
 }
@@ -174,14 +132,14 @@ fn owner_in(
 pub fn tcp_owner(peer: SocketAddr, local: SocketAddr) -> Result<u32, OwnerError> {
     let (peer, local) = (canonical(peer), canonical(local));
     let mut orphan = None;
-    for path in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let file = match std::fs::File::open(path) {
-            Ok(f) => f,
+    for path in crate::procnet::TABLES {
+        let table = match crate::procnet::open(path) {
+            Ok(t) => t,
             // A kernel without IPv6 has no tcp6.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.ends_with('6') => continue,
             Err(source) => return Err(OwnerError::Read { path, source }),
         };
-        match owner_in(BufReader::new(file), peer, local) {
+        match owner_in(table, peer, local) {
             Ok(Some(TableRow::Owned(uid))) => return Ok(uid),
             Ok(Some(TableRow::Orphaned(state))) => orphan = Some(state),
             Ok(None) => {}
@@ -319,6 +277,7 @@ pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::procnet::parse_address;
 
     #[test]
     fn kernel_addresses_parse() {

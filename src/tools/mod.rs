@@ -4,9 +4,13 @@
 //! - `query.rs`  `-k Tag=Value` keys into an identifier, and matches printed readably or as JSON
 //! - `secret.rs` passwords and tokens from an environment variable, a file or a prompt
 //! - `probe.rs`  an archive checked the way an attacker would, without changing anything
+//! - `commands.rs` the `echo`, `find`, `probe` command lines: arguments, runtime, exit code
+//! - `credentials.rs` `certs`, `token`, `hash-password`: development certificates, test tokens, hashes
 //! - `mod.rs`    errors, and the echo / find runs the command line calls
 
 pub mod client;
+pub mod commands;
+pub mod credentials;
 pub mod probe;
 pub mod query;
 pub mod secret;

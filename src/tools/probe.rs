@@ -240,39 +240,60 @@ pub async fn probe(
     progress: &mut dyn FnMut(&str),
 ) -> Result<ProbeReport, ToolError> {
     let made_up_calling = settings.calling_ae.is_none();
-    let calling_ae = settings
-        .calling_ae
-        .clone()
-        .unwrap_or_else(|| made_up_ae("PROBE"));
-    let called_ae = settings
-        .called_ae
-        .clone()
-        .unwrap_or_else(|| "ANY-SCP".to_string());
-    let host = settings
-        .address
-        .rsplit_once(':')
-        .map(|(h, _)| h)
-        .unwrap_or(&settings.address);
+    let aes = Titles {
+        calling: settings
+            .calling_ae
+            .clone()
+            .unwrap_or_else(|| made_up_ae("PROBE")),
+        called: settings
+            .called_ae
+            .clone()
+            .unwrap_or_else(|| "ANY-SCP".to_string()),
+        made_up_calling,
+    };
     let mut findings = Vec::new();
+    let plain_accepted = probe_plain(settings, &aes, progress, &mut findings).await?;
+    let speaks_tls = probe_tls(settings, &aes, plain_accepted, progress, &mut findings).await?;
+    Ok(ProbeReport {
+        address: settings.address.clone(),
+        findings,
+        speaks_tls,
+    })
+}
 
-    // 1. Plain DICOM.
+/// The AE titles a probe uses; `made_up_calling` when the calling one is made up.
+struct Titles {
+    calling: String,
+    called: String,
+    made_up_calling: bool,
+}
+
+/// The first step, plain DICOM: an association without credentials (and, when accepted and no
+/// --aec was given, one to a made-up called AE title). True when the first was accepted.
+async fn probe_plain(
+    settings: &ProbeSettings,
+    aes: &Titles,
+    progress: &mut dyn FnMut(&str),
+    findings: &mut Vec<Finding>,
+) -> Result<bool, ToolError> {
+    let (calling_ae, called_ae) = (&aes.calling, &aes.called);
     progress(&format!(
         "plain DICOM: association without credentials, calling AE {calling_ae}, called AE {called_ae}"
     ));
-    let plain = attempt(settings, None, &calling_ae, &called_ae, true).await?;
+    let plain = attempt(settings, None, calling_ae, called_ae, true).await?;
     let plain_accepted = matches!(plain, Attempt::Accepted { .. });
     collect(
         "plain TCP",
         plain,
-        &calling_ae,
-        &called_ae,
-        made_up_calling,
-        &mut findings,
+        calling_ae,
+        called_ae,
+        aes.made_up_calling,
+        findings,
     );
     if plain_accepted && settings.called_ae.is_none() {
         let other = made_up_ae("NOSUCH");
         progress(&format!("plain DICOM: calling a made-up AE title {other}"));
-        match attempt(settings, None, &calling_ae, &other, false).await? {
+        match attempt(settings, None, calling_ae, &other, false).await? {
             Attempt::Accepted { .. } => findings.push(finding(
                 true,
                 format!("plain TCP: accepts any called AE title (also the made-up {other})"),
@@ -287,8 +308,23 @@ pub async fn probe(
             )),
         }
     }
+    Ok(plain_accepted)
+}
 
-    // 2. TLS.
+/// The second step, TLS: a handshake, then an association without credentials over it. True
+/// when the port speaks TLS.
+async fn probe_tls(
+    settings: &ProbeSettings,
+    aes: &Titles,
+    plain_accepted: bool,
+    progress: &mut dyn FnMut(&str),
+    findings: &mut Vec<Finding>,
+) -> Result<bool, ToolError> {
+    let host = settings
+        .address
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(&settings.address);
     progress("TLS: handshake");
     let tls = match &settings.tls_ca {
         Some(ca) => TlsClient::new(ca, None, host)?,
@@ -298,10 +334,8 @@ pub async fn probe(
         Some(ca) => format!("server certificate verified against {}", ca.display()),
         None => "server certificate not checked: no --tls-ca".to_string(),
     };
-    let mut speaks_tls = false;
     match client::connect(&settings.address, Some(&tls), settings.timeout).await {
         Ok(conn) => {
-            speaks_tls = true;
             findings.push(finding(
                 false,
                 format!(
@@ -317,22 +351,23 @@ pub async fn probe(
             })
             .await;
             progress("TLS: association without credentials");
-            let over_tls = attempt(settings, Some(&tls), &calling_ae, &called_ae, true).await?;
+            let over_tls = attempt(settings, Some(&tls), &aes.calling, &aes.called, true).await?;
             collect(
                 "TLS",
                 over_tls,
-                &calling_ae,
-                &called_ae,
-                made_up_calling,
-                &mut findings,
+                &aes.calling,
+                &aes.called,
+                aes.made_up_calling,
+                findings,
             );
+            Ok(true)
         }
         Err(ToolError::TlsHandshake { message, .. }) if message.contains("alert") => {
-            speaks_tls = true;
             findings.push(finding(
                 false,
                 format!("speaks TLS on this port, but the handshake was refused: {message}"),
             ));
+            Ok(true)
         }
         Err(e @ (ToolError::TlsHandshake { .. } | ToolError::Timeout { .. })) => {
             findings.push(finding(
@@ -345,14 +380,10 @@ pub async fn probe(
                     "no TLS: queries, images and any password travel in clear".to_string(),
                 ));
             }
+            Ok(false)
         }
-        Err(e) => return Err(e),
+        Err(e) => Err(e),
     }
-    Ok(ProbeReport {
-        address: settings.address.clone(),
-        findings,
-        speaks_tls,
-    })
 }
 
 fn collect(

@@ -335,23 +335,7 @@ impl WebLogin {
         if matches!(credential, Credential::None) && names.is_empty() {
             return Err(NotAuthenticated::Unauthorized("no credentials".into()));
         }
-        // This address's budget of failed and unfinished checks, before any of them runs.
-        let per_minute = state
-            .config
-            .http
-            .as_ref()
-            .map_or(0, |h| h.failed_logins_per_minute);
-        let attempt = self
-            .failures
-            .begin(address, per_minute, Instant::now())
-            .map_err(|retry_after| {
-                metrics().refusal("failed_logins_per_minute");
-                tracing::info!(peer = %peer, outcome = "rejected", reason = "failed_logins_per_minute", "web request");
-                NotAuthenticated::Limited {
-                    reason: "too many failed logins from this address".into(),
-                    retry_after,
-                }
-            })?;
+        let attempt = self.begin(state, peer)?;
         // The login rule both doors share: lock check, a turn among the attempts in flight, the
         // count, the audit (policy::login).
         let login = policy::login::Login::new(&state.limiter, &state.audit, peer, Door::Web);
@@ -362,22 +346,8 @@ impl WebLogin {
                     .await
             }
             Credential::Basic { user, password } => {
-                let name = normalize_user(user.as_bytes());
-                let verify = async {
-                    let key = name.as_deref().ok().map(|u| self.basic.key(u, &password));
-                    if let Some(p) = key.as_ref().and_then(|k| self.basic.cached(state, k)) {
-                        return Ok(p);
-                    }
-                    let result = state
-                        .authenticator
-                        .password(&name, password.as_bytes().to_vec())
-                        .await;
-                    if let (Ok(p), Some(key)) = (&result, key) {
-                        self.basic.remember(state, &current(), key, p.clone());
-                    }
-                    result
-                };
-                login.attempt(name.as_deref().ok(), verify).await
+                self.basic_login(state, current, &login, &user, &password)
+                    .await
             }
             Credential::Malformed(reason) => {
                 attempt.failed(Instant::now());
@@ -392,33 +362,84 @@ impl WebLogin {
                     .await
             }
         };
-        result.map_err(|refused| {
-            let reason = refused.to_string();
-            let user = refused.user().unwrap_or("-").to_string();
-            match refused {
-                Refused::Locked { locked, .. } => {
-                    metrics().refusal("locked_out");
-                    NotAuthenticated::Limited {
-                        reason,
-                        retry_after: locked.seconds_left(),
-                    }
+        result.map_err(|refused| refusal(refused, peer, attempt))
+    }
+
+    /// This address's budget of failed and unfinished checks, taken before any of them runs.
+    fn begin(&self, state: &State, peer: SocketAddr) -> Result<Attempt<'_>, NotAuthenticated> {
+        let per_minute = state
+            .config
+            .http
+            .as_ref()
+            .map_or(0, |h| h.failed_logins_per_minute);
+        self.failures
+            .begin(peer.ip(), per_minute, Instant::now())
+            .map_err(|retry_after| {
+                metrics().refusal("failed_logins_per_minute");
+                tracing::info!(peer = %peer, outcome = "rejected", reason = "failed_logins_per_minute", "web request");
+                NotAuthenticated::Limited {
+                    reason: "too many failed logins from this address".into(),
+                    retry_after,
                 }
-                Refused::Busy(_) => {
-                    // Nothing was verified: not a failure of the client's.
-                    metrics().refusal("password_checks_busy");
-                    tracing::warn!(peer = %peer, user = ?user, outcome = "busy", reason = ?reason, "web request");
-                    NotAuthenticated::Busy {
-                        retry_after: BUSY_RETRY_AFTER,
-                    }
-                }
-                Refused::Failed(_) => {
-                    attempt.failed(Instant::now());
-                    metrics().refusal("not_authenticated");
-                    tracing::info!(peer = %peer, user = ?user, outcome = "rejected", reason = ?reason, "web request");
-                    NotAuthenticated::Unauthorized(reason)
-                }
+            })
+    }
+
+    /// A Basic username + password through the login rule: a recent check of the same pair from
+    /// the cache, otherwise verified (and remembered unless a reload happened meanwhile).
+    async fn basic_login(
+        &self,
+        state: &Arc<State>,
+        current: impl Fn() -> Arc<State>,
+        login: &policy::login::Login<'_>,
+        user: &str,
+        password: &str,
+    ) -> Result<Principal, Refused> {
+        let name = normalize_user(user.as_bytes());
+        let verify = async {
+            let key = name.as_deref().ok().map(|u| self.basic.key(u, password));
+            if let Some(p) = key.as_ref().and_then(|k| self.basic.cached(state, k)) {
+                return Ok(p);
             }
-        })
+            let result = state
+                .authenticator
+                .password(&name, password.as_bytes().to_vec())
+                .await;
+            if let (Ok(p), Some(key)) = (&result, key) {
+                self.basic.remember(state, &current(), key, p.clone());
+            }
+            result
+        };
+        login.attempt(name.as_deref().ok(), verify).await
+    }
+}
+
+/// A refused login as the web door's answer: its metric and log line; a failed check counts
+/// against the address (`attempt`), a lockout or a busy refusal does not.
+fn refusal(refused: Refused, peer: SocketAddr, attempt: Attempt<'_>) -> NotAuthenticated {
+    let reason = refused.to_string();
+    let user = refused.user().unwrap_or("-").to_string();
+    match refused {
+        Refused::Locked { locked, .. } => {
+            metrics().refusal("locked_out");
+            NotAuthenticated::Limited {
+                reason,
+                retry_after: locked.seconds_left(),
+            }
+        }
+        Refused::Busy(_) => {
+            // Nothing was verified: not a failure of the client's.
+            metrics().refusal("password_checks_busy");
+            tracing::warn!(peer = %peer, user = ?user, outcome = "busy", reason = ?reason, "web request");
+            NotAuthenticated::Busy {
+                retry_after: BUSY_RETRY_AFTER,
+            }
+        }
+        Refused::Failed(_) => {
+            attempt.failed(Instant::now());
+            metrics().refusal("not_authenticated");
+            tracing::info!(peer = %peer, user = ?user, outcome = "rejected", reason = ?reason, "web request");
+            NotAuthenticated::Unauthorized(reason)
+        }
     }
 }
 

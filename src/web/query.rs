@@ -163,6 +163,27 @@ fn values(value: &str) -> impl Iterator<Item = &str> {
     value.split([',', '\\'])
 }
 
+/// A search parameter's number: 1 to 9 digits.
+fn number(key: &str, value: &str) -> Result<u32, QueryError> {
+    (!value.is_empty() && value.len() <= 9 && value.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| value.parse::<u32>().ok())
+        .flatten()
+        .ok_or_else(|| QueryError::Value {
+            key: key.to_string(),
+            value: value.to_string(),
+            expected: "a number",
+        })
+}
+
+/// A search parameter given at most once: an error when `given` already.
+fn once(given: bool, key: &str) -> Result<(), QueryError> {
+    if given {
+        Err(QueryError::Duplicate(key.to_string()))
+    } else {
+        Ok(())
+    }
+}
+
 /// A checked QIDO-RS search.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Qido {
@@ -193,80 +214,84 @@ impl Qido {
             fuzzymatching: None,
             includefield: Vec::new(),
         };
-        let number = |key: &str, value: &str| {
-            (!value.is_empty() && value.len() <= 9 && value.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| value.parse::<u32>().ok())
-                .flatten()
-                .ok_or_else(|| QueryError::Value {
-                    key: key.to_string(),
-                    value: value.to_string(),
-                    expected: "a number",
-                })
-        };
-        let once = |slot: bool, key: &str| {
-            if slot {
-                Err(QueryError::Duplicate(key.to_string()))
-            } else {
-                Ok(())
-            }
-        };
         for (key, value) in pairs {
-            match key.as_str() {
-                "limit" => {
-                    once(q.limit.is_some(), &key)?;
-                    q.limit = Some(number(&key, &value)?);
-                }
-                "offset" => {
-                    once(q.offset.is_some(), &key)?;
-                    q.offset = Some(number(&key, &value)?);
-                }
-                "fuzzymatching" => {
-                    once(q.fuzzymatching.is_some(), &key)?;
-                    if value != "true" && value != "false" {
-                        return Err(QueryError::Value {
-                            key,
-                            value,
-                            expected: "true or false",
-                        });
-                    }
-                    q.fuzzymatching = Some(value);
-                }
-                "includefield" => {
-                    if !value.split(',').all(|f| f == "all" || tag_of(f).is_some()) {
-                        return Err(QueryError::Value {
-                            key,
-                            value,
-                            expected: "`all` or a list of keywords and tags",
-                        });
-                    }
-                    q.includefield.push(value);
-                }
-                "accept" => {
-                    // PS3.18 8.3.3.1: a media type in the query; only the one the gateway counts.
-                    if !super::answer::accepts_json(&value) {
-                        return Err(QueryError::NotAcceptable(value));
-                    }
-                }
-                _ => {
-                    let tag = tag_of(&key).ok_or_else(|| QueryError::Unknown(key.clone()))?;
-                    if let Some((_, k, _)) = path_uids.iter().find(|(t, _, _)| *t == tag) {
-                        return Err(QueryError::AlsoInPath { key: k });
-                    }
-                    if q.keys.iter().any(|(t, _, _)| *t == tag) {
-                        return Err(QueryError::Duplicate(key));
-                    }
-                    if is_uid_key(tag) && !value.is_empty() && !values(&value).all(is_uid) {
-                        return Err(QueryError::Value {
-                            key,
-                            value,
-                            expected: "a UID or a list of UIDs",
-                        });
-                    }
-                    q.keys.push((tag, key, value));
-                }
-            }
+            q.add(path_uids, key, value)?;
         }
         Ok(q)
+    }
+
+    /// One pair of the query string: a parameter of the search, or a matching key.
+    fn add(
+        &mut self,
+        path_uids: &[(Tag, &'static str, String)],
+        key: String,
+        value: String,
+    ) -> Result<(), QueryError> {
+        match key.as_str() {
+            "limit" => {
+                once(self.limit.is_some(), &key)?;
+                self.limit = Some(number(&key, &value)?);
+            }
+            "offset" => {
+                once(self.offset.is_some(), &key)?;
+                self.offset = Some(number(&key, &value)?);
+            }
+            "fuzzymatching" => {
+                once(self.fuzzymatching.is_some(), &key)?;
+                if value != "true" && value != "false" {
+                    return Err(QueryError::Value {
+                        key,
+                        value,
+                        expected: "true or false",
+                    });
+                }
+                self.fuzzymatching = Some(value);
+            }
+            "includefield" => {
+                if !value.split(',').all(|f| f == "all" || tag_of(f).is_some()) {
+                    return Err(QueryError::Value {
+                        key,
+                        value,
+                        expected: "`all` or a list of keywords and tags",
+                    });
+                }
+                self.includefield.push(value);
+            }
+            "accept" => {
+                // PS3.18 8.3.3.1: a media type in the query; only the one the gateway counts.
+                if !super::answer::accepts_json(&value) {
+                    return Err(QueryError::NotAcceptable(value));
+                }
+            }
+            _ => self.add_key(path_uids, key, value)?,
+        }
+        Ok(())
+    }
+
+    /// A matching key: a keyword or tag the dictionary knows, once, not also in the path, a UID
+    /// key with UIDs only.
+    fn add_key(
+        &mut self,
+        path_uids: &[(Tag, &'static str, String)],
+        key: String,
+        value: String,
+    ) -> Result<(), QueryError> {
+        let tag = tag_of(&key).ok_or_else(|| QueryError::Unknown(key.clone()))?;
+        if let Some((_, k, _)) = path_uids.iter().find(|(t, _, _)| *t == tag) {
+            return Err(QueryError::AlsoInPath { key: k });
+        }
+        if self.keys.iter().any(|(t, _, _)| *t == tag) {
+            return Err(QueryError::Duplicate(key));
+        }
+        if is_uid_key(tag) && !value.is_empty() && !values(&value).all(is_uid) {
+            return Err(QueryError::Value {
+                key,
+                value,
+                expected: "a UID or a list of UIDs",
+            });
+        }
+        self.keys.push((tag, key, value));
+        Ok(())
     }
 
     /// The anti-enumeration guard (the DIMSE side's rule, at this search's level) over the decoded

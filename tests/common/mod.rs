@@ -27,7 +27,6 @@ pub use peers::{
 };
 pub use pki::{Pki, jwt_alg_none, mint_jwt, mint_jwt_exact, now};
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -161,45 +160,8 @@ pub fn run_bounded(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -
 /// True when process `pid` owns a TCP socket in LISTEN state on `port` (IPv4 or IPv6, any
 /// address). Read from /proc, so no probe connection disturbs the server under test.
 pub fn is_listening(pid: u32, port: u16) -> bool {
-    let mut listening = HashSet::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 10 || cols[3] != "0A" {
-                continue;
-            }
-            let local_port = cols[1]
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            if local_port == Some(port)
-                && let Ok(inode) = cols[9].parse::<u64>()
-            {
-                listening.insert(inode);
-            }
-        }
-    }
-    if listening.is_empty() {
-        return false;
-    }
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    fds.flatten().any(|fd| {
-        std::fs::read_link(fd.path())
-            .ok()
-            .and_then(|target| {
-                let t = target.to_string_lossy().into_owned();
-                t.strip_prefix("socket:[")?
-                    .strip_suffix(']')?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .is_some_and(|inode| listening.contains(&inode))
-    })
+    let listening = pacsgate::procnet::listening_inodes(port);
+    !listening.is_empty() && pacsgate::procnet::holds_socket(pid, &listening)
 }
 
 /// A child process whose stdout and stderr go to one log file; killed (SIGKILL) and reaped on
