@@ -382,7 +382,7 @@ where
         *bytes += buf.len() as u64;
         let actions = match pdu_type {
             pdu::P_DATA_TF => {
-                let checked = crate::dimse::check_pdv_items(buf).and_then(|()| {
+                let checked = crate::ul::pdata::check_pdv_items(buf).and_then(|()| {
                     match shared.inspector.lock() {
                         Ok(mut inspector) => inspector.inspect(side, buf),
                         Err(_) => Err("inspector poisoned".into()),

@@ -12,8 +12,9 @@ use dicom_ul::pdu::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::dimse::{self, Command, PDataWriter};
+use crate::dimse::{self, Command};
 use crate::ul::association::{DICOM_APPLICATION_CONTEXT, UpstreamAnswer, parse_answer};
+use crate::ul::pdata::{self, PDataWriter};
 use crate::ul::pdu::{self, PduError};
 
 use crate::ul::IMPLEMENTATION_CLASS_UID;
@@ -296,9 +297,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
             };
             match pdu_type {
                 pdu::P_DATA_TF => {
-                    dimse::check_pdv_items(&buf).map_err(LinkError::Protocol)?;
+                    pdata::check_pdv_items(&buf).map_err(LinkError::Protocol)?;
                     self.pending
-                        .extend(dimse::pdv_items(&buf).map(|p| OwnedPdv {
+                        .extend(pdata::pdv_items(&buf).map(|p| OwnedPdv {
                             context: p.presentation_context_id,
                             is_command: p.is_command,
                             is_last: p.is_last,

@@ -18,8 +18,9 @@ use super::dimse_extra::{self, SubOperations};
 use super::gateway::Gateway;
 use super::link::Context;
 use super::retrieve::{self, LocalStore, Retrieval, get_model};
-use crate::dimse::{self, Command, PDataWriter, command_field as cf};
+use crate::dimse::{self, Command, command_field as cf};
 use crate::relay::{Actions, Forward, Inspector, Side};
+use crate::ul::pdata::{self, PDataWriter};
 
 /// The largest C-MOVE identifier held back.
 const MAX_IDENTIFIER: usize = 1024 * 1024;
@@ -86,7 +87,7 @@ enum Decision {
 
 /// One piece of a rebuilt P-DATA-TF.
 enum Piece<'a> {
-    Original(dimse::Pdv<'a>),
+    Original(pdata::Pdv<'a>),
     Command { pc: u8, bytes: Vec<u8> },
 }
 
@@ -256,7 +257,7 @@ impl Interceptor {
     fn client_pdata(&mut self, pdata: &[u8]) -> Result<Actions, String> {
         self.active.retain(|_, cancel| !cancel.is_closed());
         let mut out = Rebuild::default();
-        for pdv in dimse::pdv_items(pdata) {
+        for pdv in pdata::pdv_items(pdata) {
             if pdv.is_command {
                 self.command_pdv(pdv, &mut out)?;
             } else {
@@ -267,7 +268,7 @@ impl Interceptor {
     }
 
     /// A data set PDV: an identifier held back, one being refused, or one passed on.
-    fn data_pdv<'a>(&mut self, pdv: dimse::Pdv<'a>, out: &mut Rebuild<'a>) {
+    fn data_pdv<'a>(&mut self, pdv: pdata::Pdv<'a>, out: &mut Rebuild<'a>) {
         let pc = pdv.presentation_context_id;
         if self.refusing.contains_key(&pc) {
             out.changed = true;
@@ -335,7 +336,7 @@ impl Interceptor {
     /// A command PDV: a fragment kept until the command set is whole, then decided on.
     fn command_pdv<'a>(
         &mut self,
-        pdv: dimse::Pdv<'a>,
+        pdv: pdata::Pdv<'a>,
         out: &mut Rebuild<'a>,
     ) -> Result<(), String> {
         let pc = pdv.presentation_context_id;
@@ -372,7 +373,7 @@ impl Interceptor {
     /// A whole command set from the client: forwarded, answered here, or a move-as-get begun.
     fn command<'a>(
         &mut self,
-        pdv: dimse::Pdv<'a>,
+        pdv: pdata::Pdv<'a>,
         bytes: Cow<'a, [u8]>,
         out: &mut Rebuild<'a>,
     ) -> Result<(), String> {
@@ -486,11 +487,11 @@ impl Interceptor {
         let Some(own) = self.association.keepalive_context else {
             return Actions::PASS;
         };
-        if dimse::pdv_items(pdata).all(|p| p.presentation_context_id != own) {
+        if pdata::pdv_items(pdata).all(|p| p.presentation_context_id != own) {
             return Actions::PASS;
         }
         let mut writer = PDataWriter::new(self.association.to_client_max);
-        for p in dimse::pdv_items(pdata).filter(|p| p.presentation_context_id != own) {
+        for p in pdata::pdv_items(pdata).filter(|p| p.presentation_context_id != own) {
             writer.push(p.presentation_context_id, p.is_command, p.is_last, p.data);
         }
         Actions {
@@ -678,7 +679,7 @@ mod tests {
         let (mut j, _rx2) = interceptor();
         let chunk = vec![0u8; 60 * 1024];
         let status_of = |back: &[u8]| {
-            let item = dimse::pdv_items(back).next().expect("a response");
+            let item = pdata::pdv_items(back).next().expect("a response");
             dimse::decode_command(item.data).expect("decode").status
         };
         // First association: one 60 KiB fragment held, the second passes 100 KiB: refused.
@@ -740,7 +741,7 @@ mod tests {
             .inspect(Side::Client, &pdata(&[(1, true, true, &mv)]))
             .expect("ok");
         assert_eq!(out.forward, Forward::Nothing);
-        let item = dimse::pdv_items(&out.back).next().expect("a response");
+        let item = pdata::pdv_items(&out.back).next().expect("a response");
         let rsp = dimse::decode_command(item.data).expect("decode");
         assert_eq!(rsp.field, 0x8021);
         assert_eq!(rsp.status, Some(IDENTIFIER_DOES_NOT_MATCH));
@@ -764,7 +765,7 @@ mod tests {
             )
             .expect("ok");
         assert_eq!(out.forward, Forward::Nothing);
-        let item = dimse::pdv_items(&out.back).next().expect("a response");
+        let item = pdata::pdv_items(&out.back).next().expect("a response");
         let rsp = dimse::decode_command(item.data).expect("decode");
         assert_eq!(rsp.status, Some(MOVE_DESTINATION_UNKNOWN));
         assert_eq!(rsp.responded_to, 4);
@@ -782,7 +783,7 @@ mod tests {
             .await
             .expect("in time")
             .expect("a response");
-        let item = dimse::pdv_items(&pdus).next().expect("a response");
+        let item = pdata::pdv_items(&pdus).next().expect("a response");
         let rsp = dimse::decode_command(item.data).expect("decode");
         assert_eq!((rsp.field, rsp.responded_to), (0x8021, 5));
         assert_eq!(rsp.status, Some(0xA702));

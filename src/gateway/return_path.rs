@@ -22,6 +22,7 @@ use crate::dimse::{self, command_field as cf};
 use crate::moves::{Claim, DestinationConnectors, MovesInProgress};
 use crate::relay::{self, Actions, Inspector, RelayLimits, Side};
 use crate::ul::association;
+use crate::ul::pdata;
 use crate::ul::pdu::Rejection;
 
 /// A byte stream the relay can use, plain or TLS.
@@ -115,7 +116,7 @@ impl Inspector for SubOperations {
             Side::Client => (0, cf::C_STORE_RQ, "the archive"),
             Side::Archive => (1, cf::C_STORE_RQ | cf::RESPONSE, "the destination"),
         };
-        for pdv in dimse::pdv_items(pdata).filter(|p| p.is_command) {
+        for pdv in pdata::pdv_items(pdata).filter(|p| p.is_command) {
             let buf = &mut self.pending[slot];
             if buf.len() + pdv.data.len() > dimse::MAX_COMMAND_LENGTH {
                 return Err(format!(

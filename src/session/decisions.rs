@@ -2,9 +2,10 @@
 //! the requests outstanding (PS3.7 9.3 MessageIDBeingRespondedTo), and the C-FIND result cap.
 
 use crate::config::Operation;
-use crate::dimse::{self, Command, PDataWriter, command_field as cf, status};
+use crate::dimse::{self, Command, command_field as cf, status};
 use crate::policy::query_guard::{self, GuardError};
 use crate::relay::Side;
+use crate::ul::pdata::PDataWriter;
 
 use super::*;
 

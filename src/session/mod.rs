@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::audit::Audit;
-use crate::dimse::{self, PDataWriter};
 use crate::moves::MoveRegistry;
 use crate::policy::{Grants, Limiter};
 use crate::relay::{Actions, Forward, Inspector, Side};
+use crate::ul::pdata::{self, PDataWriter};
 
 /// The Modality Worklist Information Model - FIND SOP class (PS3.4 K.6.1.2).
 const WORKLIST_FIND: &str = "1.2.840.10008.5.1.4.31";
@@ -118,7 +118,7 @@ impl Inspector for Session {
         let mut pieces = Vec::new();
         let mut back = PDataWriter::new(back_max);
         let mut items = 0usize;
-        for pdv in dimse::pdv_items(pdata) {
+        for pdv in pdata::pdv_items(pdata) {
             items += 1;
             self.step(from, pdv, &mut pieces, &mut back)?;
         }

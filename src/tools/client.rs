@@ -29,8 +29,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::ToolError;
-use crate::dimse::{self, Command, PDataWriter, command_field, status};
+use crate::dimse::{self, Command, command_field, status};
 use crate::ul::association::{DICOM_APPLICATION_CONTEXT, UpstreamAnswer, parse_answer};
+use crate::ul::pdata::{self, PDataWriter};
 use crate::ul::pdu::{self, PduError};
 
 /// Verification SOP class (C-ECHO).
@@ -716,9 +717,9 @@ impl Association {
             .map_err(|e| answer_error(e, phase))?;
             match pdu_type {
                 pdu::P_DATA_TF => {
-                    dimse::check_pdv_items(&buf).map_err(ToolError::Protocol)?;
+                    pdata::check_pdv_items(&buf).map_err(ToolError::Protocol)?;
                     self.pending
-                        .extend(dimse::pdv_items(&buf).map(|p| OwnedPdv {
+                        .extend(pdata::pdv_items(&buf).map(|p| OwnedPdv {
                             context: p.presentation_context_id,
                             is_command: p.is_command,
                             is_last: p.is_last,

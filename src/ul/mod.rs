@@ -2,6 +2,7 @@
 //! the command-line tools, `pacsgate connect` and the demo archive.
 pub mod association;
 pub mod io;
+pub mod pdata;
 pub mod pdu;
 
 /// Implementation Class UID (PS3.7 D.3.3.2) every pacsgate requestor and the demo acceptor announce;
