@@ -3,6 +3,7 @@
 //! Map of this module:
 //! - `mod.rs`         public API, errors, accept loop, one task and one log line per association
 //! - `association.rs` A-ASSOCIATE negotiation and DIMSE message assembly on `ul` (framing, PDVs)
+//! - `negotiation.rs` A-ASSOCIATE-RQ decided: rejections, presentation contexts, SCP roles
 //! - `dimse.rs`       command fields, statuses, command set and data set encoding
 //! - `services.rs`    C-ECHO, C-FIND, C-STORE and C-GET service providers
 //! - `query.rs`       Q/R levels, keys and matching
@@ -13,6 +14,7 @@
 
 mod association;
 mod dimse;
+mod negotiation;
 mod query;
 mod services;
 mod store;

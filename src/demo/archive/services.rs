@@ -7,8 +7,9 @@ use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
 use super::DemoArchiveError;
-use super::association::{Association, Context, Event, Message, Model, Service};
+use super::association::{Association, Event, Message};
 use super::dimse::{self, CommandBuilder, command, status};
+use super::negotiation::{Context, Model, Service};
 use super::query::Query;
 use super::store::{DemoArchive, Instance};
 
