@@ -13,9 +13,8 @@ use dicom_transfer_syntax_registry::entries::{
 
 mod structure;
 
-#[cfg(test)]
-use structure::UNDEFINED;
-pub use structure::{MAX_NESTING, check_structure};
+pub(crate) use structure::has_long_length;
+pub use structure::{ITEM, ITEM_END, MAX_NESTING, SEQUENCE_END, UNDEFINED, check_structure};
 
 /// Command fields (PS3.7 E.1).
 pub mod command_field {

@@ -4,10 +4,11 @@
 use dicom_core::dictionary::DataDictionary;
 use dicom_core::{Tag, VR};
 
-pub(super) const UNDEFINED: u32 = 0xFFFF_FFFF;
-const ITEM: Tag = Tag(0xFFFE, 0xE000);
-const ITEM_END: Tag = Tag(0xFFFE, 0xE00D);
-const SEQUENCE_END: Tag = Tag(0xFFFE, 0xE0DD);
+/// The undefined length (PS3.5 7.1.1), and the item and delimitation tags (PS3.5 7.5).
+pub const UNDEFINED: u32 = 0xFFFF_FFFF;
+pub const ITEM: Tag = Tag(0xFFFE, 0xE000);
+pub const ITEM_END: Tag = Tag(0xFFFE, 0xE00D);
+pub const SEQUENCE_END: Tag = Tag(0xFFFE, 0xE0DD);
 /// Sequences nested deeper than this are refused before any recursive parser sees them (real
 /// identifiers nest two or three levels).
 pub const MAX_NESTING: usize = 16;
@@ -23,7 +24,7 @@ fn value_size(vr: VR) -> usize {
 }
 
 /// Explicit VRs with a 4-byte length (PS3.5 7.1.2).
-fn has_long_length(vr: VR) -> bool {
+pub(crate) fn has_long_length(vr: VR) -> bool {
     matches!(
         vr,
         VR::OB
