@@ -404,13 +404,113 @@ async fn send_abort(writer: &mut OwnedWriteHalf, reason: u8) {
 
 #[cfg(test)]
 mod tests {
+    use dicom_dictionary_std::uids;
     use dicom_ul::pdu::{
         AbortRQServiceProviderReason, AbortRQSource, AssociationRJ, AssociationRJResult,
         AssociationRJServiceProviderASCEReason, AssociationRJServiceUserReason,
-        AssociationRJSource,
+        AssociationRJSource, PresentationContextProposed, UserVariableItem,
     };
 
     use super::*;
+
+    /// An associated peer on loopback: (stream, the first PDU it read back).
+    async fn associate(port: u16) -> (tokio::net::TcpStream, Vec<u8>) {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let rq = Pdu::AssociationRQ(AssociationRQ {
+            protocol_version: 1,
+            calling_ae_title: "TESTSCU".into(),
+            called_ae_title: "DEMO".into(),
+            application_context_name: crate::ul::association::DICOM_APPLICATION_CONTEXT.into(),
+            presentation_contexts: vec![PresentationContextProposed {
+                id: 1,
+                abstract_syntax: uids::VERIFICATION.into(),
+                transfer_syntaxes: vec![uids::IMPLICIT_VR_LITTLE_ENDIAN.into()],
+            }],
+            user_variables: vec![UserVariableItem::MaxLength(16384)],
+        });
+        s.write_all(&encode(&rq).expect("encode"))
+            .await
+            .expect("rq");
+        let mut ac = Vec::new();
+        pdu::read_pdu(&mut s, &mut ac, 1 << 16)
+            .await
+            .expect("answer");
+        (s, ac)
+    }
+
+    /// The framing paths the acceptor took from `ul`: an empty P-DATA-TF is passed over, a C-ECHO
+    /// is answered in one PDU, a release gets A-RELEASE-RP, and PDV items that do not tile their
+    /// PDU get an A-ABORT.
+    #[tokio::test]
+    async fn the_acceptor_frames_on_ul_as_before() {
+        use crate::dimse::{self, command_field, status};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let archive = std::sync::Arc::new(super::super::DemoArchive::empty());
+        let server = tokio::spawn(super::super::serve(listener, archive, "DEMO".into()));
+
+        let (mut s, ac) = associate(port).await;
+        assert_eq!(ac.first(), Some(&pdu::A_ASSOCIATE_AC));
+        s.write_all(&[pdu::P_DATA_TF, 0, 0, 0, 0, 0])
+            .await
+            .expect("empty");
+        let echo = dimse::encode_command(vec![
+            dicom_core::DataElement::new(
+                dicom_dictionary_std::tags::AFFECTED_SOP_CLASS_UID,
+                dicom_core::VR::UI,
+                dicom_core::PrimitiveValue::from(uids::VERIFICATION),
+            ),
+            dicom_core::DataElement::new(
+                dicom_dictionary_std::tags::COMMAND_FIELD,
+                dicom_core::VR::US,
+                dicom_core::PrimitiveValue::from(command_field::C_ECHO_RQ),
+            ),
+            dicom_core::DataElement::new(
+                dicom_dictionary_std::tags::MESSAGE_ID,
+                dicom_core::VR::US,
+                dicom_core::PrimitiveValue::from(7u16),
+            ),
+            dicom_core::DataElement::new(
+                dicom_dictionary_std::tags::COMMAND_DATA_SET_TYPE,
+                dicom_core::VR::US,
+                dicom_core::PrimitiveValue::from(dimse::NO_DATA_SET),
+            ),
+        ]);
+        let mut w = PDataWriter::new(16384);
+        w.push(1, true, true, &echo);
+        s.write_all(&w.into_bytes()).await.expect("echo");
+        let mut back = Vec::new();
+        pdu::read_pdu(&mut s, &mut back, 1 << 16)
+            .await
+            .expect("response");
+        check_pdv_items(&back).expect("well-formed");
+        let items: Vec<_> = pdv_items(&back).collect();
+        assert!(items.len() == 1 && items[0].is_command && items[0].is_last);
+        let response = dimse::decode_command(items[0].data).expect("decode");
+        assert_eq!(
+            (response.status, response.responded_to),
+            (Some(status::SUCCESS), 7)
+        );
+        s.write_all(&[pdu::A_RELEASE_RQ, 0, 0, 0, 0, 4, 0, 0, 0, 0])
+            .await
+            .expect("release");
+        pdu::read_pdu(&mut s, &mut back, 1 << 16).await.expect("rp");
+        assert_eq!(back, pdu::RELEASE_RP);
+
+        let (mut s, _) = associate(port).await;
+        s.write_all(&[pdu::P_DATA_TF, 0, 0, 0, 0, 6, 0, 0, 0, 1, 1, 3])
+            .await
+            .expect("short item");
+        pdu::read_pdu(&mut s, &mut back, 1 << 16)
+            .await
+            .expect("abort");
+        assert_eq!(back, pdu::abort(ABORT_NOT_SPECIFIED));
+        server.abort();
+    }
 
     /// The control PDUs the demo writes from `ul::pdu` are byte for byte the ones dicom-ul wrote.
     #[test]
