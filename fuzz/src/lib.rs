@@ -112,18 +112,9 @@ pub fn session(user_role: &str) -> Session {
         transfer_syntax: transfer_syntax.to_string(),
     };
     let ts = HashMap::from([
-        (
-            1u8,
-            context("1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.1.2.1"),
-        ),
-        (
-            3u8,
-            context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2"),
-        ),
-        (
-            5u8,
-            context("1.2.840.10008.5.1.4.1.2.2.2", "1.2.840.10008.1.2.4.50"),
-        ),
+        (1u8, context("1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.1.2.1")),
+        (3u8, context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2")),
+        (5u8, context("1.2.840.10008.5.1.4.1.2.2.2", "1.2.840.10008.1.2.4.50")),
     ]);
     Session::new(
         party,
@@ -155,11 +146,7 @@ pub fn assert_well_formed_pdata(bytes: &[u8], max_body: u32, what: &str) {
     let mut rest = bytes;
     while !rest.is_empty() {
         assert!(rest.len() >= 6, "{what}: a truncated PDU header");
-        assert_eq!(
-            rest[0],
-            pacsgate::ul::pdu::P_DATA_TF,
-            "{what}: not a P-DATA-TF"
-        );
+        assert_eq!(rest[0], pacsgate::ul::pdu::P_DATA_TF, "{what}: not a P-DATA-TF");
         let len = u32::from_be_bytes([rest[2], rest[3], rest[4], rest[5]]);
         assert!(
             len <= max_body,
