@@ -1,5 +1,6 @@
-//! DIMSE messages inside P-DATA-TF: PDV items, command sets (Implicit VR Little Endian, group 0000),
-//! identifiers, and the responses and cancels the gateway writes itself (PS3.7 section 9, annex E).
+//! DIMSE messages inside P-DATA-TF: command sets (Implicit VR Little Endian, group 0000), identifiers,
+//! and the responses and cancels the gateway writes itself (PS3.7 section 9, annex E). The PDV items
+//! that carry them are `ul::pdata`'s; the structural walk of an identifier is `dimse/structure.rs`.
 
 use dicom_core::dictionary::DataDictionary;
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
@@ -10,7 +11,10 @@ use dicom_transfer_syntax_registry::entries::{
     EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
 };
 
-use crate::ul::pdu::{P_DATA_TF, PDU_HEADER_LENGTH};
+mod structure;
+
+pub(crate) use structure::has_long_length;
+pub use structure::{ITEM, ITEM_END, MAX_NESTING, SEQUENCE_END, UNDEFINED, check_structure};
 
 /// Command fields (PS3.7 E.1).
 pub mod command_field {
@@ -74,129 +78,6 @@ pub enum DimseError {
     TransferSyntax(String),
 }
 
-/// One presentation data value item of a P-DATA-TF PDU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pdv<'a> {
-    pub presentation_context_id: u8,
-    pub is_command: bool,
-    pub is_last: bool,
-    pub data: &'a [u8],
-}
-
-/// Check that the PDV items of a P-DATA-TF PDU tile its body exactly (PS3.8 9.3.5.1).
-pub fn check_pdv_items(pdu: &[u8]) -> Result<(), String> {
-    let mut rest = pdu.get(PDU_HEADER_LENGTH..).unwrap_or_default();
-    if rest.is_empty() {
-        return Err("P-DATA-TF without PDV items".into());
-    }
-    while !rest.is_empty() {
-        let Some(len) = rest.get(..4) else {
-            return Err("truncated PDV item header".into());
-        };
-        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-        if len < 2 {
-            return Err(format!("PDV item length {len} is too short"));
-        }
-        if len > rest.len() - 4 {
-            return Err(format!("PDV item length {len} overruns its PDU"));
-        }
-        rest = &rest[4 + len..];
-    }
-    Ok(())
-}
-
-/// The PDV items of a whole P-DATA-TF PDU that passed [`check_pdv_items`]; malformed tails are skipped.
-pub fn pdv_items(pdu: &[u8]) -> impl Iterator<Item = Pdv<'_>> {
-    let mut rest = pdu.get(PDU_HEADER_LENGTH..).unwrap_or_default();
-    std::iter::from_fn(move || {
-        let len = rest.get(..4)?;
-        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-        let item = rest.get(4..4 + len)?;
-        let (&pc, rest_of_item) = item.split_first()?;
-        let (&header, data) = rest_of_item.split_first()?;
-        rest = &rest[4 + len..];
-        Some(Pdv {
-            presentation_context_id: pc,
-            is_command: header & 0x01 != 0,
-            is_last: header & 0x02 != 0,
-            data,
-        })
-    })
-}
-
-/// Pack PDV items into P-DATA-TF PDUs no longer than `max_pdu_length` (body), splitting large values.
-pub struct PDataWriter {
-    out: Vec<u8>,
-    max_body: usize,
-    current_start: Option<usize>,
-}
-
-impl PDataWriter {
-    pub fn new(max_pdu_length: u32) -> PDataWriter {
-        PDataWriter {
-            out: Vec::new(),
-            max_body: (max_pdu_length as usize).max(64),
-            current_start: None,
-        }
-    }
-
-    /// Append one message fragment; it is split over several PDVs when it does not fit.
-    pub fn push(&mut self, pc: u8, is_command: bool, is_last: bool, mut data: &[u8]) {
-        loop {
-            let room = self.room();
-            if room < 7 {
-                self.finish_pdu();
-                continue;
-            }
-            let take = data.len().min(room - 6);
-            let last_piece = take == data.len();
-            self.open_pdu();
-            self.out
-                .extend_from_slice(&((take + 2) as u32).to_be_bytes());
-            self.out.push(pc);
-            self.out
-                .push(u8::from(is_command) | if is_last && last_piece { 0x02 } else { 0 });
-            self.out.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            if last_piece {
-                return;
-            }
-            self.finish_pdu();
-        }
-    }
-
-    fn room(&self) -> usize {
-        match self.current_start {
-            Some(start) => self.max_body - (self.out.len() - start - PDU_HEADER_LENGTH),
-            None => self.max_body,
-        }
-    }
-
-    fn open_pdu(&mut self) {
-        if self.current_start.is_none() {
-            self.current_start = Some(self.out.len());
-            self.out.extend_from_slice(&[P_DATA_TF, 0, 0, 0, 0, 0]);
-        }
-    }
-
-    fn finish_pdu(&mut self) {
-        if let Some(start) = self.current_start.take() {
-            let len = (self.out.len() - start - PDU_HEADER_LENGTH) as u32;
-            self.out[start + 2..start + 6].copy_from_slice(&len.to_be_bytes());
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.out.is_empty()
-    }
-
-    /// The finished PDUs.
-    pub fn into_bytes(mut self) -> Vec<u8> {
-        self.finish_pdu();
-        self.out
-    }
-}
-
 /// A decoded command set: the fields a gateway needs, and the object for re-encoding.
 #[derive(Debug, Clone)]
 pub struct Command {
@@ -244,114 +125,139 @@ pub fn decode_command(bytes: &[u8]) -> Result<Command, DimseError> {
     let mut last: Option<Tag> = None;
     let mut rest = bytes;
     while !rest.is_empty() {
-        let header = rest
-            .get(..8)
-            .ok_or_else(|| bad("truncated element header".into()))?;
-        let tag = Tag(
-            u16::from_le_bytes([header[0], header[1]]),
-            u16::from_le_bytes([header[2], header[3]]),
-        );
-        let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
-        if tag.0 != 0x0000 {
-            return Err(bad(format!("element {tag} is outside group 0000")));
-        }
-        // Peers disagree on which copy of a repeated element counts (DCMTK keeps the first): the
-        // elements must come once each, in ascending order (PS3.5 7.1), so there is one reading.
-        if last.is_some_and(|l| tag <= l) {
-            return Err(bad(format!(
-                "element {tag} is repeated or out of ascending order"
-            )));
-        }
+        let (tag, value, after) = command_element(rest, last).map_err(bad)?;
         last = Some(tag);
-        let value = rest.get(8..8 + len).ok_or_else(|| {
-            bad(format!(
-                "element {tag} length {len} overruns the command set"
-            ))
-        })?;
-        rest = &rest[8 + len..];
-        if tag == tags::COMMAND_GROUP_LENGTH
-            && value.len() == 4
-            && u32::from_le_bytes([value[0], value[1], value[2], value[3]]) as usize != rest.len()
-        {
-            return Err(bad(format!(
-                "group length {} does not match the {} bytes that follow",
-                u32::from_le_bytes([value[0], value[1], value[2], value[3]]),
-                rest.len()
-            )));
-        }
-        let vr = dicom_dictionary_std::StandardDataDictionary
-            .by_tag(tag)
-            .map(|e| e.vr.relaxed())
-            .unwrap_or(VR::UN);
-        let size = match vr {
-            VR::US | VR::SS => 2,
-            VR::UL | VR::SL | VR::AT | VR::FL => 4,
-            VR::FD | VR::UV | VR::SV => 8,
-            _ => 1,
-        };
-        if !len.is_multiple_of(size) {
-            return Err(bad(format!(
-                "element {tag} ({vr:?}) has length {len}, not a multiple of {size}"
-            )));
-        }
-        let primitive = match vr {
-            VR::US => PrimitiveValue::U16(
-                value
-                    .chunks_exact(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                    .collect(),
-            ),
-            VR::UL => PrimitiveValue::U32(
-                value
-                    .chunks_exact(4)
-                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ),
-            VR::AT => PrimitiveValue::Tags(
-                value
-                    .chunks_exact(4)
-                    .map(|c| {
-                        Tag(
-                            u16::from_le_bytes([c[0], c[1]]),
-                            u16::from_le_bytes([c[2], c[3]]),
-                        )
-                    })
-                    .collect(),
-            ),
-            VR::UI
-            | VR::AE
-            | VR::LO
-            | VR::SH
-            | VR::CS
-            | VR::ST
-            | VR::LT
-            | VR::UT
-            | VR::PN
-            | VR::DA
-            | VR::TM
-            | VR::DT
-            | VR::IS
-            | VR::DS => {
-                // Command sets are ISO 646 (ASCII); anything else becomes '?' so that what is
-                // re-encoded has the length it declares.
-                let text: String = value
-                    .iter()
-                    .map(|&b| if b.is_ascii() { b as char } else { '?' })
-                    .collect();
-                let text = text.trim_end_matches(['\0', ' ']);
-                if text.contains('\\') {
-                    PrimitiveValue::Strs(text.split('\\').map(str::to_string).collect())
-                } else {
-                    PrimitiveValue::from(text.to_string())
-                }
-            }
-            _ => PrimitiveValue::U8(value.to_vec().into()),
-        };
-        elements.push(DataElement::new(tag, vr, primitive));
+        rest = after;
+        check_group_length(tag, value, rest.len()).map_err(bad)?;
+        let vr = command_vr(tag, value.len()).map_err(bad)?;
+        elements.push(DataElement::new(tag, vr, command_value(vr, value)));
     }
-    let object = InMemDicomObject::from_element_iter(elements);
+    command_of(InMemDicomObject::from_element_iter(elements))
+}
+
+/// Split the next element of a command set off `rest`: its tag, its value and what follows.
+/// It must be in group 0000, after `last` in ascending order, and within the bytes there.
+fn command_element(rest: &[u8], last: Option<Tag>) -> Result<(Tag, &[u8], &[u8]), String> {
+    let header = rest
+        .get(..8)
+        .ok_or_else(|| "truncated element header".to_string())?;
+    let tag = Tag(
+        u16::from_le_bytes([header[0], header[1]]),
+        u16::from_le_bytes([header[2], header[3]]),
+    );
+    let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    if tag.0 != 0x0000 {
+        return Err(format!("element {tag} is outside group 0000"));
+    }
+    // Peers disagree on which copy of a repeated element counts (DCMTK keeps the first): the
+    // elements must come once each, in ascending order (PS3.5 7.1), so there is one reading.
+    if last.is_some_and(|l| tag <= l) {
+        return Err(format!(
+            "element {tag} is repeated or out of ascending order"
+        ));
+    }
+    let value = rest
+        .get(8..8 + len)
+        .ok_or_else(|| format!("element {tag} length {len} overruns the command set"))?;
+    Ok((tag, value, &rest[8 + len..]))
+}
+
+/// A 4-byte Command Group Length (0000,0000) must count exactly the `following` bytes.
+fn check_group_length(tag: Tag, value: &[u8], following: usize) -> Result<(), String> {
+    if tag == tags::COMMAND_GROUP_LENGTH
+        && value.len() == 4
+        && u32::from_le_bytes([value[0], value[1], value[2], value[3]]) as usize != following
+    {
+        return Err(format!(
+            "group length {} does not match the {} bytes that follow",
+            u32::from_le_bytes([value[0], value[1], value[2], value[3]]),
+            following
+        ));
+    }
+    Ok(())
+}
+
+/// The dictionary VR of a command element; a binary value must be a whole number of values long.
+fn command_vr(tag: Tag, len: usize) -> Result<VR, String> {
+    let vr = dicom_dictionary_std::StandardDataDictionary
+        .by_tag(tag)
+        .map(|e| e.vr.relaxed())
+        .unwrap_or(VR::UN);
+    let size = match vr {
+        VR::US | VR::SS => 2,
+        VR::UL | VR::SL | VR::AT | VR::FL => 4,
+        VR::FD | VR::UV | VR::SV => 8,
+        _ => 1,
+    };
+    if !len.is_multiple_of(size) {
+        return Err(format!(
+            "element {tag} ({vr:?}) has length {len}, not a multiple of {size}"
+        ));
+    }
+    Ok(vr)
+}
+
+/// A command element's value, read as its VR says (the length already checked against the VR).
+fn command_value(vr: VR, value: &[u8]) -> PrimitiveValue {
+    match vr {
+        VR::US => PrimitiveValue::U16(
+            value
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        ),
+        VR::UL => PrimitiveValue::U32(
+            value
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        VR::AT => PrimitiveValue::Tags(
+            value
+                .chunks_exact(4)
+                .map(|c| {
+                    Tag(
+                        u16::from_le_bytes([c[0], c[1]]),
+                        u16::from_le_bytes([c[2], c[3]]),
+                    )
+                })
+                .collect(),
+        ),
+        VR::UI
+        | VR::AE
+        | VR::LO
+        | VR::SH
+        | VR::CS
+        | VR::ST
+        | VR::LT
+        | VR::UT
+        | VR::PN
+        | VR::DA
+        | VR::TM
+        | VR::DT
+        | VR::IS
+        | VR::DS => {
+            // Command sets are ISO 646 (ASCII); anything else becomes '?' so that what is
+            // re-encoded has the length it declares.
+            let text: String = value
+                .iter()
+                .map(|&b| if b.is_ascii() { b as char } else { '?' })
+                .collect();
+            let text = text.trim_end_matches(['\0', ' ']);
+            if text.contains('\\') {
+                PrimitiveValue::Strs(text.split('\\').map(str::to_string).collect())
+            } else {
+                PrimitiveValue::from(text.to_string())
+            }
+        }
+        _ => PrimitiveValue::U8(value.to_vec().into()),
+    }
+}
+
+/// The fields a gateway reads from a decoded command set; it must have a Command Field.
+fn command_of(object: InMemDicomObject) -> Result<Command, DimseError> {
     let field = uint16(&object, tags::COMMAND_FIELD)
-        .ok_or_else(|| bad("no Command Field (0000,0100)".into()))?;
+        .ok_or_else(|| DimseError::Command("no Command Field (0000,0100)".into()))?;
     Ok(Command {
         field,
         message_id: uint16(&object, tags::MESSAGE_ID).unwrap_or(0),
@@ -479,239 +385,6 @@ pub fn count(c: &Command, tag: Tag) -> Option<u16> {
 /// The string value of an attribute of an identifier ("" when absent or empty).
 pub fn attribute(obj: &InMemDicomObject, tag: Tag) -> String {
     text(obj, tag)
-}
-
-const UNDEFINED: u32 = 0xFFFF_FFFF;
-const ITEM: Tag = Tag(0xFFFE, 0xE000);
-const ITEM_END: Tag = Tag(0xFFFE, 0xE00D);
-const SEQUENCE_END: Tag = Tag(0xFFFE, 0xE0DD);
-/// Sequences nested deeper than this are refused before any recursive parser sees them (real
-/// identifiers nest two or three levels).
-pub const MAX_NESTING: usize = 16;
-
-/// The byte size of one value of a binary VR (1 for everything read as bytes or text).
-fn value_size(vr: VR) -> usize {
-    match vr {
-        VR::US | VR::SS | VR::OW => 2,
-        VR::UL | VR::SL | VR::AT | VR::FL | VR::OF | VR::OL => 4,
-        VR::FD | VR::OD | VR::SV | VR::UV | VR::OV => 8,
-        _ => 1,
-    }
-}
-
-/// Explicit VRs with a 4-byte length (PS3.5 7.1.2).
-fn has_long_length(vr: VR) -> bool {
-    matches!(
-        vr,
-        VR::OB
-            | VR::OW
-            | VR::OF
-            | VR::SQ
-            | VR::UT
-            | VR::UN
-            | VR::UC
-            | VR::UR
-            | VR::OD
-            | VR::OL
-            | VR::OV
-            | VR::SV
-            | VR::UV
-    )
-}
-
-/// What the structural walk is inside of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// The identifier itself, or one item of a sequence: elements in ascending tag order.
-    Elements { last: Option<Tag>, item: bool },
-    /// A sequence: items only.
-    Sequence,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Frame {
-    kind: Kind,
-    /// Where a defined-length frame ends; undefined-length frames end at their delimiter.
-    end: Option<usize>,
-    /// The furthest this frame's content may reach (its own end, or its parent's).
-    limit: usize,
-}
-
-/// Read an element header at `at`: (tag, VR, value length, header length).
-fn element_header(b: &[u8], at: usize, explicit: bool) -> Result<(Tag, VR, u32, usize), String> {
-    let h = b
-        .get(at..at + 8)
-        .ok_or_else(|| "truncated element header".to_string())?;
-    let tag = Tag(
-        u16::from_le_bytes([h[0], h[1]]),
-        u16::from_le_bytes([h[2], h[3]]),
-    );
-    let le32 = |x: &[u8]| u32::from_le_bytes([x[0], x[1], x[2], x[3]]);
-    if tag.0 == 0xFFFE {
-        // Items and delimiters have no VR in either syntax.
-        return Ok((tag, VR::UN, le32(&h[4..8]), 8));
-    }
-    let known = dicom_dictionary_std::StandardDataDictionary.by_tag(tag);
-    if !explicit {
-        let vr = if tag.1 == 0x0000 {
-            VR::UL // every group length is UL, whatever the dictionary knows
-        } else {
-            known.map(|e| e.vr.relaxed()).unwrap_or(VR::UN)
-        };
-        return Ok((tag, vr, le32(&h[4..8]), 8));
-    }
-    let code = [h[4], h[5]];
-    let vr = VR::from_binary(code)
-        .ok_or_else(|| format!("element {tag} has no standard VR ({code:?})"))?;
-    // A known attribute under another VR is read one way here and another way by a peer that
-    // trusts its dictionary: refuse it.
-    if let Some(expected) = known.and_then(|e| e.vr.exact())
-        && tag.1 != 0x0000
-        && expected != vr
-    {
-        return Err(format!(
-            "element {tag} is sent as {vr:?}, but the standard says {expected:?}"
-        ));
-    }
-    if has_long_length(vr) {
-        let l = b
-            .get(at + 8..at + 12)
-            .ok_or_else(|| "truncated element header".to_string())?;
-        Ok((tag, vr, le32(l), 12))
-    } else {
-        Ok((tag, vr, u32::from(u16::from_le_bytes([h[6], h[7]])), 8))
-    }
-}
-
-/// Before dicom-parser sees an identifier, walk it once, without recursion, exactly as it will be read,
-/// and refuse anything two readers could read differently or that a reader could not afford:
-/// - tags in strictly ascending order in the data set and in every item (no repeats: DCMTK keeps the
-///   first copy, dicom-object the last);
-/// - sequences nested at most [`MAX_NESTING`] deep, whatever their lengths (defined or undefined);
-/// - every defined length within its parent; undefined lengths only on sequences and items, each
-///   closed by its own delimiter; items only inside sequences; no other tag in group FFFE;
-/// - binary values a whole number of values long (dicom-parser reads the rest as another header);
-/// - explicit VRs standard, and the dictionary's for known attributes; no command or meta groups.
-///
-/// Little endian only. What passes reads the same in every conforming parser, so the bytes the
-/// gateway judged can be forwarded as they are.
-pub fn check_structure(b: &[u8], explicit: bool) -> Result<(), String> {
-    let mut stack = vec![Frame {
-        kind: Kind::Elements {
-            last: None,
-            item: false,
-        },
-        end: Some(b.len()),
-        limit: b.len(),
-    }];
-    let mut at = 0usize;
-    loop {
-        let Some(top) = stack.last().copied() else {
-            return Ok(());
-        };
-        if top.end == Some(at) {
-            stack.pop();
-            if stack.is_empty() {
-                return Ok(());
-            }
-            continue;
-        }
-        if at >= top.limit {
-            return Err("a sequence or item is not closed before its end".into());
-        }
-        let (tag, vr, len, header) = element_header(b, at, explicit)?;
-        if at + header > top.limit {
-            return Err(format!("element {tag} header overruns its parent"));
-        }
-        let value_end = |len: u32| -> Result<usize, String> {
-            let end = at + header + len as usize;
-            if end > top.limit {
-                Err(format!("element {tag} length {len} overruns its parent"))
-            } else {
-                Ok(end)
-            }
-        };
-        match top.kind {
-            Kind::Sequence => match tag {
-                ITEM => {
-                    let (end, limit) = if len == UNDEFINED {
-                        (None, top.limit)
-                    } else {
-                        let end = value_end(len)?;
-                        (Some(end), end)
-                    };
-                    stack.push(Frame {
-                        kind: Kind::Elements {
-                            last: None,
-                            item: true,
-                        },
-                        end,
-                        limit,
-                    });
-                    at += header;
-                }
-                SEQUENCE_END if top.end.is_none() && len == 0 => {
-                    stack.pop();
-                    at += header;
-                }
-                _ => return Err(format!("element {tag} inside a sequence is not an item")),
-            },
-            Kind::Elements { last, item } => {
-                if tag == ITEM_END && item && top.end.is_none() && len == 0 {
-                    stack.pop();
-                    at += header;
-                    continue;
-                }
-                if tag.0 == 0xFFFE {
-                    return Err(format!("element {tag} is out of place"));
-                }
-                if tag.0 < 0x0008 {
-                    return Err(format!("element {tag} does not belong in a data set"));
-                }
-                if last.is_some_and(|l| tag <= l) {
-                    return Err(format!(
-                        "element {tag} is repeated or out of ascending order"
-                    ));
-                }
-                if let Some(Frame {
-                    kind: Kind::Elements { last, .. },
-                    ..
-                }) = stack.last_mut()
-                {
-                    *last = Some(tag);
-                }
-                if vr == VR::SQ {
-                    let depth = stack.iter().filter(|f| f.kind == Kind::Sequence).count();
-                    if depth >= MAX_NESTING {
-                        return Err(format!("sequences nested deeper than {MAX_NESTING} levels"));
-                    }
-                    let (end, limit) = if len == UNDEFINED {
-                        (None, top.limit)
-                    } else {
-                        let end = value_end(len)?;
-                        (Some(end), end)
-                    };
-                    stack.push(Frame {
-                        kind: Kind::Sequence,
-                        end,
-                        limit,
-                    });
-                    at += header;
-                    continue;
-                }
-                if len == UNDEFINED {
-                    return Err(format!("element {tag} ({vr:?}) has an undefined length"));
-                }
-                if !(len as usize).is_multiple_of(value_size(vr)) {
-                    return Err(format!(
-                        "element {tag} ({vr:?}) has length {len}, not a multiple of {}",
-                        value_size(vr)
-                    ));
-                }
-                at = value_end(len)?;
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -963,43 +636,5 @@ mod tests {
         let mut bytes = request(command_field::C_FIND_RQ, 7, true);
         bytes[8] = bytes[8].wrapping_add(2);
         assert!(decode_command(&bytes).is_err());
-    }
-
-    #[test]
-    fn pdv_items_must_tile_the_pdu() {
-        let good = [4, 0, 0, 0, 0, 8, 0, 0, 0, 2, 1, 3, 0, 0];
-        assert!(check_pdv_items(&good[..12]).is_ok());
-        let overrun = [4, 0, 0, 0, 0, 6, 0, 0, 0, 9, 1, 3];
-        assert!(check_pdv_items(&overrun).is_err());
-        let short = [4, 0, 0, 0, 0, 6, 0, 0, 0, 1, 1, 3];
-        assert!(check_pdv_items(&short).is_err());
-        assert!(check_pdv_items(&[4, 0, 0, 0, 0, 0]).is_err());
-    }
-
-    #[test]
-    fn pdata_writer_splits_and_pdv_items_reads_back() {
-        let big = vec![7u8; 10_000];
-        let mut w = PDataWriter::new(4096);
-        w.push(3, true, true, &[1, 2, 3]);
-        w.push(3, false, true, &big);
-        let bytes = w.into_bytes();
-        let mut pdus = Vec::new();
-        let mut rest = &bytes[..];
-        while !rest.is_empty() {
-            let len = u32::from_be_bytes([rest[2], rest[3], rest[4], rest[5]]) as usize;
-            assert!(len <= 4096);
-            check_pdv_items(&rest[..6 + len]).expect("well-formed");
-            pdus.push(&rest[..6 + len]);
-            rest = &rest[6 + len..];
-        }
-        let items: Vec<Pdv> = pdus.iter().flat_map(|p| pdv_items(p)).collect();
-        assert!(items[0].is_command && items[0].is_last && items[0].data == [1, 2, 3]);
-        let data: Vec<u8> = items[1..]
-            .iter()
-            .flat_map(|p| p.data.iter().copied())
-            .collect();
-        assert_eq!(data, big);
-        assert!(items.last().is_some_and(|p| p.is_last));
-        assert!(items[1..items.len() - 1].iter().all(|p| !p.is_last));
     }
 }

@@ -2,10 +2,11 @@
 //!
 //! # Layout
 //! Wire (PS3.8 / PS3.7, no policy):
-//! - `ul`: the DICOM upper layer: PDU framing, RJ / A-ABORT (`ul::pdu`), association items, the one
-//!   Maximum Length reader and the implementation UID (`ul::association`, `ul`), flushed writes and the
-//!   bounded A-ASSOCIATE-RQ read (`ul::io`).
-//! - `dimse`: DIMSE command sets and statuses, PDV items, data-set structure checks.
+//! - `ul`: the DICOM upper layer: PDU framing, RJ / A-ABORT (`ul::pdu`), PDV items checked in one pass
+//!   and written within a Maximum Length (`ul::pdata`), association items, the one Maximum Length
+//!   reader and the implementation UID (`ul::association`, `ul`), the one requestor (`ul::requestor`:
+//!   exchange, messages, release, abort), flushed writes and the bounded A-ASSOCIATE-RQ read (`ul::io`).
+//! - `dimse`: DIMSE command sets and statuses, the command encoder, data-set structure checks.
 //! - `tls`: rustls server and client configs (TLS 1.2/1.3, ECDHE + AEAD), certificate loading.
 //!
 //! The gateway (one association, in the order it meets them):
@@ -13,7 +14,8 @@
 //!   (TLS, A-ASSOCIATE-RQ, called AE, authentication, archive connect, the archive's answer, relay), each
 //!   returning `Result<_, Stop>`; `gateway::stop` turns a `Stop` into the wire answer, log line, metric and
 //!   audit event; `gateway::return_path` carries C-MOVE results back.
-//! - `relay`: whole PDUs both ways, P-DATA offered to an `Inspector` (the seam for DIMSE policy).
+//! - `relay`: whole PDUs both ways, each P-DATA checked once and offered to an `Inspector` (the seam for
+//!   DIMSE policy); unchanged PDUs written from the read buffer (`relay::gather`).
 //! - `session`: the DIMSE policy per association (assembly, decisions, reporting).
 //! - `moves`: the registry of C-MOVEs in progress (a leaf).
 //! - `web`: the HTTPS door (DICOMweb, sign-in, forwarding).

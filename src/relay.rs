@@ -1,6 +1,6 @@
 //! The two-way relay of an established association: whole PDUs each way, P-DATA checked and offered
 //! to an inspector, release and abort passed through, an idle timeout, and an A-ABORT when a leg fails.
-//! `relay/pdata_view.rs`: the one pass over a P-DATA-TF PDU's PDV items (`PdvSpans`, `PData`).
+//! `relay/gather.rs`: what a direction has yet to forward (a span of the read buffer, or a copy).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,12 +13,11 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 
+use crate::ul::pdata::{PData, PdvSpans};
 use crate::ul::pdu::{self, PduError, PduReader};
 
 mod gather;
-mod pdata_view;
 use gather::Gathered;
-pub use pdata_view::{PData, PdvSpans};
 
 /// Which end of the association a PDU came from (PS3.8 names them association-requestor and
 /// -acceptor). For the gateway the requestor is the client and the acceptor the archive; on a C-MOVE
@@ -452,23 +451,35 @@ where
     let mut spans = PdvSpans::default();
     loop {
         if !out.is_empty() && (!reader.has_whole_pdu() || out.len() >= COALESCE_LIMIT) {
-            legs.forward(out.bytes(&reader)).await?;
+            legs.forward(gathered(&out, &reader, side)?).await?;
             out.clear();
         }
-        if out.capacity() > KEEP_BUFFER && !reader.has_whole_pdu() {
-            out.shrink();
+        if !reader.has_whole_pdu() {
+            // About to wait for input: what one large burst grew is given back.
+            if out.capacity() > KEEP_BUFFER {
+                out.shrink();
+            }
+            spans.trim();
         }
         let (pdu_type, at) = match reader.next(limit).await {
             Ok(next) => next,
             Err(PduError::Closed) => return Err(RelayEnd::Closed(side)),
-            Err(e) => return Err(RelayEnd::Failed(side, e.to_string())),
+            // A PDU past its limit or of an unknown type: what was checked before it still goes on
+            // (it is buffered whole, so whether it came in the same segment does not matter).
+            Err(e) => {
+                let before = out.bytes(&reader).unwrap_or_default();
+                return Err(legs.fail(before, e.to_string()).await);
+            }
         };
         let buf = reader.get(at.clone());
         shared.touch();
         *bytes += buf.len() as u64;
         let actions = match actions_for(side, pdu_type, buf, &mut spans, shared) {
             Ok(actions) => actions,
-            Err(reason) => return Err(legs.fail(out.bytes(&reader), reason).await),
+            Err(reason) => {
+                let before = out.bytes(&reader).unwrap_or_default();
+                return Err(legs.fail(before, reason).await);
+            }
         };
         match &actions.forward {
             Forward::Unchanged => out.pass(at, &reader),
@@ -477,12 +488,12 @@ where
         }
         if !actions.back.is_empty() {
             // An answer to the sender (a refusal) follows what was forwarded before it.
-            legs.forward(out.bytes(&reader)).await?;
+            legs.forward(gathered(&out, &reader, side)?).await?;
             out.clear();
             legs.answer(&actions.back).await?;
         }
         if pdu_type == pdu::A_RELEASE_RP || pdu_type == pdu::A_ABORT {
-            legs.forward(out.bytes(&reader)).await?;
+            legs.forward(gathered(&out, &reader, side)?).await?;
             return Err(if pdu_type == pdu::A_RELEASE_RP {
                 RelayEnd::Released
             } else {
@@ -490,6 +501,17 @@ where
             });
         }
     }
+}
+
+/// What `out` gathered; if its span of the read buffer moved (a bug: it must be written before the
+/// reader reads again), the association ends rather than forward bytes nobody checked.
+fn gathered<'a, R: AsyncRead + Unpin>(
+    out: &'a Gathered,
+    reader: &'a PduReader<R>,
+    side: Side,
+) -> Result<&'a [u8], RelayEnd> {
+    out.bytes(reader)
+        .map_err(|e| RelayEnd::Failed(side, e.to_string()))
 }
 
 /// What to do with one whole PDU from `side`: a P-DATA-TF's PDV items checked (one pass) and offered
@@ -622,6 +644,48 @@ mod tests {
         assert_eq!(got[0], pdu::A_ABORT);
         let (end, _, _) = task.await.expect("join");
         assert_eq!(end, RelayEnd::Closed(Side::Acceptor));
+    }
+
+    /// A checked P-DATA-TF then a PDU the reader refuses (unknown type, or a release past its limit):
+    /// the P-DATA-TF reaches the archive whether the two came in one segment or two.
+    #[tokio::test]
+    async fn what_was_checked_goes_on_before_a_refused_pdu_however_it_was_segmented() {
+        use tokio::io::AsyncReadExt;
+        let pdata = [4u8, 0, 0, 0, 0, 8, 0, 0, 0, 4, 1, 3, 0xaa, 0xbb];
+        let unknown = [9u8, 0, 0, 0, 0, 0];
+        let mut big_release = vec![pdu::A_RELEASE_RQ, 0, 0, 0, 0, 100];
+        big_release.extend(std::iter::repeat_n(0u8, 100));
+        for bad in [&unknown[..], &big_release[..]] {
+            for together in [false, true] {
+                let (client, mut client_peer) = tokio::io::duplex(1 << 16);
+                let (archive, mut archive_peer) = tokio::io::duplex(1 << 16);
+                let limits = RelayLimits {
+                    from_client: 16384,
+                    from_archive: 16384,
+                    idle: Duration::from_secs(5),
+                };
+                let task = tokio::spawn(relay(client, archive, limits, PassThrough, never()));
+                if together {
+                    client_peer
+                        .write_all(&[&pdata[..], bad].concat())
+                        .await
+                        .expect("write");
+                } else {
+                    client_peer.write_all(&pdata).await.expect("write");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    client_peer.write_all(bad).await.expect("write");
+                }
+                let (end, _, _) = task.await.expect("join");
+                assert!(
+                    matches!(end, RelayEnd::Failed(Side::Requestor, _)),
+                    "{end:?}"
+                );
+                let mut got = Vec::new();
+                archive_peer.read_to_end(&mut got).await.expect("read");
+                assert!(got.starts_with(&pdata), "together={together}: {got:?}");
+                assert_eq!(got[pdata.len()], pdu::A_ABORT, "then the abort");
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pacsgate::dimse::{check_pdv_items, pdv_items};
+use pacsgate::ul::pdata::{check_pdv_items, pdv_items};
 use pacsgate::ul::pdu::{self, PduError, read_pdu};
 use pacsgate_fuzz::poll_once;
 

@@ -5,8 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pacsgate::dimse::check_pdv_items;
 use pacsgate::relay::{Forward, Inspector, Side};
+use pacsgate::ul::pdata::check_pdv_items;
 use pacsgate_fuzz::{PDU_LIMIT, assert_well_formed_pdata, pdata, session};
 
 fuzz_target!(|data: &[u8]| {

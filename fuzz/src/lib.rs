@@ -157,7 +157,7 @@ pub fn assert_well_formed_pdata(bytes: &[u8], max_body: u32, what: &str) {
             rest.len() >= end,
             "{what}: a PDU longer than the bytes written"
         );
-        if let Err(e) = pacsgate::dimse::check_pdv_items(&rest[..end]) {
+        if let Err(e) = pacsgate::ul::pdata::check_pdv_items(&rest[..end]) {
             panic!("{what}: the gateway wrote a malformed P-DATA-TF: {e}");
         }
         rest = &rest[end..];

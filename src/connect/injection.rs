@@ -10,8 +10,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 use super::move_as_get::{Interceptor, VERIFICATION};
-use crate::dimse::{PDataWriter, command_field as cf};
+use crate::dimse::command_field as cf;
 use crate::relay::{self, RelayEnd, RelayLimits, RelayStats};
+use crate::ul::pdata::PDataWriter;
 use crate::ul::pdu::read_pdu;
 
 /// Buffer of the in-process pipe between the relay and the local client's socket.

@@ -17,9 +17,10 @@ use tokio::sync::{mpsc, watch};
 use super::dimse_extra::{self, SubOperations};
 use super::gateway::Gateway;
 use super::retrieve::{self, LocalStore, Retrieval, get_model};
-use crate::dimse::{self, Command, PDataWriter, command_field as cf};
-use crate::relay::{Actions, Forward, Inspector, PData, Side};
+use crate::dimse::{self, Command, command_field as cf};
+use crate::relay::{Actions, Forward, Inspector, Side};
 use crate::ul::association::Context;
+use crate::ul::pdata::{PData, PDataWriter, Pdv};
 
 /// The largest C-MOVE identifier held back.
 const MAX_IDENTIFIER: usize = 1024 * 1024;
@@ -86,7 +87,7 @@ enum Decision {
 
 /// One piece of a rebuilt P-DATA-TF.
 enum Piece<'a> {
-    Original(dimse::Pdv<'a>),
+    Original(Pdv<'a>),
     Command { pc: u8, bytes: Vec<u8> },
 }
 
@@ -267,7 +268,7 @@ impl Interceptor {
     }
 
     /// A data set PDV: an identifier held back, one being refused, or one passed on.
-    fn data_pdv<'a>(&mut self, pdv: dimse::Pdv<'a>, out: &mut Rebuild<'a>) {
+    fn data_pdv<'a>(&mut self, pdv: Pdv<'a>, out: &mut Rebuild<'a>) {
         let pc = pdv.presentation_context_id;
         if self.refusing.contains_key(&pc) {
             out.changed = true;
@@ -333,11 +334,7 @@ impl Interceptor {
     }
 
     /// A command PDV: a fragment kept until the command set is whole, then decided on.
-    fn command_pdv<'a>(
-        &mut self,
-        pdv: dimse::Pdv<'a>,
-        out: &mut Rebuild<'a>,
-    ) -> Result<(), String> {
+    fn command_pdv<'a>(&mut self, pdv: Pdv<'a>, out: &mut Rebuild<'a>) -> Result<(), String> {
         let pc = pdv.presentation_context_id;
         if self.held.contains_key(&pc) || self.refusing.contains_key(&pc) {
             return Err("a command set before the previous data set was complete".into());
@@ -372,7 +369,7 @@ impl Interceptor {
     /// A whole command set from the client: forwarded, answered here, or a move-as-get begun.
     fn command<'a>(
         &mut self,
-        pdv: dimse::Pdv<'a>,
+        pdv: Pdv<'a>,
         bytes: Cow<'a, [u8]>,
         out: &mut Rebuild<'a>,
     ) -> Result<(), String> {
@@ -687,7 +684,7 @@ mod tests {
         let (mut j, _rx2) = interceptor();
         let chunk = vec![0u8; 60 * 1024];
         let status_of = |back: &[u8]| {
-            let item = dimse::pdv_items(back).next().expect("a response");
+            let item = crate::ul::pdata::pdv_items(back).next().expect("a response");
             dimse::decode_command(item.data).expect("decode").status
         };
         // First association: one 60 KiB fragment held, the second passes 100 KiB: refused.
@@ -749,7 +746,7 @@ mod tests {
             .inspect_pdu(Side::Requestor, &pdata(&[(1, true, true, &mv)]))
             .expect("ok");
         assert_eq!(out.forward, Forward::Nothing);
-        let item = dimse::pdv_items(&out.back).next().expect("a response");
+        let item = crate::ul::pdata::pdv_items(&out.back).next().expect("a response");
         let rsp = dimse::decode_command(item.data).expect("decode");
         assert_eq!(rsp.field, 0x8021);
         assert_eq!(rsp.status, Some(IDENTIFIER_DOES_NOT_MATCH));
@@ -773,7 +770,7 @@ mod tests {
             )
             .expect("ok");
         assert_eq!(out.forward, Forward::Nothing);
-        let item = dimse::pdv_items(&out.back).next().expect("a response");
+        let item = crate::ul::pdata::pdv_items(&out.back).next().expect("a response");
         let rsp = dimse::decode_command(item.data).expect("decode");
         assert_eq!(rsp.status, Some(MOVE_DESTINATION_UNKNOWN));
         assert_eq!(rsp.responded_to, 4);
@@ -791,7 +788,7 @@ mod tests {
             .await
             .expect("in time")
             .expect("a response");
-        let item = dimse::pdv_items(&pdus).next().expect("a response");
+        let item = crate::ul::pdata::pdv_items(&pdus).next().expect("a response");
         let rsp = dimse::decode_command(item.data).expect("decode");
         assert_eq!((rsp.field, rsp.responded_to), (0x8021, 5));
         assert_eq!(rsp.status, Some(0xA702));

@@ -15,7 +15,8 @@ use super::gateway::Gateway;
 use super::link::{self, Answer, EXPLICIT_LE, IMPLICIT_LE, Link, LinkError, Proposal};
 use super::local_storage::LocalStorage;
 use super::storage_classes::STORAGE_CLASSES;
-use crate::dimse::{self, Command, PDataWriter, command_field as cf, status};
+use crate::dimse::{self, Command, command_field as cf, status};
+use crate::ul::pdata::PDataWriter;
 
 /// Study Root and Patient Root Query/Retrieve Information Model - MOVE and - GET (PS3.4 C.6).
 pub const STUDY_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.2.2";

@@ -20,8 +20,9 @@ use super::{Gateway, PendingSlot, State, Stop, open_upstream, request_phase, sen
 use crate::config::{Config, Destination, unmapped};
 use crate::dimse::{self, command_field as cf};
 use crate::moves::{Claim, DestinationConnectors, MovesInProgress};
-use crate::relay::{self, Actions, Inspector, PData, RelayLimits, Side};
+use crate::relay::{self, Actions, Inspector, RelayLimits, Side};
 use crate::ul::association;
+use crate::ul::pdata::PData;
 use crate::ul::pdu::Rejection;
 
 /// A byte stream the relay can use, plain or TLS.

@@ -4,7 +4,8 @@
 //! is gathered they are kept as one span of that buffer and written from it, not copied. Bytes the
 //! inspector rebuilt, and anything after them, are copied into a buffer of their own. The span stays
 //! valid because the relay writes what it gathered before the reader has to read (and so may move its
-//! buffer): [`PduReader::next`] only moves data when the next PDU is not buffered whole.
+//! buffer): [`PduReader::next`] only moves data when the next PDU is not buffered whole. Should that
+//! ever not hold, the reader's generation has changed and [`Gathered::bytes`] refuses to read the span.
 
 use std::ops::Range;
 
@@ -16,8 +17,16 @@ use crate::ul::pdu::PduReader;
 #[derive(Debug, Default)]
 pub(super) struct Gathered {
     span: Range<usize>,
+    /// The reader's generation when the span began.
+    generation: u64,
     copied: Vec<u8>,
 }
+
+/// The span of the read buffer no longer holds the PDUs gathered (a bug in the relay: it must write
+/// what it gathered before the reader reads again).
+#[derive(Debug, thiserror::Error)]
+#[error("gathered PDUs moved in the read buffer before they were written")]
+pub(super) struct SpanMoved;
 
 impl Gathered {
     pub(super) fn len(&self) -> usize {
@@ -39,11 +48,16 @@ impl Gathered {
     }
 
     /// What is gathered, in order.
-    pub(super) fn bytes<'a, R: AsyncRead + Unpin>(&'a self, reader: &'a PduReader<R>) -> &'a [u8] {
+    pub(super) fn bytes<'a, R: AsyncRead + Unpin>(
+        &'a self,
+        reader: &'a PduReader<R>,
+    ) -> Result<&'a [u8], SpanMoved> {
         if self.span.is_empty() {
-            &self.copied
+            Ok(&self.copied)
+        } else if reader.generation() != self.generation {
+            Err(SpanMoved)
         } else {
-            reader.get(self.span.clone())
+            Ok(reader.get(self.span.clone()))
         }
     }
 
@@ -51,7 +65,11 @@ impl Gathered {
     pub(super) fn pass<R: AsyncRead + Unpin>(&mut self, pdu: Range<usize>, reader: &PduReader<R>) {
         if self.copied.is_empty() && self.span.is_empty() {
             self.span = pdu;
-        } else if self.copied.is_empty() && self.span.end == pdu.start {
+            self.generation = reader.generation();
+        } else if self.copied.is_empty()
+            && self.span.end == pdu.start
+            && self.generation == reader.generation()
+        {
             self.span.end = pdu.end;
         } else {
             self.spill(reader);
@@ -71,8 +89,10 @@ impl Gathered {
         self.copied.clear();
     }
 
+    /// Copy the span out (before bytes that are not in the reader's buffer are added). A span that
+    /// moved is dropped whole rather than copied wrong; [`Gathered::bytes`] then reports it.
     fn spill<R: AsyncRead + Unpin>(&mut self, reader: &PduReader<R>) {
-        if !self.span.is_empty() {
+        if !self.span.is_empty() && reader.generation() == self.generation {
             self.copied.extend_from_slice(reader.get(self.span.clone()));
             self.span = 0..0;
         }
@@ -104,19 +124,30 @@ mod tests {
             0,
             "two unchanged PDUs in a row are not copied"
         );
-        assert_eq!(g.bytes(&reader), &wire[a.start..b.end]);
+        assert_eq!(g.bytes(&reader).unwrap(), &wire[a.start..b.end]);
         g.push(b"rebuilt", &reader);
         let (_, c) = reader.next(1 << 20).await.unwrap();
         g.pass(c.clone(), &reader);
         let mut expected = wire[a.start..b.end].to_vec();
         expected.extend_from_slice(b"rebuilt");
         expected.extend_from_slice(&wire[c]);
-        assert_eq!(g.bytes(&reader), &expected[..]);
+        assert_eq!(g.bytes(&reader).unwrap(), &expected[..]);
         assert_eq!(g.len(), expected.len());
         g.clear();
         assert!(g.is_empty());
         let (_, d) = reader.next(1 << 20).await.unwrap();
         g.pass(d.clone(), &reader);
-        assert_eq!(g.bytes(&reader), &wire[d]);
+        assert_eq!(g.bytes(&reader).unwrap(), &wire[d]);
+        // The reader reads again (here: to find the end of the stream) and gives its buffer back:
+        // the span is refused, not read.
+        assert!(matches!(
+            reader.next(1 << 20).await,
+            Err(crate::ul::pdu::PduError::Closed)
+        ));
+        assert!(g.bytes(&reader).is_err());
+        g.push(b"more", &reader);
+        assert!(g.bytes(&reader).is_err(), "still refused after a push");
+        g.clear();
+        assert_eq!(g.bytes(&reader).unwrap(), b"");
     }
 }

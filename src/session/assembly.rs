@@ -1,8 +1,9 @@
 //! Message reassembly from PDVs, one direction at a time: a command set from its fragments (PS3.8
 //! E.2), then its data set forwarded, held for a decision, or swallowed (PS3.7 6.3.1).
 
-use crate::dimse::{self, Command, PDataWriter, Pdv, command_field as cf, status};
-use crate::relay::{Forward, PData, Side};
+use crate::dimse::{self, Command, command_field as cf, status};
+use crate::relay::{Forward, Side};
+use crate::ul::pdata::{PData, PDataWriter, Pdv};
 
 use super::*;
 

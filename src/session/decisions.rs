@@ -4,9 +4,10 @@
 use dicom_object::InMemDicomObject;
 
 use crate::config::Operation;
-use crate::dimse::{self, Command, PDataWriter, command_field as cf, status};
+use crate::dimse::{self, Command, command_field as cf, status};
 use crate::policy::query_guard::{self, GuardError};
 use crate::relay::Side;
+use crate::ul::pdata::PDataWriter;
 
 use super::*;
 

@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::audit::Audit;
-use crate::dimse::PDataWriter;
 use crate::moves::MoveRegistry;
 use crate::policy::{Grants, Limiter};
-use crate::relay::{Actions, Inspector, PData, Side};
+use crate::relay::{Actions, Inspector, Side};
+use crate::ul::pdata::{PData, PDataWriter};
 
 /// The Modality Worklist Information Model - FIND SOP class (PS3.4 K.6.1.2).
 const WORKLIST_FIND: &str = "1.2.840.10008.5.1.4.31";

@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use crate::audit::Audit;
 use crate::config::Config;
-use crate::dimse::{self, PDataWriter, Pdv};
+use crate::dimse;
 use crate::moves::MoveRegistry;
 use crate::policy::{Grants, Limiter};
 use crate::relay::{Actions, Forward, Inspector, Side};
+use crate::ul::pdata::{self, PDataWriter, Pdv};
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
@@ -104,7 +105,7 @@ fn statuses(back: &[u8]) -> Vec<u16> {
     let mut rest = back;
     while rest.len() >= 6 {
         let len = u32::from_be_bytes([rest[2], rest[3], rest[4], rest[5]]) as usize;
-        for pdv in dimse::pdv_items(&rest[..6 + len]) {
+        for pdv in pdata::pdv_items(&rest[..6 + len]) {
             if pdv.is_command {
                 out.push(
                     dimse::decode_command(pdv.data)
@@ -212,7 +213,7 @@ fn a_find_is_held_until_its_identifier_is_complete() {
     let Forward::Rebuilt(bytes) = a.forward else {
         panic!("expected the held request")
     };
-    let items: Vec<Pdv> = dimse::pdv_items(&bytes).collect();
+    let items: Vec<Pdv> = pdata::pdv_items(&bytes).collect();
     assert_eq!(items.len(), 2);
     assert!(items[0].is_command && items[0].data == &find[..]);
     assert!(!items[1].is_command && items[1].is_last && items[1].data == &id[..]);
@@ -402,7 +403,7 @@ fn pieces_forward_as_the_full_list_did() {
         w.push(1, false, i == 2, &[i; 5]);
     }
     let pdu = w.into_bytes();
-    let mut spans = crate::relay::PdvSpans::default();
+    let mut spans = crate::ul::pdata::PdvSpans::default();
     let pdata = spans.check(&pdu).expect("well-formed");
     let emit = |n: u8| Piece::Emit {
         pc: 1,

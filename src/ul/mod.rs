@@ -2,6 +2,7 @@
 //! the command-line tools, `pacsgate connect` and the demo archive.
 pub mod association;
 pub mod io;
+pub mod pdata;
 pub mod pdu;
 pub mod requestor;
 

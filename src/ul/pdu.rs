@@ -122,6 +122,9 @@ pub struct PduReader<R> {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// Bumped whenever buffered bytes move or the buffer is given back: a range from
+    /// [`PduReader::next`] is valid while this stays the same (see [`PduReader::generation`]).
+    generation: u64,
 }
 
 impl<R: AsyncRead + Unpin> PduReader<R> {
@@ -131,7 +134,14 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
             buf: Vec::new(),
             start: 0,
             end: 0,
+            generation: 0,
         }
+    }
+
+    /// Changes whenever ranges [`PduReader::next`] returned stop being valid (data moved to the front,
+    /// buffer given back). A holder of several ranges checks it before reading them.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     fn buffered(&self) -> &[u8] {
@@ -160,7 +170,9 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
+            self.generation += 1;
         } else if self.start > 0 && self.buf.len() - self.end < room {
+            self.generation += 1;
             // Move the partial PDU to the front: the buffer stays within one PDU plus one read.
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -177,6 +189,7 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
                 Poll::Pending => {
                     if self.start == self.end {
                         buffers::give_back(std::mem::take(&mut self.buf));
+                        self.generation += 1;
                         self.start = 0;
                         self.end = 0;
                     }

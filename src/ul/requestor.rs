@@ -23,7 +23,7 @@ use super::association::{
 };
 use super::pdu::{self, PduError, PduReader, read_pdu};
 use super::{IMPLEMENTATION_CLASS_UID, MAX_PDU_LENGTH};
-use crate::dimse::{self, PDataWriter};
+use crate::ul::pdata::{self, PDataWriter};
 
 /// The phase of sending the A-ASSOCIATE-RQ.
 pub const SENDING_REQUEST: &str = "sending the A-ASSOCIATE-RQ";
@@ -347,8 +347,8 @@ impl<S: AsyncRead + AsyncWrite> Requestor<S> {
             let (pdu_type, bytes) = next_pdu(&mut self.reader, self.timeout, phase).await?;
             match pdu_type {
                 pdu::P_DATA_TF => {
-                    dimse::check_pdv_items(bytes).map_err(RequestorError::Pdv)?;
-                    let pdvs = dimse::pdv_items(bytes).map(|p| OwnedPdv {
+                    pdata::check_pdv_items(bytes).map_err(RequestorError::Pdv)?;
+                    let pdvs = pdata::pdv_items(bytes).map(|p| OwnedPdv {
                         context: p.presentation_context_id,
                         is_command: p.is_command,
                         is_last: p.is_last,
@@ -600,7 +600,7 @@ mod tests {
         while carried < big.len() + 3 {
             read_pdu(&mut peer, &mut buf, 1 << 20).await.expect("pdu");
             assert!(buf.len() - pdu::PDU_HEADER_LENGTH <= 4096);
-            carried += dimse::pdv_items(&buf).map(|p| p.data.len()).sum::<usize>();
+            carried += pdata::pdv_items(&buf).map(|p| p.data.len()).sum::<usize>();
         }
         assert_eq!(carried, big.len() + 3);
     }

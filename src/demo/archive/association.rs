@@ -1,30 +1,30 @@
-//! Upper layer for the demo archive: bounded PDU framing, association negotiation, DIMSE message assembly.
+//! Upper layer for the demo archive: association negotiation and DIMSE message assembly, on
+//! pacsgate's own upper layer.
 //!
-//! PDUs are framed here (6-byte header, length checked before allocating) and each complete PDU is
-//! handed to dicom-ul's `read_pdu`; A-RELEASE and A-ABORT are recognised by their type byte alone.
+//! PDUs are framed by `ul::pdu::PduReader` (length checked before allocating), the A-ASSOCIATE-RQ is
+//! read by `ul::association`, PDV items by `ul::pdata` (checked to tile their PDU, then read) and
+//! written by `ul::pdata::PDataWriter`; A-RELEASE and A-ABORT are recognised by their type byte alone.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
-use dicom_dictionary_std::uids;
-use dicom_ul::pdu::{
-    AbortRQServiceProviderReason, AbortRQSource, AssociationAC, AssociationRJ, AssociationRJResult,
-    AssociationRJServiceProviderASCEReason, AssociationRJServiceUserReason, AssociationRJSource,
-    AssociationRQ, PDataValue, PDataValueType, PresentationContextResult,
-    PresentationContextResultReason, RequestorRoles, UserVariableItem,
-};
-use dicom_ul::{Pdu, read_pdu, write_pdu};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use dicom_ul::pdu::AssociationRQ;
+use dicom_ul::{Pdu, write_pdu};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::DemoArchiveError;
-use super::dimse::{self, Command};
+use super::dimse::Command;
+use super::negotiation::{Context, DEMO_RECEIVE_MAX_PDU, Rejection, Service, negotiate};
+use crate::ul::association::{AssociationError, parse_request};
+use crate::ul::pdata::{PDataWriter, check_pdv_items, pdv_items};
+use crate::ul::pdu::{self, PDU_HEADER_LENGTH, PduError, PduReader};
 
-/// Largest PDU (variable field) the demo acceptor receives, announced as its Maximum Length
-/// (not the requestors' `ul::MAX_PDU_LENGTH`).
-pub(crate) const DEMO_RECEIVE_MAX_PDU: u32 = 64 * 1024;
-/// Largest PDU we send when the peer announces 0 (no limit).
-const UNLIMITED_PEER_PDU: u32 = 1024 * 1024;
+/// A-ABORT reasons (PS3.8 9.3.8, source: service provider).
+const ABORT_NOT_SPECIFIED: u8 = 0;
+const ABORT_UNEXPECTED_PDU: u8 = 2;
+const ABORT_INVALID_PARAMETER: u8 = 6;
 /// Largest command set we assemble (real ones are a few hundred bytes).
 const MAX_COMMAND_BYTES: usize = 16 * 1024;
 /// Largest data set we keep; larger ones are consumed and refused.
@@ -35,108 +35,6 @@ pub(crate) const ASSOCIATE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time allowed to write one PDU.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-
-const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
-use crate::ul::IMPLEMENTATION_CLASS_UID;
-/// Implementation Version Name of the demo archive.
-const IMPLEMENTATION_VERSION_NAME: &str = "PACSGATE-DEMO";
-
-/// Query/retrieve information model of a presentation context.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Model {
-    PatientRoot,
-    StudyRoot,
-}
-
-/// What a presentation context is for, decided from its abstract syntax.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Service {
-    Verification,
-    Find(Model),
-    Get(Model),
-    Storage,
-}
-
-impl Service {
-    fn of(abstract_syntax: &str) -> Option<Service> {
-        Some(match abstract_syntax {
-            uids::VERIFICATION => Service::Verification,
-            uids::PATIENT_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND => {
-                Service::Find(Model::PatientRoot)
-            }
-            uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND => {
-                Service::Find(Model::StudyRoot)
-            }
-            uids::PATIENT_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_GET => {
-                Service::Get(Model::PatientRoot)
-            }
-            uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_GET => Service::Get(Model::StudyRoot),
-            uid if is_storage_sop_class(uid) => Service::Storage,
-            _ => return None,
-        })
-    }
-}
-
-/// Standard storage SOP classes outside the Storage Service Class root (PS3.4 B.5).
-const OTHER_STORAGE_SOP_CLASSES: &[&str] = &[
-    "1.2.840.10008.5.1.4.34.7",  // RT Beams Delivery Instruction Storage
-    "1.2.840.10008.5.1.4.34.10", // RT Brachy Application Setup Delivery Instruction Storage
-    "1.2.840.10008.5.1.4.38.1",  // Hanging Protocol Storage
-    "1.2.840.10008.5.1.4.39.1",  // Color Palette Storage
-    "1.2.840.10008.5.1.4.43.1",  // Generic Implant Template Storage
-    "1.2.840.10008.5.1.4.44.1",  // Implant Assembly Template Storage
-    "1.2.840.10008.5.1.4.45.1",  // Implant Template Group Storage
-];
-
-/// Storage SOP classes: anything under the Storage Service Class root, plus the few outside it.
-pub(crate) fn is_storage_sop_class(uid: &str) -> bool {
-    uid.starts_with("1.2.840.10008.5.1.4.1.1.") || OTHER_STORAGE_SOP_CLASSES.contains(&uid)
-}
-
-/// An accepted presentation context.
-#[derive(Debug, Clone)]
-pub(crate) struct Context {
-    pub id: u8,
-    pub abstract_syntax: String,
-    pub transfer_syntax: String,
-    pub service: Service,
-}
-
-/// Why an association request was refused.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Rejection {
-    ProtocolVersion,
-    ApplicationContext,
-    CalledAe,
-}
-
-impl Rejection {
-    fn pdu(self) -> AssociationRJ {
-        let source = match self {
-            Rejection::ProtocolVersion => AssociationRJSource::ServiceProviderASCE(
-                AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported,
-            ),
-            Rejection::ApplicationContext => AssociationRJSource::ServiceUser(
-                AssociationRJServiceUserReason::ApplicationContextNameNotSupported,
-            ),
-            Rejection::CalledAe => AssociationRJSource::ServiceUser(
-                AssociationRJServiceUserReason::CalledAETitleNotRecognized,
-            ),
-        };
-        AssociationRJ {
-            result: AssociationRJResult::Permanent,
-            source,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Rejection::ProtocolVersion => "rejected: protocol version",
-            Rejection::ApplicationContext => "rejected: application context",
-            Rejection::CalledAe => "rejected: called AE title",
-        }
-    }
-}
 
 /// One complete DIMSE message: command set and, when announced, its data set.
 #[derive(Debug)]
@@ -159,22 +57,37 @@ pub(crate) enum Event {
 
 /// A PDU as read by `read_frame`: control PDUs are not parsed beyond their type.
 enum Frame {
-    Pdu(Pdu),
+    Request(Box<AssociationRQ>),
+    /// The PDV items of a P-DATA-TF whose items tile it.
+    PData(Vec<OwnedPdv>),
     ReleaseRq,
     Abort,
     Closed,
+    /// Any other PDU type, known or not.
+    Other,
+}
+
+/// One PDV item, copied out of the read buffer (it waits in `Association::pending`).
+#[derive(Debug)]
+struct OwnedPdv {
+    presentation_context_id: u8,
+    is_command: bool,
+    is_last: bool,
+    data: Vec<u8>,
 }
 
 /// An established association, from the acceptor's side.
 pub(crate) struct Association {
-    stream: BufReader<TcpStream>,
+    reader: PduReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
     pub calling_ae: String,
     pub called_ae: String,
     contexts: Vec<Context>,
     /// SOP classes for which the requestor accepted the SCP role (C-GET sub-operations).
     scp_role: HashSet<String>,
-    peer_max_pdu: u32,
-    pending: VecDeque<PDataValue>,
+    /// The longest P-DATA-TF body we send: the peer's Maximum Length, within `UNLIMITED_PEER_PDU`.
+    send_max_pdu: u32,
+    pending: VecDeque<OwnedPdv>,
 }
 
 /// Result of waiting for an A-ASSOCIATE-RQ.
@@ -196,12 +109,13 @@ impl Association {
         stream: TcpStream,
         ae_title: &str,
     ) -> Result<Establish, DemoArchiveError> {
-        let mut stream = BufReader::new(stream);
-        let rq = match read_frame(&mut stream, ASSOCIATE_TIMEOUT, "association request").await {
-            Ok(Frame::Pdu(Pdu::AssociationRQ(rq))) => rq,
+        let (read, mut writer) = stream.into_split();
+        let mut reader = PduReader::new(read);
+        let rq = match read_frame(&mut reader, ASSOCIATE_TIMEOUT, "association request").await {
+            Ok(Frame::Request(rq)) => rq,
             Ok(Frame::Abort | Frame::Closed) => return Ok(Establish::Gone),
-            Ok(Frame::Pdu(_) | Frame::ReleaseRq) => {
-                send_abort(&mut stream, AbortRQServiceProviderReason::UnexpectedPdu).await;
+            Ok(Frame::PData(_) | Frame::ReleaseRq | Frame::Other) => {
+                send_abort(&mut writer, ABORT_UNEXPECTED_PDU).await;
                 return Err(DemoArchiveError::Protocol(
                     "expected an A-ASSOCIATE-RQ".into(),
                 ));
@@ -209,30 +123,29 @@ impl Association {
             // ARTIM expiry or a broken connection: just close (PS3.8 9.1.5).
             Err(e @ (DemoArchiveError::Timeout { .. } | DemoArchiveError::Io(_))) => return Err(e),
             Err(e) => {
-                send_abort(
-                    &mut stream,
-                    AbortRQServiceProviderReason::InvalidPduParameter,
-                )
-                .await;
+                send_abort(&mut writer, ABORT_INVALID_PARAMETER).await;
                 return Err(e);
             }
         };
         match negotiate(&rq, ae_title) {
-            Ok((ac, contexts, scp_role, peer_max_pdu)) => {
-                write_frame(&mut stream, &Pdu::AssociationAC(ac)).await?;
+            Ok(negotiated) => {
+                write_pdu_bytes(&mut writer, &encode(&Pdu::AssociationAC(negotiated.ac))?).await?;
+                let rq = *rq;
                 Ok(Establish::Accepted(Association {
-                    stream,
+                    reader,
+                    writer,
                     calling_ae: rq.calling_ae_title,
                     called_ae: rq.called_ae_title,
-                    contexts,
-                    scp_role,
-                    peer_max_pdu,
+                    contexts: negotiated.contexts,
+                    scp_role: negotiated.scp_role,
+                    send_max_pdu: negotiated.send_max_pdu,
                     pending: VecDeque::new(),
                 }))
             }
             Err(reason) => {
-                write_frame(&mut stream, &Pdu::AssociationRJ(reason.pdu())).await?;
-                let _ = stream.get_mut().shutdown().await;
+                write_pdu_bytes(&mut writer, &reason.pdu()).await?;
+                let _ = writer.shutdown().await;
+                let rq = *rq;
                 Ok(Establish::Rejected {
                     calling_ae: rq.calling_ae_title,
                     called_ae: rq.called_ae_title,
@@ -270,12 +183,41 @@ impl Association {
                 "message on presentation context {context_id}, which was not accepted"
             )));
         }
+        let command = match self.command_set(first).await? {
+            Ok(bytes) => Command::decode(&bytes)?,
+            Err(event) => return Ok(event),
+        };
+        if !command.has_data_set() {
+            return Ok(Event::Message(Message {
+                context_id,
+                command,
+                data: None,
+                data_too_large: false,
+            }));
+        }
+        let (data, data_too_large) = match self.data_set(context_id).await? {
+            Ok(data) => data,
+            Err(event) => return Ok(event),
+        };
+        Ok(Event::Message(Message {
+            context_id,
+            command,
+            data: Some(data),
+            data_too_large,
+        }))
+    }
+
+    /// The command set that starts with `first`: command fragments on its presentation context up
+    /// to the last one, at most `MAX_COMMAND_BYTES`; `Err(event)` when the peer stopped talking DIMSE.
+    async fn command_set(
+        &mut self,
+        first: OwnedPdv,
+    ) -> Result<Result<Vec<u8>, Event>, DemoArchiveError> {
+        let context_id = first.presentation_context_id;
         let mut command_bytes = Vec::new();
         let mut pdv = first;
         loop {
-            if pdv.value_type != PDataValueType::Command
-                || pdv.presentation_context_id != context_id
-            {
+            if !pdv.is_command || pdv.presentation_context_id != context_id {
                 return Err(DemoArchiveError::Protocol(
                     "expected a command fragment on the same presentation context".into(),
                 ));
@@ -285,30 +227,29 @@ impl Association {
             }
             command_bytes.extend_from_slice(&pdv.data);
             if pdv.is_last {
-                break;
+                return Ok(Ok(command_bytes));
             }
             pdv = match self.next_pdv().await? {
                 Ok(pdv) => pdv,
-                Err(event) => return Ok(event),
+                Err(event) => return Ok(Err(event)),
             };
         }
-        let command = Command::decode(&command_bytes)?;
-        if !command.has_data_set() {
-            return Ok(Event::Message(Message {
-                context_id,
-                command,
-                data: None,
-                data_too_large: false,
-            }));
-        }
+    }
+
+    /// The data set that follows a command set on `context_id`, and whether it exceeded
+    /// `MAX_DATA_SET_BYTES` (then it was consumed and dropped); `Err(event)` as for `command_set`.
+    async fn data_set(
+        &mut self,
+        context_id: u8,
+    ) -> Result<Result<(Vec<u8>, bool), Event>, DemoArchiveError> {
         let mut data = Vec::new();
         let mut data_too_large = false;
         loop {
             let pdv = match self.next_pdv().await? {
                 Ok(pdv) => pdv,
-                Err(event) => return Ok(event),
+                Err(event) => return Ok(Err(event)),
             };
-            if pdv.value_type != PDataValueType::Data || pdv.presentation_context_id != context_id {
+            if pdv.is_command || pdv.presentation_context_id != context_id {
                 return Err(DemoArchiveError::Protocol(
                     "expected a data set fragment on the same presentation context".into(),
                 ));
@@ -321,29 +262,23 @@ impl Association {
                 data.extend_from_slice(&pdv.data);
             }
             if pdv.is_last {
-                break;
+                return Ok(Ok((data, data_too_large)));
             }
         }
-        Ok(Event::Message(Message {
-            context_id,
-            command,
-            data: Some(data),
-            data_too_large,
-        }))
     }
 
     /// Next PDV, reading a PDU when none is buffered; `Err(event)` when the peer stopped talking DIMSE.
-    async fn next_pdv(&mut self) -> Result<Result<PDataValue, Event>, DemoArchiveError> {
+    async fn next_pdv(&mut self) -> Result<Result<OwnedPdv, Event>, DemoArchiveError> {
         loop {
             if let Some(pdv) = self.pending.pop_front() {
                 return Ok(Ok(pdv));
             }
-            match read_frame(&mut self.stream, IDLE_TIMEOUT, "next PDU").await? {
-                Frame::Pdu(Pdu::PData { data }) => self.pending.extend(data),
+            match read_frame(&mut self.reader, IDLE_TIMEOUT, "next PDU").await? {
+                Frame::PData(items) => self.pending.extend(items),
                 Frame::ReleaseRq => return Ok(Err(Event::ReleaseRequested)),
                 Frame::Abort => return Ok(Err(Event::Aborted)),
                 Frame::Closed => return Ok(Err(Event::Closed)),
-                Frame::Pdu(_) => {
+                Frame::Request(_) | Frame::Other => {
                     return Err(DemoArchiveError::Protocol(
                         "unexpected PDU while associated".into(),
                     ));
@@ -352,217 +287,90 @@ impl Association {
         }
     }
 
-    /// Send a command set and optional data set, fragmented to the peer's maximum PDU length.
+    /// Send a command set and optional data set, fragmented to the peer's maximum PDU length:
+    /// the command set in PDUs of its own, then the data set, one PDV per PDU.
     pub async fn send_message(
         &mut self,
         context_id: u8,
         command: Vec<u8>,
         data: Option<&[u8]>,
     ) -> Result<(), DemoArchiveError> {
-        self.send_fragments(context_id, PDataValueType::Command, &command)
-            .await?;
+        let mut pdus = PDataWriter::new(self.send_max_pdu);
+        pdus.push(context_id, true, true, &command);
+        self.send_pdus(&pdus.into_bytes()).await?;
         if let Some(data) = data {
-            self.send_fragments(context_id, PDataValueType::Data, data)
-                .await?;
+            let mut pdus = PDataWriter::new(self.send_max_pdu);
+            pdus.push(context_id, false, true, data);
+            self.send_pdus(&pdus.into_bytes()).await?;
         }
         Ok(())
     }
 
-    async fn send_fragments(
-        &mut self,
-        context_id: u8,
-        value_type: PDataValueType,
-        bytes: &[u8],
-    ) -> Result<(), DemoArchiveError> {
-        let max = match self.peer_max_pdu {
-            0 => UNLIMITED_PEER_PDU,
-            n => n.min(UNLIMITED_PEER_PDU),
-        };
-        // A PDV item costs 4 (length) + 1 (context id) + 1 (control header) bytes of the PDU.
-        let chunk = (max as usize).saturating_sub(6).max(1);
-        let mut chunks = bytes.chunks(chunk).peekable();
-        if chunks.peek().is_none() {
-            return self
-                .send_pdv(context_id, value_type.clone(), true, &[])
-                .await;
-        }
-        while let Some(part) = chunks.next() {
-            let is_last = chunks.peek().is_none();
-            self.send_pdv(context_id, value_type.clone(), is_last, part)
-                .await?;
+    /// Write whole PDUs one at a time, each within `WRITE_TIMEOUT`.
+    async fn send_pdus(&mut self, mut pdus: &[u8]) -> Result<(), DemoArchiveError> {
+        while let Some(header) = pdus.get(..PDU_HEADER_LENGTH) {
+            let length = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as usize;
+            let (pdu, rest) = pdus.split_at((PDU_HEADER_LENGTH + length).min(pdus.len()));
+            write_pdu_bytes(&mut self.writer, pdu).await?;
+            pdus = rest;
         }
         Ok(())
-    }
-
-    async fn send_pdv(
-        &mut self,
-        context_id: u8,
-        value_type: PDataValueType,
-        is_last: bool,
-        data: &[u8],
-    ) -> Result<(), DemoArchiveError> {
-        let pdu = Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: context_id,
-                value_type,
-                is_last,
-                data: data.to_vec(),
-            }],
-        };
-        write_frame(&mut self.stream, &pdu).await
     }
 
     /// Answer an A-RELEASE-RQ and close.
     pub async fn release(&mut self) -> Result<(), DemoArchiveError> {
-        write_frame(&mut self.stream, &Pdu::ReleaseRP).await?;
-        let _ = self.stream.get_mut().shutdown().await;
+        write_pdu_bytes(&mut self.writer, &pdu::RELEASE_RP).await?;
+        let _ = self.writer.shutdown().await;
         Ok(())
     }
 
     /// Send an A-ABORT (best effort) and close.
     pub async fn abort(mut self) {
-        send_abort(
-            &mut self.stream,
-            AbortRQServiceProviderReason::ReasonNotSpecified,
-        )
-        .await;
+        send_abort(&mut self.writer, ABORT_NOT_SPECIFIED).await;
     }
-}
-
-type Negotiated = (AssociationAC, Vec<Context>, HashSet<String>, u32);
-
-/// Decide on an A-ASSOCIATE-RQ: the A-ASSOCIATE-AC plus what was agreed, or why it is rejected.
-fn negotiate(rq: &AssociationRQ, ae_title: &str) -> Result<Negotiated, Rejection> {
-    if rq.protocol_version & 1 == 0 {
-        return Err(Rejection::ProtocolVersion);
-    }
-    if trim_uid(&rq.application_context_name) != APPLICATION_CONTEXT {
-        return Err(Rejection::ApplicationContext);
-    }
-    if !ae_title.is_empty() && rq.called_ae_title.trim() != ae_title.trim() {
-        return Err(Rejection::CalledAe);
-    }
-
-    let mut contexts = Vec::new();
-    let mut results = Vec::new();
-    for pc in &rq.presentation_contexts {
-        let abstract_syntax = trim_uid(&pc.abstract_syntax).to_string();
-        let mut proposed = pc.transfer_syntaxes.iter().map(|ts| trim_uid(ts));
-        let (reason, transfer_syntax) = match Service::of(&abstract_syntax) {
-            None => (
-                PresentationContextResultReason::AbstractSyntaxNotSupported,
-                None,
-            ),
-            Some(service) => {
-                let chosen = match service {
-                    // Stored as received: any transfer syntax whose data set dicom-rs can parse.
-                    Service::Storage => {
-                        proposed.find(|ts| dicom_ul::association::server::is_supported(ts))
-                    }
-                    _ => proposed.find(|ts| dimse::native_ts(ts).is_some()),
-                };
-                match chosen {
-                    Some(ts) => {
-                        contexts.push(Context {
-                            id: pc.id,
-                            abstract_syntax: abstract_syntax.clone(),
-                            transfer_syntax: ts.to_string(),
-                            service,
-                        });
-                        (PresentationContextResultReason::Acceptance, Some(ts))
-                    }
-                    None => (
-                        PresentationContextResultReason::TransferSyntaxesNotSupported,
-                        None,
-                    ),
-                }
-            }
-        };
-        results.push(PresentationContextResult {
-            id: pc.id,
-            reason,
-            transfer_syntax: transfer_syntax
-                .unwrap_or(uids::IMPLICIT_VR_LITTLE_ENDIAN)
-                .to_string(),
-        });
-    }
-
-    let peer_max_pdu = crate::ul::association::announced_max_length(&rq.user_variables)
-        .unwrap_or(dicom_ul::pdu::DEFAULT_MAX_PDU);
-    let mut user_variables = vec![
-        UserVariableItem::MaxLength(DEMO_RECEIVE_MAX_PDU),
-        UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_string()),
-        UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.to_string()),
-    ];
-    let mut scp_role = HashSet::new();
-    // Role selection (PS3.7 D.3.3.4): grant what is asked for storage SOP classes, so a
-    // C-GET requestor can take the SCP role for the C-STORE sub-operations.
-    for item in &rq.user_variables {
-        let UserVariableItem::ScuScpRoleSelectionSubItem(sop_class, roles) = item else {
-            continue;
-        };
-        let sop_class = trim_uid(sop_class);
-        if is_storage_sop_class(sop_class) {
-            if roles.scp {
-                scp_role.insert(sop_class.to_string());
-            }
-            user_variables.push(UserVariableItem::ScuScpRoleSelectionSubItem(
-                sop_class.to_string(),
-                RequestorRoles {
-                    scu: roles.scu,
-                    scp: roles.scp,
-                },
-            ));
-        }
-    }
-
-    let ac = AssociationAC {
-        protocol_version: 1,
-        calling_ae_title: rq.calling_ae_title.clone(),
-        called_ae_title: rq.called_ae_title.clone(),
-        application_context_name: APPLICATION_CONTEXT.to_string(),
-        presentation_contexts: results,
-        user_variables,
-    };
-    Ok((ac, contexts, scp_role, peer_max_pdu))
-}
-
-fn trim_uid(uid: &str) -> &str {
-    dimse::trim_value(uid)
 }
 
 /// Read one PDU within `timeout`, refusing lengths above `DEMO_RECEIVE_MAX_PDU` before allocating.
 /// On error the caller aborts the association.
 async fn read_frame(
-    stream: &mut BufReader<TcpStream>,
+    reader: &mut PduReader<OwnedReadHalf>,
     timeout: Duration,
     phase: &'static str,
 ) -> Result<Frame, DemoArchiveError> {
     let read = async {
-        let mut header = [0u8; 6];
-        match stream.read_exact(&mut header).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Frame::Closed),
-            Err(e) => return Err(DemoArchiveError::Io(e)),
-        }
-        let pdu_type = header[0];
-        let length = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
-        if length > DEMO_RECEIVE_MAX_PDU {
-            return Err(DemoArchiveError::PduTooLarge {
-                length,
-                max: DEMO_RECEIVE_MAX_PDU,
-            });
-        }
-        let mut pdu = vec![0u8; 6 + length as usize];
-        pdu[..6].copy_from_slice(&header);
-        stream.read_exact(&mut pdu[6..]).await?;
+        let (pdu_type, at) = match reader.next(DEMO_RECEIVE_MAX_PDU).await {
+            Ok(next) => next,
+            Err(PduError::Closed) => return Ok(Frame::Closed),
+            Err(PduError::TooLarge { length, limit, .. }) => {
+                return Err(DemoArchiveError::PduTooLarge { length, max: limit });
+            }
+            Err(PduError::UnknownType(_)) => return Ok(Frame::Other),
+            Err(PduError::Io(e)) => return Err(DemoArchiveError::Io(e)),
+        };
+        let bytes = reader.get(at);
         match pdu_type {
-            0x05 => Ok(Frame::ReleaseRq),
-            0x07 => Ok(Frame::Abort),
-            _ => match read_pdu(&pdu[..], DEMO_RECEIVE_MAX_PDU, true)? {
-                Some(pdu) => Ok(Frame::Pdu(pdu)),
-                None => Err(DemoArchiveError::Protocol("truncated PDU".into())),
+            pdu::A_RELEASE_RQ => Ok(Frame::ReleaseRq),
+            pdu::A_ABORT => Ok(Frame::Abort),
+            pdu::A_ASSOCIATE_RQ => match parse_request(bytes) {
+                Ok(rq) => Ok(Frame::Request(Box::new(rq))),
+                Err(AssociationError::Malformed { message, .. }) => {
+                    Err(DemoArchiveError::ReadPdu(message))
+                }
+                Err(e) => Err(DemoArchiveError::Protocol(e.to_string())),
             },
+            // A P-DATA-TF without items carries nothing: it is passed over, as it always was.
+            pdu::P_DATA_TF if bytes.len() == PDU_HEADER_LENGTH => Ok(Frame::PData(Vec::new())),
+            pdu::P_DATA_TF => {
+                check_pdv_items(bytes).map_err(DemoArchiveError::ReadPdu)?;
+                let items = pdv_items(bytes).map(|p| OwnedPdv {
+                    presentation_context_id: p.presentation_context_id,
+                    is_command: p.is_command,
+                    is_last: p.is_last,
+                    data: p.data.to_vec(),
+                });
+                Ok(Frame::PData(items.collect()))
+            }
+            _ => Ok(Frame::Other),
         }
     };
     tokio::time::timeout(timeout, read)
@@ -570,19 +378,195 @@ async fn read_frame(
         .map_err(|_| DemoArchiveError::Timeout { phase })?
 }
 
-async fn write_frame(stream: &mut BufReader<TcpStream>, pdu: &Pdu) -> Result<(), DemoArchiveError> {
+/// Encode a PDU the demo builds itself (the A-ASSOCIATE-AC).
+fn encode(pdu: &Pdu) -> Result<Vec<u8>, DemoArchiveError> {
     let mut bytes = Vec::new();
     write_pdu(&mut bytes, pdu)?;
-    tokio::time::timeout(WRITE_TIMEOUT, stream.get_mut().write_all(&bytes))
+    Ok(bytes)
+}
+
+/// Write one whole PDU within `WRITE_TIMEOUT`.
+async fn write_pdu_bytes(
+    writer: &mut OwnedWriteHalf,
+    bytes: &[u8],
+) -> Result<(), DemoArchiveError> {
+    tokio::time::timeout(WRITE_TIMEOUT, crate::ul::io::write_flush(writer, bytes))
         .await
         .map_err(|_| DemoArchiveError::Timeout { phase: "write PDU" })??;
     Ok(())
 }
 
-async fn send_abort(stream: &mut BufReader<TcpStream>, reason: AbortRQServiceProviderReason) {
-    let pdu = Pdu::AbortRQ {
-        source: AbortRQSource::ServiceProvider(reason),
+/// A-ABORT from the service provider with `reason` (best effort), then close.
+async fn send_abort(writer: &mut OwnedWriteHalf, reason: u8) {
+    let _ = write_pdu_bytes(writer, &pdu::abort(reason)).await;
+    let _ = writer.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use dicom_dictionary_std::uids;
+    use dicom_ul::pdu::{
+        AbortRQServiceProviderReason, AbortRQSource, AssociationRJ, AssociationRJResult,
+        AssociationRJServiceProviderASCEReason, AssociationRJServiceUserReason,
+        AssociationRJSource, PresentationContextProposed, UserVariableItem,
     };
-    let _ = write_frame(stream, &pdu).await;
-    let _ = stream.get_mut().shutdown().await;
+
+    use super::*;
+
+    /// An associated peer on loopback: (stream, the first PDU it read back).
+    async fn associate(port: u16) -> (tokio::net::TcpStream, Vec<u8>) {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let rq = Pdu::AssociationRQ(AssociationRQ {
+            protocol_version: 1,
+            calling_ae_title: "TESTSCU".into(),
+            called_ae_title: "DEMO".into(),
+            application_context_name: crate::ul::association::DICOM_APPLICATION_CONTEXT.into(),
+            presentation_contexts: vec![PresentationContextProposed {
+                id: 1,
+                abstract_syntax: uids::VERIFICATION.into(),
+                transfer_syntaxes: vec![uids::IMPLICIT_VR_LITTLE_ENDIAN.into()],
+            }],
+            user_variables: vec![UserVariableItem::MaxLength(16384)],
+        });
+        s.write_all(&encode(&rq).expect("encode"))
+            .await
+            .expect("rq");
+        let mut ac = Vec::new();
+        pdu::read_pdu(&mut s, &mut ac, 1 << 16)
+            .await
+            .expect("answer");
+        (s, ac)
+    }
+
+    /// The framing paths the acceptor took from `ul`: an empty P-DATA-TF is passed over, a C-ECHO
+    /// is answered in one PDU, a release gets A-RELEASE-RP, and PDV items that do not tile their
+    /// PDU get an A-ABORT.
+    #[tokio::test]
+    async fn the_acceptor_frames_on_ul_as_before() {
+        use crate::dimse::{self, command_field, status};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let archive = std::sync::Arc::new(super::super::DemoArchive::empty());
+        let server = tokio::spawn(super::super::serve(listener, archive, "DEMO".into()));
+
+        let (mut s, ac) = associate(port).await;
+        assert_eq!(ac.first(), Some(&pdu::A_ASSOCIATE_AC));
+        s.write_all(&[pdu::P_DATA_TF, 0, 0, 0, 0, 0])
+            .await
+            .expect("empty");
+        let echo = dimse::encode_command(vec![
+            dicom_core::DataElement::new(
+                dicom_dictionary_std::tags::AFFECTED_SOP_CLASS_UID,
+                dicom_core::VR::UI,
+                dicom_core::PrimitiveValue::from(uids::VERIFICATION),
+            ),
+            dicom_core::DataElement::new(
+                dicom_dictionary_std::tags::COMMAND_FIELD,
+                dicom_core::VR::US,
+                dicom_core::PrimitiveValue::from(command_field::C_ECHO_RQ),
+            ),
+            dicom_core::DataElement::new(
+                dicom_dictionary_std::tags::MESSAGE_ID,
+                dicom_core::VR::US,
+                dicom_core::PrimitiveValue::from(7u16),
+            ),
+            dicom_core::DataElement::new(
+                dicom_dictionary_std::tags::COMMAND_DATA_SET_TYPE,
+                dicom_core::VR::US,
+                dicom_core::PrimitiveValue::from(dimse::NO_DATA_SET),
+            ),
+        ]);
+        let mut w = PDataWriter::new(16384);
+        w.push(1, true, true, &echo);
+        s.write_all(&w.into_bytes()).await.expect("echo");
+        let mut back = Vec::new();
+        pdu::read_pdu(&mut s, &mut back, 1 << 16)
+            .await
+            .expect("response");
+        check_pdv_items(&back).expect("well-formed");
+        let items: Vec<_> = pdv_items(&back).collect();
+        assert!(items.len() == 1 && items[0].is_command && items[0].is_last);
+        let response = dimse::decode_command(items[0].data).expect("decode");
+        assert_eq!(
+            (response.status, response.responded_to),
+            (Some(status::SUCCESS), 7)
+        );
+        s.write_all(&[pdu::A_RELEASE_RQ, 0, 0, 0, 0, 4, 0, 0, 0, 0])
+            .await
+            .expect("release");
+        pdu::read_pdu(&mut s, &mut back, 1 << 16).await.expect("rp");
+        assert_eq!(back, pdu::RELEASE_RP);
+
+        let (mut s, _) = associate(port).await;
+        s.write_all(&[pdu::P_DATA_TF, 0, 0, 0, 0, 6, 0, 0, 0, 1, 1, 3])
+            .await
+            .expect("short item");
+        pdu::read_pdu(&mut s, &mut back, 1 << 16)
+            .await
+            .expect("abort");
+        assert_eq!(back, pdu::abort(ABORT_NOT_SPECIFIED));
+        server.abort();
+    }
+
+    /// The control PDUs the demo writes from `ul::pdu` are byte for byte the ones dicom-ul wrote.
+    #[test]
+    fn control_pdus_are_the_bytes_dicom_ul_wrote() {
+        let rj = |source| {
+            encode(&Pdu::AssociationRJ(AssociationRJ {
+                result: AssociationRJResult::Permanent,
+                source,
+            }))
+            .expect("encode")
+        };
+        let cases = [
+            (
+                Rejection::ProtocolVersion,
+                AssociationRJSource::ServiceProviderASCE(
+                    AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported,
+                ),
+            ),
+            (
+                Rejection::ApplicationContext,
+                AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::ApplicationContextNameNotSupported,
+                ),
+            ),
+            (
+                Rejection::CalledAe,
+                AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+                ),
+            ),
+        ];
+        for (rejection, source) in cases {
+            assert_eq!(rejection.pdu().to_vec(), rj(source), "{rejection:?}");
+        }
+        for (code, reason) in [
+            (
+                ABORT_NOT_SPECIFIED,
+                AbortRQServiceProviderReason::ReasonNotSpecified,
+            ),
+            (
+                ABORT_UNEXPECTED_PDU,
+                AbortRQServiceProviderReason::UnexpectedPdu,
+            ),
+            (
+                ABORT_INVALID_PARAMETER,
+                AbortRQServiceProviderReason::InvalidPduParameter,
+            ),
+        ] {
+            let abort = Pdu::AbortRQ {
+                source: AbortRQSource::ServiceProvider(reason),
+            };
+            assert_eq!(pdu::abort(code).to_vec(), encode(&abort).expect("encode"));
+        }
+        assert_eq!(
+            pdu::RELEASE_RP.to_vec(),
+            encode(&Pdu::ReleaseRP).expect("encode")
+        );
+    }
 }

@@ -2,7 +2,8 @@
 //!
 //! Map of this module:
 //! - `mod.rs`         public API, errors, accept loop, one task and one log line per association
-//! - `association.rs` bounded PDU framing, A-ASSOCIATE negotiation, DIMSE message assembly
+//! - `association.rs` A-ASSOCIATE negotiation and DIMSE message assembly on `ul` (framing, PDVs)
+//! - `negotiation.rs` A-ASSOCIATE-RQ decided: rejections, presentation contexts, SCP roles
 //! - `dimse.rs`       command fields, statuses, command set and data set encoding
 //! - `services.rs`    C-ECHO, C-FIND, C-STORE and C-GET service providers
 //! - `query.rs`       Q/R levels, keys and matching
@@ -13,6 +14,7 @@
 
 mod association;
 mod dimse;
+mod negotiation;
 mod query;
 mod services;
 mod store;
@@ -41,7 +43,7 @@ pub enum DemoArchiveError {
     #[error("PDU of {length} bytes exceeds the limit of {max}")]
     PduTooLarge { length: u32, max: u32 },
     #[error("malformed PDU: {0}")]
-    ReadPdu(#[from] dicom_ul::pdu::ReadError),
+    ReadPdu(String),
     #[error("could not encode PDU: {0}")]
     WritePdu(#[from] dicom_ul::pdu::WriteError),
     #[error("protocol violation: {0}")]

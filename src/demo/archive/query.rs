@@ -13,8 +13,8 @@ use dicom_core::{DataElement, DicomValue, Length, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
-use super::association::Model;
 use super::dimse::{status, trim_value};
+use super::negotiation::Model;
 use super::store::Instance;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

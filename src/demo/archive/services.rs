@@ -7,8 +7,9 @@ use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
 use super::DemoArchiveError;
-use super::association::{Association, Context, Event, Message, Model, Service};
+use super::association::{Association, Event, Message};
 use super::dimse::{self, CommandBuilder, command, status};
+use super::negotiation::{Context, Model, Service};
 use super::query::Query;
 use super::store::{DemoArchive, Instance};
 
@@ -35,6 +36,16 @@ enum SubOperation {
     Done { status: Option<u16>, cancel: bool },
     /// The association ended while waiting for the C-STORE response.
     Ended(End),
+}
+
+/// What became of a C-GET's sub-operations so far.
+#[derive(Default)]
+struct GetTally<'i> {
+    completed: usize,
+    warning: usize,
+    /// SOP Instance UIDs of the failed sub-operations.
+    failed: Vec<&'i str>,
+    cancelled: bool,
 }
 
 /// One association's DIMSE conversation with the archive.
@@ -274,36 +285,52 @@ impl<'a> Session<'a> {
         };
         let instances = query.select(&self.archive.snapshot());
         let get_id = message.command.message_id();
-        let (mut completed, mut warning) = (0usize, 0usize);
-        let mut failed: Vec<&str> = Vec::new();
-        let mut cancelled = false;
+        let mut tally = GetTally::default();
         for (done, instance) in instances.iter().enumerate() {
             match self.store_sub_operation(instance, get_id).await? {
                 SubOperation::Ended(end) => return Ok(Some(end)),
                 SubOperation::Done { status, cancel } => {
                     match status {
-                        Some(status::SUCCESS) => completed += 1,
-                        Some(s) if status::is_warning(s) => warning += 1,
-                        _ => failed.push(&instance.sop_instance_uid),
+                        Some(status::SUCCESS) => tally.completed += 1,
+                        Some(s) if status::is_warning(s) => tally.warning += 1,
+                        _ => tally.failed.push(&instance.sop_instance_uid),
                     }
-                    cancelled |= cancel;
+                    tally.cancelled |= cancel;
                 }
             }
             let remaining = instances.len() - done - 1;
-            if cancelled || remaining == 0 {
+            if tally.cancelled || remaining == 0 {
                 break;
             }
             let pending = response(context, message, command::C_GET)
                 .status(status::PENDING)
                 .data_set(false)
                 .count(tags::NUMBER_OF_REMAINING_SUBOPERATIONS, remaining)
-                .count(tags::NUMBER_OF_COMPLETED_SUBOPERATIONS, completed)
-                .count(tags::NUMBER_OF_FAILED_SUBOPERATIONS, failed.len())
-                .count(tags::NUMBER_OF_WARNING_SUBOPERATIONS, warning)
+                .count(tags::NUMBER_OF_COMPLETED_SUBOPERATIONS, tally.completed)
+                .count(tags::NUMBER_OF_FAILED_SUBOPERATIONS, tally.failed.len())
+                .count(tags::NUMBER_OF_WARNING_SUBOPERATIONS, tally.warning)
                 .encode()?;
             self.assoc.send_message(context.id, pending, None).await?;
         }
+        self.get_done(context, message, instances.len(), &tally)
+            .await?;
+        Ok(None)
+    }
 
+    /// The final C-GET response for what became of `total` sub-operations (PS3.4 C.4.3.1.3).
+    async fn get_done(
+        &mut self,
+        context: &Context,
+        message: &Message,
+        total: usize,
+        tally: &GetTally<'_>,
+    ) -> Result<(), DemoArchiveError> {
+        let GetTally {
+            completed,
+            warning,
+            ref failed,
+            cancelled,
+        } = *tally;
         let final_status = if cancelled {
             status::CANCEL
         } else if failed.is_empty() && warning == 0 {
@@ -319,7 +346,7 @@ impl<'a> Session<'a> {
             .count(tags::NUMBER_OF_FAILED_SUBOPERATIONS, failed.len())
             .count(tags::NUMBER_OF_WARNING_SUBOPERATIONS, warning);
         if cancelled {
-            let remaining = instances.len() - completed - warning - failed.len();
+            let remaining = total - completed - warning - failed.len();
             builder = builder.count(tags::NUMBER_OF_REMAINING_SUBOPERATIONS, remaining);
         }
         // PS3.4 C.4.3.1.3.1: a non-success final response lists the failed instances.
@@ -345,7 +372,7 @@ impl<'a> Session<'a> {
             cancelled,
             "demo archive: C-GET done"
         );
-        Ok(None)
+        Ok(())
     }
 
     /// Send one instance as a C-STORE sub-operation on a storage context where the peer is SCP,

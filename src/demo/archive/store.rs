@@ -12,6 +12,7 @@ use dicom_object::{DicomCollectorOptions, InMemDicomObject};
 use super::DemoArchiveError;
 use super::dimse::{self, trim_value};
 use super::query::STORED_KEYS;
+use crate::dimse::{ITEM, ITEM_END, SEQUENCE_END, UNDEFINED};
 
 /// Root of every UID the synthetic data uses (not a registered root: demo data only).
 pub const DEMO_UID_ROOT: &str = "1.2.826.0.1.3680043.10.1234";
@@ -56,26 +57,9 @@ const UNWALKABLE: [&str; 3] = [
 /// that a deeply nested C-STORE gets a failure status instead of overflowing the stack. Only the
 /// nesting is judged here (the store keeps what it receives); encapsulated pixel data is skipped.
 pub(crate) fn check_nesting(b: &[u8], explicit: bool) -> Result<(), String> {
-    use dicom_core::dictionary::DataDictionary;
-    const UNDEFINED: u32 = 0xFFFF_FFFF;
-    const ITEM: Tag = Tag(0xFFFE, 0xE000);
-    const ITEM_END: Tag = Tag(0xFFFE, 0xE00D);
-    const SEQUENCE_END: Tag = Tag(0xFFFE, 0xE0DD);
-    #[derive(Clone, Copy, PartialEq)]
-    enum Kind {
-        Elements,
-        Sequence,
-        Fragments,
-    }
-    let max = crate::dimse::MAX_NESTING;
     // (kind, where a defined-length frame ends)
-    let mut stack: Vec<(Kind, Option<usize>)> = vec![(Kind::Elements, Some(b.len()))];
+    let mut stack: Vec<(Nest, Option<usize>)> = vec![(Nest::Elements, Some(b.len()))];
     let mut at = 0usize;
-    let le16 = |at: usize| b.get(at..at + 2).map(|x| u16::from_le_bytes([x[0], x[1]]));
-    let le32 = |at: usize| {
-        b.get(at..at + 4)
-            .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
-    };
     loop {
         while let Some(&(_, Some(end))) = stack.last() {
             if at < end {
@@ -86,89 +70,114 @@ pub(crate) fn check_nesting(b: &[u8], explicit: bool) -> Result<(), String> {
         if at >= b.len() || stack.is_empty() {
             return Ok(());
         }
-        let (Some(group), Some(element)) = (le16(at), le16(at + 2)) else {
-            return Err("truncated element header".into());
-        };
-        let tag = Tag(group, element);
-        let top = stack.last().map_or(Kind::Elements, |f| f.0);
-        let (vr, len, header) = if group == 0xFFFE || !explicit {
-            let len = le32(at + 4).ok_or("truncated element header")?;
-            let vr = if group == 0xFFFE {
-                VR::UN
-            } else {
-                dicom_dictionary_std::StandardDataDictionary
-                    .by_tag(tag)
-                    .map_or(VR::UN, |e| e.vr.relaxed())
-            };
-            (vr, len, 8)
-        } else {
-            let code = b.get(at + 4..at + 6).ok_or("truncated element header")?;
-            let vr = VR::from_binary([code[0], code[1]])
-                .ok_or_else(|| format!("element {tag} has no standard VR"))?;
-            let long = matches!(
-                vr,
-                VR::OB
-                    | VR::OW
-                    | VR::OF
-                    | VR::SQ
-                    | VR::UT
-                    | VR::UN
-                    | VR::UC
-                    | VR::UR
-                    | VR::OD
-                    | VR::OL
-                    | VR::OV
-                    | VR::SV
-                    | VR::UV
-            );
-            if long {
-                (vr, le32(at + 8).ok_or("truncated element header")?, 12)
-            } else {
-                (vr, u32::from(le16(at + 6).ok_or("truncated")?), 8)
-            }
-        };
-        let defined_end = |len: u32| at + header + len as usize;
-        match tag {
-            ITEM if top == Kind::Fragments => at = defined_end(len.min(b.len() as u32)),
-            ITEM => {
-                let end = (len != UNDEFINED).then(|| defined_end(len));
-                stack.push((Kind::Elements, end));
-                at += header;
-            }
-            // A delimiter closes only the undefined-length frame it belongs to; one out of place
-            // closes nothing (so the depth counted here is never below a reader's).
-            ITEM_END => {
-                if stack.len() > 1 && stack.last() == Some(&(Kind::Elements, None)) {
-                    stack.pop();
-                }
-                at += header;
-            }
-            SEQUENCE_END => {
-                if matches!(
-                    stack.last(),
-                    Some(&(Kind::Sequence | Kind::Fragments, None))
-                ) {
-                    stack.pop();
-                }
-                at += header;
-            }
-            _ if tag == tags::PIXEL_DATA && len == UNDEFINED => {
-                stack.push((Kind::Fragments, None));
-                at += header;
-            }
-            // A sequence, or anything of undefined length (which readers take as one).
-            _ if vr == VR::SQ || len == UNDEFINED => {
-                let depth = stack.iter().filter(|f| f.0 == Kind::Sequence).count();
-                if depth >= max {
-                    return Err(format!("sequences nested deeper than {max} levels"));
-                }
-                let end = (len != UNDEFINED).then(|| defined_end(len));
-                stack.push((Kind::Sequence, end));
-                at += header;
-            }
-            _ => at = defined_end(len),
-        }
+        let header = nesting_header(b, at, explicit)?;
+        at = nesting_step(&mut stack, b.len(), at, header)?;
     }
+}
+
+/// What the nesting walk is inside of.
+#[derive(Clone, Copy, PartialEq)]
+enum Nest {
+    Elements,
+    Sequence,
+    Fragments,
+}
+
+/// An element header as the nesting walk reads it: tag, VR, value length, header length.
+type NestHeader = (Tag, VR, u32, usize);
+
+fn le16(b: &[u8], at: usize) -> Option<u16> {
+    b.get(at..at + 2).map(|x| u16::from_le_bytes([x[0], x[1]]))
+}
+
+fn le32(b: &[u8], at: usize) -> Option<u32> {
+    b.get(at..at + 4)
+        .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
+}
+
+/// Read the element header at `at` (items and delimiters have no VR in either syntax).
+fn nesting_header(b: &[u8], at: usize, explicit: bool) -> Result<NestHeader, String> {
+    use dicom_core::dictionary::DataDictionary;
+    let (Some(group), Some(element)) = (le16(b, at), le16(b, at + 2)) else {
+        return Err("truncated element header".into());
+    };
+    let tag = Tag(group, element);
+    if group == 0xFFFE || !explicit {
+        let len = le32(b, at + 4).ok_or("truncated element header")?;
+        let vr = if group == 0xFFFE {
+            VR::UN
+        } else {
+            dicom_dictionary_std::StandardDataDictionary
+                .by_tag(tag)
+                .map_or(VR::UN, |e| e.vr.relaxed())
+        };
+        return Ok((tag, vr, len, 8));
+    }
+    let code = b.get(at + 4..at + 6).ok_or("truncated element header")?;
+    let vr = VR::from_binary([code[0], code[1]])
+        .ok_or_else(|| format!("element {tag} has no standard VR"))?;
+    if crate::dimse::has_long_length(vr) {
+        Ok((
+            tag,
+            vr,
+            le32(b, at + 8).ok_or("truncated element header")?,
+            12,
+        ))
+    } else {
+        Ok((tag, vr, u32::from(le16(b, at + 6).ok_or("truncated")?), 8))
+    }
+}
+
+/// One element met at `at`: the frame it opens or closes, and where the walk goes on.
+fn nesting_step(
+    stack: &mut Vec<(Nest, Option<usize>)>,
+    total: usize,
+    at: usize,
+    (tag, vr, len, header): NestHeader,
+) -> Result<usize, String> {
+    let max = crate::dimse::MAX_NESTING;
+    let top = stack.last().map_or(Nest::Elements, |f| f.0);
+    let defined_end = |len: u32| at + header + len as usize;
+    Ok(match tag {
+        ITEM if top == Nest::Fragments => defined_end(len.min(total as u32)),
+        ITEM => {
+            let end = (len != UNDEFINED).then(|| defined_end(len));
+            stack.push((Nest::Elements, end));
+            at + header
+        }
+        // A delimiter closes only the undefined-length frame it belongs to; one out of place
+        // closes nothing (so the depth counted here is never below a reader's).
+        ITEM_END => {
+            if stack.len() > 1 && stack.last() == Some(&(Nest::Elements, None)) {
+                stack.pop();
+            }
+            at + header
+        }
+        SEQUENCE_END => {
+            if matches!(
+                stack.last(),
+                Some(&(Nest::Sequence | Nest::Fragments, None))
+            ) {
+                stack.pop();
+            }
+            at + header
+        }
+        _ if tag == tags::PIXEL_DATA && len == UNDEFINED => {
+            stack.push((Nest::Fragments, None));
+            at + header
+        }
+        // A sequence, or anything of undefined length (which readers take as one).
+        _ if vr == VR::SQ || len == UNDEFINED => {
+            let depth = stack.iter().filter(|f| f.0 == Nest::Sequence).count();
+            if depth >= max {
+                return Err(format!("sequences nested deeper than {max} levels"));
+            }
+            let end = (len != UNDEFINED).then(|| defined_end(len));
+            stack.push((Nest::Sequence, end));
+            at + header
+        }
+        _ => defined_end(len),
+    })
 }
 
 impl Instance {
@@ -455,12 +464,19 @@ mod synthetic {
 
     impl Image<'_> {
         fn build(&self) -> InMemDicomObject {
+            let mut obj = InMemDicomObject::new_empty();
+            self.put_identity(&mut obj);
+            self.put_image(&mut obj);
+            obj
+        }
+
+        /// SOP, patient, study and series attributes.
+        fn put_identity(&self, obj: &mut InMemDicomObject) {
             let sop_class = if self.modality == "CT" {
                 uids::CT_IMAGE_STORAGE
             } else {
                 uids::MR_IMAGE_STORAGE
             };
-            let mut obj = InMemDicomObject::new_empty();
             let mut put = |tag: Tag, vr: VR, value: PrimitiveValue| {
                 obj.put(DataElement::new(tag, vr, value));
             };
@@ -509,6 +525,14 @@ mod synthetic {
                 VR::IS,
                 text(&self.instance_number.to_string()),
             );
+        }
+
+        /// Image pixel attributes, the CT rescale and the pixel data.
+        fn put_image(&self, obj: &mut InMemDicomObject) {
+            let mut put = |tag: Tag, vr: VR, value: PrimitiveValue| {
+                obj.put(DataElement::new(tag, vr, value));
+            };
+            let text = |s: &str| PrimitiveValue::from(s);
             put(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1u16));
             put(
                 tags::PHOTOMETRIC_INTERPRETATION,
@@ -534,7 +558,6 @@ mod synthetic {
                 VR::OW,
                 PrimitiveValue::from(self.pixels()),
             );
-            obj
         }
 
         /// A 12-bit diagonal gradient with a bright disc, shifted per instance.
