@@ -284,8 +284,17 @@ pub fn encode_command(
     out
 }
 
-fn us(tag: Tag, v: u16) -> DataElement<InMemDicomObject> {
+/// A command element of VR US.
+pub(crate) fn us(tag: Tag, v: u16) -> DataElement<InMemDicomObject> {
     DataElement::new(tag, VR::US, PrimitiveValue::from(v))
+}
+
+/// The Error Comment (0000,0902) of a response: LO, at most 64 characters (PS3.7 C.4); none if empty.
+pub(crate) fn error_comment(comment: &str) -> Option<DataElement<InMemDicomObject>> {
+    (!comment.is_empty()).then(|| {
+        let comment: String = comment.chars().take(64).collect();
+        DataElement::new(tags::ERROR_COMMENT, VR::LO, PrimitiveValue::from(comment))
+    })
 }
 
 fn ui(tag: Tag, v: &str) -> DataElement<InMemDicomObject> {
@@ -307,14 +316,7 @@ pub fn refusal(request: &Command, status: u16, comment: &str) -> Vec<u8> {
             &request.affected_sop_instance,
         ));
     }
-    if !comment.is_empty() {
-        let comment: String = comment.chars().take(64).collect();
-        e.push(DataElement::new(
-            tags::ERROR_COMMENT,
-            VR::LO,
-            PrimitiveValue::from(comment),
-        ));
-    }
+    e.extend(error_comment(comment));
     encode_command(e)
 }
 
@@ -323,13 +325,8 @@ pub fn with_status(response: &Command, status: u16, comment: &str) -> Vec<u8> {
     let mut object = response.object.clone();
     object.put(us(tags::STATUS, status));
     object.remove_element(tags::COMMAND_GROUP_LENGTH);
-    if !comment.is_empty() {
-        let comment: String = comment.chars().take(64).collect();
-        object.put(DataElement::new(
-            tags::ERROR_COMMENT,
-            VR::LO,
-            PrimitiveValue::from(comment),
-        ));
+    if let Some(comment) = error_comment(comment) {
+        object.put(comment);
     }
     encode_command(object)
 }

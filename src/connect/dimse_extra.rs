@@ -2,11 +2,11 @@
 //! a C-MOVE-RSP with sub-operation counts, and a C-STORE-RQ re-addressed to a local storage SCP.
 
 use dicom_core::header::Header;
-use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
+use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
-use crate::dimse::{self, Command, NO_DATA_SET, command_field};
+use crate::dimse::{self, Command, NO_DATA_SET, command_field, us};
 
 /// Command Data Set Type value for "a data set follows" (any value other than 0x0101).
 const DATA_SET_FOLLOWS: u16 = 0x0001;
@@ -43,10 +43,6 @@ impl SubOperations {
         .into_iter()
         .any(|t| dimse::count(response, t).is_some())
     }
-}
-
-fn us(tag: Tag, v: u16) -> DataElement<InMemDicomObject> {
-    DataElement::new(tag, VR::US, PrimitiveValue::from(v))
 }
 
 fn encode(object: InMemDicomObject) -> Vec<u8> {
@@ -95,14 +91,7 @@ pub fn move_response(
     if let Some(remaining) = counts.remaining {
         e.push(us(tags::NUMBER_OF_REMAINING_SUBOPERATIONS, remaining));
     }
-    if !comment.is_empty() {
-        let comment: String = comment.chars().take(64).collect();
-        e.push(DataElement::new(
-            tags::ERROR_COMMENT,
-            VR::LO,
-            PrimitiveValue::from(comment),
-        ));
-    }
+    e.extend(dimse::error_comment(comment));
     encode(InMemDicomObject::command_from_element_iter(e))
 }
 

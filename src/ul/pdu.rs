@@ -45,6 +45,20 @@ fn limit_for(pdu_type: u8, data_limit: u32) -> Result<u32, PduError> {
     }
 }
 
+/// Refuse a PDU whose declared body length is over its type's limit (before anything is read or
+/// allocated for it).
+fn check_length(pdu_type: u8, length: u32, data_limit: u32) -> Result<(), PduError> {
+    let allowed = limit_for(pdu_type, data_limit)?;
+    if length > allowed {
+        return Err(PduError::TooLarge {
+            pdu_type,
+            length,
+            limit: allowed,
+        });
+    }
+    Ok(())
+}
+
 /// Read one whole PDU, header and body, into `buf` (cleared first) and return its type.
 /// A body longer than `limit` is refused before anything is allocated for it.
 pub async fn read_pdu<R: AsyncRead + Unpin>(
@@ -61,14 +75,7 @@ pub async fn read_pdu<R: AsyncRead + Unpin>(
     reader.read_exact(&mut header[n..]).await?;
     let pdu_type = header[0];
     let length = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
-    let allowed = limit_for(pdu_type, limit)?;
-    if length > allowed {
-        return Err(PduError::TooLarge {
-            pdu_type,
-            length,
-            limit: allowed,
-        });
-    }
+    check_length(pdu_type, length, limit)?;
     buf.clear();
     buf.extend_from_slice(&header);
     buf.resize(PDU_HEADER_LENGTH + length as usize, 0);
@@ -227,15 +234,7 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
         let Some((pdu_type, total)) = self.header() else {
             return Err(PduError::Io(eof()));
         };
-        let length = (total - PDU_HEADER_LENGTH) as u32;
-        let allowed = limit_for(pdu_type, limit)?;
-        if length > allowed {
-            return Err(PduError::TooLarge {
-                pdu_type,
-                length,
-                limit: allowed,
-            });
-        }
+        check_length(pdu_type, (total - PDU_HEADER_LENGTH) as u32, limit)?;
         while self.end - self.start < total {
             let missing = total - (self.end - self.start);
             if self.fill(missing).await? == 0 {
