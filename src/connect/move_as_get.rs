@@ -684,7 +684,9 @@ mod tests {
         let (mut j, _rx2) = interceptor();
         let chunk = vec![0u8; 60 * 1024];
         let status_of = |back: &[u8]| {
-            let item = crate::ul::pdata::pdv_items(back).next().expect("a response");
+            let item = crate::ul::pdata::pdv_items(back)
+                .next()
+                .expect("a response");
             dimse::decode_command(item.data).expect("decode").status
         };
         // First association: one 60 KiB fragment held, the second passes 100 KiB: refused.
@@ -746,7 +748,9 @@ mod tests {
             .inspect_pdu(Side::Requestor, &pdata(&[(1, true, true, &mv)]))
             .expect("ok");
         assert_eq!(out.forward, Forward::Nothing);
-        let item = crate::ul::pdata::pdv_items(&out.back).next().expect("a response");
+        let item = crate::ul::pdata::pdv_items(&out.back)
+            .next()
+            .expect("a response");
         let rsp = dimse::decode_command(item.data).expect("decode");
         assert_eq!(rsp.field, 0x8021);
         assert_eq!(rsp.status, Some(IDENTIFIER_DOES_NOT_MATCH));
@@ -770,7 +774,9 @@ mod tests {
             )
             .expect("ok");
         assert_eq!(out.forward, Forward::Nothing);
-        let item = crate::ul::pdata::pdv_items(&out.back).next().expect("a response");
+        let item = crate::ul::pdata::pdv_items(&out.back)
+            .next()
+            .expect("a response");
         let rsp = dimse::decode_command(item.data).expect("decode");
         assert_eq!(rsp.status, Some(MOVE_DESTINATION_UNKNOWN));
         assert_eq!(rsp.responded_to, 4);
@@ -788,7 +794,9 @@ mod tests {
             .await
             .expect("in time")
             .expect("a response");
-        let item = crate::ul::pdata::pdv_items(&pdus).next().expect("a response");
+        let item = crate::ul::pdata::pdv_items(&pdus)
+            .next()
+            .expect("a response");
         let rsp = dimse::decode_command(item.data).expect("decode");
         assert_eq!((rsp.field, rsp.responded_to), (0x8021, 5));
         assert_eq!(rsp.status, Some(0xA702));
