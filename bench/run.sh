@@ -34,6 +34,9 @@ command -v stunnel4 >/dev/null || command -v stunnel >/dev/null || missing+=(stu
 command -v socat >/dev/null || missing+=(socat)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 command -v openssl >/dev/null || missing+=(openssl)
+for arg in "$@"; do
+  if [ "$arg" = "--callgrind" ] && ! command -v callgrind_control >/dev/null; then missing+=(valgrind); fi
+done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "bench/run.sh: installing Debian packages: ${missing[*]}"
   as_root apt-get update -q

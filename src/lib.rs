@@ -30,18 +30,20 @@
 //! - `service`: `pacsgate run` assembled: config in force, listeners, admin port, signals, drain.
 //! - `listeners`: the listening sockets by configuration key, opened, moved and closed on reload.
 //! - `admin`: the admin port (`/metrics`, `/healthz`, `/readyz`), bounded so it cannot starve the doors.
-//! - `audit`, `metrics`, `logfmt`: the audit trail (file, syslog), Prometheus metrics, log-field quoting.
+//! - `audit`, `metrics`, `logfmt`: the audit trail (file, syslog), Prometheus metrics, log-field quoting
+//!   and the stable log targets (`logfmt::targets`).
 //! - `check`: `pacsgate check` (config, files, reachability; exit 0/1/2).
 //! - `procnet`: the kernel's TCP socket tables (LISTEN sockets, a loopback caller's UID), Linux only.
 //!
 //! Tools:
-//! - `tools`: `echo`, `find`, `probe`, `token`, `hash-password` requestors and helpers, and their command
-//!   lines (`tools::commands`; `tools::credentials` for `certs`, `token`, `hash-password`).
+//! - `tools`: the `echo`, `find`, `probe` requestors (on `ul::requestor`) and their command lines
+//!   (`tools::commands`); `tools::credentials` for `certs`, `token`, `hash-password`.
 //! - `connect`: `pacsgate connect`, a local port that signs a viewer in and forwards to the gateway.
 //! - `demo`: `pacsgate demo` and its in-process demo archive (`demo::archive`).
 //! - `devcerts`: `pacsgate certs`, a development CA and certificates.
 //!
-//! Where a change goes (a new sign-in method, config key, DICOM check): ARCHITECTURE.md.
+//! Where a change goes (a new sign-in method, config key, DICOM check, requestor, a change to the relay's
+//! hot path): ARCHITECTURE.md.
 #![forbid(unsafe_code)]
 
 pub mod admin;

@@ -84,3 +84,25 @@ mod tests {
         assert_eq!(value_text("\"a\nb\""), "\"\\\"a\\nb\\\"\"");
     }
 }
+
+/// The tracing targets (the module name printed after the level, and what `RUST_LOG` filters match) of
+/// lines whose code moved in the issue 14 layout: they keep the module they were logged from before,
+/// so an admin's `RUST_LOG=pacsgate::server=warn` or a log search on `pacsgate::session:` still works.
+pub mod targets {
+    /// The gateway's association, accept, reload and drain lines (once `src/server.rs`).
+    pub const SERVER: &str = "pacsgate::server";
+    /// The DIMSE policy's lines (once `src/session.rs`).
+    pub const SESSION: &str = "pacsgate::session";
+    /// The C-MOVE return path's lines (once in `src/moves.rs`).
+    pub const MOVES: &str = "pacsgate::moves";
+    /// The web door's forwarding lines (once `src/web.rs`).
+    pub const WEB: &str = "pacsgate::web";
+    /// The audit trail's syslog lines (once in `src/audit.rs`).
+    pub const AUDIT: &str = "pacsgate::audit";
+    /// `pacsgate run`'s start and stop lines (once in `src/main.rs`).
+    pub const RUN: &str = "pacsgate";
+    /// `pacsgate connect`'s start lines (once in `src/connect/cli.rs`).
+    pub const CONNECT_CLI: &str = "pacsgate::connect::cli";
+    /// connect's local storage lines (once in `src/connect/retrieve.rs`).
+    pub const CONNECT_RETRIEVE: &str = "pacsgate::connect::retrieve";
+}

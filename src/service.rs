@@ -32,7 +32,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 pub async fn run(config: Config) -> Result<(), ServiceError> {
     // Only with allow_readable_keys = true does a readable key get this far.
     for file in config.readable_secret_files() {
-        tracing::warn!("allow_readable_keys = true, and {}", file.describe());
+        tracing::warn!(target: crate::logfmt::targets::RUN, "allow_readable_keys = true, and {}", file.describe());
     }
     let gateway = Gateway::new(State::new(config)?);
     let mut listeners = Listeners::start(&gateway).await?;
@@ -42,13 +42,12 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     listeners.close_except(&[Kind::Return]);
     sweeper.abort();
     let grace = gateway.current().config.timeouts.shutdown_grace;
-    tracing::info!(
-        grace_s = grace.as_secs_f64(),
+    tracing::info!(target: crate::logfmt::targets::RUN, grace_s = grace.as_secs_f64(),
         "shutting down: no new associations"
     );
     gateway.drain(grace).await;
     listeners.close_except(&[]);
-    tracing::info!("stopped");
+    tracing::info!(target: crate::logfmt::targets::RUN, "stopped");
     Ok(())
 }
 

@@ -230,6 +230,13 @@ fn storescu_with_password_over_tls_stores_50_mb_byte_identical() {
         "stored data set differs from the sent one"
     );
     assert!(gw.log().contains("outcome=\"released\""), "{}", gw.log());
+    // The line's target is the one log filters were written for (RUST_LOG=pacsgate::server=...),
+    // whichever file logs it now.
+    assert!(
+        gw.log().contains("pacsgate::server: association"),
+        "{}",
+        gw.log()
+    );
 }
 
 #[test]

@@ -462,7 +462,7 @@ def start_everything(e, procs, p):
         argv = [binary, "run", "--config", conf]
         if e.callgrind:
             # Counts instructions (repeatable whatever else the machine does); ~50x slower. Zeroed and
-            # dumped around each measured workload by callgrind_control (see callgrind_mark).
+            # dumped around each measured workload by callgrind_control (callgrind_zero, callgrind_dump).
             argv = ["valgrind", "--tool=callgrind", "--collect-atstart=yes",
                     f"--callgrind-out-file={os.path.join(e.dir, 'callgrind.' + g)}.%p"] + argv
         e.gateways[g] = procs.start(g, argv,
@@ -645,7 +645,6 @@ def callgrind_dump(e, key):
                 if line.startswith("summary:") or line.startswith("totals:"):
                     counts[g] = int(line.split()[1])
                     break
-        e.callgrind_files.append(new[-1])
     return counts
 
 
@@ -995,6 +994,10 @@ def report(e, p, res, started, finished):
                  f"left at their defaults: {', '.join(GATEWAY_DEFAULTS_KEPT)}. "
                  f"Run time {(finished - started).total_seconds():.0f} s.")
     lines.append("")
+    if e.callgrind:
+        lines.append("**Under --callgrind the gateways run ~50x slower: their rates, CPU figures and ratios in this "
+                     "table mean nothing; the instruction counts at the end are this run's figures.**")
+        lines.append("")
     base = "pacsgate_base" in GATEWAYS
     head = ["workload", "unit"] + [PATH_NAMES[x] for x in PATHS] + ["pacsgate / direct TLS", "pacsgate / stunnel",
                                                                      "pacsgate / socat"] + (["pacsgate / base"] if base else [])
@@ -1078,7 +1081,8 @@ def callgrind_table(e, p):
     gws = list(e.gateways)
     lines = ["## Instructions (callgrind, gateway process only)", "",
              "Counted by valgrind's callgrind: the same binary and input give the same figure on a busy machine. "
-             "Every association of the workload through that gateway, TLS and sign-in included.", "",
+             "Every association of the workload through that gateway, TLS and sign-in included; a per-unit "
+             "figure divides that whole count (warm-up requests too) by the measured units.", "",
              "| workload | " + " | ".join(f"{g} total" for g in gws) + " | per unit | "
              + ("pacsgate / base |" if "pacsgate_base" in gws else ""),
              "|---|" + "---:|" * len(gws) + "---|" + ("---:|" if "pacsgate_base" in gws else "")]
@@ -1200,7 +1204,7 @@ def main():
     if e.base_bin:
         add_base_gateway()
     e.pdu = args.pdu
-    e.callgrind, e.callgrind_files, e.callgrind_counts = args.callgrind, [], {}
+    e.callgrind, e.callgrind_counts = args.callgrind, {}
     if e.callgrind and not shutil.which("callgrind_control"):
         ap.error("--callgrind needs valgrind (Debian package valgrind)")
     e.socat_buffer = args.socat_buffer

@@ -229,7 +229,7 @@ pub(super) async fn syslog_sender(
         } => {
             let Some(connector) = connector else { return };
             let Ok(name) = rustls::pki_types::ServerName::try_from(server_name.clone()) else {
-                tracing::warn!(server_name, "audit syslog: invalid server name");
+                tracing::warn!(target: crate::logfmt::targets::AUDIT, server_name, "audit syslog: invalid server name");
                 return;
             };
             let mut collector = Collector {
@@ -261,7 +261,7 @@ async fn udp_sender(
     .parse()
     .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let Ok(socket) = tokio::net::UdpSocket::bind(bind).await else {
-        tracing::warn!(target = %addr, "audit syslog: cannot open a UDP socket");
+        tracing::warn!(target: crate::logfmt::targets::AUDIT, target = %addr, "audit syslog: cannot open a UDP socket");
         return;
     };
     while let Some(msg) = rx.recv().await {
@@ -299,7 +299,7 @@ impl Collector<'_> {
                 return;
             };
             if self.warned.take().is_some() || !self.resend.is_empty() {
-                tracing::info!(target = %self.address, resend = self.resend.len(), "audit syslog: connected to the collector");
+                tracing::info!(target: crate::logfmt::targets::AUDIT, target = %self.address, resend = self.resend.len(), "audit syslog: connected to the collector");
             }
             self.losses.flush("the syslog collector is reachable again");
             if !self.write(&mut stream, &mut rx).await {
@@ -332,7 +332,7 @@ impl Collector<'_> {
                     lost,
                     "the collector was unreachable when a reload replaced the audit settings",
                 );
-                tracing::debug!(target = %self.address, "audit syslog: sender of a replaced configuration ends");
+                tracing::debug!(target: crate::logfmt::targets::AUDIT, target = %self.address, "audit syslog: sender of a replaced configuration ends");
                 return None;
             }
             if self
@@ -340,7 +340,7 @@ impl Collector<'_> {
                 .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
             {
                 self.warned = Some(Instant::now());
-                tracing::warn!(target = %self.address, reason = ?reason, "audit syslog: collector unreachable; retrying every 5 s (logged once a minute)");
+                tracing::warn!(target: crate::logfmt::targets::AUDIT, target = %self.address, reason = ?reason, "audit syslog: collector unreachable; retrying every 5 s (logged once a minute)");
             }
             tokio::time::sleep(SYSLOG_RETRY).await;
         }
@@ -392,7 +392,7 @@ impl Collector<'_> {
                 ),
             };
             let again = window.len();
-            tracing::warn!(target = %self.address, reason = ?problem, resend = again + 1,
+            tracing::warn!(target: crate::logfmt::targets::AUDIT, target = %self.address, reason = ?problem, resend = again + 1,
                            "audit syslog: reconnecting to the collector; the last messages written go again (it may get some twice)");
             window.push_back(msg);
             window.extend(self.resend.drain(..));

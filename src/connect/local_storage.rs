@@ -48,8 +48,7 @@ impl<'a> LocalStorage<'a> {
 
     pub(super) fn note_failure(&mut self, command: &Command, reason: &str) {
         self.failed += 1;
-        tracing::warn!(
-            destination = %self.store,
+        tracing::warn!(target: crate::logfmt::targets::CONNECT_RETRIEVE, destination = %self.store,
             sop_instance_uid = %command.affected_sop_instance,
             reason,
             "move-as-get: an instance could not be stored locally"

@@ -12,15 +12,14 @@ pub async fn run(args: ConnectArgs) -> Result<(), ConnectError> {
     if let Some((_, key)) = &settings.client_certificate
         && let Some(warning) = crate::tls::key_permission_warning(key)
     {
-        tracing::warn!("{warning}");
+        tracing::warn!(target: crate::logfmt::targets::CONNECT_CLI, "{warning}");
     }
     let credentials = settings.credentials()?;
     let tunnel = Arc::new(settings.tunnel(credentials)?);
     // Fail now, not at the first association, when the identity cannot be sent at all.
     tunnel.gateway.identity()?;
     if !settings.listen.ip().is_loopback() {
-        tracing::warn!(
-            listen = %settings.listen,
+        tracing::warn!(target: crate::logfmt::targets::CONNECT_CLI, listen = %settings.listen,
             "listening beyond loopback (--allow-remote): anyone who reaches this port uses your credentials"
         );
     }
@@ -53,8 +52,7 @@ pub async fn run(args: ConnectArgs) -> Result<(), ConnectError> {
         None => None,
     };
     let listeners = super::local::Listeners { tcp, unix };
-    tracing::info!(
-        listen = %settings.listen,
+    tracing::info!(target: crate::logfmt::targets::CONNECT_CLI, listen = %settings.listen,
         socket = ?settings.socket,
         owner_uid = tunnel.callers.owner,
         allowed_uids = %tunnel.callers.describe(),

@@ -286,7 +286,7 @@ impl<'a> Association<'a> {
     /// handshake slot is given back.
     fn accepted(&mut self, e: &Established<'_>) {
         let principal = &e.principal;
-        tracing::debug!(peer = %self.peer, user = ?principal.user, "association accepted");
+        tracing::debug!(target: crate::logfmt::targets::SERVER, peer = %self.peer, user = ?principal.user, "association accepted");
         metrics()
             .association_setup_seconds
             .observe(self.started.elapsed().as_secs_f64());
@@ -388,7 +388,7 @@ async fn refuse_unadmitted(
     };
     let Some(_permit) = permit else {
         metrics().refusal(cap.rule());
-        tracing::debug!(peer = %peer, outcome = "dropped", reason = %cap, "association");
+        tracing::debug!(target: crate::logfmt::targets::SERVER, peer = %peer, outcome = "dropped", reason = %cap, "association");
         return None;
     };
     let started = Instant::now();

@@ -188,8 +188,7 @@ impl Gateway {
                 reason: "sighup",
             })
             .inc();
-        tracing::info!(
-            path = %path.display(),
+        tracing::info!(target: crate::logfmt::targets::SERVER, path = %path.display(),
             users,
             limits_changed,
             "configuration reloaded"
@@ -212,7 +211,7 @@ impl Gateway {
                 reason: "sighup",
             })
             .inc();
-        tracing::error!(path = %path, reason = %error, "configuration reload refused; the previous configuration stays in force");
+        tracing::error!(target: crate::logfmt::targets::SERVER, path = %path, reason = %error, "configuration reload refused; the previous configuration stays in force");
     }
 
     /// A receiver that turns true when relays must abort (the end of the shutdown grace period).
@@ -226,8 +225,7 @@ impl Gateway {
         self.tasks.close();
         let open = self.tasks.len();
         if open > 0 {
-            tracing::info!(
-                associations = open,
+            tracing::info!(target: crate::logfmt::targets::SERVER, associations = open,
                 grace_s = grace.as_secs_f64(),
                 "waiting for associations to finish"
             );
@@ -236,8 +234,7 @@ impl Gateway {
             .await
             .is_err()
         {
-            tracing::warn!(
-                associations = self.tasks.len(),
+            tracing::warn!(target: crate::logfmt::targets::SERVER, associations = self.tasks.len(),
                 "grace period over: aborting the remaining associations"
             );
             self.abort.send_replace(true);
@@ -267,7 +264,7 @@ impl Gateway {
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait, do not spin.
-                    tracing::warn!(reason = %e, "accept failed");
+                    tracing::warn!(target: crate::logfmt::targets::SERVER, reason = %e, "accept failed");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }

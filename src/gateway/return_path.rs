@@ -168,7 +168,7 @@ pub async fn serve_return(gateway: Gateway, listener: TcpListener) {
                         Ok(slot) => slot,
                         Err(cap) => {
                             crate::metrics::metrics().refusal("return_pending");
-                            tracing::warn!(peer = %peer, op = "move", outcome = "dropped", reason = %cap, "return association");
+                            tracing::warn!(target: crate::logfmt::targets::MOVES, peer = %peer, op = "move", outcome = "dropped", reason = %cap, "return association");
                             return;
                         }
                     };
@@ -185,7 +185,7 @@ pub async fn serve_return(gateway: Gateway, listener: TcpListener) {
                 });
             }
             Err(e) => {
-                tracing::warn!(reason = %e, "return listener: accept failed");
+                tracing::warn!(target: crate::logfmt::targets::MOVES, reason = %e, "return listener: accept failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
@@ -213,8 +213,7 @@ async fn handle_return(mut association: ReturnAssociation<'_>, stream: TcpStream
         line,
         ..
     } = association;
-    tracing::info!(
-        peer = %peer,
+    tracing::info!(target: crate::logfmt::targets::MOVES, peer = %peer,
         user = line.user.as_deref().unwrap_or("-"),
         calling_ae = ?line.calling_ae,
         called_ae = ?line.called_ae,

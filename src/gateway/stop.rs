@@ -261,8 +261,7 @@ pub(super) fn report(
             }),
         );
     }
-    tracing::info!(
-        peer = %peer,
+    tracing::info!(target: crate::logfmt::targets::SERVER, peer = %peer,
         user = outcome.user.as_deref().unwrap_or("-"),
         method = outcome.method.unwrap_or("-"),
         calling_ae = ?outcome.calling_ae,

@@ -338,8 +338,7 @@ impl Session {
             // What the gateway cannot read it does not forward (one reading): the match is left
             // out, and said so.
             Err(e) => {
-                tracing::warn!(
-                    peer = %self.party.peer,
+                tracing::warn!(target: crate::logfmt::targets::SESSION, peer = %self.party.peer,
                     user = ?self.party.user,
                     calling_ae = ?self.party.calling_ae,
                     called_ae = ?self.party.called_ae,

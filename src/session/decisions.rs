@@ -230,7 +230,9 @@ impl Session {
                 .and_then(|()| query_guard::check_retrieval(&identifier)),
         };
         match verdict {
-            Ok(key) => tracing::debug!(user = ?self.party.user, key, "identifier allowed by key"),
+            Ok(key) => {
+                tracing::debug!(target: crate::logfmt::targets::SESSION, user = ?self.party.user, key, "identifier allowed by key")
+            }
             Err(GuardError::NotSpecific(reason)) => {
                 let status = if c.field == cf::C_FIND_RQ {
                     status::OUT_OF_RESOURCES
@@ -270,8 +272,7 @@ impl Session {
                 c.message_id,
             )
         });
-        tracing::info!(
-            peer = %self.party.peer,
+        tracing::info!(target: crate::logfmt::targets::SESSION, peer = %self.party.peer,
             user = ?self.party.user,
             calling_ae = ?self.party.calling_ae,
             called_ae = ?self.party.called_ae,
@@ -410,8 +411,7 @@ impl Session {
         };
         if track.capped && (track.dropped > 0 || st == status::CANCEL) {
             self.counts.truncated_queries += 1;
-            tracing::info!(
-                peer = %self.party.peer,
+            tracing::info!(target: crate::logfmt::targets::SESSION, peer = %self.party.peer,
                 user = ?self.party.user,
                 calling_ae = ?self.party.calling_ae,
                 called_ae = ?self.party.called_ae,

@@ -51,8 +51,7 @@ impl Session {
         }
         let r = &*r;
         let count = |tag| dimse::count(c, tag);
-        tracing::info!(
-            peer = %self.party.peer,
+        tracing::info!(target: crate::logfmt::targets::SESSION, peer = %self.party.peer,
             user = ?self.party.user,
             calling_ae = ?self.party.calling_ae,
             called_ae = ?self.party.called_ae,
@@ -172,8 +171,7 @@ impl Session {
             self.refused.pop_front();
         }
         self.refused.push_back(c.message_id);
-        tracing::info!(
-            peer = %self.party.peer,
+        tracing::info!(target: crate::logfmt::targets::SESSION, peer = %self.party.peer,
             user = ?self.party.user,
             calling_ae = ?self.party.calling_ae,
             called_ae = ?self.party.called_ae,

@@ -1,6 +1,8 @@
-//! DICOM clients for admins: `pacsgate echo`, `pacsgate find` and `pacsgate probe`.
+//! The admin's commands: the DICOM clients `pacsgate echo`, `find` and `probe`, and `certs`, `token`,
+//! `hash-password`.
 //!
-//! - `client.rs` the association requestor: TCP or TLS, User Identity, C-ECHO, C-FIND, release
+//! - `client.rs` echo's and find's association over `ul::requestor` (TLS in `client/tls.rs`, rejection
+//!   and status words in `client/words.rs`): User Identity, C-ECHO, C-FIND, release
 //! - `query.rs`  `-k Tag=Value` keys into an identifier, and matches printed readably or as JSON
 //! - `secret.rs` passwords and tokens from an environment variable, a file or a prompt
 //! - `probe.rs`  an archive checked the way an attacker would, without changing anything

@@ -1,5 +1,11 @@
-//! The DICOM upper layer (PS3.8): PDU framing and the association items, shared by the gateway,
-//! the command-line tools, `pacsgate connect` and the demo archive.
+//! The DICOM upper layer (PS3.8), shared by the gateway, the command-line tools, `pacsgate connect`
+//! and the demo archive:
+//! - `pdu.rs`: PDU framing (`read_pdu`, `PduReader` with pooled buffers), A-ASSOCIATE-RJ and A-ABORT
+//! - `pdata.rs`: PDV items checked in one pass (`PdvSpans`, `PData`), read, and written (`PDataWriter`)
+//! - `association.rs`: A-ASSOCIATE-RQ / -AC items, the one Maximum Length reader, User Identity
+//! - `requestor.rs`: the one requestor (exchange, messages, release, abort)
+//! - `io.rs`: the flushed write, the last PDU before a close, the bounded A-ASSOCIATE-RQ read
+//! - here: the Implementation Class UID and version names, the requestors' `MAX_PDU_LENGTH`
 pub mod association;
 pub mod io;
 pub mod pdata;

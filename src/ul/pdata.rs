@@ -1,6 +1,7 @@
 //! P-DATA-TF PDUs and their presentation data value items (PS3.8 9.3.5, annex E): checking that the
 //! items tile a PDU, reading them, and packing message fragments into PDUs no longer than the peer's
-//! Maximum Length.
+//! Maximum Length. `PdvSpans` is the one check of the tiling rule: the relay keeps one per direction
+//! and hands the inspector the checked items (`PData`); `check_pdv_items` is the same rule for others.
 
 use super::pdu::{P_DATA_TF, PDU_HEADER_LENGTH};
 

@@ -120,7 +120,7 @@ impl Door {
                         upstream: http.upstream.clone(),
                     })
                     .inc();
-                tracing::warn!(upstream = %http.upstream, reason = %e, "web: archive unreachable");
+                tracing::warn!(target: crate::logfmt::targets::WEB, upstream = %http.upstream, reason = %e, "web: archive unreachable");
                 fields.insert("reason".into(), json!("the archive is unreachable"));
                 ctx.record(StatusCode::BAD_GATEWAY, std::mem::take(fields));
                 Err(full(
@@ -129,7 +129,7 @@ impl Door {
                 ))
             }
             Err(_) => {
-                tracing::warn!(upstream = %http.upstream, op = ctx.op, reason = "upstream_response timed out", "web: archive did not answer");
+                tracing::warn!(target: crate::logfmt::targets::WEB, upstream = %http.upstream, op = ctx.op, reason = "upstream_response timed out", "web: archive did not answer");
                 fields.insert("reason".into(), json!("the archive did not answer in time"));
                 ctx.record(StatusCode::GATEWAY_TIMEOUT, std::mem::take(fields));
                 Err(full(
@@ -256,7 +256,7 @@ async fn read_answer(
     let unread =
         |r: Response<Incoming>| r.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed());
     let bad_answer = |e: answer::AnswerError, mut fields: Map<String, Value>| {
-        tracing::warn!(upstream = %http.upstream, op = ctx.op, reason = %e, "web: archive answer refused");
+        tracing::warn!(target: crate::logfmt::targets::WEB, upstream = %http.upstream, op = ctx.op, reason = %e, "web: archive answer refused");
         fields.insert("reason".into(), json!(e.to_string()));
         ctx.record(StatusCode::BAD_GATEWAY, fields);
         full(StatusCode::BAD_GATEWAY, format!("{e}\n"))
@@ -273,7 +273,7 @@ async fn read_answer(
             match answer::qido(response, http.max_query_response, cap, &origin).await {
                 Ok(counted) => {
                     if counted.truncated {
-                        tracing::info!(peer = %ctx.peer, user = ?ctx.principal.user, op = "qido", relayed = cap, reason = "max_query_results reached", "QIDO-RS truncated");
+                        tracing::info!(target: crate::logfmt::targets::WEB, peer = %ctx.peer, user = ?ctx.principal.user, op = "qido", relayed = cap, reason = "max_query_results reached", "QIDO-RS truncated");
                     }
                     fields.insert("matches".into(), json!(counted.matches));
                     fields.insert("truncated".into(), json!(counted.truncated));

@@ -1,5 +1,5 @@
-//! Upper layer for the demo archive: association negotiation and DIMSE message assembly, on
-//! pacsgate's own upper layer.
+//! Upper layer for the demo archive, on pacsgate's own: reading the A-ASSOCIATE-RQ and writing the
+//! A-ASSOCIATE-AC / -RJ that `negotiation.rs` decided, and DIMSE message assembly.
 //!
 //! PDUs are framed by `ul::pdu::PduReader` (length checked before allocating), the A-ASSOCIATE-RQ is
 //! read by `ul::association`, PDV items by `ul::pdata` (checked to tile their PDU, then read) and

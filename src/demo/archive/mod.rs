@@ -2,7 +2,7 @@
 //!
 //! Map of this module:
 //! - `mod.rs`         public API, errors, accept loop, one task and one log line per association
-//! - `association.rs` A-ASSOCIATE negotiation and DIMSE message assembly on `ul` (framing, PDVs)
+//! - `association.rs` the A-ASSOCIATE exchange (RQ read, AC / RJ written) and DIMSE message assembly on `ul`
 //! - `negotiation.rs` A-ASSOCIATE-RQ decided: rejections, presentation contexts, SCP roles
 //! - `dimse.rs`       command fields, statuses, command set and data set encoding
 //! - `services.rs`    C-ECHO, C-FIND, C-STORE and C-GET service providers
