@@ -572,14 +572,7 @@ mod tests {
     /// A malformed PDV list ends the relay with the check's text, also under the pass-through.
     #[tokio::test]
     async fn a_malformed_pdv_list_fails_the_pass_through_relay_too() {
-        let (client, mut client_peer) = tokio::io::duplex(1 << 16);
-        let (archive, _archive_peer) = tokio::io::duplex(1 << 16);
-        let limits = RelayLimits {
-            from_client: 16384,
-            from_archive: 16384,
-            idle: Duration::from_secs(5),
-        };
-        let task = tokio::spawn(relay(client, archive, limits, PassThrough, never()));
+        let (task, mut client_peer, _archive_peer) = pass_through_relay();
         let overrun = [4u8, 0, 0, 0, 0, 6, 0, 0, 0, 9, 1, 3];
         client_peer.write_all(&overrun).await.expect("write");
         let (end, _, _) = task.await.expect("join");
@@ -589,6 +582,22 @@ mod tests {
         );
     }
 
+    type RelayTask = tokio::task::JoinHandle<(RelayEnd, RelayStats, PassThrough)>;
+
+    /// A pass-through relay between two in-memory peers (16 KiB limits, 5 s idle): the task, the
+    /// client's end and the archive's end.
+    fn pass_through_relay() -> (RelayTask, tokio::io::DuplexStream, tokio::io::DuplexStream) {
+        let (client, client_peer) = tokio::io::duplex(1 << 16);
+        let (archive, archive_peer) = tokio::io::duplex(1 << 16);
+        let limits = RelayLimits {
+            from_client: 16384,
+            from_archive: 16384,
+            idle: Duration::from_secs(5),
+        };
+        let task = tokio::spawn(relay(client, archive, limits, PassThrough, never()));
+        (task, client_peer, archive_peer)
+    }
+
     fn never() -> tokio::sync::watch::Receiver<bool> {
         // A dropped sender: nobody will ever ask this relay to stop.
         tokio::sync::watch::channel(false).1
@@ -596,14 +605,7 @@ mod tests {
 
     #[tokio::test]
     async fn release_is_relayed_and_ends_the_association() {
-        let (client, mut client_peer) = tokio::io::duplex(1 << 16);
-        let (archive, mut archive_peer) = tokio::io::duplex(1 << 16);
-        let limits = RelayLimits {
-            from_client: 16384,
-            from_archive: 16384,
-            idle: Duration::from_secs(5),
-        };
-        let task = tokio::spawn(relay(client, archive, limits, PassThrough, never()));
+        let (task, mut client_peer, mut archive_peer) = pass_through_relay();
         use tokio::io::AsyncReadExt;
         let pdata = [4u8, 0, 0, 0, 0, 8, 0, 0, 0, 4, 1, 3, 0xaa, 0xbb];
         client_peer.write_all(&pdata).await.expect("write");
@@ -629,14 +631,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_vanished_archive_gets_the_client_an_abort() {
-        let (client, mut client_peer) = tokio::io::duplex(1 << 16);
-        let (archive, archive_peer) = tokio::io::duplex(1 << 16);
-        let limits = RelayLimits {
-            from_client: 16384,
-            from_archive: 16384,
-            idle: Duration::from_secs(5),
-        };
-        let task = tokio::spawn(relay(client, archive, limits, PassThrough, never()));
+        let (task, mut client_peer, archive_peer) = pass_through_relay();
         drop(archive_peer);
         use tokio::io::AsyncReadExt;
         let mut got = [0u8; 10];
@@ -657,14 +652,7 @@ mod tests {
         big_release.extend(std::iter::repeat_n(0u8, 100));
         for bad in [&unknown[..], &big_release[..]] {
             for together in [false, true] {
-                let (client, mut client_peer) = tokio::io::duplex(1 << 16);
-                let (archive, mut archive_peer) = tokio::io::duplex(1 << 16);
-                let limits = RelayLimits {
-                    from_client: 16384,
-                    from_archive: 16384,
-                    idle: Duration::from_secs(5),
-                };
-                let task = tokio::spawn(relay(client, archive, limits, PassThrough, never()));
+                let (task, mut client_peer, mut archive_peer) = pass_through_relay();
                 if together {
                     client_peer
                         .write_all(&[&pdata[..], bad].concat())
