@@ -23,7 +23,7 @@ use super::association::{
 };
 use super::pdu::{self, PduError, PduReader, read_pdu};
 use super::{IMPLEMENTATION_CLASS_UID, MAX_PDU_LENGTH};
-use crate::ul::pdata::{self, PDataWriter};
+use crate::ul::pdata::{PDataWriter, PdvSpans};
 
 /// The phase of sending the A-ASSOCIATE-RQ.
 pub const SENDING_REQUEST: &str = "sending the A-ASSOCIATE-RQ";
@@ -266,6 +266,8 @@ pub struct Requestor<S> {
     peer_max: u32,
     timeout: Duration,
     pending: VecDeque<OwnedPdv>,
+    /// The PDV items of the P-DATA-TF at hand, checked and read in one pass, kept from PDU to PDU.
+    spans: PdvSpans,
     next_message_id: u16,
 }
 
@@ -280,6 +282,7 @@ impl<S: AsyncRead + AsyncWrite> Requestor<S> {
             peer_max: association::peer_max_length(&ac.user_variables, MAX_PDU_LENGTH),
             timeout,
             pending: VecDeque::new(),
+            spans: PdvSpans::default(),
             next_message_id: 1,
         }
     }
@@ -347,8 +350,8 @@ impl<S: AsyncRead + AsyncWrite> Requestor<S> {
             let (pdu_type, bytes) = next_pdu(&mut self.reader, self.timeout, phase).await?;
             match pdu_type {
                 pdu::P_DATA_TF => {
-                    pdata::check_pdv_items(bytes).map_err(RequestorError::Pdv)?;
-                    let pdvs = pdata::pdv_items(bytes).map(|p| OwnedPdv {
+                    let checked = self.spans.check(bytes).map_err(RequestorError::Pdv)?;
+                    let pdvs = checked.items().map(|p| OwnedPdv {
                         context: p.presentation_context_id,
                         is_command: p.is_command,
                         is_last: p.is_last,
@@ -600,7 +603,9 @@ mod tests {
         while carried < big.len() + 3 {
             read_pdu(&mut peer, &mut buf, 1 << 20).await.expect("pdu");
             assert!(buf.len() - pdu::PDU_HEADER_LENGTH <= 4096);
-            carried += pdata::pdv_items(&buf).map(|p| p.data.len()).sum::<usize>();
+            carried += crate::ul::pdata::pdv_items(&buf)
+                .map(|p| p.data.len())
+                .sum::<usize>();
         }
         assert_eq!(carried, big.len() + 3);
     }

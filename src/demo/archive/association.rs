@@ -18,7 +18,7 @@ use super::DemoArchiveError;
 use super::dimse::Command;
 use super::negotiation::{Context, DEMO_RECEIVE_MAX_PDU, Rejection, Service, negotiate};
 use crate::ul::association::{AssociationError, parse_request};
-use crate::ul::pdata::{PDataWriter, check_pdv_items, pdv_items};
+use crate::ul::pdata::{PDataWriter, PdvSpans};
 use crate::ul::pdu::{self, PDU_HEADER_LENGTH, PduError, PduReader};
 
 /// A-ABORT reasons (PS3.8 9.3.8, source: service provider).
@@ -361,8 +361,9 @@ async fn read_frame(
             // A P-DATA-TF without items carries nothing: it is passed over, as it always was.
             pdu::P_DATA_TF if bytes.len() == PDU_HEADER_LENGTH => Ok(Frame::PData(Vec::new())),
             pdu::P_DATA_TF => {
-                check_pdv_items(bytes).map_err(DemoArchiveError::ReadPdu)?;
-                let items = pdv_items(bytes).map(|p| OwnedPdv {
+                let mut spans = PdvSpans::default();
+                let checked = spans.check(bytes).map_err(DemoArchiveError::ReadPdu)?;
+                let items = checked.items().map(|p| OwnedPdv {
                     presentation_context_id: p.presentation_context_id,
                     is_command: p.is_command,
                     is_last: p.is_last,
@@ -487,8 +488,8 @@ mod tests {
         pdu::read_pdu(&mut s, &mut back, 1 << 16)
             .await
             .expect("response");
-        check_pdv_items(&back).expect("well-formed");
-        let items: Vec<_> = pdv_items(&back).collect();
+        crate::ul::pdata::check_pdv_items(&back).expect("well-formed");
+        let items: Vec<_> = crate::ul::pdata::pdv_items(&back).collect();
         assert!(items.len() == 1 && items[0].is_command && items[0].is_last);
         let response = dimse::decode_command(items[0].data).expect("decode");
         assert_eq!(
