@@ -259,13 +259,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
 
 /// Relay an established association until it is released, aborted, fails or idles out.
 /// Returns how it ended, the bytes each way, and the inspector (with what it counted).
-pub async fn relay<C, A, I>(
+///
+/// Not an `async fn`: the streams and the inspector are moved into their places (the split halves,
+/// [`Shared`]) before the future is made, so that it does not also keep room for them as arguments.
+/// An idle association holds this future for its whole life (bench (6)).
+pub fn relay<C, A, I>(
     client: C,
     archive: A,
     limits: RelayLimits,
     inspector: I,
     shutdown: tokio::sync::watch::Receiver<bool>,
-) -> (RelayEnd, RelayStats, I)
+) -> impl std::future::Future<Output = (RelayEnd, RelayStats, I)>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     A: AsyncRead + AsyncWrite + Unpin,
@@ -280,47 +284,49 @@ where
         started: Instant::now(),
         last_activity_ms: AtomicU64::new(0),
     };
-    let mut stats = RelayStats::default();
-    let (mut from_client, mut from_archive) = (0u64, 0u64);
-
-    let end = {
-        let up = direction(
-            Legs {
-                side: Side::Requestor,
-                to: &archive_wr,
-                back: &client_wr,
-            },
-            &mut client_rd,
-            limits.from_client,
-            &shared,
-            &mut from_client,
-        );
-        let down = direction(
-            Legs {
-                side: Side::Acceptor,
-                to: &client_wr,
-                back: &archive_wr,
-            },
-            &mut archive_rd,
-            limits.from_archive,
-            &shared,
-            &mut from_archive,
-        );
-        tokio::select! {
-            end = up => end,
-            end = down => end,
-            end = idle_timeout(&shared, limits.idle) => end,
-            end = shutting_down(shutdown) => end,
-        }
-    };
-    stats.from_client = from_client;
-    stats.from_archive = from_archive;
-    close(&end, client_wr.into_inner(), archive_wr.into_inner()).await;
-    let inspector = shared
-        .inspector
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner());
-    (end, stats, inspector)
+    async move {
+        let (mut from_client, mut from_archive) = (0u64, 0u64);
+        let end = {
+            let up = direction(
+                Legs {
+                    side: Side::Requestor,
+                    to: &archive_wr,
+                    back: &client_wr,
+                },
+                &mut client_rd,
+                limits.from_client,
+                &shared,
+                &mut from_client,
+            );
+            let down = direction(
+                Legs {
+                    side: Side::Acceptor,
+                    to: &client_wr,
+                    back: &archive_wr,
+                },
+                &mut archive_rd,
+                limits.from_archive,
+                &shared,
+                &mut from_archive,
+            );
+            tokio::select! {
+                end = up => end,
+                end = down => end,
+                end = idle_timeout(&shared, limits.idle) => end,
+                end = shutting_down(shutdown) => end,
+            }
+        };
+        let stats = RelayStats {
+            from_client,
+            from_archive,
+        };
+        close(&end, client_wr.into_inner(), archive_wr.into_inner()).await;
+        let inspector = shared
+            .inspector
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
+        (end, stats, inspector)
+    }
 }
 
 /// Ends when neither side has sent anything for `idle`.

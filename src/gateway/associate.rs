@@ -121,7 +121,9 @@ impl<'a> Association<'a> {
         if self.over_tls {
             let (client, names) = handshake(self.state, stream, self.started).await?;
             self.certificate_names = names;
-            self.associate(client).await
+            // Boxed: the TLS state (~1.3 KiB) is then not kept in each phase's future (by value, the
+            // phases' arguments and locals each kept room for it).
+            self.associate(Box::new(client)).await
         } else {
             let _ = stream.set_nodelay(true);
             self.associate(stream).await
@@ -354,10 +356,8 @@ impl<'a> Association<'a> {
         );
         metrics().active.inc();
         let shutdown = self.shutdown.clone();
-        // In an allocation of its own (what an idle association holds: bench (6)), so that the task's
-        // other phases do not round it up to the allocator's next size class.
         let (end, stats, session) =
-            Box::pin(relay::relay(client, e.archive, limits, session, shutdown)).await;
+            relay::relay(client, e.archive, limits, session, shutdown).await;
         metrics().active.dec();
         self.outcome.bytes_from_client = stats.from_client;
         self.outcome.bytes_from_archive = stats.from_archive;
