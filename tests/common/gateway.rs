@@ -180,3 +180,43 @@ pub fn password_hash(password: &str) -> String {
         .insert(password.to_string(), hash.clone());
     hash
 }
+
+/// An argon2id hash of `password` whose check takes about `check` here: the default memory cost
+/// (19 MiB) with as many passes as make it that slow, measured in this process (built like the
+/// gateway under test: a debug build's argon2 is ten times slower than a release build's). For tests
+/// that must keep the four password-check slots busy for seconds with a burst of fixed size: the
+/// default hash checks in ~25 ms in a release build, too fast for a bounded burst to outlast
+/// `auth::PASSWORD_CHECK_WAIT` (5 s) on a fast machine. The gateway verifies with the cost the hash
+/// names.
+pub fn password_hash_taking(password: &str, check: Duration) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    use argon2::{Algorithm, Argon2, Params, Version};
+    let hash = |passes: u32| {
+        let params = Params::new(Params::DEFAULT_M_COST, passes, 1, None).expect("argon2 params");
+        let salt = SaltString::encode_b64(b"pacsgate-test-salt").expect("salt");
+        let started = Instant::now();
+        let hash = Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+            .hash_password(password.as_bytes(), &salt)
+            .expect("argon2 hash")
+            .to_string();
+        (hash, started.elapsed())
+    };
+    // Time grows with the passes, plus a fixed part (the 19 MiB, first touched): scale from 2
+    // passes, then correct from what that gave, at most three times.
+    let (mut hash_of, mut took) = hash(2);
+    let mut passes = 2u32;
+    for _ in 0..3 {
+        let ratio = check.as_secs_f64() / took.as_secs_f64().max(1e-4);
+        if (0.85..1.25).contains(&ratio) {
+            break;
+        }
+        let next = ((f64::from(passes) * ratio).ceil() as u32).clamp(2, 2000);
+        if next == passes {
+            break;
+        }
+        passes = next;
+        (hash_of, took) = hash(passes);
+    }
+    eprintln!("password_hash_taking: {passes} passes, {took:?} here");
+    hash_of
+}

@@ -18,7 +18,7 @@ pub mod peers;
 pub mod pki;
 
 pub use config::GatewayConfig;
-pub use gateway::{Gateway, password_hash, write_config};
+pub use gateway::{Gateway, password_hash, password_hash_taking, write_config};
 pub use orthanc::Orthanc;
 pub use peers::{
     Instance, PyArchive, StoreScp, assert_success, dataset_bytes, dcmtk, dcmtk_with_timeout,
