@@ -182,12 +182,13 @@ pub fn password_hash(password: &str) -> String {
 }
 
 /// An argon2id hash of `password` whose check takes about `check` here: the default memory cost
-/// (19 MiB) with as many passes as make it that slow, measured in this process (built like the
-/// gateway under test: a debug build's argon2 is ten times slower than a release build's). For tests
-/// that must keep the four password-check slots busy for seconds with a burst of fixed size: the
-/// default hash checks in ~25 ms in a release build, too fast for a bounded burst to outlast
-/// `auth::PASSWORD_CHECK_WAIT` (5 s) on a fast machine. The gateway verifies with the cost the hash
-/// names.
+/// (19 MiB) with as many passes as make it that slow, timed in this process when the hash is made
+/// (a busier machine then gives fewer passes). This process is built like the gateway under test
+/// (a debug build's argon2 is ten times slower than a release build's), unless `PACSGATE_TEST_BIN`
+/// names another build. For tests that must keep the four password-check slots busy for seconds
+/// with a burst of bounded size: the default hash checks in ~25 ms in a release build, too fast for
+/// such a burst to outlast `auth::PASSWORD_CHECK_WAIT` (5 s) on a fast machine. The gateway verifies
+/// with the cost the hash names.
 pub fn password_hash_taking(password: &str, check: Duration) -> String {
     use argon2::password_hash::{PasswordHasher, SaltString};
     use argon2::{Algorithm, Argon2, Params, Version};
