@@ -39,6 +39,10 @@ const CLOSE_BOUND: Duration = Duration::from_secs(2);
 const RELEASE_BOUND: Duration = Duration::from_secs(10);
 /// How many PDUs (late P-DATA) a best-effort release reads before giving up on the A-RELEASE-RP.
 const RELEASE_PDUS: usize = 1024;
+/// How many empty fragments (PDVs with no data that are not the last of their message) may come one
+/// after another. Non-empty ones are bounded by the message's byte limit; without this bound a peer
+/// could keep a reader looping forever on fragments that carry nothing.
+pub const MAX_EMPTY_FRAGMENTS: usize = 64;
 
 /// What went wrong on an association we requested. Each variant keeps what its caller needs to
 /// say it in its own words (the tools and `connect` word some of them differently).
@@ -85,6 +89,8 @@ pub enum RequestorError {
     NotOnContext { context: u8, phase: &'static str },
     #[error("a data set over {limit} bytes while {phase}")]
     DataTooLarge { limit: usize, phase: &'static str },
+    #[error("over {MAX_EMPTY_FRAGMENTS} empty fragments in a row while {0}")]
+    EmptyFragments(&'static str),
 }
 
 impl RequestorError {
@@ -268,6 +274,8 @@ pub struct Requestor<S> {
     pending: VecDeque<OwnedPdv>,
     /// The PDV items of the P-DATA-TF at hand, checked and read in one pass, kept from PDU to PDU.
     spans: PdvSpans,
+    /// Empty fragments handed out one after another (bounded by [`MAX_EMPTY_FRAGMENTS`]).
+    empty_fragments: usize,
     next_message_id: u16,
 }
 
@@ -283,6 +291,7 @@ impl<S: AsyncRead + AsyncWrite> Requestor<S> {
             timeout,
             pending: VecDeque::new(),
             spans: PdvSpans::default(),
+            empty_fragments: 0,
             next_message_id: 1,
         }
     }
@@ -340,11 +349,20 @@ impl<S: AsyncRead + AsyncWrite> Requestor<S> {
         self.write(&writer.into_bytes(), phase).await
     }
 
-    /// The next PDV, reading PDUs as needed.
+    /// The next PDV, reading PDUs as needed. More than [`MAX_EMPTY_FRAGMENTS`] empty fragments in
+    /// a row are an error: every reader of messages loops on this, and only bytes bound its loop.
     pub async fn next_pdv(&mut self, phase: &'static str) -> Result<OwnedPdv, RequestorError> {
         // Bounded: every P-DATA-TF that passes the check holds at least one PDV.
         for _ in 0..1_000_000 {
             if let Some(pdv) = self.pending.pop_front() {
+                if pdv.data.is_empty() && !pdv.is_last {
+                    self.empty_fragments += 1;
+                    if self.empty_fragments > MAX_EMPTY_FRAGMENTS {
+                        return Err(RequestorError::EmptyFragments(phase));
+                    }
+                } else {
+                    self.empty_fragments = 0;
+                }
                 return Ok(pdv);
             }
             let (pdu_type, bytes) = next_pdu(&mut self.reader, self.timeout, phase).await?;
@@ -427,16 +445,29 @@ impl<S: AsyncRead + AsyncWrite> Requestor<S> {
         }
     }
 
-    /// A-RELEASE-RQ, then wait for the A-RELEASE-RP (each PDU within the timeout; late P-DATA,
-    /// e.g. after a C-CANCEL, is skipped), then close.
+    /// A-RELEASE-RQ, then wait for the A-RELEASE-RP (late P-DATA, e.g. after a C-CANCEL, is
+    /// skipped; the whole wait within the timeout, so a peer that keeps sending P-DATA cannot hold
+    /// it open), then close.
     pub async fn release(mut self) -> Result<(), RequestorError> {
         self.write(&RELEASE_RQ, SENDING_RELEASE).await?;
-        loop {
-            match next_pdu(&mut self.reader, self.timeout, WAITING_FOR_RELEASE).await? {
-                (pdu::A_RELEASE_RP, _) => break,
-                (pdu::P_DATA_TF, _) => continue,
-                (pdu::A_ABORT, bytes) => return Err(aborted(bytes)),
-                (other, _) => return Err(RequestorError::NotAReleaseRp(other)),
+        let (reader, timeout) = (&mut self.reader, self.timeout);
+        let answer = async {
+            loop {
+                match next_pdu(reader, timeout, WAITING_FOR_RELEASE).await? {
+                    (pdu::A_RELEASE_RP, _) => return Ok(()),
+                    (pdu::P_DATA_TF, _) => continue,
+                    (pdu::A_ABORT, bytes) => return Err(aborted(bytes)),
+                    (other, _) => return Err(RequestorError::NotAReleaseRp(other)),
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(answered) => answered?,
+            Err(_) => {
+                return Err(RequestorError::Timeout {
+                    phase: WAITING_FOR_RELEASE,
+                    after: timeout,
+                });
             }
         }
         let _ = tokio::time::timeout(CLOSE_BOUND, self.writer.shutdown()).await;
@@ -625,6 +656,33 @@ mod tests {
         requestor.release().await.expect("released");
         acceptor.await.expect("acceptor");
 
+        // A peer that keeps sending P-DATA instead of the A-RELEASE-RP: the whole wait is bounded.
+        let (mut requestor, mut peer) = pair(0);
+        requestor.timeout = Duration::from_millis(300);
+        let dripping = tokio::spawn(async move {
+            let mut rq = [0u8; 10];
+            peer.read_exact(&mut rq).await.expect("release rq");
+            for _ in 0..100 {
+                if peer.write_all(&p_data(1, 0x03, b"late")).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        // (Without the bound, the drip would outlast each PDU's wait, and end as a closed stream.)
+        let e = requestor.release().await.expect_err("never released");
+        assert!(
+            matches!(
+                e,
+                RequestorError::Timeout {
+                    phase: WAITING_FOR_RELEASE,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        dripping.abort();
+
         let (mut requestor, mut peer) = pair(0);
         peer.write_all(&[pdu::A_ABORT, 0, 0, 0, 0, 4, 0, 0, 2, 1])
             .await
@@ -637,5 +695,44 @@ mod tests {
                 reason: 1
             }
         ));
+    }
+
+    #[tokio::test]
+    async fn empty_fragments_are_bounded_but_a_few_pass() {
+        // A few empty fragments inside a message are odd but harmless.
+        let (mut requestor, mut peer) = pair(0);
+        let mut wire = Vec::new();
+        for _ in 0..MAX_EMPTY_FRAGMENTS {
+            wire.extend(p_data(1, 0x01, b""));
+        }
+        wire.extend(p_data(1, 0x03, b"command"));
+        peer.write_all(&wire).await.expect("write");
+        let (_, command) = requestor
+            .read_command_set(64, "reading")
+            .await
+            .expect("command");
+        assert_eq!(command, b"command");
+
+        // One more in a row than that, and the reader stops: without the bound a peer sending
+        // empty fragments forever would keep it reading forever (none adds to the byte limit).
+        let (mut requestor, mut peer) = pair(0);
+        let writer = tokio::spawn(async move {
+            for _ in 0..10 * MAX_EMPTY_FRAGMENTS {
+                if peer.write_all(&p_data(1, 0x00, b"")).await.is_err() {
+                    break;
+                }
+            }
+            peer
+        });
+        let e = requestor
+            .read_data(1, 1 << 20, "reading")
+            .await
+            .expect_err("endless");
+        assert!(
+            matches!(e, RequestorError::EmptyFragments("reading")),
+            "{e}"
+        );
+        drop(requestor);
+        let _ = writer.await;
     }
 }
