@@ -1,7 +1,7 @@
 //! `pacsgate check`: open (or test) everything `run` and a reload open, one `ok:` / `warning:` /
 //! `error:` / `unreachable:` line per section on standard output, and a [`Verdict`] for the exit status.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::{Config, ConfigError, SyslogTarget};
 use crate::listeners::Kind;
@@ -208,16 +208,37 @@ fn listeners(config: &Config, rt: &tokio::runtime::Runtime, problems: &mut Probl
         match rt.block_on(tokio::net::TcpListener::bind(address)) {
             Ok(_) => println!("ok: {} {address} can be bound", kind.key()),
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                match listening_process(address.port()) {
-                    Some((pid, name)) if name == "pacsgate" => println!(
-                        "ok: {} {address} is held by the running pacsgate (pid {pid}): a reload keeps it",
-                        kind.key()
+                let holder = listening_process(address.port());
+                match holder.as_ref().map(|h| (h, h.which())) {
+                    Some((h, Which::This | Which::ByName)) => println!(
+                        "ok: {} {address} is held by the running pacsgate (pid {}{}): a reload keeps it",
+                        kind.key(),
+                        h.pid,
+                        if h.program.is_some() {
+                            ""
+                        } else {
+                            ", known by its name: this user may not read its program"
+                        }
                     ),
-                    Some((pid, name)) => {
+                    Some((h, Which::AnotherBuild(me))) => println!(
+                        "warning: {} {address} is held by another pacsgate (pid {}, program {}; this check is {}): a reload of that one keeps it",
+                        kind.key(),
+                        h.pid,
+                        h.program.as_deref().unwrap_or(Path::new("?")).display(),
+                        me.display()
+                    ),
+                    Some((holder, Which::Other)) => {
                         problems.0 += 1;
                         println!(
-                            "error: {}: cannot listen on {address}: {e} (by pid {pid}, {name:?})",
-                            kind.key()
+                            "error: {}: cannot listen on {address}: {e} (by pid {}, {:?}{})",
+                            kind.key(),
+                            holder.pid,
+                            holder.name,
+                            holder
+                                .program
+                                .as_ref()
+                                .map(|p| format!(", program {}", p.display()))
+                                .unwrap_or_default()
                         );
                     }
                     None => {
@@ -321,9 +342,50 @@ fn audit_file_writable(file: &Path) -> std::io::Result<&'static str> {
     Ok("does not exist yet; its folder lets it be created")
 }
 
-/// The process listening on TCP `port` (pid and command name), from /proc; `None` when it cannot be
-/// seen (another user's process without privileges, or no /proc).
-fn listening_process(port: u16) -> Option<(u32, String)> {
+/// A process holding a listening socket, as /proc shows it.
+struct Holder {
+    pid: u32,
+    /// Its command name (`comm`): any program can take any name.
+    name: String,
+    /// Its executable (`exe`), without the " (deleted)" an upgrade leaves; `None` when this user may
+    /// not read it (another user's process, unless root).
+    program: Option<PathBuf>,
+}
+
+/// What a [`Holder`] is to this check.
+enum Which {
+    /// This very program: the same executable file, or the one an upgrade replaced at its path.
+    This,
+    /// Another executable file named pacsgate (another build or install); this one is at the path.
+    AnotherBuild(PathBuf),
+    /// Named pacsgate, and this user may not read its executable: a check run as another user than
+    /// the gateway's must still pass a running gateway.
+    ByName,
+    /// Anything else, including a program that merely calls itself pacsgate.
+    Other,
+}
+
+impl Holder {
+    fn which(&self) -> Which {
+        let Some(program) = &self.program else {
+            return if self.name == "pacsgate" {
+                Which::ByName
+            } else {
+                Which::Other
+            };
+        };
+        let me = std::env::current_exe().and_then(std::fs::canonicalize);
+        match me {
+            Ok(me) if &me == program => Which::This,
+            Ok(me) if program.file_name() == Some("pacsgate".as_ref()) => Which::AnotherBuild(me),
+            _ => Which::Other,
+        }
+    }
+}
+
+/// The process listening on TCP `port`, from /proc; `None` when it cannot be seen (another user's
+/// process without privileges, or no /proc).
+fn listening_process(port: u16) -> Option<Holder> {
     let inodes = crate::procnet::listening_inodes(port);
     if inodes.is_empty() {
         return None;
@@ -340,7 +402,15 @@ fn listening_process(port: u16) -> Option<(u32, String)> {
             let name = std::fs::read_to_string(entry.path().join("comm"))
                 .map(|c| c.trim().to_string())
                 .unwrap_or_default();
-            return Some((pid, name));
+            let program = std::fs::read_link(entry.path().join("exe"))
+                .ok()
+                .map(
+                    |exe| match exe.to_str().and_then(|e| e.strip_suffix(" (deleted)")) {
+                        Some(replaced) => PathBuf::from(replaced),
+                        None => exe,
+                    },
+                );
+            return Some(Holder { pid, name, program });
         }
     }
     None

@@ -551,3 +551,48 @@ fn a_reload_that_adds_http_and_admin_binds_them_and_names_them() {
     }
     assert!(!log.contains("next restart"), "{log}");
 }
+
+#[test]
+fn a_port_held_by_a_program_that_only_calls_itself_pacsgate_is_an_error() {
+    // Python under the name pacsgate (a link: its command name is the link's, its executable
+    // python's) listens on the gateway's port. `check` goes by the executable, not the name.
+    let pki = Pki::generate();
+    let dir = common::tempdir("check-impostor");
+    let fake = dir.path().join("pacsgate");
+    let python = std::fs::canonicalize("/usr/bin/python3").expect("python3");
+    std::os::unix::fs::symlink(&python, &fake).expect("link");
+    let port = free_port();
+    let mut cmd = std::process::Command::new(&fake);
+    cmd.args([
+        "-c",
+        &format!(
+            "import socket, time\ns = socket.socket()\ns.bind(('127.0.0.1', {port}))\ns.listen()\ntime.sleep(60)"
+        ),
+    ]);
+    let mut impostor = Spawned::spawn(cmd, &dir.path().join("impostor.log"));
+    impostor
+        .wait_until(Duration::from_secs(10), "listening", |p| {
+            is_listening(p.pid(), port)
+        })
+        .expect("impostor listening");
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", impostor.pid())).expect("comm");
+    assert_eq!(comm.trim(), "pacsgate", "the test's premise");
+    let path = write(
+        dir.path(),
+        "impostor.toml",
+        &config(&pki, port, dead_port(), ""),
+    );
+    let (code, text) = check(&path, false);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains(&format!(
+            "error: gateway.listen: cannot listen on 127.0.0.1:{port}"
+        )) && text.contains(&format!(
+            "(by pid {}, \"pacsgate\", program {})",
+            impostor.pid(),
+            python.display()
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("held by the running pacsgate"), "{text}");
+}
