@@ -210,22 +210,15 @@ fn listeners(config: &Config, rt: &tokio::runtime::Runtime, problems: &mut Probl
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
                 let holder = listening_process(address.port());
                 match holder.as_ref().map(|h| (h, h.which())) {
-                    Some((h, Which::This | Which::ByName)) => println!(
-                        "ok: {} {address} is held by the running pacsgate (pid {}{}): a reload keeps it",
+                    Some((h, Which::This)) => println!(
+                        "ok: {} {address} is held by the running pacsgate (pid {}): a reload keeps it",
                         kind.key(),
-                        h.pid,
-                        if h.program.is_some() {
-                            ""
-                        } else {
-                            ", known by its name: this user may not read its program"
-                        }
+                        h.pid
                     ),
-                    Some((h, Which::AnotherBuild(me))) => println!(
-                        "warning: {} {address} is held by another pacsgate (pid {}, program {}; this check is {}): a reload of that one keeps it",
+                    Some((h, Which::Replaced)) => println!(
+                        "ok: {} {address} is held by the running pacsgate (pid {}, the build an upgrade replaced at this path): a reload keeps it",
                         kind.key(),
-                        h.pid,
-                        h.program.as_deref().unwrap_or(Path::new("?")).display(),
-                        me.display()
+                        h.pid
                     ),
                     Some((holder, Which::Other)) => {
                         problems.0 += 1;
@@ -347,38 +340,46 @@ struct Holder {
     pid: u32,
     /// Its command name (`comm`): any program can take any name.
     name: String,
-    /// Its executable (`exe`), without the " (deleted)" an upgrade leaves; `None` when this user may
-    /// not read it (another user's process, unless root).
+    /// Its executable's path (`exe`), for the message: a path says little (a bind mount in another
+    /// mount namespace can put any file at any path), the file does.
     program: Option<PathBuf>,
 }
 
 /// What a [`Holder`] is to this check.
 enum Which {
-    /// This very program: the same executable file, or the one an upgrade replaced at its path.
+    /// This very program: the same executable file (device and inode) as check's own.
     This,
-    /// Another executable file named pacsgate (another build or install); this one is at the path.
-    AnotherBuild(PathBuf),
-    /// Named pacsgate, and this user may not read its executable: a check run as another user than
-    /// the gateway's must still pass a running gateway.
-    ByName,
-    /// Anything else, including a program that merely calls itself pacsgate.
+    /// The file an upgrade replaced: deleted, at check's own path, in check's mount namespace.
+    Replaced,
+    /// Anything else, including a program that calls itself pacsgate, or a file at a path named so.
     Other,
 }
 
 impl Holder {
     fn which(&self) -> Which {
-        let Some(program) = &self.program else {
-            return if self.name == "pacsgate" {
-                Which::ByName
-            } else {
-                Which::Other
-            };
+        use std::os::unix::fs::MetadataExt;
+        let proc = PathBuf::from(format!("/proc/{}", self.pid));
+        let same = |a: &Path, b: &Path| match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
         };
-        let me = std::env::current_exe().and_then(std::fs::canonicalize);
-        match me {
-            Ok(me) if &me == program => Which::This,
-            Ok(me) if program.file_name() == Some("pacsgate".as_ref()) => Which::AnotherBuild(me),
-            _ => Which::Other,
+        let theirs = proc.join("exe");
+        if same(&theirs, Path::new("/proc/self/exe")) {
+            return Which::This;
+        }
+        let deleted = std::fs::metadata(&theirs).is_ok_and(|m| m.nlink() == 0);
+        let at_our_path = self
+            .program
+            .as_deref()
+            .and_then(Path::to_str)
+            .and_then(|p| p.strip_suffix(" (deleted)"))
+            .zip(std::env::current_exe().ok())
+            .is_some_and(|(theirs, ours)| Path::new(theirs) == ours);
+        let our_namespace = same(&proc.join("ns/mnt"), Path::new("/proc/self/ns/mnt"));
+        if deleted && at_our_path && our_namespace {
+            Which::Replaced
+        } else {
+            Which::Other
         }
     }
 }
@@ -402,14 +403,7 @@ fn listening_process(port: u16) -> Option<Holder> {
             let name = std::fs::read_to_string(entry.path().join("comm"))
                 .map(|c| c.trim().to_string())
                 .unwrap_or_default();
-            let program = std::fs::read_link(entry.path().join("exe"))
-                .ok()
-                .map(
-                    |exe| match exe.to_str().and_then(|e| e.strip_suffix(" (deleted)")) {
-                        Some(replaced) => PathBuf::from(replaced),
-                        None => exe,
-                    },
-                );
+            let program = std::fs::read_link(entry.path().join("exe")).ok();
             return Some(Holder { pid, name, program });
         }
     }

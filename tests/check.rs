@@ -554,45 +554,103 @@ fn a_reload_that_adds_http_and_admin_binds_them_and_names_them() {
 
 #[test]
 fn a_port_held_by_a_program_that_only_calls_itself_pacsgate_is_an_error() {
-    // Python under the name pacsgate (a link: its command name is the link's, its executable
-    // python's) listens on the gateway's port. `check` goes by the executable, not the name.
+    // Python under the name pacsgate listens on the gateway's port: through a link (its command
+    // name is the link's, its executable python's), and as a copy at a path ending in /pacsgate.
+    // `check` goes by the executable file (device and inode), not by a name or a path.
     let pki = Pki::generate();
     let dir = common::tempdir("check-impostor");
-    let fake = dir.path().join("pacsgate");
     let python = std::fs::canonicalize("/usr/bin/python3").expect("python3");
-    std::os::unix::fs::symlink(&python, &fake).expect("link");
+    for how in ["link", "copy"] {
+        let folder = dir.path().join(how);
+        std::fs::create_dir(&folder).expect("folder");
+        let fake = folder.join("pacsgate");
+        if how == "link" {
+            std::os::unix::fs::symlink(&python, &fake).expect("link");
+        } else {
+            std::fs::copy(&python, &fake).expect("copy");
+        }
+        let port = free_port();
+        let mut cmd = std::process::Command::new(&fake);
+        cmd.args([
+            "-c",
+            &format!(
+                "import socket, time\ns = socket.socket()\ns.bind(('127.0.0.1', {port}))\ns.listen()\ntime.sleep(60)"
+            ),
+        ]);
+        let mut impostor = Spawned::spawn(cmd, &folder.join("impostor.log"));
+        impostor
+            .wait_until(Duration::from_secs(10), "listening", |p| {
+                is_listening(p.pid(), port)
+            })
+            .expect("impostor listening");
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", impostor.pid())).expect("comm");
+        assert_eq!(comm.trim(), "pacsgate", "the test's premise ({how})");
+        let program = if how == "link" { &python } else { &fake };
+        let path = write(
+            &folder,
+            "impostor.toml",
+            &config(&pki, port, dead_port(), ""),
+        );
+        let (code, text) = check(&path, false);
+        assert_eq!(code, Some(1), "{how}: {text}");
+        assert!(
+            text.contains(&format!(
+                "error: gateway.listen: cannot listen on 127.0.0.1:{port}"
+            )) && text.contains(&format!(
+                "(by pid {}, \"pacsgate\", program {})",
+                impostor.pid(),
+                program.display()
+            )),
+            "{how}: {text}"
+        );
+        assert!(
+            !text.contains("held by the running pacsgate"),
+            "{how}: {text}"
+        );
+    }
+}
+
+#[test]
+fn a_gateway_whose_program_an_upgrade_replaced_is_still_the_running_pacsgate() {
+    // The package manager renames a new file over /usr/bin/pacsgate while the old one runs: the
+    // gateway's executable is then a deleted file, and `check` (the new one, at the same path)
+    // must still know it. Here: a copy of the binary, started, then replaced by another copy.
+    let pki = Pki::generate();
+    let dir = common::tempdir("check-upgrade");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("bin");
+    let program = bin.join("pacsgate");
+    std::fs::copy(common::gateway::gateway_bin(), &program).expect("copy");
     let port = free_port();
-    let mut cmd = std::process::Command::new(&fake);
-    cmd.args([
-        "-c",
-        &format!(
-            "import socket, time\ns = socket.socket()\ns.bind(('127.0.0.1', {port}))\ns.listen()\ntime.sleep(60)"
-        ),
-    ]);
-    let mut impostor = Spawned::spawn(cmd, &dir.path().join("impostor.log"));
-    impostor
-        .wait_until(Duration::from_secs(10), "listening", |p| {
-            is_listening(p.pid(), port)
-        })
-        .expect("impostor listening");
-    let comm = std::fs::read_to_string(format!("/proc/{}/comm", impostor.pid())).expect("comm");
-    assert_eq!(comm.trim(), "pacsgate", "the test's premise");
     let path = write(
         dir.path(),
-        "impostor.toml",
+        "pacsgate.toml",
         &config(&pki, port, dead_port(), ""),
     );
-    let (code, text) = check(&path, false);
-    assert_eq!(code, Some(1), "{text}");
+    let mut cmd = std::process::Command::new(&program);
+    cmd.args(["run", "--config"])
+        .arg(&path)
+        .current_dir(dir.path());
+    let mut running = Spawned::spawn(cmd, &dir.path().join("pacsgate.log"));
+    running
+        .wait_until(Duration::from_secs(20), "listening", |p| {
+            is_listening(p.pid(), port)
+        })
+        .expect("gateway listening");
+    let upgrade = bin.join("pacsgate.new");
+    std::fs::copy(common::gateway::gateway_bin(), &upgrade).expect("copy");
+    std::fs::rename(&upgrade, &program).expect("rename over");
+    let out = std::process::Command::new(&program)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("check");
+    let text = output_text(&out);
     assert!(
         text.contains(&format!(
-            "error: gateway.listen: cannot listen on 127.0.0.1:{port}"
-        )) && text.contains(&format!(
-            "(by pid {}, \"pacsgate\", program {})",
-            impostor.pid(),
-            python.display()
+            "ok: gateway.listen 127.0.0.1:{port} is held by the running pacsgate (pid {}, the build an upgrade replaced at this path)",
+            running.pid()
         )),
         "{text}"
     );
-    assert!(!text.contains("held by the running pacsgate"), "{text}");
 }
