@@ -208,7 +208,7 @@ fn listeners(config: &Config, rt: &tokio::runtime::Runtime, problems: &mut Probl
         match rt.block_on(tokio::net::TcpListener::bind(address)) {
             Ok(_) => println!("ok: {} {address} can be bound", kind.key()),
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                let holder = listening_process(address.port());
+                let holder = listening_process(address);
                 match holder.as_ref().map(|h| (h, h.which())) {
                     Some((h, Which::This)) => println!(
                         "ok: {} {address} is held by the running pacsgate (pid {}): a reload keeps it",
@@ -384,10 +384,10 @@ impl Holder {
     }
 }
 
-/// The process listening on TCP `port`, from /proc; `None` when it cannot be seen (another user's
+/// The process whose listening socket keeps `address` from being bound, from /proc; `None` when it cannot be seen (another user's
 /// process without privileges, or no /proc).
-fn listening_process(port: u16) -> Option<Holder> {
-    let inodes = crate::procnet::listening_inodes(port);
+fn listening_process(address: std::net::SocketAddr) -> Option<Holder> {
+    let inodes = crate::procnet::listening_inodes_at(address);
     if inodes.is_empty() {
         return None;
     }

@@ -118,6 +118,22 @@ impl<R: Read> Read for Bounded<R> {
 /// The inodes of the sockets in LISTEN state on TCP `port` (IPv4 or IPv6, any address); a table that
 /// cannot be read (no /proc, a kernel without IPv6) adds none.
 pub fn listening_inodes(port: u16) -> HashSet<u64> {
+    listening_where(|local| local.port() == port)
+}
+
+/// The inodes of the sockets in LISTEN state that keep `address` from being bound: on its port, at
+/// its address or at a wildcard one (of either family: a dual-stack `[::]` holds IPv4 too), or at
+/// any address when `address` is a wildcard itself.
+pub fn listening_inodes_at(address: std::net::SocketAddr) -> HashSet<u64> {
+    listening_where(|local| {
+        local.port() == address.port()
+            && (local.ip() == address.ip()
+                || local.ip().is_unspecified()
+                || address.ip().is_unspecified())
+    })
+}
+
+fn listening_where(wanted: impl Fn(&std::net::SocketAddr) -> bool) -> HashSet<u64> {
     let mut inodes = HashSet::new();
     for table in TABLES {
         let Ok(reader) = open(table) else {
@@ -127,7 +143,7 @@ pub fn listening_inodes(port: u16) -> HashSet<u64> {
             let Ok(row) = row else {
                 break;
             };
-            if row.state == LISTEN && row.local.port() == port {
+            if row.state == LISTEN && wanted(&row.local) {
                 inodes.insert(row.inode);
             }
         }
@@ -203,5 +219,19 @@ mod tests {
         assert_eq!(socket_inode("socket:[4242]"), Some(4242));
         assert_eq!(socket_inode("pipe:[4242]"), None);
         assert_eq!(socket_inode("/dev/null"), None);
+    }
+
+    #[test]
+    fn a_listener_blocks_its_own_address_and_the_wildcard_not_another() {
+        let other = std::net::TcpListener::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+        let port = other.local_addr().expect("addr").port();
+        let at = |a: &str| listening_inodes_at(format!("{a}:{port}").parse().expect("address"));
+        assert_eq!(at("127.0.0.2").len(), 1);
+        assert_eq!(at("0.0.0.0").len(), 1, "a wildcard bind is blocked by it");
+        assert!(
+            at("127.0.0.1").is_empty(),
+            "another address on the port is free"
+        );
+        assert_eq!(listening_inodes(port), at("127.0.0.2"));
     }
 }
