@@ -29,6 +29,8 @@ pub(super) use crate::dimse::status::PROCESSING_FAILURE;
 use crate::dimse::status::UNABLE_TO_PERFORM_SUB_OPERATIONS as UNABLE_TO_PERFORM;
 /// The largest identifier (e.g. a Failed SOP Instance UID List) taken from a C-GET response.
 pub(super) const MAX_RESPONSE_IDENTIFIER: usize = 4 * 1024 * 1024;
+/// The most of a C-GET response's data set read at all, held or dropped.
+const MAX_DROPPED_RESPONSE: usize = 16 * MAX_RESPONSE_IDENTIFIER;
 /// Messages read on one C-GET association at most: a bound on the loop, far above real studies.
 const MAX_MESSAGES: usize = 10_000_000;
 
@@ -454,7 +456,8 @@ async fn exchange(
 
 /// A C-GET response's data set (a Failed SOP Instance UID List), held within the move-as-get buffer:
 /// past the buffer (or [`MAX_RESPONSE_IDENTIFIER`]) the rest is read and dropped, and the response
-/// goes to the client without it.
+/// goes to the client without it; past [`MAX_DROPPED_RESPONSE`] in all, the association fails (no
+/// such list is that long: a peer that never ends one would keep this reading forever).
 async fn read_held<G: AsyncRead + AsyncWrite + Unpin>(
     get: &mut Link<G>,
     pc: u8,
@@ -462,10 +465,17 @@ async fn read_held<G: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Option<(Vec<u8>, super::move_as_get::Reservation)>, LinkError> {
     let mut data = Vec::new();
     let mut reservation = Some(account.reservation());
+    let mut read = 0usize;
     loop {
         let pdv = get
             .read_data_pdv(pc, "reading a C-GET response's data set")
             .await?;
+        read = read.saturating_add(pdv.data.len());
+        if read > MAX_DROPPED_RESPONSE {
+            return Err(LinkError::Protocol(format!(
+                "a C-GET response's data set over {MAX_DROPPED_RESPONSE} bytes"
+            )));
+        }
         if let Some(r) = reservation.as_mut() {
             let room = if data.len() + pdv.data.len() > MAX_RESPONSE_IDENTIFIER {
                 Err(format!("over {MAX_RESPONSE_IDENTIFIER} bytes"))

@@ -46,6 +46,19 @@ const MAX_IDENTIFIER_LENGTH: usize = 4 * 1024 * 1024;
 /// The longest primary field of a User Identity: its length is 16 bits, and the whole sub-item
 /// (with the secondary field) must fit in a 16-bit item length.
 const MAX_IDENTITY_FIELD: usize = 60 * 1024;
+/// How many messages that do not answer the request (other message IDs, other commands) are read
+/// past while waiting for its response; a peer that sends only those is refused.
+const MAX_OTHER_MESSAGES: usize = 64;
+/// How many pending C-FIND responses are drained after a C-CANCEL before giving up on the final one
+/// (the peer must stop "as soon as possible", PS3.4 C.4.1.2.3).
+const MAX_AFTER_CANCEL: usize = 10_000;
+
+/// A peer that answered with nothing but other messages.
+fn other_messages(request: &str) -> ToolError {
+    ToolError::Protocol(format!(
+        "over {MAX_OTHER_MESSAGES} messages that do not answer the {request} request"
+    ))
+}
 
 /// Any byte stream an association can run over: TCP, or TLS over TCP.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -365,7 +378,7 @@ impl Association {
         let id = self.message_id();
         let command = request_command(command_field::C_ECHO_RQ, VERIFICATION, id, false);
         self.send_message(context, &command, None).await?;
-        loop {
+        for _ in 0..=MAX_OTHER_MESSAGES {
             let message = self.read_message("waiting for the C-ECHO response").await?;
             let c = &message.command;
             if c.field == command_field::C_ECHO_RQ | command_field::RESPONSE && c.responded_to == id
@@ -375,6 +388,7 @@ impl Association {
                     .ok_or_else(|| ToolError::Protocol("C-ECHO response without status".into()));
             }
         }
+        Err(other_messages("C-ECHO"))
     }
 
     /// C-FIND with `identifier` on the context of `model`; `on_match` gets each pending
@@ -394,11 +408,16 @@ impl Association {
         self.send_message(context.id, &command, Some(&data)).await?;
         let mut matches = 0usize;
         let mut cancelled = false;
+        let (mut others, mut after_cancel) = (0usize, 0usize);
         loop {
             let message = self.read_message("waiting for C-FIND responses").await?;
             let c = &message.command;
             if c.field != command_field::C_FIND_RQ | command_field::RESPONSE || c.responded_to != id
             {
+                others += 1;
+                if others > MAX_OTHER_MESSAGES {
+                    return Err(other_messages("C-FIND"));
+                }
                 continue;
             }
             let status = c
@@ -414,6 +433,12 @@ impl Association {
             }
             matches += 1;
             if cancelled {
+                after_cancel += 1;
+                if after_cancel > MAX_AFTER_CANCEL {
+                    return Err(ToolError::Protocol(format!(
+                        "over {MAX_AFTER_CANCEL} pending C-FIND responses after the C-CANCEL"
+                    )));
+                }
                 continue;
             }
             let Some(bytes) = message.data else {
@@ -497,5 +522,136 @@ mod tests {
             )
             .contains("secret")
         );
+    }
+
+    /// One P-DATA-TF with one PDV (`header`: 0x03 a whole command set, 0x02 a whole data set).
+    fn p_data(header: u8, data: &[u8]) -> Vec<u8> {
+        let mut out = vec![pdu::P_DATA_TF, 0];
+        out.extend_from_slice(&((data.len() + 6) as u32).to_be_bytes());
+        out.extend_from_slice(&((data.len() + 2) as u32).to_be_bytes());
+        out.extend_from_slice(&[1, header]);
+        out.extend_from_slice(data);
+        out
+    }
+
+    /// A response command set: `field`, responding to `id`, with `status`, with or without a data set.
+    fn response(field: u16, sop_class: &str, id: u16, status: u16, with_data: bool) -> Vec<u8> {
+        dimse::encode_command(vec![
+            DataElement::new(
+                tags::AFFECTED_SOP_CLASS_UID,
+                VR::UI,
+                PrimitiveValue::from(sop_class),
+            ),
+            dimse::us(tags::COMMAND_FIELD, field | command_field::RESPONSE),
+            dimse::us(tags::MESSAGE_ID_BEING_RESPONDED_TO, id),
+            dimse::us(
+                tags::COMMAND_DATA_SET_TYPE,
+                if with_data { 0x0000 } else { 0x0101 },
+            ),
+            dimse::us(tags::STATUS, status),
+        ])
+    }
+
+    /// An association with an in-memory acceptor that accepts `abstract_syntax` on context 1,
+    /// reads the first PDU of the request, then writes `answers` (whole PDUs) and keeps the pipe open.
+    async fn against(
+        abstract_syntax: &'static str,
+        answers: Vec<Vec<u8>>,
+    ) -> (
+        Association,
+        tokio::task::JoinHandle<tokio::io::DuplexStream>,
+    ) {
+        use dicom_ul::pdu::PresentationContextResultReason;
+        use dicom_ul::pdu::{AssociationAC, PresentationContextResult};
+        use tokio::io::AsyncWriteExt;
+        let (ours, mut theirs) = tokio::io::duplex(1 << 20);
+        let peer = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            pdu::read_pdu(&mut theirs, &mut buf, 1 << 20)
+                .await
+                .expect("A-ASSOCIATE-RQ");
+            let ac = Pdu::AssociationAC(AssociationAC {
+                protocol_version: 1,
+                calling_ae_title: "TOOL".into(),
+                called_ae_title: "ARCHIVE".into(),
+                application_context_name: "1.2.840.10008.3.1.1.1".into(),
+                presentation_contexts: vec![PresentationContextResult {
+                    id: 1,
+                    reason: PresentationContextResultReason::Acceptance,
+                    transfer_syntax: EXPLICIT_VR_LITTLE_ENDIAN.uid().to_string(),
+                }],
+                user_variables: vec![UserVariableItem::MaxLength(16384)],
+            });
+            let mut out = Vec::new();
+            write_pdu(&mut out, &ac).expect("A-ASSOCIATE-AC");
+            theirs.write_all(&out).await.expect("write AC");
+            pdu::read_pdu(&mut theirs, &mut buf, 1 << 20)
+                .await
+                .expect("request");
+            for a in answers {
+                if theirs.write_all(&a).await.is_err() {
+                    break;
+                }
+            }
+            theirs
+        });
+        let conn = Connection {
+            stream: Box::new(ours),
+            peer: "127.0.0.1:104".parse().expect("address"),
+            tls_version: None,
+        };
+        let request = Request {
+            calling_ae: "TOOL".into(),
+            called_ae: "ARCHIVE".into(),
+            identity: Identity::None,
+            abstract_syntaxes: vec![abstract_syntax],
+            timeout: Duration::from_secs(5),
+        };
+        let assoc = associate(conn, &request).await.expect("associated");
+        (assoc, peer)
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_answers_only_other_messages_is_refused() {
+        // Responses to a message ID never sent, more than the tools read past.
+        let others = (0..=MAX_OTHER_MESSAGES)
+            .map(|_| p_data(0x03, &response(0x0030, VERIFICATION, 999, 0, false)))
+            .collect();
+        let (mut assoc, _peer) = against(VERIFICATION, others).await;
+        let e = assoc.echo().await.expect_err("never answered");
+        assert!(e.to_string().contains("do not answer the C-ECHO"), "{e}");
+
+        // A few of them, then the answer: fine.
+        let mut answers: Vec<Vec<u8>> = (0..3)
+            .map(|_| p_data(0x03, &response(0x0030, VERIFICATION, 999, 0, false)))
+            .collect();
+        answers.push(p_data(0x03, &response(0x0030, VERIFICATION, 1, 0, false)));
+        let (mut assoc, _peer) = against(VERIFICATION, answers).await;
+        assert_eq!(assoc.echo().await.expect("answered"), 0);
+    }
+
+    #[tokio::test]
+    async fn pending_responses_after_a_cancel_are_bounded() {
+        // One match (the tool cancels after it), then pending responses that never stop.
+        let mut identifier = InMemDicomObject::new_empty();
+        identifier.put(DataElement::new(
+            tags::PATIENT_ID,
+            VR::LO,
+            PrimitiveValue::from("P1"),
+        ));
+        let data = dimse::encode_identifier(&identifier, EXPLICIT_VR_LITTLE_ENDIAN.uid())
+            .expect("identifier");
+        let mut answers = vec![
+            p_data(0x03, &response(0x0020, STUDY_ROOT_FIND, 1, 0xFF00, true)),
+            p_data(0x02, &data),
+        ];
+        let pending = p_data(0x03, &response(0x0020, STUDY_ROOT_FIND, 1, 0xFF00, false));
+        answers.extend(std::iter::repeat_n(pending, MAX_AFTER_CANCEL + 1));
+        let (mut assoc, _peer) = against(STUDY_ROOT_FIND, answers).await;
+        let e = assoc
+            .find(STUDY_ROOT_FIND, &identifier, |_| false)
+            .await
+            .expect_err("never final");
+        assert!(e.to_string().contains("after the C-CANCEL"), "{e}");
     }
 }

@@ -40,8 +40,9 @@ const RELEASE_BOUND: Duration = Duration::from_secs(10);
 /// How many PDUs (late P-DATA) a best-effort release reads before giving up on the A-RELEASE-RP.
 const RELEASE_PDUS: usize = 1024;
 /// How many empty fragments (PDVs with no data that are not the last of their message) may come one
-/// after another. Non-empty ones are bounded by the message's byte limit; without this bound a peer
-/// could keep a reader looping forever on fragments that carry nothing.
+/// after another. Non-empty ones are bounded by the reader's byte limit where it holds the message
+/// (a data set streamed on, as `connect` streams a C-STORE sub-operation, has each PDU's wait only);
+/// without this bound a peer could keep a reader looping forever on fragments that carry nothing.
 pub const MAX_EMPTY_FRAGMENTS: usize = 64;
 
 /// What went wrong on an association we requested. Each variant keeps what its caller needs to
