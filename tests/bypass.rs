@@ -487,3 +487,68 @@ fn a_character_set_escape_does_not_hide_a_wildcard() {
         "{r}"
     );
 }
+
+#[test]
+fn a_retrieve_by_accession_number_beside_a_uid_is_refused() {
+    // Orthanc retrieves a STUDY by AccessionNumber whenever one is given, whatever the
+    // StudyInstanceUID the guard judged (and the audit would name): a made-up UID and other
+    // patients' accession numbers moved their studies; `\` (two empty values) every study whose
+    // accession number is empty. The same UID twice is sent twice.
+    let b = bench();
+    let with = |accession: &str, study: &str| {
+        [
+            text(0x0008, 0x0050, accession),
+            text(0x0008, 0x0052, "STUDY"),
+            uid(0x0020, 0x000D, study),
+        ]
+        .concat()
+    };
+    let twice = format!("{}\\{}", b.study, b.study);
+    let cases = [
+        (
+            "accession numbers",
+            with("ACCOTHER1\\ACCOTHER2", "1.2.3.4.5"),
+        ),
+        ("two empty accession numbers", with("\\", "1.2.3.4.5")),
+        ("the study's UID twice", study_identifier(&twice)),
+    ];
+    for (id, (what, identifier)) in cases.into_iter().enumerate() {
+        let r = ask(
+            &b,
+            "clinician",
+            STUDY_MOVE,
+            command(&move_rq(id as u16 + 1, "VIEWER")),
+            identifier,
+        );
+        assert_eq!(statuses(&r), vec![0xA900], "{what}: {r}");
+        assert_eq!(received_after_a_while(&b.viewer), 0, "{what}: {r}");
+    }
+    let mut get = request(STUDY_GET, 0x0010, 9, &[us(0x0700, 0)]);
+    get.push(us(0x0800, 0));
+    let r = ask(
+        &b,
+        "clinician",
+        STUDY_GET,
+        command(&get),
+        with("ACCOTHER1", "1.2.3.4.5"),
+    );
+    assert_eq!(statuses(&r), vec![0xA900], "C-GET: {r}");
+    let log = b.gateway.log();
+    assert!(
+        log.contains("AccessionNumber (0008,0050) has a value"),
+        "no refusal naming the key:\n{log}"
+    );
+
+    // An empty AccessionNumber beside the study's UID is nothing to retrieve by: the move runs.
+    let r = ask(
+        &b,
+        "clinician",
+        STUDY_MOVE,
+        command(&move_rq(10, "VIEWER")),
+        with("", &b.study),
+    );
+    assert_eq!(statuses(&r).last(), Some(&0), "{r}");
+    assert_eq!(b.viewer.files().len(), 3, "{r}");
+    assert_eq!(b.evil.files().len(), 0);
+    assert_gateway_up(&b);
+}

@@ -205,10 +205,60 @@ pub fn check(identifier: &InMemDicomObject, min_chars: usize) -> Result<&'static
     )
 }
 
-/// The retrieve rule for a DIMSE C-MOVE / C-GET identifier: no wildcard in any top-level string value.
+/// The keys a retrieve identifier may give a value (PS3.4 C.4.2.1.4, C.4.3.1.3: the level and the
+/// unique keys; and its character set). Any other key with a value is one the archive may retrieve
+/// by instead of the unique key the guard judged and the audit names: Orthanc retrieves a STUDY by
+/// AccessionNumber whenever one is given, and an AccessionNumber of `\` (two empty values) names
+/// every study whose accession number is empty.
+const RETRIEVE_KEYS: [Tag; 6] = [
+    tags::QUERY_RETRIEVE_LEVEL,
+    tags::SPECIFIC_CHARACTER_SET,
+    tags::PATIENT_ID,
+    tags::STUDY_INSTANCE_UID,
+    tags::SERIES_INSTANCE_UID,
+    tags::SOP_INSTANCE_UID,
+];
+
+/// Whether element `e` carries anything: a sequence with items, or a value other than padding.
+fn has_value(e: &dicom_object::mem::InMemElement) -> bool {
+    if e.header().vr == dicom_core::VR::SQ {
+        return e.items().is_some_and(|items| !items.is_empty());
+    }
+    match e.to_str() {
+        Ok(v) => !v.trim_matches([' ', '\0']).is_empty(),
+        Err(_) => e.header().len.get().is_none_or(|n| n != 0),
+    }
+}
+
+/// The retrieve rule for a DIMSE C-MOVE / C-GET identifier: only the level, the unique keys and the
+/// character set carry a value; no value of a unique key twice (the archive would send it twice);
+/// no wildcard in any top-level string value; and the level's unique key named.
 pub fn check_retrieval(identifier: &InMemDicomObject) -> Result<&'static str, GuardError> {
     let level = level_of(identifier)?;
     check_uids(&|tag| crate::dimse::attribute(identifier, tag))?;
+    for e in identifier.iter() {
+        let tag = e.header().tag;
+        // A group length (gggg,0000), retired but still sent by old SCUs, matches on nothing.
+        if !RETRIEVE_KEYS.contains(&tag) && tag.element() != 0 && has_value(e) {
+            use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
+            let name = dicom_dictionary_std::StandardDataDictionary
+                .by_tag(tag)
+                .map_or("a key", |entry| entry.alias());
+            return Err(GuardError::Malformed(format!(
+                "a retrieve names only its level and unique keys, and {name} {tag} has a value"
+            )));
+        }
+    }
+    for tag in &RETRIEVE_KEYS[2..] {
+        let value = crate::dimse::attribute(identifier, *tag);
+        let listed: Vec<&str> = values(&value).filter(|v| !v.is_empty()).collect();
+        let distinct: std::collections::HashSet<&&str> = listed.iter().collect();
+        if distinct.len() < listed.len() {
+            return Err(GuardError::Malformed(format!(
+                "a retrieve lists a value of {tag} twice"
+            )));
+        }
+    }
     for e in identifier.iter() {
         if e.header().vr != dicom_core::VR::SQ && e.to_str().is_ok_and(|v| has_wildcard(&v)) {
             return Err(GuardError::NotSpecific(format!(
@@ -439,5 +489,45 @@ mod tests {
             (tags::PATIENT_ID, VR::LO, "12345"),
         ]);
         assert_eq!(check_retrieval(&patient), Ok("PatientID"));
+    }
+
+    #[test]
+    fn a_retrieve_carries_no_key_the_archive_could_retrieve_by_instead() {
+        let uid = (tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3");
+        // Another key with a value: the archive may retrieve by it (Orthanc: AccessionNumber).
+        for other in [
+            (tags::ACCESSION_NUMBER, VR::SH, "ACC1\\ACC2"),
+            (tags::ACCESSION_NUMBER, VR::SH, "\\"),
+            (tags::STUDY_ID, VR::SH, "7"),
+            (tags::PATIENT_NAME, VR::PN, "DOE^JOHN"),
+            (Tag(0x0009, 0x1001), VR::LO, "private"),
+        ] {
+            let q = query(&[STUDY, uid, other]);
+            assert!(
+                matches!(check_retrieval(&q), Err(GuardError::Malformed(_))),
+                "{other:?}"
+            );
+        }
+        // Empty ones are nothing to retrieve by; PatientID with the study's UID is common.
+        for fine in [
+            (tags::ACCESSION_NUMBER, VR::SH, ""),
+            (tags::PATIENT_NAME, VR::PN, "  "),
+            (tags::PATIENT_ID, VR::LO, "12345"),
+            (tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100"),
+        ] {
+            let q = query(&[STUDY, uid, fine]);
+            assert_eq!(check_retrieval(&q), Ok("StudyInstanceUID"), "{fine:?}");
+        }
+        // The same UID twice would be sent twice.
+        let twice = query(&[
+            STUDY,
+            (tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3\\1.2.4\\1.2.3"),
+        ]);
+        assert!(matches!(
+            check_retrieval(&twice),
+            Err(GuardError::Malformed(_))
+        ));
+        let two = query(&[STUDY, (tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3\\1.2.4")]);
+        assert_eq!(check_retrieval(&two), Ok("StudyInstanceUID"));
     }
 }
