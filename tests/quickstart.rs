@@ -94,8 +94,10 @@ fn the_readme_quick_start_works_as_written_in_front_of_orthanc() {
     let etc = root.path().join("etc/pacsgate");
     std::fs::create_dir_all(root.path().join("etc")).expect("mkdir etc");
     let port = free_port();
+    let ca_dir = root.path().join("pacsgate-ca");
     let gateway_side = |cmd: &str| {
         cmd.replace("/etc/pacsgate", &etc.display().to_string())
+            .replace("/root/pacsgate-ca", &ca_dir.display().to_string())
             .replace("target/release/pacsgate", gateway::BIN)
             .replace(
                 "config/pacsgate.toml",

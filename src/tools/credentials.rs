@@ -82,7 +82,7 @@ pub fn certs(
     }
     println!(
         "Private keys are mode 600, owned by you: for a service user, chown root:pacsgate KEY && chmod 640 KEY \
-         (docs/operations.md). Keep ca.key off the gateway host. These are development certificates: see \
+         (docs/operations.md). These are development certificates: see \
          certs/README.md for production."
     );
     if ca_dir.is_none_or(|d| d == out) {
