@@ -1407,3 +1407,41 @@ fn every_retrieve_and_store_is_audited_with_its_uids() {
     assert_eq!(stow["study_uid"], json!(new.study_uid), "{stow}");
     assert_eq!(stow["stored"], json!([new.sop_uid]), "{stow}");
 }
+
+#[test]
+fn every_web_request_has_one_outcome_line_and_no_credentials_is_not_a_failed_login() {
+    let w = start(Opts {
+        audit: true,
+        ..Opts::default()
+    });
+    let q = "/dicom-web/studies?PatientID=WEB1";
+    assert_eq!(raw(&w, "GET", q, &[], "").status, 401);
+    let reader = basic("reader", PASSWORD);
+    assert_eq!(raw(&w, "GET", q, &[&reader], "").status, 200);
+    let log = w.gateway.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" web request "))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("outcome=\"rejected\"") && l.contains("reason=\"no credentials\"")),
+        "{log}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("user=\"reader\"")
+            && l.contains("op=\"qido\"")
+            && l.contains("status=200")
+            && l.contains("duration_ms=")),
+        "{log}"
+    );
+    // Asking without credentials is how a browser starts: not a failed login.
+    assert!(
+        w.audit_events()
+            .iter()
+            .all(|e| e["event"] != json!("login.failed")),
+        "{:?}",
+        w.audit_events()
+    );
+}

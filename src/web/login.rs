@@ -326,6 +326,7 @@ impl WebLogin {
         // A locked address is refused before anything else is looked at.
         if let Err(locked) = state.limiter.check_locked(None, address) {
             metrics().refusal("locked_out");
+            tracing::info!(peer = %peer, outcome = "rejected", reason = %locked, "web request");
             return Err(NotAuthenticated::Limited {
                 reason: locked.to_string(),
                 retry_after: locked.seconds_left(),
@@ -333,6 +334,8 @@ impl WebLogin {
         }
         let credential = credential(headers);
         if matches!(credential, Credential::None) && names.is_empty() {
+            // A browser's first request is often one: no login was tried, so no failure is counted.
+            tracing::info!(peer = %peer, outcome = "rejected", reason = "no credentials", "web request");
             return Err(NotAuthenticated::Unauthorized("no credentials".into()));
         }
         let attempt = self.begin(state, peer)?;
@@ -421,6 +424,7 @@ fn refusal(refused: Refused, peer: SocketAddr, attempt: Attempt<'_>) -> NotAuthe
     match refused {
         Refused::Locked { locked, .. } => {
             metrics().refusal("locked_out");
+            tracing::info!(peer = %peer, user = ?user, outcome = "rejected", reason = ?reason, "web request");
             NotAuthenticated::Limited {
                 reason,
                 retry_after: locked.seconds_left(),

@@ -337,8 +337,12 @@ impl Ctx<'_> {
         }
     }
 
-    /// The audit event of a request the archive answered (or failed to): `fields` say what it was.
+    /// The audit event and the log line of a request the archive answered (or failed to): `fields`
+    /// say what it was.
     fn record(&self, status: StatusCode, mut fields: Map<String, Value>) {
+        tracing::info!(target: crate::logfmt::targets::WEB, peer = %self.peer, user = ?self.principal.user,
+            op = self.op, method = %self.method, path = ?self.raw_path, status = status.as_u16(),
+            duration_ms = self.started.elapsed().as_millis() as u64, "web request");
         let base = json!({"peer": self.peer.to_string(), "user": self.principal.user,
                           "method": self.method.as_str(), "via": "http", "status": status.as_u16(),
                           "duration_ms": self.started.elapsed().as_millis() as u64});
