@@ -89,8 +89,13 @@ pub fn check(path: &Path, offline: bool) -> Result<Verdict, CheckError> {
 fn secret_files(config: &Config) {
     let readable = config.readable_secret_files();
     if readable.is_empty() {
+        let token = config
+            .admin
+            .as_ref()
+            .is_some_and(|a| a.bearer_token_file.is_some());
         println!(
-            "ok: private keys{} not readable by other users",
+            "ok: private keys{}{} not readable by other users",
+            if token { ", the metrics token" } else { "" },
             if config.users.values().any(|u| u.password_hash.is_some()) {
                 " and the configuration file (it holds password hashes)"
             } else {

@@ -654,3 +654,45 @@ fn a_gateway_whose_program_an_upgrade_replaced_is_still_the_running_pacsgate() {
         "{text}"
     );
 }
+
+#[test]
+fn a_metrics_token_other_users_can_read_is_refused_like_a_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::generate();
+    let dir = common::tempdir("check-token");
+    // A folder others may enter, as /etc/pacsgate is.
+    let open = dir.path().join("etc");
+    std::fs::create_dir(&open).expect("etc");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let token = open.join("metrics.token");
+    std::fs::write(&token, "s3cret-token\n").expect("token");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let admin = free_port();
+    let extra = format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\nbearer_token_file = \"{}\"\n",
+        token.display()
+    );
+    let path = write(
+        &open,
+        "pacsgate.toml",
+        &config(&pki, free_port(), dead_port(), &extra),
+    );
+    let (code, text) = check(&path, true);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("admin.bearer_token_file") && text.contains("can be read by other users"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("s3cret-token"),
+        "the token in the output: {text}"
+    );
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (code, text) = check(&path, true);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("ok: private keys, the metrics token and the configuration file"),
+        "{text}"
+    );
+}

@@ -111,6 +111,13 @@ impl Config {
                 files.push((format!("destination[{i}].tls.private_key"), key.clone()));
             }
         }
+        if let Some(token) = self
+            .admin
+            .as_ref()
+            .and_then(|a| a.bearer_token_file.as_ref())
+        {
+            files.push(("admin.bearer_token_file".to_string(), token.clone()));
+        }
         if self.users.values().any(|u| u.password_hash.is_some()) {
             files.push((
                 "the configuration file (it holds password hashes)".to_string(),
