@@ -120,6 +120,10 @@ pub(super) fn forwarded(
             None if http.listen.port() == 443 => a.host().to_string(),
             None => format!("{}:{}", a.host(), http.listen.port()),
         });
+    // Without the client's Host (HTTP/1.0 may omit it), the client would have the upstream's own
+    // address put there, and the archive builds the URLs it answers (BulkDataURIs in metadata) from
+    // it: the gateway's listen address instead.
+    let host = host.or_else(|| HeaderValue::from_str(&http.listen.to_string()).ok());
     if let Some(host) = host {
         headers.insert(header::HOST, host);
     }

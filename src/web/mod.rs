@@ -388,7 +388,16 @@ impl Door {
             .and_then(|o| o.to_str().ok())
             .map(str::to_string);
         let cors = origin.filter(|o| http.cors_origins.iter().any(|a| a == "*" || a == o));
-        let mut response = if let Some(why) = state.audit.refusing() {
+        let mut response = if req.version() == hyper::Version::HTTP_11
+            && !req.headers().contains_key(header::HOST)
+        {
+            // RFC 9112 3.2: a server must answer 400 to an HTTP/1.1 request without Host.
+            tracing::info!(peer = %conn.peer, outcome = "rejected", reason = "no Host header", "web request");
+            full(
+                StatusCode::BAD_REQUEST,
+                "an HTTP/1.1 request needs a Host header\n",
+            )
+        } else if let Some(why) = state.audit.refusing() {
             // `[audit] on_failure = "refuse"` and the audit file cannot be written.
             let status = StatusCode::SERVICE_UNAVAILABLE;
             metrics().refusal("audit_unavailable");

@@ -141,11 +141,33 @@ fn uid(what: &'static str, value: &str) -> Result<String, RouteError> {
     }
 }
 
+/// The most frames one frames request may name.
+pub const MAX_FRAMES: usize = 256;
+
+/// A frame list (PS3.18 8.3.5.1: `1,2,3`): at most [`MAX_FRAMES`] frame numbers, each at least 1, in
+/// increasing order and so each once. The archive sends a frame once per number it is given: frame 1
+/// seven thousand times was 3.6 GB from a 14 kB request.
 fn frame_list(value: &str) -> bool {
-    !value.is_empty()
-        && value
-            .split(',')
-            .all(|n| !n.is_empty() && n.len() <= 9 && n.bytes().all(|b| b.is_ascii_digit()))
+    let mut last = 0u32;
+    let mut count = 0usize;
+    for n in value.split(',') {
+        count += 1;
+        if count > MAX_FRAMES
+            || n.is_empty()
+            || n.len() > 9
+            || !n.bytes().all(|b| b.is_ascii_digit())
+        {
+            return false;
+        }
+        let Ok(frame) = n.parse::<u32>() else {
+            return false;
+        };
+        if frame <= last {
+            return false;
+        }
+        last = frame;
+    }
+    count > 0
 }
 
 const STUDY: &str = "StudyInstanceUID";
@@ -390,6 +412,10 @@ mod tests {
             "/dicom-web/info",
             "/dicom-web/studies/1.2/anything",
             "/dicom-web/studies/1.2/series/3/instances/4/frames/x",
+            "/dicom-web/studies/1.2/series/3/instances/4/frames/0",
+            "/dicom-web/studies/1.2/series/3/instances/4/frames/1,1",
+            "/dicom-web/studies/1.2/series/3/instances/4/frames/2,1",
+            "/dicom-web/studies/1.2/series/3/instances/4/frames/1,,2",
             "/dicom-web/studies/1.2/series/3/instances/4/bulk",
             "/wado/x",
         ] {
@@ -398,6 +424,15 @@ mod tests {
                 "{denied}"
             );
         }
+        let most: Vec<String> = (1..=MAX_FRAMES).map(|n| n.to_string()).collect();
+        let path =
+            |frames: &str| format!("/dicom-web/studies/1.2/series/3/instances/4/frames/{frames}");
+        assert!(route(&get, &path(&most.join(","))).is_ok());
+        let over = format!("{},{}", most.join(","), MAX_FRAMES + 1);
+        assert!(matches!(
+            route(&get, &path(&over)),
+            Err(RouteError::Denied(_))
+        ));
         assert!(matches!(
             route(&Method::DELETE, "/dicom-web/studies/1.2"),
             Err(RouteError::Denied(_))
