@@ -1489,3 +1489,91 @@ fn a_request_without_host_never_shows_the_archive_its_own_address() {
         "the archive's address in the answer: {body:.2000}"
     );
 }
+
+#[test]
+fn one_user_cannot_hold_more_than_max_requests_per_user_answers_unread() {
+    let w = start(Opts {
+        large_mb: Some(20),
+        http: "max_requests_per_user = 2",
+        ..Opts::default()
+    });
+    let carol = format!(
+        "Authorization: Bearer {}",
+        token(&w.pki, "carol", &["reader"])
+    );
+    let dave = format!(
+        "Authorization: Bearer {}",
+        token(&w.pki, "dave", &["reader"])
+    );
+    let study = format!("/dicom-web/studies/{}", w.study);
+    let accept = "Accept: multipart/related; type=\"application/dicom\"";
+    let rt = runtime();
+    // Two retrieves of the study (20 MB) whose answers carol never reads: their heads come, then
+    // the bodies stall in the socket buffers, and each holds its place until it is closed.
+    let held: Vec<Tls> = (0..2)
+        .map(|_| {
+            rt.block_on(async {
+                let mut tls = tls_from("127.0.0.1", w.port, &w.pki.ca_cert)
+                    .await
+                    .expect("tls");
+                let req = request("GET", &study, &[&carol, accept], "");
+                tls.write_all(&req).await.expect("write");
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    tokio::time::timeout(Duration::from_secs(20), tls.read_exact(&mut byte))
+                        .await
+                        .expect("the head in time")
+                        .expect("read");
+                    head.push(byte[0]);
+                }
+                assert!(
+                    head.starts_with(b"HTTP/1.1 200"),
+                    "{}",
+                    String::from_utf8_lossy(&head)
+                );
+                tls
+            })
+        })
+        .collect();
+    let before = archive_lines(&w).len();
+    let third = raw(
+        &w,
+        "GET",
+        "/dicom-web/studies?PatientID=WEB1",
+        &[&carol],
+        "",
+    );
+    assert_eq!(third.status, 429, "{third:?}");
+    assert!(third.header("retry-after").is_some(), "{}", third.head);
+    assert!(
+        String::from_utf8_lossy(&third.body).contains("max_requests_per_user"),
+        "{third:?}"
+    );
+    // The refused request never reached the archive; another user has a count of their own.
+    archive_saw_nothing_since(&w, before, "a request over max_requests_per_user");
+    assert_eq!(
+        raw(&w, "GET", "/dicom-web/studies?PatientID=WEB1", &[&dave], "").status,
+        200
+    );
+    // Closed, the held answers give their places back.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let again = raw(
+            &w,
+            "GET",
+            "/dicom-web/studies?PatientID=WEB1",
+            &[&carol],
+            "",
+        );
+        if again.status == 200 {
+            break;
+        }
+        assert_eq!(again.status, 429, "{again:?}");
+        assert!(Instant::now() < deadline, "carol's places never came back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = w.gateway.log();
+    assert!(log.contains("rule=\"requests_in_flight\""), "{log}");
+}

@@ -48,6 +48,8 @@ pub(super) struct FileHttp {
     pub(super) max_query_response: usize,
     #[serde(default = "default_failed_logins_per_minute")]
     pub(super) failed_logins_per_minute: u32,
+    #[serde(default = "default_max_requests_per_user")]
+    pub(super) max_requests_per_user: usize,
 }
 
 pub(super) const DEFAULT_DICOMWEB_PATH: &str = "/dicom-web";
@@ -56,6 +58,9 @@ fn default_max_query_response() -> usize {
 }
 fn default_failed_logins_per_minute() -> u32 {
     10
+}
+fn default_max_requests_per_user() -> usize {
+    16
 }
 
 #[derive(Debug, Deserialize)]

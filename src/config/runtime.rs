@@ -29,6 +29,8 @@ pub struct Http {
     pub max_query_response: usize,
     /// Failed (or unfinished) credential checks one client address may have per minute; 0: no limit.
     pub failed_logins_per_minute: u32,
+    /// Requests one user may have in flight at once (until the answer's body has been sent).
+    pub max_requests_per_user: usize,
 }
 
 /// `[admin]`: the admin port (`/metrics`, `/healthz`, `/readyz`).

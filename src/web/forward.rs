@@ -67,6 +67,13 @@ impl Door {
             return Err(ctx.refuse(Refusal::NotAuthorized(op.name())));
         }
 
+        // Phase: a place among this user's requests in flight, held until the answer is sent.
+        let limit = http.max_requests_per_user;
+        let slot = self
+            .in_flight
+            .take(&principal.user, limit)
+            .ok_or_else(|| ctx.refuse(Refusal::InFlight(limit)))?;
+
         // Phase: the query string, decoded once and rebuilt.
         let pairs = query::decode(parts.uri.query()).map_err(|e| ctx.refuse(e.into()))?;
         let (plan, upstream_query) =
@@ -91,7 +98,8 @@ impl Door {
             .await?;
 
         // Phase: the archive's answer, counted where the plan says.
-        read_answer(&ctx, http, response, plan, fields, origin_authority).await
+        let answer = read_answer(&ctx, http, response, plan, fields, origin_authority).await?;
+        Ok(answer.map(|body| super::inflight::WithSlot { body, _slot: slot }.boxed()))
     }
 
     /// The request to the archive, within its phase's timeout. The archive's answer comes after the

@@ -20,6 +20,7 @@
 pub mod answer;
 mod forward;
 mod headers;
+mod inflight;
 mod login;
 mod path;
 mod query;
@@ -64,6 +65,7 @@ pub struct Door {
     gateway: Gateway,
     client: Upstream,
     login: WebLogin,
+    in_flight: inflight::InFlight,
 }
 
 /// One client connection, as its requests see it.
@@ -99,6 +101,7 @@ pub async fn serve(gateway: Gateway, listener: TcpListener) {
             .build_http(),
         gateway,
         login: WebLogin::new(),
+        in_flight: inflight::InFlight::default(),
     });
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -261,6 +264,8 @@ enum Refusal {
     Rate { what: &'static str, retry: u64 },
     #[error("Accept {0:?}: QIDO-RS answers pass the gateway as application/dicom+json only")]
     NotAcceptable(String),
+    #[error("{0} requests of this user are in flight already (http.max_requests_per_user)")]
+    InFlight(usize),
 }
 
 impl Refusal {
@@ -278,7 +283,7 @@ impl Refusal {
             Refusal::Route(RouteError::Denied(_))
             | Refusal::NotAuthorized(_)
             | Refusal::Guard(GuardError::NotSpecific(_)) => StatusCode::FORBIDDEN,
-            Refusal::Rate { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::Rate { .. } | Refusal::InFlight(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -298,6 +303,7 @@ impl Refusal {
             Refusal::Guard(GuardError::NotSpecific(_)) => "query_guard",
             Refusal::Guard(GuardError::Malformed(_)) => "bad_identifier",
             Refusal::Rate { .. } => "rate_limit",
+            Refusal::InFlight(_) => "requests_in_flight",
         }
     }
 }
@@ -333,6 +339,7 @@ impl Ctx<'_> {
         let r = full(status, format!("{reason}\n"));
         match refusal {
             Refusal::Rate { retry, .. } => retry_after(r, retry),
+            Refusal::InFlight(_) => retry_after(r, 1),
             _ => r,
         }
     }

@@ -315,6 +315,7 @@ mod tests {
             cors_origins: vec![],
             max_query_response: 1 << 20,
             failed_logins_per_minute: 10,
+            max_requests_per_user: 16,
         }
     }
 

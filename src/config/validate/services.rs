@@ -125,6 +125,15 @@ pub(super) fn validate_http(cx: &Ctx, h: FileHttp) -> Result<Http, ConfigError> 
         .iter()
         .map(|p| path("http.allow_paths", p))
         .collect::<Result<Vec<_>, _>>()?;
+    if !(1..=4096).contains(&h.max_requests_per_user) {
+        return Err(cx.invalid(
+            "http.max_requests_per_user",
+            format!(
+                "is {}: give 1 to 4096 (requests one user may have in flight at once)",
+                h.max_requests_per_user
+            ),
+        ));
+    }
     Ok(Http {
         listen,
         upstream,
@@ -134,6 +143,7 @@ pub(super) fn validate_http(cx: &Ctx, h: FileHttp) -> Result<Http, ConfigError> 
         cors_origins: h.cors_origins,
         max_query_response: h.max_query_response.max(1024),
         failed_logins_per_minute: h.failed_logins_per_minute,
+        max_requests_per_user: h.max_requests_per_user,
     })
 }
 
