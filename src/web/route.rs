@@ -125,7 +125,12 @@ pub fn classify(http: &Http, method: &Method, path: &Path) -> Result<Route, Rout
         .filter_map(|p| configured(p).ok())
         .any(|p| path.strip_prefix(&p).is_some());
     if allowed {
-        return Ok(Route::Allowed);
+        // Read only: a prefix opened for, say, `/system` must not let a role DELETE or POST there.
+        return if method == Method::GET {
+            Ok(Route::Allowed)
+        } else {
+            Err(RouteError::Denied("allow_paths are GET only"))
+        };
     }
     Err(RouteError::Denied("path not allowed through the gateway"))
 }
@@ -403,6 +408,12 @@ mod tests {
         assert_eq!(route(&get, "/wado"), Ok(Route::WadoUri));
         assert_eq!(route(&get, "/system"), Ok(Route::Allowed));
         assert_eq!(route(&get, "/system/x"), Ok(Route::Allowed));
+        for method in [Method::DELETE, Method::POST, Method::PUT] {
+            assert!(matches!(
+                route(&method, "/system"),
+                Err(RouteError::Denied(_))
+            ));
+        }
         for denied in [
             "/app/explorer.html",
             "/instances",
