@@ -492,6 +492,12 @@ fn the_admin_port_caps_its_connections_and_times_out_idle_ones() {
     let token_dir = common::tempdir("admin-token");
     let token_file = token_dir.path().join("metrics.token");
     std::fs::write(&token_file, "s3cret-scraper-token\n").expect("write token");
+    {
+        // Mode 600, as a secret must be (one others can read refuses the start).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod 600");
+    }
     let extra = format!(
         "[admin]\nlisten = \"127.0.0.1:{admin}\"\nmax_connections = 4\nheader_timeout = 1\nbearer_token_file = \"{}\"\n",
         token_file.display()
