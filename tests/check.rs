@@ -696,3 +696,39 @@ fn a_metrics_token_other_users_can_read_is_refused_like_a_key() {
         "{text}"
     );
 }
+
+#[test]
+fn a_gateway_started_with_a_relative_config_path_names_it_absolutely() {
+    let pki = Pki::generate();
+    let dir = common::tempdir("relative-config");
+    let port = free_port();
+    let audit = dir.path().join("audit.jsonl");
+    let text = config(
+        &pki,
+        port,
+        dead_port(),
+        &format!("[audit]\nfile = \"{}\"\n", audit.display()),
+    );
+    write(dir.path(), "pacsgate.toml", &text);
+    let mut cmd = std::process::Command::new(common::gateway::gateway_bin());
+    cmd.args(["run", "--config", "pacsgate.toml"])
+        .current_dir(dir.path());
+    let mut running = Spawned::spawn(cmd, &dir.path().join("pacsgate.log"));
+    running
+        .wait_until(Duration::from_secs(20), "listening", |p| {
+            is_listening(p.pid(), port)
+        })
+        .expect("gateway listening");
+    let text = std::fs::read_to_string(&audit).expect("audit");
+    let started: serde_json::Value = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .find(|e: &serde_json::Value| e["event"] == "started")
+        .expect("a started event");
+    let path = dir.path().join("pacsgate.toml");
+    assert_eq!(
+        started["path"],
+        serde_json::json!(path.display().to_string()),
+        "{text}"
+    );
+}

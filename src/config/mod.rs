@@ -86,6 +86,10 @@ impl Config {
     /// file itself while it holds password hashes, can be read by other users (unless
     /// `[gateway] allow_readable_keys = true`). `run`, `check` and every reload load through here.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        // Named absolutely from here on (the log, the audit, `check`), symlinks left as they are:
+        // relative paths in the file are relative to the folder the admin put it in.
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let path = absolute.as_path();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
