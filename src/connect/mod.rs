@@ -232,10 +232,10 @@ async fn handle(tunnel: &Tunnel, caller: Caller, aborted: watch::Receiver<bool>)
             peer = %peer,
             local_uid = uid,
             owner_uid,
-            calling_ae = %seen.calling_ae,
-            called_ae = %seen.called_ae,
+            calling_ae = ?seen.calling_ae,
+            called_ae = ?seen.called_ae,
             outcome,
-            reason = %reason,
+            reason = ?reason,
             identity_confirmed = seen.identity_confirmed,
             move_as_get = seen.move_as_get,
             bytes_to_gateway = stats.from_client,
@@ -248,10 +248,10 @@ async fn handle(tunnel: &Tunnel, caller: Caller, aborted: watch::Receiver<bool>)
             peer = %peer,
             local_uid = uid,
             owner_uid,
-            calling_ae = %seen.calling_ae,
-            called_ae = %seen.called_ae,
+            calling_ae = ?seen.calling_ae,
+            called_ae = ?seen.called_ae,
             outcome,
-            reason = %reason,
+            reason = ?reason,
             duration_ms,
             "association"
         );
@@ -295,7 +295,7 @@ async fn refuse_caller(
         calling_ae = ?calling_ae,
         called_ae = ?called_ae,
         outcome = "refused_local_user",
-        reason = %format!("{reason} ({answered})"),
+        reason = ?format!("{reason} ({answered})"),
         duration_ms = started.elapsed().as_millis() as u64,
         "association"
     );

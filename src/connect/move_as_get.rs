@@ -317,7 +317,7 @@ impl Interceptor {
             calling_ae = ?self.association.calling_ae,
             destination = %held.store,
             held_total = self.settings.buffer.held(),
-            reason = %reason,
+            reason = ?reason,
             "move-as-get: C-MOVE refused 0xA701"
         );
         let answer = self.move_refusal(

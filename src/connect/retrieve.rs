@@ -151,8 +151,8 @@ pub async fn run(r: Retrieval, out: mpsc::Sender<Vec<u8>>, cancel: watch::Receiv
         .map(|i| dimse::attribute(&i, dicom_dictionary_std::tags::STUDY_INSTANCE_UID))
         .unwrap_or_default();
     tracing::info!(
-        calling_ae = %r.calling_ae,
-        called_ae = %r.called_ae,
+        calling_ae = ?r.calling_ae,
+        called_ae = ?r.called_ae,
         destination = %r.store,
         study_uid = %study,
         "move-as-get: C-MOVE to a local storage SCP performed as C-GET through the gateway"
@@ -175,7 +175,7 @@ pub async fn run(r: Retrieval, out: mpsc::Sender<Vec<u8>>, cancel: watch::Receiv
                 destination = %r.store,
                 study_uid = %study,
                 status = %format!("{:#06x}", f.status),
-                reason = %f.detail,
+                reason = ?f.detail,
                 duration_ms = started.elapsed().as_millis() as u64,
                 "move-as-get failed"
             );
@@ -486,7 +486,7 @@ async fn read_held<G: AsyncRead + AsyncWrite + Unpin>(
                 Ok(()) => data.extend_from_slice(&pdv.data),
                 Err(reason) => {
                     tracing::warn!(
-                        reason = %reason,
+                        reason = ?reason,
                         "move-as-get: a C-GET response's data set is dropped"
                     );
                     reservation = None;
