@@ -86,12 +86,14 @@ pub const UID_KEYS: [Tag; 3] = [
 /// The most values one multi-valued key may carry.
 const MAX_VALUES: usize = 1000;
 
-/// Characters of `value` before its first wildcard, separators and spaces not counted.
+/// Characters of `value` before its first wildcard, separators and spaces not counted, nor `%` and
+/// `_` (SQL's wildcards, which an archive on a database may pass on; Orthanc reads them as spaces in
+/// an ID).
 pub fn specific_chars(value: &str) -> usize {
     value
         .chars()
         .take_while(|c| *c != '*' && *c != '?')
-        .filter(|c| !matches!(c, ' ' | '^' | '=' | '\0'))
+        .filter(|c| !matches!(c, ' ' | '^' | '=' | '\0' | '%' | '_'))
         .count()
 }
 
@@ -205,51 +207,69 @@ pub fn check(identifier: &InMemDicomObject, min_chars: usize) -> Result<&'static
     )
 }
 
-/// The keys a retrieve identifier may give a value (PS3.4 C.4.2.1.4, C.4.3.1.3: the level and the
-/// unique keys; and its character set). Any other key with a value is one the archive may retrieve
-/// by instead of the unique key the guard judged and the audit names: Orthanc retrieves a STUDY by
-/// AccessionNumber whenever one is given, and an AccessionNumber of `\` (two empty values) names
-/// every study whose accession number is empty.
-const RETRIEVE_KEYS: [Tag; 6] = [
-    tags::QUERY_RETRIEVE_LEVEL,
-    tags::SPECIFIC_CHARACTER_SET,
-    tags::PATIENT_ID,
-    tags::STUDY_INSTANCE_UID,
-    tags::SERIES_INSTANCE_UID,
-    tags::SOP_INSTANCE_UID,
+/// The unique keys of a retrieve, with their level (PS3.4 C.4.2.1.4, C.4.3.1.3: a C-MOVE / C-GET
+/// names the unique keys of its level and the levels above, and nothing else).
+const UNIQUE_KEYS: [(Tag, Level); 4] = [
+    (tags::PATIENT_ID, Level::Patient),
+    (tags::STUDY_INSTANCE_UID, Level::Study),
+    (tags::SERIES_INSTANCE_UID, Level::Series),
+    (tags::SOP_INSTANCE_UID, Level::Image),
 ];
 
-/// Whether element `e` carries anything: a sequence with items, or a value other than padding.
-fn has_value(e: &dicom_object::mem::InMemElement) -> bool {
-    if e.header().vr == dicom_core::VR::SQ {
-        return e.items().is_some_and(|items| !items.is_empty());
-    }
-    match e.to_str() {
-        Ok(v) => !v.trim_matches([' ', '\0']).is_empty(),
-        Err(_) => e.header().len.get().is_none_or(|n| n != 0),
-    }
+/// The identifier a retrieve is forwarded with: QueryRetrieveLevel, SpecificCharacterSet and the
+/// unique keys of its level and the levels above, as they came; every other key is left out. Any
+/// other key with a value is one the archive may retrieve by instead of the unique key the guard
+/// judged and the audit names: Orthanc retrieves a STUDY by AccessionNumber whenever one is given
+/// (`\`, two empty values, names every study whose accession number is empty), and by the level's
+/// key alone. SCUs that copy a C-FIND match into their C-MOVE (pynetdicom scripts, `findscu -X`
+/// files) keep working.
+pub fn retrieve_identifier(identifier: &InMemDicomObject) -> Result<InMemDicomObject, GuardError> {
+    let level = level_of(identifier)?;
+    let kept = [tags::QUERY_RETRIEVE_LEVEL, tags::SPECIFIC_CHARACTER_SET]
+        .into_iter()
+        .chain(
+            UNIQUE_KEYS
+                .iter()
+                .filter(|(_, key_level)| *key_level <= level)
+                .map(|(tag, _)| *tag),
+        );
+    let elements: Vec<_> = kept
+        .filter_map(|tag| identifier.get(tag).cloned())
+        .collect();
+    Ok(InMemDicomObject::from_element_iter(elements))
 }
 
-/// The retrieve rule for a DIMSE C-MOVE / C-GET identifier: only the level, the unique keys and the
-/// character set carry a value; no value of a unique key twice (the archive would send it twice);
-/// no wildcard in any top-level string value; and the level's unique key named.
+/// A PatientID a retrieve may name: one value (VM 1), with a letter or digit. Orthanc looks a
+/// patient up by its ID normalized (upper case, `%` and `_` as spaces, other than ASCII dropped,
+/// trimmed): `_`, `%` or `é` would name the patient whose ID is empty, and `abc\ABC` one patient twice.
+fn check_retrieve_patient_id(identifier: &InMemDicomObject) -> Result<(), GuardError> {
+    let value = crate::dimse::attribute(identifier, tags::PATIENT_ID);
+    let value = value.trim_matches([' ', '\0']);
+    if value.is_empty() {
+        return Ok(());
+    }
+    if value.contains('\\') {
+        return Err(GuardError::Malformed(
+            "a retrieve names one PatientID (it holds one value)".into(),
+        ));
+    }
+    if !value.bytes().any(|b| b.is_ascii_alphanumeric()) {
+        return Err(GuardError::Malformed(
+            "a retrieve's PatientID holds no letter or digit".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The retrieve rule for a DIMSE C-MOVE / C-GET identifier: its unique keys as it is forwarded
+/// ([`retrieve_identifier`]) list no value twice (the archive would send it twice), PatientID is one
+/// value with a letter or digit, no top-level string value holds a wildcard, and the level's unique
+/// key is named.
 pub fn check_retrieval(identifier: &InMemDicomObject) -> Result<&'static str, GuardError> {
     let level = level_of(identifier)?;
     check_uids(&|tag| crate::dimse::attribute(identifier, tag))?;
-    for e in identifier.iter() {
-        let tag = e.header().tag;
-        // A group length (gggg,0000), retired but still sent by old SCUs, matches on nothing.
-        if !RETRIEVE_KEYS.contains(&tag) && tag.element() != 0 && has_value(e) {
-            use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
-            let name = dicom_dictionary_std::StandardDataDictionary
-                .by_tag(tag)
-                .map_or("a key", |entry| entry.alias());
-            return Err(GuardError::Malformed(format!(
-                "a retrieve names only its level and unique keys, and {name} {tag} has a value"
-            )));
-        }
-    }
-    for tag in &RETRIEVE_KEYS[2..] {
+    check_retrieve_patient_id(identifier)?;
+    for (tag, _) in &UNIQUE_KEYS {
         let value = crate::dimse::attribute(identifier, *tag);
         let listed: Vec<&str> = values(&value).filter(|v| !v.is_empty()).collect();
         let distinct: std::collections::HashSet<&&str> = listed.iter().collect();
@@ -492,32 +512,32 @@ mod tests {
     }
 
     #[test]
-    fn a_retrieve_carries_no_key_the_archive_could_retrieve_by_instead() {
+    fn a_retrieve_is_forwarded_with_its_level_and_unique_keys_only() {
         let uid = (tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3");
-        // Another key with a value: the archive may retrieve by it (Orthanc: AccessionNumber).
-        for other in [
+        // Keys the archive could retrieve by instead (Orthanc: AccessionNumber), and keys below
+        // the level, are left out; the level's and those above stay.
+        let q = query(&[
+            (tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100"),
             (tags::ACCESSION_NUMBER, VR::SH, "ACC1\\ACC2"),
-            (tags::ACCESSION_NUMBER, VR::SH, "\\"),
-            (tags::STUDY_ID, VR::SH, "7"),
+            STUDY,
+            (tags::PATIENT_ID, VR::LO, "12345"),
             (tags::PATIENT_NAME, VR::PN, "DOE^JOHN"),
             (Tag(0x0009, 0x1001), VR::LO, "private"),
-        ] {
-            let q = query(&[STUDY, uid, other]);
-            assert!(
-                matches!(check_retrieval(&q), Err(GuardError::Malformed(_))),
-                "{other:?}"
-            );
-        }
-        // Empty ones are nothing to retrieve by; PatientID with the study's UID is common.
-        for fine in [
-            (tags::ACCESSION_NUMBER, VR::SH, ""),
-            (tags::PATIENT_NAME, VR::PN, "  "),
-            (tags::PATIENT_ID, VR::LO, "12345"),
-            (tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100"),
-        ] {
-            let q = query(&[STUDY, uid, fine]);
-            assert_eq!(check_retrieval(&q), Ok("StudyInstanceUID"), "{fine:?}");
-        }
+            uid,
+            (tags::SERIES_INSTANCE_UID, VR::UI, "1.2.3.4"),
+        ]);
+        assert_eq!(check_retrieval(&q), Ok("StudyInstanceUID"));
+        let kept = retrieve_identifier(&q).expect("rebuilt");
+        let tags_kept: Vec<Tag> = kept.iter().map(|e| e.header().tag).collect();
+        assert_eq!(
+            tags_kept,
+            vec![
+                tags::SPECIFIC_CHARACTER_SET,
+                tags::QUERY_RETRIEVE_LEVEL,
+                tags::PATIENT_ID,
+                tags::STUDY_INSTANCE_UID
+            ]
+        );
         // The same UID twice would be sent twice.
         let twice = query(&[
             STUDY,
@@ -529,5 +549,25 @@ mod tests {
         ));
         let two = query(&[STUDY, (tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3\\1.2.4")]);
         assert_eq!(check_retrieval(&two), Ok("StudyInstanceUID"));
+        // A PatientID Orthanc would normalize to nothing, or to one ID named twice.
+        let patient = |id: &str| {
+            query(&[
+                (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "PATIENT"),
+                (tags::PATIENT_ID, VR::LO, id),
+            ])
+        };
+        for bad in ["_", "%", "__%", "\u{e9}", "abc\\ABC"] {
+            assert!(
+                matches!(
+                    check_retrieval(&patient(bad)),
+                    Err(GuardError::Malformed(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(check_retrieval(&patient("ABC_123")), Ok("PatientID"));
+        // `%` and `_` do not make a query specific (SQL's wildcards).
+        assert_eq!(specific_chars("______"), 0);
+        assert_eq!(specific_chars("AB_C%D"), 4);
     }
 }

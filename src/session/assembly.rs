@@ -253,6 +253,10 @@ impl Session {
             }
             Decision::Drop => then(DataMode::Drop { answer: None }),
             Decision::Violation(reason) => return Err(reason),
+            // Only a held identifier is replaced (decide_identifier); a command never is.
+            Decision::ForwardData(_) => {
+                return Err("internal error: a data set decided for a command".into());
+            }
         })
     }
 
@@ -362,6 +366,7 @@ impl Session {
     ) {
         match self.decide_identifier(pc, command, &data) {
             Decision::Forward => emit_message(pieces, pc, command_bytes, data),
+            Decision::ForwardData(rebuilt) => emit_message(pieces, pc, command_bytes, rebuilt),
             Decision::Refuse {
                 status,
                 rule,

@@ -14,6 +14,9 @@ use super::*;
 /// What to do with a complete command.
 pub(super) enum Decision {
     Forward,
+    /// Forward the held message with this data set instead (a retrieve's identifier, rebuilt from
+    /// the keys the guard judged).
+    ForwardData(Vec<u8>),
     /// Forward this command set instead (e.g. a truncated C-FIND's final response).
     Rewrite(Vec<u8>),
     Refuse {
@@ -185,7 +188,28 @@ impl Session {
             );
         }
         if c.field == cf::C_MOVE_RQ || c.field == cf::C_GET_RQ {
-            self.begin_retrieval(c, &identifier);
+            // Forwarded, and audited, as judged: the level and its unique keys, nothing else.
+            let ts = self
+                .contexts
+                .get(&pc)
+                .map(|ctx| ctx.transfer_syntax.as_str())
+                .unwrap_or("");
+            let rebuilt = query_guard::retrieve_identifier(&identifier)
+                .map_err(|e| e.to_string())
+                .and_then(|kept| {
+                    dimse::encode_identifier(&kept, ts)
+                        .map(|bytes| (kept, bytes))
+                        .map_err(|e| e.to_string())
+                });
+            return match rebuilt {
+                Ok((kept, bytes)) => {
+                    self.begin_retrieval(c, &kept);
+                    Decision::ForwardData(bytes)
+                }
+                Err(reason) => {
+                    self.refuse(status::IDENTIFIER_DOES_NOT_MATCH, "bad_identifier", reason)
+                }
+            };
         }
         Decision::Forward
     }
