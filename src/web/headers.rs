@@ -122,8 +122,15 @@ pub(super) fn forwarded(
         });
     // Without the client's Host (HTTP/1.0 may omit it), the client would have the upstream's own
     // address put there, and the archive builds the URLs it answers (BulkDataURIs in metadata) from
-    // it: the gateway's listen address instead.
-    let host = host.or_else(|| HeaderValue::from_str(&http.listen.to_string()).ok());
+    // it: the gateway's listen address instead (`localhost` when that is a wildcard).
+    let host = host.or_else(|| {
+        let authority = if http.listen.ip().is_unspecified() {
+            format!("localhost:{}", http.listen.port())
+        } else {
+            http.listen.to_string()
+        };
+        HeaderValue::from_str(&authority).ok()
+    });
     if let Some(host) = host {
         headers.insert(header::HOST, host);
     }
