@@ -42,6 +42,17 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     path
 }
 
+/// `cmd` started, once it listens on `port` (within 20 s; panics with its log otherwise).
+fn listening(cmd: std::process::Command, log: &Path, port: u16) -> Spawned {
+    let mut started = Spawned::spawn(cmd, log);
+    started
+        .wait_until(Duration::from_secs(20), "listening", |p| {
+            is_listening(p.pid(), port)
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    started
+}
+
 /// A port nothing listens on (bound, then closed).
 fn dead_port() -> u16 {
     free_port()
@@ -577,12 +588,7 @@ fn a_port_held_by_a_program_that_only_calls_itself_pacsgate_is_an_error() {
                 "import socket, time\ns = socket.socket()\ns.bind(('127.0.0.1', {port}))\ns.listen()\ntime.sleep(60)"
             ),
         ]);
-        let mut impostor = Spawned::spawn(cmd, &folder.join("impostor.log"));
-        impostor
-            .wait_until(Duration::from_secs(10), "listening", |p| {
-                is_listening(p.pid(), port)
-            })
-            .expect("impostor listening");
+        let impostor = listening(cmd, &folder.join("impostor.log"), port);
         let comm = std::fs::read_to_string(format!("/proc/{}/comm", impostor.pid())).expect("comm");
         assert_eq!(comm.trim(), "pacsgate", "the test's premise ({how})");
         let program = if how == "link" { &python } else { &fake };
@@ -631,12 +637,7 @@ fn a_gateway_whose_program_an_upgrade_replaced_is_still_the_running_pacsgate() {
     cmd.args(["run", "--config"])
         .arg(&path)
         .current_dir(dir.path());
-    let mut running = Spawned::spawn(cmd, &dir.path().join("pacsgate.log"));
-    running
-        .wait_until(Duration::from_secs(20), "listening", |p| {
-            is_listening(p.pid(), port)
-        })
-        .expect("gateway listening");
+    let running = listening(cmd, &dir.path().join("pacsgate.log"), port);
     let upgrade = bin.join("pacsgate.new");
     std::fs::copy(common::gateway::gateway_bin(), &upgrade).expect("copy");
     std::fs::rename(&upgrade, &program).expect("rename over");
@@ -713,12 +714,7 @@ fn a_gateway_started_with_a_relative_config_path_names_it_absolutely() {
     let mut cmd = std::process::Command::new(common::gateway::gateway_bin());
     cmd.args(["run", "--config", "pacsgate.toml"])
         .current_dir(dir.path());
-    let mut running = Spawned::spawn(cmd, &dir.path().join("pacsgate.log"));
-    running
-        .wait_until(Duration::from_secs(20), "listening", |p| {
-            is_listening(p.pid(), port)
-        })
-        .expect("gateway listening");
+    let running = listening(cmd, &dir.path().join("pacsgate.log"), port);
     let text = std::fs::read_to_string(&audit).expect("audit");
     let started: serde_json::Value = text
         .lines()

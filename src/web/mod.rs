@@ -377,6 +377,33 @@ pub(super) enum Plan {
     Allowed,
 }
 
+/// `[audit] on_failure = "refuse"` and the audit file cannot be written: 503, logged and counted.
+fn audit_unavailable(
+    state: &State,
+    peer: SocketAddr,
+    method: &Method,
+    raw_path: &str,
+    why: &str,
+) -> Response<Body> {
+    let status = StatusCode::SERVICE_UNAVAILABLE;
+    metrics().refusal("audit_unavailable");
+    state.audit.record(
+        "refused",
+        json!({"peer": peer.to_string(), "via": "http", "method": method.as_str(),
+               "path": raw_path, "op": "denied", "status": status.as_u16(),
+               "rule": "audit_unavailable", "reason": why}),
+    );
+    tracing::warn!(peer = %peer, op = "denied", path = ?raw_path, status = status.as_u16(),
+                   rule = "audit_unavailable", reason = ?why, "refused");
+    retry_after(
+        full(
+            status,
+            "the audit trail cannot be written; try again later\n",
+        ),
+        30,
+    )
+}
+
 impl Door {
     async fn handle(&self, req: Request<Incoming>, conn: &Conn) -> Response<Body> {
         let state = self.gateway.current();
@@ -405,24 +432,7 @@ impl Door {
                 "an HTTP/1.1 request needs a Host header\n",
             )
         } else if let Some(why) = state.audit.refusing() {
-            // `[audit] on_failure = "refuse"` and the audit file cannot be written.
-            let status = StatusCode::SERVICE_UNAVAILABLE;
-            metrics().refusal("audit_unavailable");
-            state.audit.record(
-                "refused",
-                json!({"peer": conn.peer.to_string(), "via": "http", "method": method.as_str(),
-                       "path": raw_path, "op": "denied", "status": status.as_u16(),
-                       "rule": "audit_unavailable", "reason": why}),
-            );
-            tracing::warn!(peer = %conn.peer, op = "denied", path = ?raw_path, status = status.as_u16(),
-                           rule = "audit_unavailable", reason = ?why, "refused");
-            retry_after(
-                full(
-                    status,
-                    "the audit trail cannot be written; try again later\n",
-                ),
-                30,
-            )
+            audit_unavailable(&state, conn.peer, &method, &raw_path, &why)
         } else if method == Method::OPTIONS && cors.is_some() {
             full(StatusCode::NO_CONTENT, "")
         } else {
