@@ -714,7 +714,7 @@ fn a_gateway_started_with_a_relative_config_path_names_it_absolutely() {
     let mut cmd = std::process::Command::new(common::gateway::gateway_bin());
     cmd.args(["run", "--config", "pacsgate.toml"])
         .current_dir(dir.path());
-    let running = listening(cmd, &dir.path().join("pacsgate.log"), port);
+    let _running = listening(cmd, &dir.path().join("pacsgate.log"), port);
     let text = std::fs::read_to_string(&audit).expect("audit");
     let started: serde_json::Value = text
         .lines()
