@@ -1455,31 +1455,24 @@ fn a_request_without_host_never_shows_the_archive_its_own_address() {
     let t = token(&w.pki, "wanda", &["writer"]);
     let auth = format!("Authorization: Bearer {t}");
     let rt = runtime();
-    // HTTP/1.1 without Host: 400 (RFC 9112 3.2), nothing forwarded.
-    let req = format!(
-        "GET /dicom-web/studies?PatientID=WEB1 HTTP/1.1\r\n{auth}\r\nConnection: close\r\n\r\n"
-    );
-    let a = rt
-        .block_on(exchange(
+    let send = |req: String| {
+        rt.block_on(exchange(
             w.port,
             &w.pki.ca_cert,
             "127.0.0.1",
             req.as_bytes(),
         ))
-        .expect("answer");
+        .expect("answer")
+    };
+    // HTTP/1.1 without Host: 400 (RFC 9112 3.2), nothing forwarded.
+    let a = send(format!(
+        "GET /dicom-web/studies?PatientID=WEB1 HTTP/1.1\r\n{auth}\r\nConnection: close\r\n\r\n"
+    ));
     assert_eq!(a.status, 400, "{a:?}");
     // HTTP/1.0 may omit it: the archive builds its BulkDataURIs from the Host it is given, which
     // must be the gateway's, not the archive's own address (the port that is firewalled).
     let target = format!("/dicom-web/studies/{}/metadata", w.study);
-    let req = format!("GET {target} HTTP/1.0\r\n{auth}\r\n\r\n");
-    let a = rt
-        .block_on(exchange(
-            w.port,
-            &w.pki.ca_cert,
-            "127.0.0.1",
-            req.as_bytes(),
-        ))
-        .expect("answer");
+    let a = send(format!("GET {target} HTTP/1.0\r\n{auth}\r\n\r\n"));
     assert_eq!(a.status, 200, "{a:?}");
     let body = String::from_utf8_lossy(&a.body);
     assert!(body.contains("BulkDataURI"), "the premise: {body:.400}");
