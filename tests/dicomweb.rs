@@ -1488,6 +1488,7 @@ fn one_user_cannot_hold_more_than_max_requests_per_user_answers_unread() {
     let w = start(Opts {
         large_mb: Some(20),
         http: "max_requests_per_user = 2",
+        timeouts: "upstream_response = 2",
         ..Opts::default()
     });
     let carol = format!(
@@ -1530,6 +1531,8 @@ fn one_user_cannot_hold_more_than_max_requests_per_user_answers_unread() {
         })
         .collect();
     let before = archive_lines(&w).len();
+    // A third waits its turn (upstream_response, 2 s here), then is refused.
+    let asked = Instant::now();
     let third = raw(
         &w,
         "GET",
@@ -1538,6 +1541,11 @@ fn one_user_cannot_hold_more_than_max_requests_per_user_answers_unread() {
         "",
     );
     assert_eq!(third.status, 429, "{third:?}");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(1500),
+        "no wait: {:?}",
+        asked.elapsed()
+    );
     assert!(third.header("retry-after").is_some(), "{}", third.head);
     assert!(
         String::from_utf8_lossy(&third.body).contains("max_requests_per_user"),
@@ -1567,6 +1575,26 @@ fn one_user_cannot_hold_more_than_max_requests_per_user_answers_unread() {
         assert!(Instant::now() < deadline, "carol's places never came back");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A burst of 8 with 2 places waits its turn: all are served.
+    let qido = request(
+        "GET",
+        "/dicom-web/studies?PatientID=WEB1",
+        &[&carol, "Connection: close"],
+        "",
+    );
+    let statuses: Vec<u16> = rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (port, ca, req) = (w.port, w.pki.ca_cert.clone(), qido.clone());
+            set.spawn(async move { exchange(port, &ca, "127.0.0.1", &req).await });
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            out.push(r.expect("task").expect("answer").status);
+        }
+        out
+    });
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let log = w.gateway.log();
     assert!(log.contains("rule=\"requests_in_flight\""), "{log}");
 }

@@ -67,11 +67,14 @@ impl Door {
             return Err(ctx.refuse(Refusal::NotAuthorized(op.name())));
         }
 
-        // Phase: a place among this user's requests in flight, held until the answer is sent.
+        // Phase `request_slot`: a place among this user's requests in flight, now or after a
+        // bounded wait, held until the answer is sent.
         let limit = http.max_requests_per_user;
+        let wait = state.config.timeouts.upstream_response;
         let slot = self
             .in_flight
-            .take(&principal.user, limit)
+            .take(&principal.user, limit, wait)
+            .await
             .ok_or_else(|| ctx.refuse(Refusal::InFlight(limit)))?;
 
         // Phase: the query string, decoded once and rebuilt.

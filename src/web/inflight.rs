@@ -1,57 +1,86 @@
 //! The requests each user has in flight on the web door, at most `[http] max_requests_per_user`: a
-//! slot is taken once a request is authorized and given back when its answer's body has been sent
+//! place is taken once a request is authorized and given back when its answer's body has been sent
 //! or dropped (the client gone), so that one user cannot hold every worker of the archive's HTTP
-//! server with answers it never reads.
+//! server with answers it never reads. A burst waits its turn (phase `request_slot`, bounded by
+//! `[timeouts] upstream_response`) rather than being turned away at once.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hyper::body::{Body, Frame, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-type Counts = Arc<Mutex<HashMap<String, usize>>>;
-
-/// The count of requests in flight per user; an entry exists only while it is above zero.
-#[derive(Debug, Default)]
-pub(super) struct InFlight(Counts);
-
-/// One request's place in its user's count, given back on drop.
+/// One user's places, and how many requests hold or wait for one (the entry goes at zero).
 #[derive(Debug)]
-pub(super) struct Slot {
-    counts: Counts,
+struct Entry {
+    places: Arc<Semaphore>,
+    requests: usize,
+}
+
+type Entries = Arc<Mutex<HashMap<String, Entry>>>;
+
+/// The places per user; an entry exists only while a request of theirs holds or waits for one.
+#[derive(Debug, Default)]
+pub(super) struct InFlight(Entries);
+
+/// A request's claim on its user's entry, given back on drop.
+#[derive(Debug)]
+struct Claim {
+    entries: Entries,
     user: String,
 }
 
-impl InFlight {
-    /// A slot for `user`, unless `limit` requests of theirs are in flight already.
-    pub(super) fn take(&self, user: &str, limit: usize) -> Option<Slot> {
-        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = counts.get(user).copied().unwrap_or(0);
-        if n >= limit {
-            return None;
-        }
-        counts.insert(user.to_string(), n + 1);
-        Some(Slot {
-            counts: self.0.clone(),
-            user: user.to_string(),
-        })
-    }
-}
-
-impl Drop for Slot {
+impl Drop for Claim {
     fn drop(&mut self) {
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        match counts.get_mut(&self.user) {
-            Some(n) if *n > 1 => *n -= 1,
-            _ => {
-                counts.remove(&self.user);
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = entries.get_mut(&self.user) {
+            e.requests = e.requests.saturating_sub(1);
+            if e.requests == 0 {
+                entries.remove(&self.user);
             }
         }
     }
 }
 
-/// A response body that holds its request's slot until it is done with.
+/// One request's place, held until the answer is done with.
+#[derive(Debug)]
+pub(super) struct Slot {
+    _place: OwnedSemaphorePermit,
+    _claim: Claim,
+}
+
+impl InFlight {
+    /// A place for `user` among `limit` (the limit an entry was made with stays until it goes),
+    /// now or within `wait`; `None` when none came free in time.
+    pub(super) async fn take(&self, user: &str, limit: usize, wait: Duration) -> Option<Slot> {
+        let places = {
+            let mut entries = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = entries.entry(user.to_string()).or_insert_with(|| Entry {
+                places: Arc::new(Semaphore::new(limit)),
+                requests: 0,
+            });
+            entry.requests += 1;
+            entry.places.clone()
+        };
+        let claim = Claim {
+            entries: self.0.clone(),
+            user: user.to_string(),
+        };
+        match tokio::time::timeout(wait, places.acquire_owned()).await {
+            Ok(Ok(place)) => Some(Slot {
+                _place: place,
+                _claim: claim,
+            }),
+            // Never closed; if it were, no place.
+            Ok(Err(_)) | Err(_) => None,
+        }
+    }
+}
+
+/// A response body that holds its request's place until it is done with.
 pub(super) struct WithSlot<B> {
     pub(super) body: B,
     pub(super) _slot: Slot,
@@ -81,19 +110,28 @@ impl<B: Body + Unpin> Body for WithSlot<B> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn slots_are_counted_per_user_and_given_back() {
+    #[tokio::test]
+    async fn places_are_per_user_a_burst_waits_and_nothing_is_kept() {
         let f = InFlight::default();
-        let a1 = f.take("alice", 2).expect("first");
-        let a2 = f.take("alice", 2).expect("second");
-        assert!(f.take("alice", 2).is_none(), "a third over the limit");
-        let b = f.take("bob", 2).expect("another user's own count");
-        drop(a1);
-        let a3 = f.take("alice", 2).expect("a slot came back");
+        let short = Duration::from_millis(50);
+        let a1 = f.take("alice", 2, short).await.expect("first");
+        let a2 = f.take("alice", 2, short).await.expect("second");
+        assert!(f.take("alice", 2, short).await.is_none(), "a third in time");
+        let b = f
+            .take("bob", 2, short)
+            .await
+            .expect("another user's own places");
+        // A third that waits gets the place the first gives back.
+        let waiting = f.take("alice", 2, Duration::from_secs(5));
+        let (a3, ()) = tokio::join!(waiting, async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(a1);
+        });
+        let a3 = a3.expect("the place that came free");
         drop((a2, a3, b));
         assert!(
             f.0.lock().expect("lock").is_empty(),
-            "no entry is kept once nothing is in flight"
+            "no entry is kept once nothing holds or waits"
         );
     }
 }

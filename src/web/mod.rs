@@ -264,7 +264,9 @@ enum Refusal {
     Rate { what: &'static str, retry: u64 },
     #[error("Accept {0:?}: QIDO-RS answers pass the gateway as application/dicom+json only")]
     NotAcceptable(String),
-    #[error("{0} requests of this user are in flight already (http.max_requests_per_user)")]
+    #[error(
+        "{0} requests of this user were in flight and none finished in time (http.max_requests_per_user)"
+    )]
     InFlight(usize),
 }
 
