@@ -545,13 +545,21 @@ fn a_retrieve_goes_to_the_archive_with_its_level_and_unique_keys_only() {
     assert_eq!(pending(&r), 0, "C-GET: {r}");
     assert_eq!(received_after_a_while(&b.viewer), 0);
 
-    // Another patient's AccessionNumber beside the study's UID: the study moves, and only it.
+    // A C-FIND match copied into the C-MOVE: another patient's AccessionNumber and a description
+    // with wildcard characters beside the study's UID. The study moves, and only it.
+    let copied = [
+        text(0x0008, 0x0050, "ACCOTHER1"),
+        text(0x0008, 0x0052, "STUDY"),
+        text(0x0008, 0x1030, "*** STAT? ***"),
+        uid(0x0020, 0x000D, &b.study),
+    ]
+    .concat();
     let r = ask(
         &b,
         "clinician",
         STUDY_MOVE,
         command(&move_rq(10, "VIEWER")),
-        with("ACCOTHER1", &b.study),
+        copied,
     );
     assert_eq!(statuses(&r).last(), Some(&0), "{r}");
     assert_eq!(received_after_a_while(&b.viewer), 3, "{r}");

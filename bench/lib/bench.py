@@ -138,8 +138,11 @@ class Procs:
 
 
 def free_port():
+    # Asked of the wildcard address, so that the port is free on every address: storescp (DCMTK)
+    # listens on all of them, and a port free on 127.0.0.1 may be some 127.0.x.y client's local
+    # port ("Address already in use" then, seen once). Nothing is sent; the socket closes at once.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("0.0.0.0", 0))
         return s.getsockname()[1]
 
 

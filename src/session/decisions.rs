@@ -194,21 +194,16 @@ impl Session {
                 .get(&pc)
                 .map(|ctx| ctx.transfer_syntax.as_str())
                 .unwrap_or("");
-            let rebuilt = query_guard::retrieve_identifier(&identifier)
-                .map_err(|e| e.to_string())
-                .and_then(|kept| {
-                    dimse::encode_identifier(&kept, ts)
-                        .map(|bytes| (kept, bytes))
-                        .map_err(|e| e.to_string())
-                });
-            return match rebuilt {
-                Ok((kept, bytes)) => {
-                    self.begin_retrieval(c, &kept);
+            return match dimse::encode_identifier(&identifier, ts) {
+                Ok(bytes) => {
+                    self.begin_retrieval(c, &identifier);
                     Decision::ForwardData(bytes)
                 }
-                Err(reason) => {
-                    self.refuse(status::IDENTIFIER_DOES_NOT_MATCH, "bad_identifier", reason)
-                }
+                Err(reason) => self.refuse(
+                    status::IDENTIFIER_DOES_NOT_MATCH,
+                    "bad_identifier",
+                    reason.to_string(),
+                ),
             };
         }
         Decision::Forward
@@ -227,13 +222,26 @@ impl Session {
             .get(&pc)
             .map(|ctx| ctx.transfer_syntax.as_str())
             .unwrap_or("");
-        let identifier = dimse::decode_identifier(data, ts).map_err(|e| {
+        let decoded = dimse::decode_identifier(data, ts).map_err(|e| {
             self.refuse(
                 status::IDENTIFIER_DOES_NOT_MATCH,
                 "bad_identifier",
                 e.to_string(),
             )
         })?;
+        // A retrieve is judged as it will be forwarded: its level and unique keys only (a key left
+        // out cannot refuse it, nor pass it).
+        let identifier = if c.field == cf::C_FIND_RQ {
+            decoded
+        } else {
+            query_guard::retrieve_identifier(&decoded).map_err(|e| {
+                self.refuse(
+                    status::IDENTIFIER_DOES_NOT_MATCH,
+                    "bad_identifier",
+                    e.to_string(),
+                )
+            })?
+        };
         if let Err(e) = query_guard::check_identifier_uids(&identifier) {
             return Err(self.refuse(
                 status::IDENTIFIER_DOES_NOT_MATCH,

@@ -2,7 +2,9 @@
 //! place is taken once a request is authorized and given back when its answer's body has been sent
 //! or dropped (the client gone), so that one user cannot hold every worker of the archive's HTTP
 //! server with answers it never reads. A burst waits its turn (phase `request_slot`, bounded by
-//! `[timeouts] upstream_response`) rather than being turned away at once.
+//! `[timeouts] upstream_response`, at most [`MAX_WAITING`] waiting) rather than being turned
+//! away at once. Entries are per user and limit: after a reload that changes the limit, new
+//! requests count against the new one while the old ones finish.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -20,7 +22,12 @@ struct Entry {
     requests: usize,
 }
 
-type Entries = Arc<Mutex<HashMap<String, Entry>>>;
+/// How many requests of one user may wait for a place; more are refused at once.
+const MAX_WAITING: usize = 256;
+
+/// A user name and the limit in force when the entry was made.
+type Key = (String, usize);
+type Entries = Arc<Mutex<HashMap<Key, Entry>>>;
 
 /// The places per user; an entry exists only while a request of theirs holds or waits for one.
 #[derive(Debug, Default)]
@@ -30,16 +37,16 @@ pub(super) struct InFlight(Entries);
 #[derive(Debug)]
 struct Claim {
     entries: Entries,
-    user: String,
+    key: Key,
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = entries.get_mut(&self.user) {
+        if let Some(e) = entries.get_mut(&self.key) {
             e.requests = e.requests.saturating_sub(1);
             if e.requests == 0 {
-                entries.remove(&self.user);
+                entries.remove(&self.key);
             }
         }
     }
@@ -53,21 +60,25 @@ pub(super) struct Slot {
 }
 
 impl InFlight {
-    /// A place for `user` among `limit` (the limit an entry was made with stays until it goes),
-    /// now or within `wait`; `None` when none came free in time.
+    /// A place for `user` among `limit`, now or within `wait`; `None` when none came free in
+    /// time, or at once when [`MAX_WAITING`] requests of theirs are waiting already.
     pub(super) async fn take(&self, user: &str, limit: usize, wait: Duration) -> Option<Slot> {
+        let key: Key = (user.to_string(), limit);
         let places = {
             let mut entries = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            let entry = entries.entry(user.to_string()).or_insert_with(|| Entry {
+            let entry = entries.entry(key.clone()).or_insert_with(|| Entry {
                 places: Arc::new(Semaphore::new(limit)),
                 requests: 0,
             });
+            if entry.requests >= limit.saturating_add(MAX_WAITING) {
+                return None;
+            }
             entry.requests += 1;
             entry.places.clone()
         };
         let claim = Claim {
             entries: self.0.clone(),
-            user: user.to_string(),
+            key,
         };
         match tokio::time::timeout(wait, places.acquire_owned()).await {
             Ok(Ok(place)) => Some(Slot {
@@ -110,6 +121,11 @@ impl<B: Body + Unpin> Body for WithSlot<B> {
 mod tests {
     use super::*;
 
+    /// Polls `f` once; true when it is still pending (it has registered as a waiter).
+    async fn futures_poll_pending<F: std::future::Future + Unpin>(f: &mut F) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *f).poll(cx).is_pending())).await
+    }
+
     #[tokio::test]
     async fn places_are_per_user_a_burst_waits_and_nothing_is_kept() {
         let f = InFlight::default();
@@ -128,6 +144,18 @@ mod tests {
             drop(a1);
         });
         let a3 = a3.expect("the place that came free");
+        // MAX_WAITING waiting already: one more is refused without waiting.
+        let long = Duration::from_secs(30);
+        let mut waiters: Vec<_> = (0..MAX_WAITING)
+            .map(|_| Box::pin(f.take("alice", 2, long)))
+            .collect();
+        for w in &mut waiters {
+            assert!(futures_poll_pending(w).await, "a waiter got a place");
+        }
+        let at_once = std::time::Instant::now();
+        assert!(f.take("alice", 2, long).await.is_none());
+        assert!(at_once.elapsed() < Duration::from_secs(5), "it waited");
+        drop(waiters);
         drop((a2, a3, b));
         assert!(
             f.0.lock().expect("lock").is_empty(),

@@ -265,7 +265,7 @@ enum Refusal {
     #[error("Accept {0:?}: QIDO-RS answers pass the gateway as application/dicom+json only")]
     NotAcceptable(String),
     #[error(
-        "{0} requests of this user were in flight and none finished in time (http.max_requests_per_user)"
+        "{0} requests of this user were in flight and none finished in time (phase request_slot, http.max_requests_per_user)"
     )]
     InFlight(usize),
 }
