@@ -582,4 +582,64 @@ mod tests {
         assert_eq!(get_model(PATIENT_ROOT_MOVE), Some(PATIENT_ROOT_GET));
         assert_eq!(get_model("1.2.840.10008.5.1.4.1.2.3.2"), None);
     }
+
+    #[tokio::test]
+    async fn a_c_get_response_data_set_that_never_ends_fails_the_association() {
+        use dicom_ul::pdu::{
+            AssociationAC, PresentationContextResult, PresentationContextResultReason,
+        };
+        use tokio::io::AsyncWriteExt;
+        let rq = link::request(
+            "VIEWER",
+            "ARCHIVE",
+            &[Proposal {
+                abstract_syntax: STUDY_ROOT_GET.into(),
+                transfer_syntaxes: vec![EXPLICIT_LE.into()],
+            }],
+            &[],
+            None,
+        );
+        let ac = AssociationAC {
+            protocol_version: 1,
+            calling_ae_title: "VIEWER".into(),
+            called_ae_title: "ARCHIVE".into(),
+            application_context_name: crate::ul::association::DICOM_APPLICATION_CONTEXT.into(),
+            presentation_contexts: vec![PresentationContextResult {
+                id: 1,
+                reason: PresentationContextResultReason::Acceptance,
+                transfer_syntax: format!("{EXPLICIT_LE}\0"),
+            }],
+            user_variables: vec![],
+        };
+        let (ours, mut theirs) = tokio::io::duplex(1 << 20);
+        let mut get = Link::new(ours, &rq, &ac, Duration::from_secs(5));
+        // Data set fragments of 16 KiB on context 1, none the last, more than the bound in all.
+        let fragment = {
+            let data = vec![0u8; 16 * 1024];
+            let mut pdu = vec![crate::ul::pdu::P_DATA_TF, 0];
+            pdu.extend_from_slice(&((data.len() + 6) as u32).to_be_bytes());
+            pdu.extend_from_slice(&((data.len() + 2) as u32).to_be_bytes());
+            pdu.extend_from_slice(&[1, 0x00]);
+            pdu.extend_from_slice(&data);
+            pdu
+        };
+        let peer = tokio::spawn(async move {
+            for _ in 0..(MAX_DROPPED_RESPONSE / (16 * 1024) + 16) {
+                if theirs.write_all(&fragment).await.is_err() {
+                    break;
+                }
+            }
+            theirs
+        });
+        let account = super::super::buffer::Buffer::new(Default::default()).association();
+        let e = read_held(&mut get, 1, &account)
+            .await
+            .expect_err("a data set past the bound");
+        assert!(
+            e.to_string().contains(&MAX_DROPPED_RESPONSE.to_string()),
+            "{e}"
+        );
+        drop(get);
+        let _ = peer.await;
+    }
 }

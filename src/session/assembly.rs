@@ -253,10 +253,6 @@ impl Session {
             }
             Decision::Drop => then(DataMode::Drop { answer: None }),
             Decision::Violation(reason) => return Err(reason),
-            // Only a held identifier is replaced (decide_identifier); a command never is.
-            Decision::ForwardData(_) => {
-                return Err("internal error: a data set decided for a command".into());
-            }
         })
     }
 
@@ -364,22 +360,24 @@ impl Session {
         pieces: &mut Pieces<'_>,
         back: &mut PDataWriter,
     ) {
-        match self.decide_identifier(pc, command, &data) {
-            Decision::Forward => emit_message(pieces, pc, command_bytes, data),
-            Decision::ForwardData(rebuilt) => emit_message(pieces, pc, command_bytes, rebuilt),
-            Decision::Refuse {
+        match self.decide_identifier(pc, command, data) {
+            Ok(forwarded) => emit_message(pieces, pc, command_bytes, forwarded),
+            Err(Decision::Refuse {
                 status,
                 rule,
                 reason,
-            } => {
+            }) => {
                 let answer = self.refusal(command, status, rule, &reason);
                 back.push(pc, true, true, &answer);
             }
-            Decision::Rewrite(_)
-            | Decision::Hold
-            | Decision::HoldAnswer
-            | Decision::Drop
-            | Decision::Violation(_) => {}
+            Err(
+                Decision::Forward
+                | Decision::Rewrite(_)
+                | Decision::Hold
+                | Decision::HoldAnswer
+                | Decision::Drop
+                | Decision::Violation(_),
+            ) => {}
         }
     }
 }

@@ -14,9 +14,6 @@ use super::*;
 /// What to do with a complete command.
 pub(super) enum Decision {
     Forward,
-    /// Forward the held message with this data set instead (a retrieve's identifier, rebuilt from
-    /// the keys the guard judged).
-    ForwardData(Vec<u8>),
     /// Forward this command set instead (e.g. a truncated C-FIND's final response).
     Rewrite(Vec<u8>),
     Refuse {
@@ -169,12 +166,15 @@ impl Session {
         }
     }
 
-    /// Decide on a held request once its identifier is complete.
-    pub(super) fn decide_identifier(&mut self, pc: u8, c: &Command, data: &[u8]) -> Decision {
-        let identifier = match self.check_identifier(pc, c, data) {
-            Ok(identifier) => identifier,
-            Err(refusal) => return refusal,
-        };
+    /// Decide on a held request once its identifier is complete: the identifier to forward (a
+    /// C-FIND's as it came, a retrieve's rebuilt from the keys judged), or the refusal.
+    pub(super) fn decide_identifier(
+        &mut self,
+        pc: u8,
+        c: &Command,
+        data: Vec<u8>,
+    ) -> Result<Vec<u8>, Decision> {
+        let identifier = self.check_identifier(pc, c, &data)?;
         if c.field == cf::C_FIND_RQ {
             self.track(c, Some(query_keys(&identifier)));
             self.finds.insert(
@@ -189,24 +189,26 @@ impl Session {
         }
         if c.field == cf::C_MOVE_RQ || c.field == cf::C_GET_RQ {
             // Forwarded, and audited, as judged: the level and its unique keys, nothing else.
-            let ts = self
-                .contexts
-                .get(&pc)
-                .map(|ctx| ctx.transfer_syntax.as_str())
-                .unwrap_or("");
-            return match dimse::encode_identifier(&identifier, ts) {
-                Ok(bytes) => {
-                    self.begin_retrieval(c, &identifier);
-                    Decision::ForwardData(bytes)
-                }
-                Err(reason) => self.refuse(
-                    status::IDENTIFIER_DOES_NOT_MATCH,
-                    "bad_identifier",
-                    reason.to_string(),
-                ),
-            };
+            let bytes =
+                dimse::encode_identifier(&identifier, self.transfer_syntax(pc)).map_err(|e| {
+                    self.refuse(
+                        status::IDENTIFIER_DOES_NOT_MATCH,
+                        "bad_identifier",
+                        e.to_string(),
+                    )
+                })?;
+            self.begin_retrieval(c, &identifier);
+            return Ok(bytes);
         }
-        Decision::Forward
+        Ok(data)
+    }
+
+    /// The transfer syntax accepted for context `pc` (`""` for none: decoding it fails).
+    fn transfer_syntax(&self, pc: u8) -> &str {
+        self.contexts
+            .get(&pc)
+            .map(|ctx| ctx.transfer_syntax.as_str())
+            .unwrap_or("")
     }
 
     /// A held request's identifier: decoded in its context's transfer syntax, its UIDs and text
@@ -217,12 +219,7 @@ impl Session {
         c: &Command,
         data: &[u8],
     ) -> Result<InMemDicomObject, Decision> {
-        let ts = self
-            .contexts
-            .get(&pc)
-            .map(|ctx| ctx.transfer_syntax.as_str())
-            .unwrap_or("");
-        let decoded = dimse::decode_identifier(data, ts).map_err(|e| {
+        let decoded = dimse::decode_identifier(data, self.transfer_syntax(pc)).map_err(|e| {
             self.refuse(
                 status::IDENTIFIER_DOES_NOT_MATCH,
                 "bad_identifier",

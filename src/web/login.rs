@@ -326,7 +326,7 @@ impl WebLogin {
         // A locked address is refused before anything else is looked at.
         if let Err(locked) = state.limiter.check_locked(None, address) {
             metrics().refusal("locked_out");
-            tracing::info!(peer = %peer, outcome = "rejected", reason = %locked, "web request");
+            tracing::info!(peer = %peer, outcome = "rejected", reason = ?locked.to_string(), "web request");
             return Err(NotAuthenticated::Limited {
                 reason: locked.to_string(),
                 retry_after: locked.seconds_left(),
